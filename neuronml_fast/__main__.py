@@ -1,0 +1,84 @@
+"""`python -m neuronml_fast`: what this machine has, and which backend runs which op."""
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import torch
+
+import neuronml_fast as nf
+from neuronml_fast import backends
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _version_line(command, last=False):
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    if not lines:
+        return None
+    return (lines[-1] if last else lines[0]).strip()
+
+
+def _triton_version():
+    if importlib.util.find_spec("triton") is None:
+        return "not installed"
+    try:
+        import triton
+    except Exception as exc:  # a broken triton install is worth reporting, not crashing on
+        return f"import failed: {exc}"
+    return triton.__version__
+
+
+def environment():
+    cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
+    nvcc = shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None)
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "neuronml_fast": nf.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU-only build)",
+        "triton": _triton_version(),
+        "nvcc": (_version_line([nvcc, "--version"], last=True) if nvcc and os.path.exists(nvcc) else None) or "not found",
+        "C++ compiler": (_version_line([cxx, "--version"]) if cxx else None) or "not found",
+        "CPU": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "GPU": ", ".join(devices) or "none visible",
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+        "requested backend": backends.get_backend(),
+    }
+
+
+def report():
+    lines = ["neuronml_fast environment", ""]
+    env = environment()
+    width = max(map(len, env))
+    lines += [f"  {key:<{width}}  {value}" for key, value in env.items()]
+    lines += ["", "backends"]
+    for name, st in backends.status().items():
+        detail = f"  ({st.detail})" if st.detail else ""
+        lines.append(f"  {name:<10} {st.state}{detail}")
+    gpu = torch.cuda.is_available()
+    lines += ["", "which backend 'auto' runs (op, device: dtype backend; '*' marks the documented reference fallback)"]
+    plan = backends.plan(assume_device=True)
+    for op in backends.ops():
+        for device in backends.AUTO_ORDER:
+            cells = []
+            for dtype, short in _DTYPE_NAMES.items():
+                chosen = plan[(op, device, dtype)]
+                cells.append(f"{short} {chosen}{'*' if chosen == 'reference' else ''}")
+            note = "  (no device here: plan for a GPU machine)" if device == "cuda" and not gpu else ""
+            lines.append(f"  {op:<22} {device:<5} " + ", ".join(cells) + note)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
+    sys.exit(0)

@@ -1,0 +1,41 @@
+"""Argument checks shared by every op. Each error names the argument, the expected and the given."""
+
+import torch
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+def floating_tensor(name, value, *, min_ndim=0, ndim=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
+                        f"got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {_shape(value)}")
+    if value.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {_shape(value)}")
+    return value
+
+
+def like(name, value, ref_name, ref, *, shape=None):
+    """``value`` must be a tensor with ``ref``'s dtype and device, and ``shape`` (default: ref's)."""
+    floating_tensor(name, value)
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {value.dtype}")
+    if value.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {value.device}")
+    expected = _shape(ref) if shape is None else list(shape)
+    if _shape(value) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {_shape(value)}")
+    return value
+
+
+def both_or_neither(name_a, a, name_b, b):
+    if (a is None) != (b is None):
+        given = name_a if a is not None else name_b
+        raise ValueError(f"{name_a} and {name_b}: expected both or neither, got only {given}")

@@ -1,0 +1,236 @@
+"""The backend registry: the one place that decides which implementation runs an op.
+
+Backends (SPEC section 1):
+
+* ``reference`` - plain eager PyTorch, the oracle; runs anything PyTorch runs.
+* ``cpu``       - the compiled C++ extension ``neuronml_fast._C_cpu`` (CPU tensors).
+* ``triton``    - the Triton kernels in ``neuronml_fast.kernels`` (CUDA tensors; CPU tensors only
+                  under ``TRITON_INTERPRET=1``, which must be set before triton is imported).
+* ``cuda``      - the compiled CUDA C++ extension ``neuronml_fast._C_cuda``.
+
+``auto`` (the default) picks, per call, the first backend in ``AUTO_ORDER`` for the tensors'
+device that is usable here and has a kernel for the op and dtype. Its last resort is
+``reference``: that is the only fallback, and ``python -m neuronml_fast`` prints where it
+happens. A backend named explicitly never falls back: it runs or raises.
+
+Every op registers itself once with `register_op`, naming the backends that have a kernel for
+it and their dtypes. Kernel entry points follow one convention, so no op carries dispatch code:
+``<op>_out(*inputs, *outputs)`` in ``_C_cpu``, ``_C_cuda`` and ``neuronml_fast.kernels.<family>``.
+"""
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import _extensions
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+AUTO = "auto"
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Devices without a kernel backend (meta, mps, ...) run the reference: it is plain PyTorch.
+_OTHER_DEVICE_ORDER = ("reference",)
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+FULL_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """Whether a backend can run here, and on which device types."""
+
+    name: str
+    state: str  # "available", "built (no device)" or "not built: <reason>"
+    devices: frozenset = frozenset()
+    detail: str = ""
+
+    @property
+    def usable(self):
+        return bool(self.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpEntry:
+    name: str
+    family: str  # module of neuronml_fast.kernels that holds the op's Triton launcher
+    dtypes: dict  # backend -> frozenset of supported dtypes
+
+
+_ops = {}
+_kernel_cache = {}
+_status = {}
+
+
+def _triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe_status():
+    """Cheap: imports the compiled extensions, but not triton (only looks it up)."""
+    cuda_device = torch.cuda.is_available()
+    status = {"reference": Status("reference", "available", frozenset({"cpu", "cuda"}), "plain eager PyTorch")}
+
+    if _extensions.cpu() is not None:
+        status["cpu"] = Status("cpu", "available", frozenset({"cpu"}), "C++ extension neuronml_fast._C_cpu")
+    else:
+        status["cpu"] = Status("cpu", f"not built: {_extensions.error('_C_cpu')}")
+
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = Status("triton", "not built: triton is not installed (pip install triton)")
+    else:
+        devices = ({"cuda"} if cuda_device else set()) | ({"cpu"} if _triton_interpret() else set())
+        detail = "interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing" if _triton_interpret() else ""
+        if devices:
+            status["triton"] = Status("triton", "available", frozenset(devices), detail)
+        else:
+            status["triton"] = Status("triton", "built (no device)", frozenset(),
+                                      "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU tensors")
+
+    if torch.version.cuda is None:
+        status["cuda"] = Status("cuda", "not built: torch is a CPU-only build")
+    elif _extensions.cuda() is None:
+        status["cuda"] = Status("cuda", f"not built: {_extensions.error('_C_cuda')}")
+    elif cuda_device:
+        status["cuda"] = Status("cuda", "available", frozenset({"cuda"}), "CUDA C++ extension neuronml_fast._C_cuda")
+    else:
+        status["cuda"] = Status("cuda", "built (no device)", frozenset(), "no CUDA device visible")
+    return status
+
+
+def refresh():
+    """Re-probe the machine (after setting TRITON_INTERPRET, say)."""
+    _status.clear()
+    _status.update(_probe_status())
+    _kernel_cache.clear()
+
+
+def status(name=None):
+    """`Status` of one backend, or a dict of all of them."""
+    if not _status:
+        refresh()
+    if name is None:
+        return dict(_status)
+    return _status[_check_backend_name(name, allow_auto=False)]
+
+
+def available():
+    """Backends that can run on this machine now (SPEC section 1)."""
+    return [name for name in BACKENDS if status(name).usable]
+
+
+# ---------------------------------------------------------------------------------------------
+# The requested backend: "auto", set_backend, use_backend, NEURONML_FAST_BACKEND.
+
+
+def _check_backend_name(name, allow_auto=True):
+    choices = ((AUTO,) if allow_auto else ()) + BACKENDS
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, choices))}, got {name!r}")
+    return name
+
+
+_requested = _check_backend_name(os.environ.get("NEURONML_FAST_BACKEND", AUTO).strip() or AUTO)
+
+
+def get_backend():
+    return _requested
+
+
+def set_backend(name):
+    """Select the backend for every op: "auto" (default) or one of `BACKENDS`."""
+    global _requested
+    _requested = _check_backend_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: run the ops inside the block on backend ``name``."""
+    global _requested
+    previous = _requested
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _requested = previous
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops and kernels.
+
+
+def register_op(name, *, family, dtypes):
+    """Declare an op: ``dtypes`` maps each backend that has a kernel for it to its dtypes."""
+    unknown = set(dtypes) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"register_op({name!r}): unknown backends {sorted(unknown)}")
+    _ops[name] = OpEntry(name, family, {b: frozenset(d) for b, d in dtypes.items()})
+
+
+def ops():
+    return dict(_ops)
+
+
+def _can_run(entry, backend, device_type, dtype, assume_device=False):
+    if backend not in entry.dtypes or dtype not in entry.dtypes[backend]:
+        return False
+    backend_status = status(backend)
+    if assume_device and backend_status.state == "built (no device)":
+        return True
+    return device_type in backend_status.devices
+
+
+def resolve(op, device_type, dtype, requested=None):
+    """Name of the backend that runs ``op`` on tensors of this device type and dtype."""
+    entry = _ops[op]
+    requested = _requested if requested is None else requested
+    if requested == AUTO:
+        for backend in AUTO_ORDER.get(device_type, _OTHER_DEVICE_ORDER):
+            if _can_run(entry, backend, device_type, dtype):
+                return backend
+        return "reference"
+    backend_status = status(requested)
+    if device_type not in backend_status.devices:
+        raise RuntimeError(
+            f"backend {requested!r} cannot run {op} on {device_type} tensors here: {backend_status.state}"
+            + (f" ({backend_status.detail})" if backend_status.detail else "")
+        )
+    if requested not in entry.dtypes:
+        raise NotImplementedError(f"backend {requested!r} has no kernel for {op}; use 'auto' or 'reference'")
+    if dtype not in entry.dtypes[requested]:
+        supported = ", ".join(sorted(str(d).replace("torch.", "") for d in entry.dtypes[requested]))
+        raise TypeError(f"{op}: backend {requested!r} expected dtype in ({supported}), got {dtype}")
+    return requested
+
+
+def kernel(op, backend):
+    """The ``<op>_out`` entry point of a compiled or Triton backend."""
+    key = (op, backend)
+    if key not in _kernel_cache:
+        if backend == "cpu":
+            module = _extensions.cpu()
+        elif backend == "cuda":
+            module = _extensions.cuda()
+        elif backend == "triton":
+            module = importlib.import_module(f"neuronml_fast.kernels.{_ops[op].family}")
+        else:
+            raise ValueError(f"backend: expected 'cpu', 'triton' or 'cuda' for a kernel, got {backend!r}")
+        _kernel_cache[key] = getattr(module, f"{op}_out")
+    return _kernel_cache[key]
+
+
+def plan(assume_device=False):
+    """What ``auto`` runs per op, device type and dtype: {(op, device, dtype): backend}.
+
+    With ``assume_device``, backends that are built but have no device here count as usable:
+    the plan this installation would follow on a machine with a GPU.
+    """
+    result = {}
+    for op, entry in _ops.items():
+        for device, order in AUTO_ORDER.items():
+            for dtype in FLOAT_DTYPES:
+                chosen = next((b for b in order if _can_run(entry, b, device, dtype, assume_device)), "reference")
+                result[(op, device, dtype)] = chosen
+    return result

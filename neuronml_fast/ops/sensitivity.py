@@ -1,0 +1,159 @@
+"""Per-neuron first-order Taylor sensitivity (SPEC section 3).
+
+    s[c] = | sum_k weight[c, k] * grad_weight[c, k] + bias[c] * grad_bias[c] |
+
+Where things are:
+
+* reference (the oracle):       `neuron_sensitivity_reference`, below
+* kernels:                      kernels/sensitivity.py (Triton), csrc/cpu/sensitivity.cpp,
+                                csrc/cuda/sensitivity.cu, bound in csrc/*/bindings.cpp
+* custom op + fake + autograd + vmap:  `neuronml_fast::neuron_sensitivity`, below
+* public function:              `neuron_sensitivity` (exported as ``nf.neuron_sensitivity``)
+
+Output dtype: the accumulation dtype, float64 for float64 inputs and float32 otherwise, so a
+bf16/fp16 model gets a float32 sensitivity (documented in the README, pinned by a test).
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _alloc, _checks, backends
+
+OP = "neuron_sensitivity"
+
+backends.register_op(
+    OP,
+    family="sensitivity",
+    dtypes={
+        "reference": backends.FLOAT_DTYPES,
+        "cpu": backends.FULL_DTYPES,
+        "triton": backends.FLOAT_DTYPES,
+        "cuda": backends.FLOAT_DTYPES,
+    },
+)
+
+
+def neuron_sensitivity_reference(weight, grad_weight, bias=None, grad_bias=None):
+    """Plain eager PyTorch: the oracle every backend is tested against."""
+    acc = _alloc.accumulation_dtype(weight.dtype)
+    taylor = (weight.to(acc) * grad_weight.to(acc)).flatten(1).sum(1)
+    if bias is not None:
+        taylor = taylor + bias.to(acc) * grad_bias.to(acc)
+    return taylor.abs()
+
+
+def _validate(weight, grad_weight, bias, grad_bias):
+    _checks.floating_tensor("weight", weight, min_ndim=2)
+    _checks.like("grad_weight", grad_weight, "weight", weight)
+    _checks.both_or_neither("bias", bias, "grad_bias", grad_bias)
+    if bias is not None:
+        _checks.like("bias", bias, "weight", weight, shape=weight.shape[:1])
+        _checks.like("grad_bias", grad_bias, "weight", weight, shape=weight.shape[:1])
+
+
+def _as_rows(weight, grad_weight):
+    """[C, ...] -> [C, K] with a contiguous inner dimension, without copying where possible.
+
+    The sum over k is order-free, so the inner dims are taken in the order of weight's strides:
+    a channels-last conv weight flattens as a view. Both tensors use the same order.
+    """
+    rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+    if weight.dim() > 2:
+        order = sorted(range(1, weight.dim()), key=lambda d: -weight.stride(d))
+        weight, grad_weight = weight.permute(0, *order), grad_weight.permute(0, *order)
+
+    def flat(t):
+        t = t.reshape(rows, cols)
+        return t.contiguous() if cols > 1 and t.stride(1) != 1 else t
+
+    return flat(weight), flat(grad_weight)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom op: schema, kernel call, fake implementation, autograd, vmap.
+
+
+@torch.library.custom_op("neuronml_fast::neuron_sensitivity", mutates_args=())
+def neuron_sensitivity_op(
+    weight: Tensor, grad_weight: Tensor, bias: Optional[Tensor], grad_bias: Optional[Tensor], backend: str
+) -> tuple[Tensor, Tensor]:
+    """Returns (sensitivity, taylor): |Taylor sum| and the signed sum the backward needs."""
+    rows = weight.shape[0]
+    acc = _alloc.accumulation_dtype(weight.dtype)
+    sensitivity = _alloc.empty((rows,), dtype=acc, device=weight.device)
+    taylor = _alloc.empty((rows,), dtype=acc, device=weight.device)
+    weight_rows, grad_rows = _as_rows(weight, grad_weight)
+    backends.kernel(OP, backend)(weight_rows, grad_rows, bias, grad_bias, sensitivity, taylor)
+    return sensitivity, taylor
+
+
+@neuron_sensitivity_op.register_fake
+def _(weight, grad_weight, bias, grad_bias, backend):
+    acc = _alloc.accumulation_dtype(weight.dtype)
+    return weight.new_empty(weight.shape[:1], dtype=acc), weight.new_empty(weight.shape[:1], dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, grad_weight, bias, grad_bias, _backend = inputs
+    ctx.save_for_backward(weight, grad_weight, bias, grad_bias, output[1])
+
+
+def _backward(ctx, grad_sensitivity, grad_taylor):
+    # d|r|/dr = sign(r) (0 at r = 0, as torch.abs); r is bilinear in (w, g) and (b, gb).
+    # Written in differentiable torch ops, so double backward comes for free.
+    weight, grad_weight, bias, grad_bias, taylor = ctx.saved_tensors
+    coeff = grad_sensitivity * taylor.sign() + grad_taylor
+    per_row = coeff.view(-1, *([1] * (weight.dim() - 1)))
+    d_weight = (per_row * grad_weight).to(weight.dtype)
+    d_grad_weight = (per_row * weight).to(weight.dtype)
+    d_bias = d_grad_bias = None
+    if bias is not None:
+        d_bias, d_grad_bias = (coeff * grad_bias).to(bias.dtype), (coeff * bias).to(bias.dtype)
+    return d_weight, d_grad_weight, d_bias, d_grad_bias, None
+
+
+neuron_sensitivity_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@neuron_sensitivity_op.register_vmap
+def _vmap(info, in_dims, weight, grad_weight, bias, grad_bias, backend):
+    # A batch of layers is one taller layer: merge the vmapped dim into the neuron dim.
+    batch = info.batch_size
+
+    def merge(t, dim):
+        if t is None:
+            return None
+        t = t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
+        return t.flatten(0, 1)
+
+    w_dim, g_dim, b_dim, gb_dim, _ = in_dims
+    sensitivity, taylor = neuron_sensitivity_op(
+        merge(weight, w_dim), merge(grad_weight, g_dim), merge(bias, b_dim), merge(grad_bias, gb_dim), backend
+    )
+    return (sensitivity.view(batch, -1), taylor.view(batch, -1)), (0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function.
+
+
+def neuron_sensitivity(weight, grad_weight, bias=None, grad_bias=None):
+    """Per-neuron first-order Taylor importance ``|sum_k w*dL/dw + b*dL/db|`` (SPEC section 3).
+
+    Args:
+        weight: ``[C_out, ...]`` parameter of any rank >= 2 (conv or linear weight).
+        grad_weight: its gradient, same shape, dtype and device.
+        bias, grad_bias: optional ``[C_out]`` bias and its gradient (both or neither).
+
+    Returns:
+        ``[C_out]`` tensor, float64 for float64 inputs and float32 otherwise. Differentiable
+        (twice) with respect to every input.
+    """
+    _validate(weight, grad_weight, bias, grad_bias)
+    backend = backends.resolve(OP, weight.device.type, weight.dtype)
+    if backend == "reference":
+        return neuron_sensitivity_reference(weight, grad_weight, bias, grad_bias)
+    return neuron_sensitivity_op(weight, grad_weight, bias, grad_bias, backend)[0]

@@ -1,0 +1,145 @@
+"""Build script for neuronml_fast.
+
+Two compiled extensions, both optional at install time but never silently broken:
+
+* ``neuronml_fast._C_cpu``  - C++ CPU kernels (OpenMP).  Built whenever a C++ compiler exists.
+* ``neuronml_fast._C_cuda`` - CUDA C++ kernels.  Built whenever nvcc and a CUDA build of torch
+  exist, with no GPU needed (default arch list sm_80 + sm_90 when no GPU is visible).
+
+Kernel sources (``csrc/*/*.cpp`` without ``bindings``, ``csrc/cuda/*.cu``) take raw pointers and
+sizes and never include torch headers, so they compile in seconds; only the two ``bindings.cpp``
+files include ``torch/extension.h``.
+
+Environment switches:
+  NEURONML_FAST_CPU_EXT=0|1    skip / require the CPU extension (default: build if a compiler exists)
+  NEURONML_FAST_CUDA_EXT=0|1   skip / require the CUDA extension (default: build if nvcc + CUDA torch)
+  TORCH_CUDA_ARCH_LIST         GPU archs (default "8.0;9.0" when no GPU is visible)
+  NEURONML_FAST_MARCH          -march for the CPU kernels (default "native")
+  MAX_JOBS                     parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _switch(name):
+    """Tri-state environment switch: None (auto), True (require) or False (skip)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be 0, 1 or auto, got {value!r}")
+
+
+def _note(message):
+    print(f"neuronml_fast setup: {message}", file=sys.stderr)
+
+
+def _sources(folder, pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", folder, pattern)))
+
+
+def _has_cxx_compiler():
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+
+def _find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and os.path.isdir("/usr/local/cuda"):
+        home = "/usr/local/cuda"
+    if not home and shutil.which("nvcc"):
+        home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    return None
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _note("torch is not importable; install torch first and build with --no-build-isolation. "
+              "Installing the pure-Python package (reference + Triton backends) only.")
+        return [], {}
+
+    want_cpu, want_cuda = _switch("NEURONML_FAST_CPU_EXT"), _switch("NEURONML_FAST_CUDA_EXT")
+    if not _has_cxx_compiler():
+        if want_cpu or want_cuda:
+            raise SystemExit("neuronml_fast setup: a compiled extension was required but no C++ compiler was found")
+        _note("no C++ compiler found: installing without compiled extensions "
+              "(the reference and Triton backends still work; `python -m neuronml_fast` shows this).")
+        return [], {}
+
+    extensions = []
+    openmp = ["-fopenmp"]
+    # The package is built from source where it runs, so tune for this CPU unless told otherwise.
+    march = os.environ.get("NEURONML_FAST_MARCH", "native")
+    cxx_flags = ["-O3", f"-march={march}", *openmp]
+    if want_cpu is not False:
+        extensions.append(cpp_extension.CppExtension(
+            "neuronml_fast._C_cpu",
+            sources=_sources("cpu", "*.cpp"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
+        ))
+    else:
+        _note("NEURONML_FAST_CPU_EXT=0: skipping the C++ CPU extension")
+
+    cuda_home = _find_cuda_home()
+    if want_cuda is False:
+        _note("NEURONML_FAST_CUDA_EXT=0: skipping the CUDA extension")
+    elif torch.version.cuda is None or cuda_home is None:
+        reason = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)"
+        if want_cuda:
+            raise SystemExit(f"neuronml_fast setup: NEURONML_FAST_CUDA_EXT=1 but {reason}")
+        _note(f"skipping the CUDA extension: {reason}")
+    else:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home  # torch resolved it at import time, possibly wrongly
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        extensions.append(cpp_extension.CUDAExtension(
+            "neuronml_fast._C_cuda",
+            sources=_sources("cuda", "*.cpp") + _sources("cuda", "*.cu"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "-lineinfo"]},
+        ))
+    return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="neuronml_fast",
+    version="0.1.0",
+    description="Fused Triton and CUDA C++ kernels for brain-inspired meta-learning (NeuronML, differentiable plasticity)",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.nn", "neuronml_fast.kernels"],
+    # The Triton kernels live in the top-level kernels/ folder but ship as neuronml_fast.kernels.
+    package_dir={"neuronml_fast": "neuronml_fast", "neuronml_fast.kernels": "kernels"},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest", "hypothesis", "expecttest"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

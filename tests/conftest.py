@@ -1,0 +1,41 @@
+"""Test set-up shared by every test module.
+
+* Triton kernels run on CPU tensors under the interpreter when no GPU is present; the variable
+  must be set before triton is imported, hence here, before neuronml_fast is imported.
+* Every kernel output buffer is allocated NaN-filled, so an element a kernel forgets to write
+  fails the comparison against the reference.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NEURONML_FAST_POISON", "1")
+
+import pytest  # noqa: E402
+
+import neuronml_fast as nf  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+# The Triton interpreter is slow: keep property tests small and free of deadlines.
+settings.register_profile("neuronml_fast", max_examples=20, deadline=None, derandomize=True)
+settings.load_profile("neuronml_fast")
+
+
+def kernel_backends():
+    """(backend, device) pairs of the non-reference backends that can run here."""
+    return [
+        pytest.param(name, device, id=f"{name}-{device}")
+        for name in ("cpu", "triton", "cuda")
+        for device in sorted(nf.backends.status(name).devices)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = nf.get_backend()
+    yield
+    nf.set_backend(previous)

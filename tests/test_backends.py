@@ -1,0 +1,108 @@
+"""Backend registry, selection, environment report, and that the extensions were really built."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import neuronml_fast as nf
+from neuronml_fast import _alloc, _extensions, backends
+
+
+def _nvcc_present():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+@pytest.mark.skipif(not (_nvcc_present() and torch.version.cuda), reason="no nvcc or CPU-only torch: CUDA extension not expected")
+def test_cuda_extension_was_built():
+    # A kernel that stops compiling must fail CI, not quietly drop the backend.
+    assert _extensions.cuda() is not None, _extensions.error("_C_cuda")
+    assert backends.status("cuda").state in ("available", "built (no device)")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_cpu_extension_was_built():
+    assert _extensions.cpu() is not None, _extensions.error("_C_cpu")
+    assert "cpu" in nf.backends.available()
+
+
+def test_available_lists_known_backends_in_order():
+    names = nf.backends.available()
+    assert names[0] == "reference"
+    assert names == [b for b in backends.BACKENDS if b in names]
+
+
+def test_set_backend_and_use_backend():
+    nf.set_backend("reference")
+    assert nf.get_backend() == "reference"
+    with nf.use_backend("auto"):
+        assert nf.get_backend() == "auto"
+    assert nf.get_backend() == "reference"
+
+
+def test_use_backend_restores_after_an_error():
+    nf.set_backend("auto")
+    with pytest.raises(ZeroDivisionError):
+        with nf.use_backend("reference"):
+            1 / 0
+    assert nf.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", "CPU", None, 3])
+def test_unknown_backend_name_is_rejected(bad):
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        nf.set_backend(bad)
+
+
+def test_auto_prefers_compiled_cpu_then_reference():
+    if "cpu" in nf.backends.available():
+        assert backends.resolve("neuron_sensitivity", "cpu", torch.float32, requested="auto") == "cpu"
+    # no CPU kernel for bf16: the documented fallback
+    assert backends.resolve("neuron_sensitivity", "cpu", torch.bfloat16, requested="auto") == "reference"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_explicit_backend_that_cannot_run_raises():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run neuron_sensitivity on cpu tensors"):
+        backends.resolve("neuron_sensitivity", "cpu", torch.float32, requested="cuda")
+
+
+def test_explicit_backend_with_unsupported_dtype_raises():
+    if "cpu" not in nf.backends.available():
+        pytest.skip("cpu backend not built")
+    with pytest.raises(TypeError, match=r"backend 'cpu' expected dtype in .*got torch.bfloat16"):
+        backends.resolve("neuron_sensitivity", "cpu", torch.bfloat16, requested="cpu")
+
+
+def test_env_variable_selects_backend():
+    code = "import neuronml_fast as nf; print(nf.get_backend())"
+    env = dict(os.environ, NEURONML_FAST_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_env_variable_with_unknown_backend_fails_clearly():
+    env = dict(os.environ, NEURONML_FAST_BACKEND="fastest")
+    out = subprocess.run([sys.executable, "-c", "import neuronml_fast"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "backend: expected one of" in out.stderr and "'fastest'" in out.stderr
+
+
+def test_environment_report_names_every_backend():
+    out = subprocess.run([sys.executable, "-m", "neuronml_fast"], capture_output=True, text=True, check=True).stdout
+    for name in backends.BACKENDS:
+        assert f"\n  {name} " in out
+    assert "torch" in out and "triton" in out and "nvcc" in out
+    assert "neuron_sensitivity" in out
+    if _extensions.cpu() is not None:
+        assert "\n  cpu        available" in out
+
+
+def test_poisoned_allocation_is_nan():
+    with _alloc.poisoned():
+        assert torch.isnan(_alloc.empty((4,), dtype=torch.float32, device="cpu")).all()
+    assert _alloc.poisoning()  # conftest turns poisoning on for the whole suite
