@@ -2,7 +2,7 @@
 
 import torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _shape(t):
@@ -29,9 +29,9 @@ def like(name, value, ref_name, ref, *, shape=None):
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {value.dtype}")
     if value.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {value.device}")
-    expected = _shape(ref) if shape is None else list(shape)
-    if _shape(value) != expected:
-        raise ValueError(f"{name}: expected shape {expected}, got {_shape(value)}")
+    expected = ref.shape if shape is None else shape
+    if value.shape != expected:
+        raise ValueError(f"{name}: expected shape {list(expected)}, got {_shape(value)}")
     return value
 
 

@@ -61,6 +61,8 @@ def _as_rows(weight, grad_weight):
     a channels-last conv weight flattens as a view. Both tensors use the same order.
     """
     rows, cols = weight.shape[0], math.prod(weight.shape[1:])
+    if weight.is_contiguous() and grad_weight.is_contiguous():
+        return weight.view(rows, cols), grad_weight.view(rows, cols)
     if weight.dim() > 2:
         order = sorted(range(1, weight.dim()), key=lambda d: -weight.stride(d))
         weight, grad_weight = weight.permute(0, *order), grad_weight.permute(0, *order)

@@ -1,0 +1,124 @@
+"""Terminal table, JSON and CSV under bench/results/, and PNG plots."""
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+import neuronml_fast as nf
+
+
+def metadata(device, ceilings):
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "device": str(device),
+        "device_name": name,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "neuronml_fast": nf.__version__,
+        "ceilings": {"copy_gbps": ceilings.copy_gbps, "read_gbps": ceilings.read_gbps,
+                     "matmul_tflops": ceilings.matmul_tflops},
+    }
+
+
+def _fmt(x, digits=2, suffix=""):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}{suffix}"
+
+
+def table(rows):
+    """Markdown table, speedups first; one line per case and variant."""
+    header = "| case | variant | vs eager | vs compile | median ms | IQR ms | roofline |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.case} | {r.variant} | {_fmt(r.speedup_vs_eager, 2, 'x')} | {_fmt(r.speedup_vs_compile, 2, 'x')} "
+            f"| {_fmt(r.median_ms, 3)} | {_fmt(r.q1_ms, 3)}-{_fmt(r.q3_ms, 3)} "
+            f"| {_fmt(100 * r.roofline_fraction, 1, '%')} |"
+        )
+    return "\n".join(lines)
+
+
+def write(rows, meta, out_dir, tag):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, tag)
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, "results": [r.__dict__ for r in rows]}, f, indent=1)
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        fields = ["case", "variant", "median_ms", "q1_ms", "q3_ms", "speedup_vs_eager", "speedup_vs_compile",
+                  "roofline_fraction"]
+        writer.writerow(fields + ["device", "git_commit"])
+        for r in rows:
+            writer.writerow([getattr(r, k) for k in fields] + [meta["device_name"], meta["git_commit"]])
+    with open(base + ".md", "w") as f:
+        f.write(f"{meta['device_name']} ({meta['device']}), torch {meta['torch']}, commit {meta['git_commit']}, "
+                f"{meta['date'][:10]}; copy {meta['ceilings']['copy_gbps']:.1f} GB/s, "
+                f"read {meta['ceilings']['read_gbps']:.1f} GB/s, matmul "
+                + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in meta["ceilings"]["matmul_tflops"].items())
+                + "\n\n" + table(rows) + "\n")
+    return [base + ext for ext in (".json", ".csv", ".md")]
+
+
+def plots(rows, out_dir, tag):
+    """One PNG per family with a swept parameter; returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for family, plotter in PLOTTERS.items():
+        family_rows = [r for r in rows if r.family == family]
+        if not family_rows:
+            continue
+        fig = plotter(plt, family_rows)
+        if fig is None:
+            continue
+        path = os.path.join(out_dir, f"{tag}-{family}.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _speedup_bars(plt, rows):
+    cases = sorted({r.case for r in rows})
+    variants = [v for v in ("compile", "cpu", "triton", "cuda") if any(r.variant == v for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(cases)), 3.2))
+    width = 0.8 / max(1, len(variants))
+    for k, v in enumerate(variants):
+        values = [next((r.speedup_vs_eager for r in rows if r.case == c and r.variant == v), 0) for c in cases]
+        ax.bar([i + k * width for i in range(len(cases))], values, width, label=v)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(cases))])
+    ax.set_xticklabels([c.split("/", 1)[1] for c in cases], rotation=20, ha="right")
+    ax.set_ylabel("speedup vs eager")
+    ax.legend()
+    return fig
+
+
+PLOTTERS = {"neuron_sensitivity": _speedup_bars}
