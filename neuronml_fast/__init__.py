@@ -8,6 +8,7 @@ runs where on this machine.
 
 from . import backends
 from .backends import get_backend, set_backend, use_backend
+from .ops.masked import masked_conv2d, masked_linear
 from .ops.sensitivity import neuron_sensitivity
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ backends.refresh()  # probe once, outside any torch.compile trace
 __all__ = [
     "backends",
     "get_backend",
+    "masked_conv2d",
+    "masked_linear",
     "neuron_sensitivity",
     "set_backend",
     "use_backend",

@@ -13,9 +13,10 @@ device that is usable here and has a kernel for the op and dtype. Its last resor
 ``reference``: that is the only fallback, and ``python -m neuronml_fast`` prints where it
 happens. A backend named explicitly never falls back: it runs or raises.
 
-Every op registers itself once with `register_op`, naming the backends that have a kernel for
-it and their dtypes. Kernel entry points follow one convention, so no op carries dispatch code:
-``<op>_out(*inputs, *outputs)`` in ``_C_cpu``, ``_C_cuda`` and ``neuronml_fast.kernels.<family>``.
+Every op registers itself once with `register_op`: its reference dtypes and, per kernel
+backend, the entry point (``"module:function"``, imported on first use) and its dtypes. Entry
+points share one calling convention, ``fn(*inputs, *outputs)``: outputs are allocated by the
+caller (see `_alloc`), so no op carries its own dispatch code.
 """
 
 import contextlib
@@ -55,8 +56,8 @@ class Status:
 @dataclasses.dataclass(frozen=True)
 class OpEntry:
     name: str
-    family: str  # module of neuronml_fast.kernels that holds the op's Triton launcher
-    dtypes: dict  # backend -> frozenset of supported dtypes
+    dtypes: dict  # backend -> frozenset of supported dtypes ("reference" included)
+    entry_points: dict  # kernel backend -> "module:function"
 
 
 _ops = {}
@@ -161,12 +162,13 @@ def use_backend(name):
 # Ops and kernels.
 
 
-def register_op(name, *, family, dtypes):
-    """Declare an op: ``dtypes`` maps each backend that has a kernel for it to its dtypes."""
-    unknown = set(dtypes) - set(BACKENDS)
+def register_op(name, *, reference=FLOAT_DTYPES, kernels):
+    """Declare an op: ``kernels`` maps a kernel backend to ``("module:function", dtypes)``."""
+    unknown = set(kernels) - set(BACKENDS[1:])
     if unknown:
-        raise ValueError(f"register_op({name!r}): unknown backends {sorted(unknown)}")
-    _ops[name] = OpEntry(name, family, {b: frozenset(d) for b, d in dtypes.items()})
+        raise ValueError(f"register_op({name!r}): unknown kernel backends {sorted(unknown)}")
+    dtypes = {"reference": frozenset(reference), **{b: frozenset(d) for b, (_, d) in kernels.items()}}
+    _ops[name] = OpEntry(name, dtypes, {b: path for b, (path, _) in kernels.items()})
 
 
 def ops():
@@ -206,18 +208,21 @@ def resolve(op, device_type, dtype, requested=None):
 
 
 def kernel(op, backend):
-    """The ``<op>_out`` entry point of a compiled or Triton backend."""
+    """The kernel entry point of ``op`` on a compiled or Triton backend."""
     key = (op, backend)
     if key not in _kernel_cache:
-        if backend == "cpu":
-            module = _extensions.cpu()
-        elif backend == "cuda":
-            module = _extensions.cuda()
-        elif backend == "triton":
-            module = importlib.import_module(f"neuronml_fast.kernels.{_ops[op].family}")
+        path = _ops[op].entry_points.get(backend)
+        if path is None:
+            raise NotImplementedError(f"backend {backend!r} has no kernel for {op}")
+        module_name, function = path.split(":")
+        if module_name.startswith("neuronml_fast._C_"):
+            extension = module_name.rsplit(".", 1)[1]
+            module = _extensions.load(extension)
+            if module is None:
+                raise RuntimeError(f"backend {backend!r} is not built: {_extensions.error(extension)}")
         else:
-            raise ValueError(f"backend: expected 'cpu', 'triton' or 'cuda' for a kernel, got {backend!r}")
-        _kernel_cache[key] = getattr(module, f"{op}_out")
+            module = importlib.import_module(module_name)
+        _kernel_cache[key] = getattr(module, function)
     return _kernel_cache[key]
 
 

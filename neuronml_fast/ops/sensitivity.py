@@ -26,12 +26,10 @@ OP = "neuron_sensitivity"
 
 backends.register_op(
     OP,
-    family="sensitivity",
-    dtypes={
-        "reference": backends.FLOAT_DTYPES,
-        "cpu": backends.FULL_DTYPES,
-        "triton": backends.FLOAT_DTYPES,
-        "cuda": backends.FLOAT_DTYPES,
+    kernels={
+        "cpu": ("neuronml_fast._C_cpu:neuron_sensitivity_out", backends.FULL_DTYPES),
+        "triton": ("neuronml_fast.kernels.sensitivity:neuron_sensitivity_out", backends.FLOAT_DTYPES),
+        "cuda": ("neuronml_fast._C_cuda:neuron_sensitivity_out", backends.FLOAT_DTYPES),
     },
 )
 

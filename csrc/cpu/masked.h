@@ -1,0 +1,31 @@
+// Fused epilogue and prologue of the masked (structure-gated) layers on the CPU (SPEC section 2).
+// Framework-free. The dense core (the convolution or matmul over active neurons only) is done
+// by ATen/oneDNN on compacted weights; these loops fuse everything around it in one pass:
+//
+//   forward epilogue : pre = y + bias, out = mask * pre, scattered from the compact result y
+//                      into [T, N, C, S] and zeros written for pruned neurons
+//   backward prologue: gy = grad_out * mask + grad_pre gathered into the compact layout,
+//                      grad_bias = sum gy, grad_mask = sum grad_out * pre (the sensitivity source)
+//
+// Layouts. Full tensors are contiguous [T, N, C, S] (S = spatial size, 1 for linear layers).
+// The compact tensor holds slot j of task t, sample n, at  y + t*y_st + n*y_sn + j*y_sj + s
+// (s contiguous). slot[t*C + c] is the compact slot of channel c of task t, or -1 if pruned.
+#pragma once
+#include <cstdint>
+
+namespace neuronml_fast::cpu {
+
+struct CompactLayout {
+  int64_t T, N, C, S;           // full sizes
+  int64_t stride_t, stride_n, stride_j;  // compact strides (elements)
+};
+
+template <typename T>
+void masked_forward_epilogue(const CompactLayout& L, const T* y, const int64_t* slot, const T* mask,
+                             const T* bias, T* out, T* pre);
+
+template <typename T>
+void masked_backward_prologue(const CompactLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
+                              const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
+
+}  // namespace neuronml_fast::cpu

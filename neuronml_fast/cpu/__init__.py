@@ -1,0 +1,1 @@
+"""Python launchers of the C++ CPU backend (ATen dense cores around the fused C++ kernels)."""

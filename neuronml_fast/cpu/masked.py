@@ -1,0 +1,181 @@
+"""C++ CPU launchers of the masked conv2d / linear layers (SPEC section 2).
+
+Design: compute only the active neurons. The weights of active neurons are compacted
+(per task, padded to the largest active count of the batch), the dense core runs in
+ATen/oneDNN on the compact weights, and the C++ kernels in ``csrc/cpu/masked.cpp`` fuse
+everything around it in one pass over memory: bias, mask, the scatter back into the full
+layout with zeros for pruned neurons (forward), and the gathered ``grad_out * mask``, the bias
+gradient and the mask gradient (the sensitivity source) in the backward.
+
+Tasks: a task-batched call is one grouped convolution (``groups = T``) or one ``bmm``.
+Grouped convolutions (``groups > 1``) are not compacted, as compaction would break the group
+structure; their pruned neurons are still exact zeros with zero gradients.
+
+Every tensor is in the canonical task-batched form of the custom ops: ``x [T, N, C_in, ...]``,
+``weight [T, C_out, ...]``, ``mask [T, C_out]``, ``bias [T, C_out]``.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .. import _alloc, _extensions
+
+
+@dataclasses.dataclass
+class Compaction:
+    slot: torch.Tensor  # [T, C] int64: compact slot of each channel, -1 if pruned
+    keep: torch.Tensor  # [T, C] bool
+    width: int  # slots per task (A)
+    compacted: bool  # weights gathered (else width == C and slot is the identity on kept channels)
+    complete: bool  # every slot of every task holds a channel (no zero padding needed)
+
+
+def compaction(mask, skip_zero, allow):
+    T, C = mask.shape
+    keep = mask != 0 if skip_zero else torch.ones_like(mask, dtype=torch.bool)
+    counts = keep.sum(1)
+    if allow and T and C and bool((counts < C).any()):
+        width = int(counts.max())
+        slot = torch.where(keep, keep.cumsum(1) - 1, -1)
+        return Compaction(slot, keep, width, True, bool((counts == width).all()))
+    identity = torch.arange(C).expand(T, C)
+    return Compaction(torch.where(keep, identity, -1).contiguous(), keep, C, False, bool(keep.all()))
+
+
+def _compact_rows(weight, comp):
+    """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task."""
+    if not comp.compacted:
+        return weight
+    T, A = weight.shape[0], comp.width
+    if comp.complete:
+        return weight[comp.keep].view(T, A, *weight.shape[2:])
+    rows = weight.new_zeros((T * A, *weight.shape[2:]))
+    target = (torch.arange(T).unsqueeze(1) * A + comp.slot)[comp.keep]
+    return rows.index_copy_(0, target, weight[comp.keep]).view(T, A, *weight.shape[2:])
+
+
+def _expand_rows(compact, comp, full_shape):
+    """Inverse of `_compact_rows` for gradients: pruned rows are zero."""
+    if not comp.compacted:
+        return compact
+    T, A = compact.shape[:2]
+    full = compact.new_zeros(full_shape)
+    source = (torch.arange(T).unsqueeze(1) * A + comp.slot)[comp.keep]
+    full[comp.keep] = compact.reshape(T * A, *compact.shape[2:]).index_select(0, source)
+    return full
+
+
+def _epilogue(y_compact, comp, mask, bias, out_shape, dtype):
+    T, N, C = out_shape[:3]
+    out = _alloc.empty(out_shape, dtype=dtype, device="cpu")
+    pre = _alloc.empty(out_shape, dtype=dtype, device="cpu")
+    if out.numel():
+        _extensions.cpu().masked_forward_epilogue(
+            y_compact, comp.slot.contiguous(), mask.contiguous(), None if bias is None else bias.contiguous(),
+            out.view(T, N, C, -1), pre.view(T, N, C, -1))
+    return out, pre
+
+
+def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
+    T, N, C = grad_out.shape[:3]
+    grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
+    grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
+    flat = lambda t: None if t is None else t.contiguous().view(T, N, C, -1)  # noqa: E731
+    _extensions.cpu().masked_backward_prologue(
+        flat(grad_out), flat(grad_pre), flat(pre), comp.slot.contiguous(), mask.contiguous(), gy_compact,
+        grad_bias, grad_mask)
+    return grad_bias, grad_mask
+
+
+def _new_compact(comp, shape, dtype):
+    # Slots that hold no channel must be zero for the dense core; the prologue writes the rest.
+    return (_alloc.empty if comp.complete else torch.zeros)(shape, dtype=dtype, device="cpu")
+
+
+# ---- conv2d --------------------------------------------------------------------------------
+
+
+def _grouped_input(x):
+    """[T, N, C, H, W] -> [N, T*C, H, W] so that the T tasks become conv groups."""
+    T, N = x.shape[:2]
+    return x[0] if T == 1 else x.transpose(0, 1).reshape(N, T * x.shape[2], *x.shape[3:])
+
+
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
+    T, N = x.shape[:2]
+    C = weight.shape[1]
+    comp = compaction(mask, skip_zero, allow=groups == 1)
+    w = _compact_rows(weight, comp)
+    A = comp.width
+    if T == 0 or A == 0 or N == 0:
+        y = x.new_zeros((0,))
+        Ho, Wo = _conv_out_hw(x, weight, stride, padding, dilation)
+        y_compact = x.new_zeros((T, N, 0, Ho * Wo))
+    else:
+        y = F.conv2d(_grouped_input(x.contiguous()), w.reshape(T * A, *w.shape[2:]), None, stride, padding,
+                     dilation, groups * T)
+        Ho, Wo = y.shape[-2:]
+        y_compact = y.view(N, T, A, Ho * Wo).transpose(0, 1)
+    return _epilogue(y_compact, comp, mask, bias, (T, N, C, Ho, Wo), x.dtype)
+
+
+def _conv_out_hw(x, weight, stride, padding, dilation):
+    return tuple(
+        (x.shape[3 + i] + 2 * padding[i] - dilation[i] * (weight.shape[3 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    )
+
+
+def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
+                    need_input_grad, need_weight_grad):
+    T, N, C, Ho, Wo = grad_out.shape
+    comp = compaction(mask, skip_zero, allow=groups == 1)
+    A = comp.width
+    gy = _new_compact(comp, (N, T * A, Ho, Wo), grad_out.dtype)
+    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy.view(N, T, A, Ho * Wo).transpose(0, 1))
+    grad_input = grad_weight = x.new_empty((0,))
+    if need_input_grad:
+        grad_input = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    if need_weight_grad:
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
+        return grad_input, grad_weight, grad_bias, grad_mask
+    w = _compact_rows(weight, comp)
+    xg = _grouped_input(x.contiguous())
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gy, xg, w.reshape(T * A, *w.shape[2:]).contiguous(), None, stride, padding, dilation, False, [0, 0],
+        groups * T, [need_input_grad, need_weight_grad, False])
+    if need_input_grad:
+        grad_input = gx.view(N, T, *x.shape[2:]).transpose(0, 1).contiguous()
+    if need_weight_grad:
+        grad_weight = _expand_rows(gw.view(T, A, *weight.shape[2:]), comp, weight.shape)
+    return grad_input, grad_weight, grad_bias, grad_mask
+
+
+# ---- linear --------------------------------------------------------------------------------
+
+
+def linear_forward(x, weight, mask, bias, skip_zero):
+    T, N = x.shape[:2]
+    C = weight.shape[1]
+    comp = compaction(mask, skip_zero, allow=True)
+    w = _compact_rows(weight, comp)
+    y = torch.bmm(x, w.transpose(1, 2))  # [T, N, A]
+    return _epilogue(y.unsqueeze(-1), comp, mask, bias, (T, N, C), x.dtype)
+
+
+def linear_backward(grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad):
+    T, N, C = grad_out.shape
+    comp = compaction(mask, skip_zero, allow=True)
+    A = comp.width
+    gy = _new_compact(comp, (T, N, A), grad_out.dtype)
+    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy.unsqueeze(-1))
+    grad_input = grad_weight = x.new_empty((0,))
+    w = _compact_rows(weight, comp)
+    if need_input_grad:
+        grad_input = torch.bmm(gy, w)
+    if need_weight_grad:
+        grad_weight = _expand_rows(torch.bmm(gy.transpose(1, 2), x), comp, weight.shape)
+    return grad_input, grad_weight, grad_bias, grad_mask

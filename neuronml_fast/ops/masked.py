@@ -1,0 +1,412 @@
+"""Masked (structure-gated) conv2d and linear: NeuronML's flexible structure (SPEC section 2).
+
+    out[n, c, ...] = mask[c] * ((input * weight)[n, c, ...] + bias[c])
+
+Single-task or task-batched (each task its own weight, bias and mask, one call for all).
+``skip_zero=True``: a neuron whose mask is exactly 0 is pruned: not computed, output exactly 0,
+all its gradients exactly 0.
+
+Where things are:
+
+* reference (the oracle): `masked_conv2d_reference`, `masked_linear_reference`, below
+* kernels: neuronml_fast/cpu/masked.py + csrc/cpu/masked.cpp (C++ CPU backend)
+* custom ops: ``neuronml_fast::masked_conv2d`` / ``masked_linear`` return ``(out, pre)``
+  (``pre = conv + bias``, what the mask gradient needs) and ``..._backward`` return
+  ``(grad_input, grad_weight, grad_bias, grad_mask)``. Both are always task-batched
+  (``[T, N, ...]``); a single task is T = 1.
+* autograd (`_forward_backward`, `_backward_backward`): the backward is one fused op; its own
+  derivative is written with the forward and backward ops again (all of it is bilinear), so
+  every order of differentiation runs on the kernels (MAML's second order included).
+* vmap: a vmapped dimension merges into the task dimension: vmap over tasks is task batching.
+* public functions: `masked_conv2d`, `masked_linear` (exported as ``nf.masked_conv2d`` ...).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _checks, backends
+
+CONV, LINEAR = "masked_conv2d", "masked_linear"
+
+for _op, _family in ((CONV, "conv2d"), (LINEAR, "linear")):
+    backends.register_op(_op, kernels={"cpu": (f"neuronml_fast.cpu.masked:{_family}_forward", backends.FULL_DTYPES)})
+    backends.register_op(
+        f"{_op}_backward", kernels={"cpu": (f"neuronml_fast.cpu.masked:{_family}_backward", backends.FULL_DTYPES)}
+    )
+
+
+# ---- reference -----------------------------------------------------------------------------
+
+
+def _gate(pre, mask, skip_zero, channel_dim):
+    shape = [1] * pre.dim()
+    shape[channel_dim] = -1
+    mask = mask.view(shape)
+    if not skip_zero:
+        return mask * pre
+    keep = mask != 0
+    # where() on both factors: a pruned neuron is exactly 0 with exactly-0 gradients, even if
+    # its pre-activation is inf or nan.
+    return torch.where(keep, mask, 0) * torch.where(keep, pre, 0)
+
+
+def masked_conv2d_reference(input, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                            skip_zero=True):
+    """Plain eager PyTorch; task-batched inputs are a Python loop over tasks."""
+    if input.dim() == 5:
+        outs = [
+            masked_conv2d_reference(input[t], weight[t], mask[t], None if bias is None else bias[t], stride,
+                                    padding, dilation, groups, skip_zero)
+            for t in range(input.shape[0])
+        ]
+        if outs:
+            return torch.stack(outs)
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        return input.new_zeros(_conv_out_shape(input, weight, stride, padding, dilation))
+    pre = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return _gate(pre, mask, skip_zero, channel_dim=1)
+
+
+def masked_linear_reference(input, weight, mask, bias=None, skip_zero=True):
+    """Plain eager PyTorch; task-batched inputs (3-d weight) are a Python loop over tasks."""
+    if weight.dim() == 3:
+        outs = [masked_linear_reference(input[t], weight[t], mask[t], None if bias is None else bias[t], skip_zero)
+                for t in range(weight.shape[0])]
+        return torch.stack(outs) if outs else input.new_zeros((*input.shape[:-1], weight.shape[1]))
+    return _gate(F.linear(input, weight, bias), mask, skip_zero, channel_dim=-1)
+
+
+# ---- argument checks -----------------------------------------------------------------------
+
+
+def _pair(value, name="stride"):
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return [int(v) for v in pair]
+
+
+def _conv_out_shape(x, weight, stride, padding, dilation):
+    """x [T, N, C, H, W] (or [N, C, H, W]), weight [..., C_out, C_in/g, kH, kW] -> output shape."""
+    hw = [
+        (x.shape[-2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[-2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    ]
+    return (*x.shape[:-3], weight.shape[-4], *hw)
+
+
+def _check_mask_and_bias(mask, bias, ref, shape):
+    _checks.like("mask", mask, "input", ref, shape=shape)
+    if bias is not None:
+        _checks.like("bias", bias, "input", ref, shape=shape)
+
+
+def _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups):
+    _checks.floating_tensor("input", input)
+    if input.dim() not in (4, 5):
+        raise ValueError(f"input: expected [N, C_in, H, W] or task-batched [T, N, C_in, H, W], "
+                         f"got shape {list(input.shape)}")
+    batched = input.dim() == 5
+    _checks.floating_tensor("weight", weight, ndim=input.dim())
+    _checks.like("weight", weight, "input", input, shape=weight.shape)
+    if batched and weight.shape[0] != input.shape[0]:
+        raise ValueError(f"weight: expected {input.shape[0]} tasks (input.shape[0]), got {weight.shape[0]}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    c_out, c_in_per_group = weight.shape[-4], weight.shape[-3]
+    if c_in_per_group * groups != input.shape[-3]:
+        raise ValueError(f"weight: expected C_in/groups = {input.shape[-3]}/{groups} input channels per group, "
+                         f"got weight of shape {list(weight.shape)}")
+    if c_out % groups:
+        raise ValueError(f"weight: expected C_out divisible by groups={groups}, got C_out={c_out}")
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"stride, padding, dilation: expected stride >= 1, padding >= 0, dilation >= 1, "
+                         f"got {stride}, {padding}, {dilation}")
+    out_shape = _conv_out_shape(input, weight, stride, padding, dilation)
+    if min(out_shape[-2:]) < 1:
+        raise ValueError(f"input: spatial size {list(input.shape[-2:])} with padding {padding} is smaller than "
+                         f"the dilated kernel {list(weight.shape[-2:])}")
+    _check_mask_and_bias(mask, bias, input, weight.shape[:-3])
+    return batched, stride, padding, dilation
+
+
+def _validate_linear(input, weight, mask, bias):
+    _checks.floating_tensor("input", input, min_ndim=1)
+    _checks.floating_tensor("weight", weight)
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"weight: expected [out, in] or task-batched [T, out, in], got shape {list(weight.shape)}")
+    _checks.like("weight", weight, "input", input, shape=weight.shape)
+    batched = weight.dim() == 3
+    if batched and (input.dim() < 2 or input.shape[0] != weight.shape[0]):
+        raise ValueError(f"input: expected [T={weight.shape[0]}, ..., in] for a task-batched weight, "
+                         f"got shape {list(input.shape)}")
+    if input.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"input: expected {weight.shape[-1]} features in the last dimension (weight.shape[-1]), "
+                         f"got shape {list(input.shape)}")
+    _check_mask_and_bias(mask, bias, input, weight.shape[:-1])
+    return batched
+
+
+# ---- custom ops ----------------------------------------------------------------------------
+
+
+def _empty_grad(t):
+    return t.new_empty((0,))
+
+
+@torch.library.custom_op("neuronml_fast::masked_conv2d", mutates_args=())
+def masked_conv2d_op(
+    input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, skip_zero: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Task-batched forward: (out, pre), both [T, N, C_out, H_out, W_out]."""
+    return backends.kernel(CONV, backend)(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+
+
+@masked_conv2d_op.register_fake
+def _(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend):
+    shape = _conv_out_shape(input, weight, stride, padding, dilation)
+    return input.new_empty(shape), input.new_empty(shape)
+
+
+@torch.library.custom_op("neuronml_fast::masked_conv2d_backward", mutates_args=())
+def masked_conv2d_backward_op(
+    grad_out: Tensor, grad_pre: Optional[Tensor], input: Tensor, weight: Tensor, mask: Tensor, pre: Optional[Tensor],
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, skip_zero: bool,
+    need_input_grad: bool, need_weight_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_mask); a grad not needed is an empty tensor,
+    grad_mask is 0 when ``pre`` is None."""
+    return backends.kernel(f"{CONV}_backward", backend)(
+        grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
+        need_input_grad, need_weight_grad)
+
+
+@masked_conv2d_backward_op.register_fake
+def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
+      need_input_grad, need_weight_grad, backend):
+    return _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
+
+
+def _backward_fake(input, weight, mask, need_input_grad, need_weight_grad):
+    return (input.new_empty(input.shape) if need_input_grad else _empty_grad(input),
+            weight.new_empty(weight.shape) if need_weight_grad else _empty_grad(weight),
+            mask.new_empty(mask.shape), mask.new_empty(mask.shape))
+
+
+@torch.library.custom_op("neuronml_fast::masked_linear", mutates_args=())
+def masked_linear_op(
+    input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], skip_zero: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Task-batched forward: (out, pre), both [T, N, out]."""
+    return backends.kernel(LINEAR, backend)(input, weight, mask, bias, skip_zero)
+
+
+@masked_linear_op.register_fake
+def _(input, weight, mask, bias, skip_zero, backend):
+    shape = (*input.shape[:-1], weight.shape[1])
+    return input.new_empty(shape), input.new_empty(shape)
+
+
+@torch.library.custom_op("neuronml_fast::masked_linear_backward", mutates_args=())
+def masked_linear_backward_op(
+    grad_out: Tensor, grad_pre: Optional[Tensor], input: Tensor, weight: Tensor, mask: Tensor, pre: Optional[Tensor],
+    skip_zero: bool, need_input_grad: bool, need_weight_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backends.kernel(f"{LINEAR}_backward", backend)(
+        grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad)
+
+
+@masked_linear_backward_op.register_fake
+def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad, backend):
+    return _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+# The forward op's inputs are (input, weight, mask, bias, *layer_args, skip_zero, backend), its
+# backward op's (grad_out, grad_pre, input, weight, mask, pre, *layer_args, skip_zero,
+# need_input_grad, need_weight_grad, backend); layer_args are (stride, padding, dilation,
+# groups) for conv and () for linear. One set of autograd functions serves both layers.
+
+
+class _Layer:
+    def __init__(self, forward_op, backward_op, n_layer_args):
+        self.forward_op, self.backward_op, self.n_layer_args = forward_op, backward_op, n_layer_args
+
+    def forward(self, x, w, m, b, layer_args, skip_zero, backend):
+        return self.forward_op(x, w, m, b, *layer_args, skip_zero, backend)
+
+    def backward(self, go, gp, x, w, m, pre, layer_args, skip_zero, need_x, need_w, backend):
+        return self.backward_op(go, gp, x, w, m, pre, *layer_args, skip_zero, need_x, need_w, backend)
+
+
+def _channel_view(t, like):
+    """[T, C] -> [T, 1, C, 1, ...] broadcasting against a [T, N, C, ...] tensor."""
+    return t.view(t.shape[0], 1, t.shape[1], *([1] * (like.dim() - 3)))
+
+
+def _channel_sum(t):
+    """[T, N, C, ...] -> [T, C]."""
+    return t.sum(dim=[1, *range(3, t.dim())])
+
+
+def _make_forward_autograd(layer):
+    def setup_context(ctx, inputs, output):
+        x, w, m, b = inputs[:4]
+        ctx.layer_args = inputs[4:4 + layer.n_layer_args]
+        ctx.skip_zero, ctx.backend = inputs[-2], inputs[-1]
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, w, m, output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_pre):
+        x, w, m, pre = ctx.saved_tensors
+        n_args = 4 + layer.n_layer_args + 2
+        if grad_out is None and grad_pre is None:
+            return (None,) * n_args
+        if grad_out is None:
+            grad_out = torch.zeros_like(pre)
+        need_x, need_w, need_m = ctx.needs_input_grad[:3]
+        gx, gw, gb, gm = layer.backward(grad_out, grad_pre, x, w, m, pre if need_m else None, ctx.layer_args,
+                                        ctx.skip_zero, need_x, need_w, ctx.backend)
+        return (gx if need_x else None, gw if need_w else None, gm if need_m else None,
+                gb if ctx.has_bias else None) + (None,) * (n_args - 4)
+
+    return setup_context, backward
+
+
+def _make_backward_autograd(layer):
+    # d(backward)/d(inputs), from  gy = (go*m + gp)*keep,  gx = convT(gy, w),  gw = corr(x, gy),
+    # gb = sum gy,  gm = keep * sum go*pre  (keep = mask != 0 under skip_zero, else 1).
+    def setup_context(ctx, inputs, output):
+        go, gp, x, w, m, pre = inputs[:6]
+        ctx.layer_args = inputs[6:6 + layer.n_layer_args]
+        ctx.skip_zero, ctx.backend = inputs[-4], inputs[-1]
+        ctx.has_gp, ctx.has_pre = gp is not None, pre is not None
+        ctx.save_for_backward(go, gp, x, w, m, pre)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, ggx, ggw, ggb, ggm):
+        go, gp, x, w, m, pre = ctx.saved_tensors
+        ggx = ggx if ggx is not None and ggx.numel() else None
+        ggw = ggw if ggw is not None and ggw.numel() else None
+        keep = (m != 0).to(m.dtype) if ctx.skip_zero else torch.ones_like(m)
+        keep_b, m_b = _channel_view(keep, go), _channel_view(m, go)
+        args = (ctx.layer_args, True, ctx.backend)
+
+        g_gy = None  # gradient reaching gy
+        if ggx is not None:
+            g_gy = layer.forward(ggx, w, keep, None, *args)[1]
+        if ggw is not None:
+            term = layer.forward(x, ggw, keep, None, *args)[1]
+            g_gy = term if g_gy is None else g_gy + term
+        if ggb is not None:
+            term = _channel_view(ggb * keep, go)
+            g_gy = term.expand_as(go) if g_gy is None else g_gy + term
+
+        g_x = g_w = None
+        if ggx is not None or ggw is not None:
+            gy = go * m_b + gp if gp is not None else go * m_b
+            gy = gy * keep_b
+            gx2, gw2, _, _ = layer.backward(gy, None, ggx if ggx is not None else x, ggw if ggw is not None else w,
+                                            keep, None, ctx.layer_args, True, ggw is not None, ggx is not None,
+                                            ctx.backend)
+            g_x = gx2 if ggw is not None else None
+            g_w = gw2 if ggx is not None else None
+
+        g_go = g_gp = g_m = g_pre = None
+        if g_gy is not None:
+            g_go = g_gy * m_b * keep_b
+            g_gp = g_gy * keep_b if ctx.has_gp else None
+            g_m = keep * _channel_sum(g_gy * go)
+        if ggm is not None and ctx.has_pre:
+            ggm_b = _channel_view(ggm * keep, go)
+            g_go = ggm_b * pre if g_go is None else g_go + ggm_b * pre
+            g_pre = ggm_b * go
+        return (g_go, g_gp, g_x, g_w, g_m, g_pre) + (None,) * (layer.n_layer_args + 4)
+
+    return setup_context, backward
+
+
+def _merge_into_tasks(op, n_tensors):
+    """vmap rule: the vmapped dim joins the task dim (dim 0) of the first n_tensors args."""
+
+    def rule(info, in_dims, *args):
+        batch = info.batch_size
+
+        def merge(t, dim):
+            if t is None:
+                return None
+            t = t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
+            return t.flatten(0, 1)
+
+        merged = [merge(a, d) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])] + list(args[n_tensors:])
+        outs = op(*merged)
+        results, dims = [], []
+        for o in outs:
+            if o.dim() == 1 and o.numel() == 0:  # a gradient that was not asked for
+                results.append(o)
+                dims.append(None)
+            else:
+                results.append(o.unflatten(0, (batch, -1)))
+                dims.append(0)
+        return tuple(results), tuple(dims)
+
+    return rule
+
+
+_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 4)
+_LINEAR_LAYER = _Layer(masked_linear_op, masked_linear_backward_op, 0)
+for _layer in (_CONV_LAYER, _LINEAR_LAYER):
+    for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
+        _setup, _backward = _make(_layer)
+        _op_def.register_autograd(_backward, setup_context=_setup)
+    _layer.forward_op.register_vmap(_merge_into_tasks(_layer.forward_op, 4))
+    _layer.backward_op.register_vmap(_merge_into_tasks(_layer.backward_op, 6))
+
+
+# ---- public functions ----------------------------------------------------------------------
+
+
+def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, skip_zero=True):
+    """Structure-gated 2-d convolution (SPEC section 2): ``mask[c] * (conv(input, weight)[c] + bias[c])``.
+
+    Single task: ``input [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kH, kW]``, ``mask`` and
+    ``bias [C_out]``. Task-batched: a leading ``T`` on all four; every task runs with its own
+    parameters in one call. With ``skip_zero`` (default) neurons whose mask is exactly 0 are
+    not computed; their outputs and gradients are exactly 0.
+    """
+    batched, stride, padding, dilation = _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups)
+    backend = backends.resolve(CONV, input.device.type, input.dtype)
+    if backend == "reference":
+        return masked_conv2d_reference(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+    if not batched:
+        input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
+        bias = None if bias is None else bias.unsqueeze(0)
+    out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)[0]
+    return out if batched else out.squeeze(0)
+
+
+def masked_linear(input, weight, mask, bias=None, skip_zero=True):
+    """Structure-gated linear layer (SPEC section 2): ``mask[c] * (input @ weight[c] + bias[c])``.
+
+    Single task: ``input [..., in]``, ``weight [out, in]``, ``mask`` and ``bias [out]``.
+    Task-batched: ``input [T, ..., in]``, ``weight [T, out, in]``, ``mask`` and ``bias [T, out]``.
+    """
+    batched = _validate_linear(input, weight, mask, bias)
+    backend = backends.resolve(LINEAR, input.device.type, input.dtype)
+    if backend == "reference":
+        return masked_linear_reference(input, weight, mask, bias, skip_zero)
+    if not batched:
+        input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
+        bias = None if bias is None else bias.unsqueeze(0)
+    tasks, lead = input.shape[0], input.shape[1:-1]
+    rows = math.prod(lead)
+    out = masked_linear_op(input.reshape(tasks, rows, input.shape[-1]), weight, mask, bias, skip_zero, backend)[0]
+    out = out.view(tasks, *lead, weight.shape[1])
+    return out if batched else out.squeeze(0)
