@@ -16,6 +16,7 @@ Every tensor is in the canonical task-batched form of the custom ops: ``x [T, N,
 """
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +81,10 @@ def _epilogue(y_compact, comp, mask, bias, out_shape, dtype):
 
 def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
     T, N, C = grad_out.shape[:3]
+    S = math.prod(grad_out.shape[3:])
     grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
-    flat = lambda t: None if t is None else t.contiguous().view(T, N, C, -1)  # noqa: E731
+    flat = lambda t: None if t is None else t.contiguous().view(T, N, C, S)  # noqa: E731
     _extensions.cpu().masked_backward_prologue(
         flat(grad_out), flat(grad_pre), flat(pre), comp.slot.contiguous(), mask.contiguous(), gy_compact,
         grad_bias, grad_mask)
@@ -115,7 +117,7 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
         y_compact = x.new_zeros((T, N, 0, Ho * Wo))
     else:
         y = F.conv2d(_grouped_input(x.contiguous()), w.reshape(T * A, *w.shape[2:]), None, stride, padding,
-                     dilation, groups * T)
+                     dilation, groups * T).contiguous()  # channels-last operands give a channels-last y
         Ho, Wo = y.shape[-2:]
         y_compact = y.view(N, T, A, Ho * Wo).transpose(0, 1)
     return _epilogue(y_compact, comp, mask, bias, (T, N, C, Ho, Wo), x.dtype)
