@@ -6,7 +6,7 @@ plain-PyTorch reference (backend "reference") and up to three kernel backends ("
 runs where on this machine.
 """
 
-from . import backends
+from . import backends, nn
 from .backends import get_backend, set_backend, use_backend
 from .ops.masked import masked_conv2d, masked_linear
 from .ops.sensitivity import neuron_sensitivity
@@ -20,6 +20,7 @@ __all__ = [
     "get_backend",
     "masked_conv2d",
     "masked_linear",
+    "nn",
     "neuron_sensitivity",
     "set_backend",
     "use_backend",

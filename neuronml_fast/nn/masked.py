@@ -1,0 +1,250 @@
+"""Drop-in structure-gated layers: MaskedConv2d, MaskedLinear, MaskedBatchNorm2d, NeuronGate, convert.
+
+Where the mask comes from, first match wins: the ``mask=`` argument of ``forward``, the layer's
+``gate`` (a `NeuronGate`), or its ``mask`` buffer (ones at construction, so a fresh layer
+computes exactly what nn.Conv2d / nn.Linear computes).
+
+state_dict: the same keys as nn.Conv2d / nn.Linear, plus ``mask`` (and ``gate.logits`` when a
+gate is attached). A plain nn.Conv2d / nn.Linear state_dict loads with ``strict=True``: a
+missing ``mask`` means "all neurons active".
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._alloc import accumulation_dtype
+from ..ops.masked import masked_conv2d, masked_linear
+
+
+class NeuronGate(nn.Module):
+    """Learnable per-neuron structure: logits -> mask in [0, 1].
+
+    Modes:
+      * ``"soft"``: ``sigmoid(logits / temperature)``; at eval (``hard_at_eval``) the mask is
+        hardened by ``threshold`` so pruned neurons skip compute.
+      * ``"hard"``: 1 where ``sigmoid(logits / temperature) > threshold``, else 0, with a
+        straight-through gradient (the backward sees the sigmoid).
+      * ``"topk"``: the ``k`` neurons with the largest logits are 1, the rest 0, straight-through.
+
+    Hard masks are exactly 0/1, so the masked layers skip the zeros. Note that with
+    ``skip_zero=True`` a pruned neuron's mask gradient is exactly 0 (SPEC section 2): a
+    straight-through gate then cannot revive it. Train with ``skip_zero=False`` (true
+    gradients everywhere) or a soft gate when pruned neurons must be able to come back.
+    """
+
+    MODES = ("soft", "hard", "topk")
+
+    def __init__(self, num_neurons, mode="soft", temperature=1.0, threshold=0.5, k=None, init_logit=3.0,
+                 hard_at_eval=True):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold: expected a number in (0, 1), got {threshold!r}")
+        if mode == "topk" and (k is None or not 0 <= k <= num_neurons):
+            raise ValueError(f"k: expected an int in [0, {num_neurons}] for mode 'topk', got {k!r}")
+        self.mode, self.temperature, self.threshold, self.k, self.hard_at_eval = (
+            mode, float(temperature), float(threshold), k, hard_at_eval)
+        self.logits = nn.Parameter(torch.full((num_neurons,), float(init_logit)))
+
+    def probabilities(self):
+        return torch.sigmoid(self.logits / self.temperature)
+
+    def _hard(self, probs):
+        if self.mode == "topk":
+            hard = torch.zeros_like(probs)
+            return hard.scatter_(-1, probs.topk(self.k, dim=-1).indices, 1.0)
+        return (probs > self.threshold).to(probs.dtype)
+
+    def forward(self):
+        probs = self.probabilities()
+        if self.mode == "soft":
+            return self._hard(probs) if (self.hard_at_eval and not self.training) else probs
+        hard = self._hard(probs)
+        if not self.training:
+            return hard
+        return hard + (probs - probs.detach())  # exactly 0/1 in value, sigmoid in gradient
+
+    def active_fraction(self):
+        with torch.no_grad():
+            mask = self._hard(self.probabilities()) if self.mode != "soft" else self.probabilities()
+            return float((mask != 0).float().mean())
+
+    def extra_repr(self):
+        return (f"{self.logits.numel()}, mode={self.mode!r}, temperature={self.temperature}, "
+                f"threshold={self.threshold}, k={self.k}")
+
+
+class _MaskedMixin:
+    """Mask buffer, optional gate, sensitivity tracking; shared by MaskedConv2d and MaskedLinear."""
+
+    def _init_masking(self, num_neurons, gate, skip_zero, track_sensitivity):
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.register_buffer("mask", torch.ones(num_neurons, **factory))
+        if gate is True:
+            gate = NeuronGate(num_neurons)
+        if gate is not None and not isinstance(gate, NeuronGate):
+            raise TypeError(f"gate: expected a NeuronGate, True or None, got {type(gate).__name__}")
+        self.gate = gate
+        self.skip_zero = skip_zero
+        self.track_sensitivity = track_sensitivity
+        self.register_buffer("sensitivity", torch.zeros(num_neurons, device=self.weight.device,
+                                                        dtype=accumulation_dtype(self.weight.dtype)),
+                             persistent=False)
+
+    def reset_sensitivity(self):
+        self.sensitivity.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .double() convert buffers; the sensitivity stays in the accumulation dtype
+        # (float64 for float64 layers, float32 otherwise).
+        result = super()._apply(fn, *args, **kwargs)
+        self.sensitivity = self.sensitivity.to(accumulation_dtype(self.weight.dtype))
+        return result
+
+    def current_mask(self, mask=None):
+        if mask is not None:
+            return mask
+        if self.gate is not None:
+            return self.gate().to(self.weight.dtype)
+        return self.mask
+
+    def _tracked(self, mask):
+        """With track_sensitivity, route |mask * dL/dmask| into the sensitivity buffer.
+
+        The mask gradient comes out of the layer's fused backward (its prologue reduces
+        grad_out * pre per neuron), so tracking costs no extra pass over activations.
+        """
+        if not (self.track_sensitivity and torch.is_grad_enabled()):
+            return mask
+        if not mask.requires_grad:
+            mask = mask.detach().requires_grad_()
+        value = mask.detach()
+        buffer = self.sensitivity
+
+        def accumulate(grad):
+            taylor = (value * grad).abs()
+            buffer.add_(taylor.reshape(-1, buffer.numel()).sum(0).to(buffer.dtype))
+
+        mask.register_hook(accumulate)
+        return mask
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An nn.Conv2d / nn.Linear state_dict has no mask: that means every neuron is active.
+        key = prefix + "mask"
+        if key not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.ones_like(self.mask)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """nn.Conv2d whose output channels are gated by a structure mask (SPEC section 2).
+
+    Same constructor arguments and state_dict keys as nn.Conv2d (``padding_mode`` other than
+    ``"zeros"`` is pre-padded in PyTorch), plus ``gate`` (a NeuronGate or True),
+    ``skip_zero`` and ``track_sensitivity``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, *, gate=None, skip_zero=True,
+                 track_sensitivity=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        if isinstance(self.padding, str):
+            raise ValueError(f"padding: string padding {self.padding!r} is not supported by MaskedConv2d; "
+                             f"give the padding in pixels")
+        self._init_masking(out_channels, gate, skip_zero, track_sensitivity)
+
+    def forward(self, input, mask=None):
+        mask = self._tracked(self.current_mask(mask))
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return masked_conv2d(input, self.weight, mask, self.bias, self.stride, padding, self.dilation, self.groups,
+                             skip_zero=self.skip_zero)
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """nn.Linear whose output features are gated by a structure mask (SPEC section 2)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, gate=None,
+                 skip_zero=True, track_sensitivity=False):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_masking(out_features, gate, skip_zero, track_sensitivity)
+
+    def forward(self, input, mask=None):
+        mask = self._tracked(self.current_mask(mask))
+        return masked_linear(input, self.weight, mask, self.bias, skip_zero=self.skip_zero)
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that keeps pruned neurons silent: ``mask[c] * BN(x)[c]``.
+
+    Design: in a conv -> BN -> ReLU block the mask is applied *after* the normalization. A
+    mask before BN would be normalized away (BN is invariant to a per-channel scale), and a
+    pruned channel of exact zeros would come out of BN as ``beta``. Here pruned channels are
+    exact zeros with zero gradients, and their running statistics are left untouched. Give
+    the conv the same mask (it then skips the pruned neurons' compute).
+    """
+
+    def forward(self, input, mask=None):
+        if mask is None:
+            return super().forward(input)
+        keep = mask != 0
+        updating = self.training and self.track_running_stats and self.running_mean is not None
+        if not updating:
+            out = super().forward(input)
+        else:
+            # Normalize with copies of the running statistics, then take the updates of the
+            # active neurons only: pruned neurons saw no data.
+            self.num_batches_tracked.add_(1)
+            momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            out = F.batch_norm(input, mean, var, self.weight, self.bias, True, momentum, self.eps)
+            with torch.no_grad():
+                self.running_mean.copy_(torch.where(keep, mean, self.running_mean))
+                self.running_var.copy_(torch.where(keep, var, self.running_var))
+        keep = keep.view(1, -1, 1, 1)
+        return torch.where(keep, mask.view(1, -1, 1, 1), 0) * torch.where(keep, out, 0)
+
+
+def convert(module, *, gate=False, skip_zero=True, track_sensitivity=False):
+    """Swap every nn.Conv2d / nn.Linear inside ``module`` (in place) for its masked twin.
+
+    The parameters are the same objects (an optimizer built before still updates them), and
+    the output is unchanged while all masks are 1. ``gate=True`` attaches a soft NeuronGate to
+    each swapped layer. Returns ``module`` (or its replacement when ``module`` itself is a
+    Conv2d / Linear).
+    """
+    replacement = _masked_twin(module, gate, skip_zero, track_sensitivity)
+    if replacement is not None:
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, convert(child, gate=gate, skip_zero=skip_zero, track_sensitivity=track_sensitivity))
+    return module
+
+
+def _masked_twin(module, gate, skip_zero, track_sensitivity):
+    options = dict(skip_zero=skip_zero, track_sensitivity=track_sensitivity)
+    factory = dict(device=module.weight.device, dtype=module.weight.dtype) if hasattr(module, "weight") else {}
+    if type(module) is nn.Conv2d:
+        twin = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None,
+                            module.padding_mode, **factory, **options)
+    elif type(module) is nn.Linear:
+        twin = MaskedLinear(module.in_features, module.out_features, module.bias is not None, **factory, **options)
+    else:
+        return None
+    twin.weight = module.weight
+    twin.bias = module.bias
+    if gate:
+        twin.gate = NeuronGate(twin.mask.numel()).to(module.weight.device)
+    twin.train(module.training)
+    return twin

@@ -1,0 +1,156 @@
+"""Layers: MaskedConv2d, MaskedLinear, MaskedBatchNorm2d, NeuronGate, convert."""
+
+import pytest
+import torch
+from torch import nn
+
+import neuronml_fast as nf
+
+CONV_VARIANTS = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, dilation=(1, 2), bias=False),
+    dict(in_channels=4, out_channels=8, kernel_size=3, groups=2, padding=(2, 1)),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV_VARIANTS)
+def test_masked_conv2d_is_a_drop_in_for_conv2d(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs).double()
+    masked = nf.nn.MaskedConv2d(**kwargs).double()
+    assert set(masked.state_dict()) == set(conv.state_dict()) | {"mask"}
+    masked.load_state_dict(conv.state_dict(), strict=True)
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    torch.testing.assert_close(masked(x), conv(x))
+
+
+def test_masked_linear_is_a_drop_in_for_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 7).double()
+    masked = nf.nn.MaskedLinear(5, 7).double()
+    masked.load_state_dict(linear.state_dict(), strict=True)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(masked(x), linear(x))
+
+
+def test_masked_state_dict_round_trips_the_mask():
+    layer = nf.nn.MaskedLinear(4, 3)
+    layer.mask.copy_(torch.tensor([1.0, 0.0, 0.5]))
+    other = nf.nn.MaskedLinear(4, 3)
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.mask, layer.mask)
+
+
+def test_mask_sources_argument_then_gate_then_buffer():
+    torch.manual_seed(0)
+    layer = nf.nn.MaskedLinear(4, 3).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    layer.mask.copy_(torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(layer(x)[:, 1], torch.zeros(5, dtype=torch.float64))
+    layer.gate = nf.nn.NeuronGate(3, mode="topk", k=1).double()
+    with torch.no_grad():
+        layer.gate.logits.copy_(torch.tensor([-1.0, 5.0, 0.0]))
+    out = layer(x)
+    assert (out[:, 0] == 0).all() and (out[:, 2] == 0).all() and (out[:, 1] != 0).any()
+    explicit = layer(x, mask=torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(explicit[:, 2], 2 * nn.functional.linear(x, layer.weight, layer.bias)[:, 2])
+
+
+@pytest.mark.parametrize("layer_kind", ["conv", "linear"])
+def test_track_sensitivity_equals_taylor_importance(layer_kind):
+    torch.manual_seed(0)
+    if layer_kind == "conv":
+        layer = nf.nn.MaskedConv2d(3, 5, 3, padding=1, track_sensitivity=True).double()
+        x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    else:
+        layer = nf.nn.MaskedLinear(6, 5, track_sensitivity=True).double()
+        x = torch.randn(4, 6, dtype=torch.float64)
+    layer.mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]))
+    layer(x).tanh().sum().backward()
+    expected = nf.neuron_sensitivity(layer.weight, layer.weight.grad, layer.bias, layer.bias.grad)
+    assert layer.sensitivity.dtype == torch.float64  # the accumulation dtype of a float64 layer
+    torch.testing.assert_close(layer.sensitivity, expected)
+    assert layer.sensitivity[1] == 0  # pruned
+    layer(x).tanh().sum().backward()  # a second backward adds into the buffer
+    torch.testing.assert_close(layer.sensitivity, 2 * expected)
+    layer.reset_sensitivity()
+    assert torch.equal(layer.sensitivity, torch.zeros(5, dtype=torch.float64))
+    assert layer.half().sensitivity.dtype == torch.float32
+
+
+def test_neuron_gate_modes():
+    gate = nf.nn.NeuronGate(6, mode="soft", temperature=2.0)
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([-4.0, -1.0, 0.5, 2.0, 3.0, -0.5]))
+    soft = gate()
+    assert ((soft > 0) & (soft < 1)).all()
+    gate.eval()
+    assert torch.equal(gate(), (soft > 0.5).float())
+
+    hard = nf.nn.NeuronGate(6, mode="hard")
+    with torch.no_grad():
+        hard.logits.copy_(gate.logits)
+    mask = hard()
+    assert set(mask.tolist()) <= {0.0, 1.0}
+    mask.sum().backward()  # straight-through: the sigmoid's gradient
+    torch.testing.assert_close(hard.logits.grad, torch.sigmoid(hard.logits) * (1 - torch.sigmoid(hard.logits)))
+
+    topk = nf.nn.NeuronGate(6, mode="topk", k=2)
+    with torch.no_grad():
+        topk.logits.copy_(gate.logits)
+    assert torch.equal(topk(), torch.tensor([0.0, 0, 0, 1, 1, 0]))
+    assert topk.active_fraction() == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mode="sparse"), "mode: expected one of"),
+    (dict(temperature=0.0), "temperature: expected a positive number"),
+    (dict(threshold=1.5), r"threshold: expected a number in \(0, 1\)"),
+    (dict(mode="topk"), "k: expected an int"),
+])
+def test_neuron_gate_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nf.nn.NeuronGate(4, **kwargs)
+
+
+def test_hard_gate_at_eval_skips_pruned_neurons_exactly():
+    layer = nf.nn.MaskedConv2d(2, 4, 3, gate=nf.nn.NeuronGate(4, mode="soft")).eval()
+    with torch.no_grad():
+        layer.gate.logits.copy_(torch.tensor([3.0, -3.0, 3.0, -3.0]))
+    out = layer(torch.randn(1, 2, 5, 5))
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])) and torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))
+
+
+def test_convert_swaps_in_place_and_keeps_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
+    params = list(model.parameters())
+    x = torch.randn(2, 1, 6, 6)
+    before = model(x)
+    converted = nf.nn.convert(model, gate=True)
+    assert converted is model
+    assert isinstance(model[0], nf.nn.MaskedConv2d) and isinstance(model[2][1], nf.nn.MaskedLinear)
+    assert all(a is b for a, b in zip(params, [model[0].weight, model[0].bias, model[2][1].weight, model[2][1].bias]))
+    for layer in (model[0], model[2][1]):
+        layer.gate.eval()  # soft gate, hardened at eval: all neurons on at init
+    torch.testing.assert_close(model(x), before)
+    assert isinstance(nf.nn.convert(nn.Linear(2, 2)), nf.nn.MaskedLinear)
+
+
+def test_masked_batchnorm_keeps_pruned_neurons_silent():
+    torch.manual_seed(0)
+    conv = nf.nn.MaskedConv2d(3, 4, 3, padding=1).double()
+    bn = nf.nn.MaskedBatchNorm2d(4).double()
+    mask = torch.tensor([1.0, 0.0, 0.7, 1.0], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    running = bn.running_mean.clone(), bn.running_var.clone()
+    out = torch.relu(bn(conv(x, mask), mask))
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    assert bn.running_mean[1] == running[0][1] and bn.running_var[1] == running[1][1]
+    assert bn.running_mean[0] != running[0][0]
+    out.square().sum().backward()
+    assert conv.weight.grad[1].abs().sum() == 0 and bn.weight.grad[1] == 0 and bn.bias.grad[1] == 0
+    assert mask.grad[1] == 0 and mask.grad[2] != 0
+    plain = nn.BatchNorm2d(4).double()
+    torch.testing.assert_close(bn(conv(x, torch.ones(4, dtype=torch.float64)), None), plain(conv(x)))
