@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import neuronml_fast as nf
 from neuronml_fast.ops.sensitivity import neuron_sensitivity_reference
@@ -63,12 +64,96 @@ def _sensitivity_case(name, shape, bias=True, full_only=False):
     return Case("neuron_sensitivity", name, build, {"shape": list(shape), "bias": bias}, full_only)
 
 
+def forward_backward(fn, inputs):
+    """One training step of a layer: forward, then backward of a gradient shaped like the output."""
+    out = fn(*inputs)
+    out.backward(torch.ones_like(out))
+
+
+def forward_only(fn, inputs):
+    with torch.no_grad():
+        return fn(*inputs)
+
+
+def _mask(channels, active, tasks=None, seed=0):
+    """A mask with round(active * channels) ones per task at random positions, zeros elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (channels,) if tasks is None else (tasks, channels)
+    keep = torch.rand(shape, generator=gen).argsort(-1) < round(active * channels)
+    return keep.float()
+
+
+def _eager_masked_conv(x, w, b, m):
+    # The baseline a user would write: F.conv2d(...) * mask (a Python loop over tasks when batched).
+    if x.dim() == 5:
+        return torch.stack([F.conv2d(x[t], w[t], b[t], 1, 1) * m[t].view(1, -1, 1, 1) for t in range(x.shape[0])])
+    return F.conv2d(x, w, b, 1, 1) * m.view(1, -1, 1, 1)
+
+
+def _fused_masked_conv(x, w, b, m):
+    return nf.masked_conv2d(x, w, m, b, 1, 1)
+
+
+def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, full_only=False):
+    def build(device):
+        t = () if tasks is None else (tasks,)
+        x = torch.randn(*t, n, c, hw, hw, device=device)
+        w = torch.randn(*t, c, c, 3, 3, device=device) * 0.05
+        b = torch.randn(*t, c, device=device)
+        m = _mask(c, active, tasks).to(device)
+        for p in (x, w, b, m) if backward else ():
+            p.requires_grad_()
+        count = max(tasks or 1, 1)
+        flops = 2 * count * n * c * c * 9 * hw * hw * active * (3 if backward else 1)
+        nbytes = 4 * count * (n * c * hw * hw * (4 if backward else 2) + c * c * 9)
+        return Setup(_eager_masked_conv, _fused_masked_conv, [(x, w, b, m)], flops=flops, nbytes=nbytes,
+                     step=forward_backward if backward else forward_only)
+
+    params = {"n": n, "c": c, "hw": hw, "active": active, "tasks": tasks, "backward": backward}
+    return Case("masked_conv2d", name, build, params, full_only)
+
+
+def _eager_masked_linear(x, w, b, m):
+    if w.dim() == 3:
+        return torch.stack([F.linear(x[t], w[t], b[t]) * m[t] for t in range(w.shape[0])])
+    return F.linear(x, w, b) * m
+
+
+def _fused_masked_linear(x, w, b, m):
+    return nf.masked_linear(x, w, m, b)
+
+
+def _masked_linear_case(name, n, d, active, tasks=None, full_only=False):
+    def build(device):
+        t = () if tasks is None else (tasks,)
+        x = torch.randn(*t, n, d, device=device)
+        w = torch.randn(*t, d, d, device=device) / d**0.5
+        b = torch.randn(*t, d, device=device)
+        m = _mask(d, active, tasks).to(device)
+        for p in (x, w, b, m):
+            p.requires_grad_()
+        count = tasks or 1
+        return Setup(_eager_masked_linear, _fused_masked_linear, [(x, w, b, m)],
+                     flops=6 * count * n * d * d * active, nbytes=4 * count * (4 * n * d + d * d),
+                     step=forward_backward)
+
+    return Case("masked_linear", name, build, {"n": n, "d": d, "active": active, "tasks": tasks}, full_only)
+
+
+CONV4 = dict(n=80, c=64, hw=14)  # the Conv4-Omniglot block: 80 images, 64 -> 64 channels, 14x14
+
 CASES = [
     _sensitivity_case("conv4 64x64x3x3", (64, 64, 3, 3)),
     _sensitivity_case("resnet 512x512x3x3", (512, 512, 3, 3)),
     _sensitivity_case("linear 4096x4096", (4096, 4096), bias=True),
     _sensitivity_case("head 5x1600", (5, 1600)),
     _sensitivity_case("linear 16384x4096", (16384, 4096), full_only=True),
+    *[_masked_conv_case(f"conv4 fwd+bwd active={a:.0%}", **CONV4, active=a) for a in (1.0, 0.75, 0.5, 0.25)],
+    *[_masked_conv_case(f"conv4 fwd active={a:.0%}", **CONV4, active=a, backward=False) for a in (1.0, 0.5)],
+    *[_masked_conv_case(f"32 tasks x 16 img fwd+bwd active={a:.0%}", n=16, c=64, hw=14, active=a, tasks=32)
+      for a in (1.0, 0.5)],
+    *[_masked_linear_case(f"256x1024 fwd+bwd active={a:.0%}", n=256, d=1024, active=a) for a in (1.0, 0.5)],
+    _masked_linear_case("32 tasks x 75x256 fwd+bwd active=50%", n=75, d=256, active=0.5, tasks=32),
 ]
 
 

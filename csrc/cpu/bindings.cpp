@@ -133,6 +133,78 @@ void masked_backward_prologue(const at::Tensor& grad_out, const c10::optional<at
   });
 }
 
+// Channels-last variants: full tensors are [T, N, S, C] views with contiguous channels and
+// identical strides; the compact tensor is a [T, N, S, J] view with contiguous slots.
+using neuronml_fast::cpu::ChannelsLastLayout;
+
+void check_channels_last(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
+  check_cpu_float(t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), name, ": expected shape ", ref.sizes(),
+              " and strides ", ref.strides(), ", got ", t.sizes(), " and ", t.strides());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, name, ": expected contiguous channels");
+}
+
+ChannelsLastLayout channels_last_layout(const at::Tensor& full, const at::Tensor& compact, const char* name,
+                                        at::ScalarType dtype) {
+  TORCH_CHECK(full.dim() == 4, "expected a [T, N, S, C] view, got ", full.sizes());
+  const int64_t T = full.size(0), N = full.size(1), S = full.size(2), C = full.size(3);
+  check_cpu_float(compact, name);
+  TORCH_CHECK(compact.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", compact.scalar_type());
+  TORCH_CHECK(compact.dim() == 4 && compact.size(0) == T && compact.size(1) == N && compact.size(2) == S, name,
+              ": expected a [T, N, S, slots] view with T=", T, " N=", N, " S=", S, ", got ", compact.sizes());
+  TORCH_CHECK(compact.size(3) <= 1 || compact.stride(3) == 1, name, ": expected contiguous slots");
+  TORCH_CHECK(compact.size(3) <= C, name, ": more slots (", compact.size(3), ") than channels (", C, ")");
+  // Every (t, n, s) row of C channels must lie inside the storage handed in.
+  for (const at::Tensor* t : {&full, &compact}) {
+    TORCH_CHECK(t->numel() == 0 || t->storage_offset() + (T - 1) * t->stride(0) + (N - 1) * t->stride(1) +
+                                           (S - 1) * t->stride(2) + t->size(3) <=
+                                       static_cast<int64_t>(t->storage().nbytes() / t->element_size()),
+                "tensor view exceeds its storage");
+  }
+  return ChannelsLastLayout{T, N, C, S, compact.stride(0), compact.stride(1), compact.stride(2),
+                            full.stride(0), full.stride(1), full.stride(2)};
+}
+
+// y: compact [T, N, S, J]; out, pre: [T, N, S, C] views (same strides); mask, bias: [T, C].
+void masked_forward_epilogue_cl(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& mask,
+                                const c10::optional<at::Tensor>& bias, at::Tensor& out, at::Tensor& pre) {
+  const auto dtype = out.scalar_type();
+  const ChannelsLastLayout L = channels_last_layout(out, y, "y", dtype);
+  check_channels_last(out, "out", out, dtype);
+  check_channels_last(pre, "pre", out, dtype);
+  check_full(mask, "mask", {L.T, L.C}, dtype);
+  if (bias) check_full(*bias, "bias", {L.T, L.C}, dtype);
+  check_slots(slot, L.T, L.C, y.size(3));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue_cl", [&] {
+    neuronml_fast::cpu::masked_forward_epilogue_cl<scalar_t>(
+        L, y.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
+        bias ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>());
+  });
+}
+
+// grad_out, grad_pre, pre: [T, N, S, C] views (same strides); gy: compact [T, N, S, J],
+// pre-zeroed where no slot; grad_bias, grad_mask: [T, C].
+void masked_backward_prologue_cl(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
+                                 const c10::optional<at::Tensor>& pre, const at::Tensor& slot, const at::Tensor& mask,
+                                 at::Tensor& gy, at::Tensor& grad_bias, at::Tensor& grad_mask) {
+  const auto dtype = grad_out.scalar_type();
+  const ChannelsLastLayout L = channels_last_layout(grad_out, gy, "gy", dtype);
+  check_channels_last(grad_out, "grad_out", grad_out, dtype);
+  if (grad_pre) check_channels_last(*grad_pre, "grad_pre", grad_out, dtype);
+  if (pre) check_channels_last(*pre, "pre", grad_out, dtype);
+  check_full(mask, "mask", {L.T, L.C}, dtype);
+  check_full(grad_bias, "grad_bias", {L.T, L.C}, dtype);
+  check_full(grad_mask, "grad_mask", {L.T, L.C}, dtype);
+  check_slots(slot, L.T, L.C, gy.size(3));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_backward_prologue_cl", [&] {
+    neuronml_fast::cpu::masked_backward_prologue_cl<scalar_t>(
+        L, grad_out.data_ptr<scalar_t>(), grad_pre ? grad_pre->data_ptr<scalar_t>() : nullptr,
+        pre ? pre->data_ptr<scalar_t>() : nullptr, slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
+        gy.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), grad_mask.data_ptr<scalar_t>());
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -146,4 +218,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "compact grad_out * mask + grad_pre, with grad_bias and grad_mask reductions", py::arg("grad_out"),
         py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"), py::arg("grad_bias"),
         py::arg("grad_mask"));
+  m.def("masked_forward_epilogue_cl", &masked_forward_epilogue_cl, "channels-last masked_forward_epilogue",
+        py::arg("y"), py::arg("slot"), py::arg("mask"), py::arg("bias"), py::arg("out"), py::arg("pre"));
+  m.def("masked_backward_prologue_cl", &masked_backward_prologue_cl, "channels-last masked_backward_prologue",
+        py::arg("grad_out"), py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"),
+        py::arg("grad_bias"), py::arg("grad_mask"));
 }

@@ -1,5 +1,12 @@
 #include "cpu/masked.h"
 
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace neuronml_fast::cpu {
 
 template <typename T>
@@ -82,11 +89,155 @@ void masked_backward_prologue(const CompactLayout& L, const T* grad_out, const T
   }
 }
 
+namespace {
+
+// Per task: the kept channels in order with their slots, and for each
+// channel a safe gather index (its slot, or 0 when pruned) so the inner loops are branch-free.
+struct TaskSlots {
+  std::vector<int64_t> channel_of_slot, slot_of_kept, gather;
+  std::vector<unsigned char> keep;
+  bool identity = true;  // slot c holds channel c for every c: plain contiguous loops
+
+  TaskSlots(const int64_t* slot, int64_t C) : gather(C), keep(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      keep[c] = slot[c] >= 0;
+      gather[c] = keep[c] ? slot[c] : 0;
+      if (keep[c]) {
+        channel_of_slot.push_back(c);
+        slot_of_kept.push_back(slot[c]);
+      }
+      identity = identity && slot[c] == c;
+    }
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const int64_t* slot, const T* mask,
+                                const T* bias, T* out, T* pre) {
+  const int64_t C = L.C;
+  std::vector<TaskSlots> tasks;
+  tasks.reserve(L.T);
+  for (int64_t t = 0; t < L.T; ++t) tasks.emplace_back(slot + t * C, C);
+  std::vector<T> zeros(C, T(0));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t t = 0; t < L.T; ++t) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      const TaskSlots& ts = tasks[t];
+      const T* m = mask + t * C;
+      const T* b = bias ? bias + t * C : zeros.data();
+      const int64_t* g = ts.gather.data();
+      const unsigned char* keep = ts.keep.data();
+      const bool empty = ts.channel_of_slot.empty();
+      for (int64_t s = 0; s < L.S; ++s) {
+        const T* src = y + t * L.stride_t + n * L.stride_n + s * L.stride_s;
+        const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
+        T* o = out + full;
+        T* p = pre + full;
+        if (ts.identity) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T v = src[c] + b[c];
+            p[c] = v;
+            o[c] = m[c] * v;
+          }
+        } else if (empty) {
+          for (int64_t c = 0; c < C; ++c) o[c] = p[c] = T(0);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T v = src[g[c]] + b[c];
+            p[c] = keep[c] ? v : T(0);
+            o[c] = keep[c] ? m[c] * v : T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
+                                 const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask) {
+  const int64_t C = L.C;
+  std::vector<TaskSlots> tasks;
+  tasks.reserve(L.T);
+  int64_t width = 0;
+  for (int64_t t = 0; t < L.T; ++t) {
+    tasks.emplace_back(slot + t * C, C);
+    width = std::max<int64_t>(width, static_cast<int64_t>(tasks.back().channel_of_slot.size()));
+  }
+  // Sums per (task, slot); channels innermost, so each thread reduces its rows into private
+  // sums, merged at the end.
+  const int64_t TA = L.T * width;
+  std::vector<T> total_gy(TA, T(0)), total_mask(TA, T(0));
+#pragma omp parallel
+  {
+    std::vector<T> sum_gy(TA, T(0)), sum_mask(TA, T(0)), m_slot(width);
+#pragma omp for collapse(2) schedule(static) nowait
+    for (int64_t t = 0; t < L.T; ++t) {
+      for (int64_t n = 0; n < L.N; ++n) {
+        const TaskSlots& ts = tasks[t];
+        const int64_t A = static_cast<int64_t>(ts.channel_of_slot.size());
+        const int64_t* ch = ts.channel_of_slot.data();
+        const int64_t* sk = ts.slot_of_kept.data();
+        T* sg = sum_gy.data() + t * width;
+        T* sm = sum_mask.data() + t * width;
+        for (int64_t k = 0; k < A; ++k) m_slot[k] = mask[t * C + ch[k]];
+        for (int64_t s = 0; s < L.S; ++s) {
+          const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
+          const T* go = grad_out + full;
+          const T* gp = grad_pre ? grad_pre + full : nullptr;
+          const T* p = pre ? pre + full : nullptr;
+          T* dst = gy + t * L.stride_t + n * L.stride_n + s * L.stride_s;
+          if (gp) {
+#pragma omp simd
+            for (int64_t k = 0; k < A; ++k) {
+              const T v = go[ch[k]] * m_slot[k] + gp[ch[k]];
+              dst[sk[k]] = v;
+              sg[k] += v;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < A; ++k) {
+              const T v = go[ch[k]] * m_slot[k];
+              dst[sk[k]] = v;
+              sg[k] += v;
+            }
+          }
+          if (p) {
+#pragma omp simd
+            for (int64_t k = 0; k < A; ++k) sm[k] += go[ch[k]] * p[ch[k]];
+          }
+        }
+      }
+    }
+#pragma omp critical
+    for (int64_t i = 0; i < TA; ++i) {
+      total_gy[i] += sum_gy[i];
+      total_mask[i] += sum_mask[i];
+    }
+  }
+  for (int64_t i = 0; i < L.T * C; ++i) grad_bias[i] = grad_mask[i] = T(0);
+  for (int64_t t = 0; t < L.T; ++t) {
+    const std::vector<int64_t>& ch = tasks[t].channel_of_slot;
+    for (size_t k = 0; k < ch.size(); ++k) {
+      grad_bias[t * C + ch[k]] = total_gy[t * width + k];
+      grad_mask[t * C + ch[k]] = total_mask[t * width + k];
+    }
+  }
+}
+
 #define INSTANTIATE(T)                                                                                        \
   template void masked_forward_epilogue<T>(const CompactLayout&, const T*, const int64_t*, const T*, const T*, \
                                            T*, T*);                                                           \
   template void masked_backward_prologue<T>(const CompactLayout&, const T*, const T*, const T*, const int64_t*, \
-                                            const T*, T*, T*, T*);
+                                            const T*, T*, T*, T*);                                 \
+  template void masked_forward_epilogue_cl<T>(const ChannelsLastLayout&, const T*, const int64_t*, const T*,     \
+                                              const T*, T*, T*);                                                 \
+  template void masked_backward_prologue_cl<T>(const ChannelsLastLayout&, const T*, const T*, const T*,          \
+                                               const int64_t*, const T*, T*, T*, T*);
 INSTANTIATE(float)
 INSTANTIATE(double)
 #undef INSTANTIATE

@@ -20,6 +20,23 @@ struct CompactLayout {
   int64_t stride_t, stride_n, stride_j;  // compact strides (elements)
 };
 
+// Channels-last variants (convolutions run in NHWC on the CPU): a full tensor holds (t, n, s, c)
+// at full + t*full_t + n*full_n + s*full_s + c, the compact one (t, n, s, j) at
+// y + t*stride_t + n*stride_n + s*stride_s + j: channels and slots are contiguous.
+struct ChannelsLastLayout {
+  int64_t T, N, C, S;
+  int64_t stride_t, stride_n, stride_s;  // compact strides (elements)
+  int64_t full_t, full_n, full_s;        // strides of out / pre / grad_out / grad_pre (elements)
+};
+
+template <typename T>
+void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const int64_t* slot, const T* mask,
+                                const T* bias, T* out, T* pre);
+
+template <typename T>
+void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
+                                 const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
+
 template <typename T>
 void masked_forward_epilogue(const CompactLayout& L, const T* y, const int64_t* slot, const T* mask,
                              const T* bias, T* out, T* pre);

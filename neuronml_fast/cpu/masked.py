@@ -97,30 +97,39 @@ def _new_compact(comp, shape, dtype):
 
 
 # ---- conv2d --------------------------------------------------------------------------------
+# Convolutions run in NHWC (channels-last), where oneDNN is fastest on the CPU, with the tasks
+# as conv groups. Every activation of this path is a [T, N, C, H, W] tensor stored as
+# [N, H, W, T, C] ("grouped NHWC"): for one task that is plain channels_last, and for T tasks
+# it is exactly the input layout of the grouped convolution. Outputs and input gradients come
+# out in this layout, so a stack of masked convolutions never copies between layers.
+
+
+def grouped_nhwc_empty(shape, empty):
+    """An uninitialized [T, N, C, H, W] tensor stored as [N, H, W, T, C] (``empty(shape)`` allocates)."""
+    T, N, C, H, W = shape
+    return empty((N, H, W, T, C)).permute(3, 0, 4, 1, 2)
+
+
+def to_grouped_nhwc(x):
+    """[T, N, C, H, W] in grouped NHWC storage: a view when it already is, else one copy."""
+    storage = x.permute(1, 3, 4, 0, 2)
+    return (storage if storage.is_contiguous() else storage.contiguous()).permute(3, 0, 4, 1, 2)
 
 
 def _grouped_input(x):
-    """[T, N, C, H, W] -> [N, T*C, H, W] so that the T tasks become conv groups."""
-    T, N = x.shape[:2]
-    return x[0] if T == 1 else x.transpose(0, 1).reshape(N, T * x.shape[2], *x.shape[3:])
+    """[T, N, C, H, W] -> [N, T*C, H, W] channels-last: the tasks become conv groups."""
+    T, N, C, H, W = x.shape
+    return to_grouped_nhwc(x).permute(1, 3, 4, 0, 2).reshape(N, H, W, T * C).permute(0, 3, 1, 2)
 
 
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
-    T, N = x.shape[:2]
-    C = weight.shape[1]
-    comp = compaction(mask, skip_zero, allow=groups == 1)
-    w = _compact_rows(weight, comp)
-    A = comp.width
-    if T == 0 or A == 0 or N == 0:
-        y = x.new_zeros((0,))
-        Ho, Wo = _conv_out_hw(x, weight, stride, padding, dilation)
-        y_compact = x.new_zeros((T, N, 0, Ho * Wo))
-    else:
-        y = F.conv2d(_grouped_input(x.contiguous()), w.reshape(T * A, *w.shape[2:]), None, stride, padding,
-                     dilation, groups * T).contiguous()  # channels-last operands give a channels-last y
-        Ho, Wo = y.shape[-2:]
-        y_compact = y.view(N, T, A, Ho * Wo).transpose(0, 1)
-    return _epilogue(y_compact, comp, mask, bias, (T, N, C, Ho, Wo), x.dtype)
+def _grouped_weight(w):
+    T, A = w.shape[:2]
+    return w.reshape(T * A, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+
+
+def _rows(t):
+    """[T, N, C, H, W] grouped NHWC -> the [T, N, H*W, C] view the C++ kernels take."""
+    return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
 
 
 def _conv_out_hw(x, weight, stride, padding, dilation):
@@ -130,29 +139,62 @@ def _conv_out_hw(x, weight, stride, padding, dilation):
     )
 
 
+def _allocator(x):
+    return lambda shape: _alloc.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
+    T, N = x.shape[:2]
+    C = weight.shape[1]
+    Ho, Wo = _conv_out_hw(x, weight, stride, padding, dilation)
+    comp = compaction(mask, skip_zero, allow=groups == 1)
+    A = comp.width
+    out = grouped_nhwc_empty((T, N, C, Ho, Wo), _allocator(x))
+    pre = grouped_nhwc_empty((T, N, C, Ho, Wo), _allocator(x))
+    if out.numel() == 0:
+        return out, pre
+    if A == 0:
+        y = x.new_zeros((T, N, Ho * Wo, 0))
+    else:
+        w = _compact_rows(weight, comp)
+        y = F.conv2d(_grouped_input(x), _grouped_weight(w), None, stride, padding, dilation, groups * T)
+        y = y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(N, Ho * Wo, T, A)
+        y = y.permute(2, 0, 1, 3)  # [T, N, S, A] view, slots contiguous
+    bias = None if bias is None else bias.contiguous()
+    _extensions.cpu().masked_forward_epilogue_cl(y, comp.slot.contiguous(), mask.contiguous(), bias, _rows(out),
+                                                 _rows(pre))
+    return out, pre
+
+
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
                     need_input_grad, need_weight_grad):
     T, N, C, Ho, Wo = grad_out.shape
     comp = compaction(mask, skip_zero, allow=groups == 1)
     A = comp.width
-    gy = _new_compact(comp, (N, T * A, Ho, Wo), grad_out.dtype)
-    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy.view(N, T, A, Ho * Wo).transpose(0, 1))
+    gy = _new_compact(comp, (N, Ho, Wo, T * A), grad_out.dtype)
+    grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
+    grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
+    as_rows = lambda t: None if t is None else _rows(to_grouped_nhwc(t))  # noqa: E731
+    _extensions.cpu().masked_backward_prologue_cl(
+        as_rows(grad_out), as_rows(grad_pre), as_rows(pre), comp.slot.contiguous(), mask.contiguous(),
+        gy.view(N, Ho * Wo, T, A).permute(2, 0, 1, 3), grad_bias, grad_mask)
     grad_input = grad_weight = x.new_empty((0,))
-    if need_input_grad:
-        grad_input = torch.zeros_like(x, memory_format=torch.contiguous_format)
-    if need_weight_grad:
-        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
+        if need_input_grad:
+            grad_input = grouped_nhwc_empty(x.shape, lambda s: x.new_zeros(s))
+        if need_weight_grad:
+            grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return grad_input, grad_weight, grad_bias, grad_mask
     w = _compact_rows(weight, comp)
-    xg = _grouped_input(x.contiguous())
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        gy, xg, w.reshape(T * A, *w.shape[2:]).contiguous(), None, stride, padding, dilation, False, [0, 0],
-        groups * T, [need_input_grad, need_weight_grad, False])
+        gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), None, stride, padding, dilation, False,
+        [0, 0], groups * T, [need_input_grad, need_weight_grad, False])
     if need_input_grad:
-        grad_input = gx.view(N, T, *x.shape[2:]).transpose(0, 1).contiguous()
+        H, W = x.shape[3:]
+        grad_input = (gx.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+                      .view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2))
     if need_weight_grad:
-        grad_weight = _expand_rows(gw.view(T, A, *weight.shape[2:]), comp, weight.shape)
+        grad_weight = _expand_rows(gw.contiguous().view(T, A, *weight.shape[2:]), comp, weight.shape)
     return grad_input, grad_weight, grad_bias, grad_mask
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, backends
+from ..cpu import masked as cpu_masked
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
@@ -171,6 +172,9 @@ def masked_conv2d_op(
 @masked_conv2d_op.register_fake
 def _(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend):
     shape = _conv_out_shape(input, weight, stride, padding, dilation)
+    if backend == "cpu":  # the CPU backend computes in and returns grouped-NHWC activations
+        return (cpu_masked.grouped_nhwc_empty(shape, input.new_empty),
+                cpu_masked.grouped_nhwc_empty(shape, input.new_empty))
     return input.new_empty(shape), input.new_empty(shape)
 
 
@@ -190,7 +194,10 @@ def masked_conv2d_backward_op(
 @masked_conv2d_backward_op.register_fake
 def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
       need_input_grad, need_weight_grad, backend):
-    return _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
+    grads = _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
+    if backend == "cpu" and need_input_grad:
+        grads = (cpu_masked.grouped_nhwc_empty(input.shape, input.new_empty), *grads[1:])
+    return grads
 
 
 def _backward_fake(input, weight, mask, need_input_grad, need_weight_grad):
@@ -388,6 +395,10 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     if not batched:
         input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
+    if backend == "cpu":
+        # The CPU backend convolves in grouped NHWC; converting here (a no-op for the outputs of
+        # a previous masked conv) lets autograd keep the converted input for the backward.
+        input = cpu_masked.to_grouped_nhwc(input)
     out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)[0]
     return out if batched else out.squeeze(0)
 
