@@ -34,6 +34,11 @@ def kernel_backends():
     ]
 
 
+def interpreted(backend, device):
+    """True when the Triton kernels run in the (slow) interpreter on CPU tensors."""
+    return backend == "triton" and device == "cpu"
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = nf.get_backend()

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/masked.h"
 #include "cuda/sensitivity.h"
 
 namespace {
@@ -76,6 +77,140 @@ void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_wei
                "neuron_sensitivity");
 }
 
+// ---- masked conv (and linear, as a 1x1 conv) ----------------------------------------------------
+
+using neuronml_fast::cuda::ConvShape;
+
+void check_contiguous_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  check_same_device(t, ref, name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+// Shape of the problem from x [T, N, CIN, H, W] and weight [T, COUT, CIN_G, KH, KW]; checks the
+// plan tensors order [T*G, COUT_G] and count [T*G] (int32, on the device).
+ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order, const at::Tensor& count,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.is_cuda(), "input: expected a CUDA tensor, got device ", x.device());
+  to_kernel_dtype(x.scalar_type(), "input");
+  TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "input, weight: expected 5-d task-batched tensors, got ", x.sizes(),
+              " and ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "stride, padding, dilation: expected pairs");
+  TORCH_CHECK(groups >= 1 && weight.size(1) % groups == 0 && weight.size(2) * groups == x.size(2),
+              "groups: inconsistent with input ", x.sizes(), " and weight ", weight.sizes());
+  check_contiguous_like(x, x, "input");
+  check_contiguous_like(weight, x, "weight");
+  ConvShape s{};
+  s.T = x.size(0), s.N = x.size(1), s.CIN = x.size(2), s.H = x.size(3), s.W = x.size(4);
+  s.COUT = weight.size(1), s.CIN_G = weight.size(2), s.KH = weight.size(3), s.KW = weight.size(4);
+  s.G = groups, s.COUT_G = s.COUT / groups;
+  s.stride_h = stride[0], s.stride_w = stride[1], s.pad_h = padding[0], s.pad_w = padding[1];
+  s.dil_h = dilation[0], s.dil_w = dilation[1];
+  s.HO = (s.H + 2 * s.pad_h - s.dil_h * (s.KH - 1) - 1) / s.stride_h + 1;
+  s.WO = (s.W + 2 * s.pad_w - s.dil_w * (s.KW - 1) - 1) / s.stride_w + 1;
+  TORCH_CHECK(weight.size(0) == s.T, "weight: expected ", s.T, " tasks, got ", weight.size(0));
+  TORCH_CHECK(order.scalar_type() == at::kInt && count.scalar_type() == at::kInt && order.is_contiguous() &&
+                  count.is_contiguous(), "order, count: expected contiguous int32 tensors");
+  check_same_device(order, x, "order");
+  check_same_device(count, x, "count");
+  check_shape(order, {s.T * s.G, s.COUT_G}, "order");
+  check_shape(count, {s.T * s.G}, "count");
+  return s;
+}
+
+void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& order, const at::Tensor& count,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups, at::Tensor& out, at::Tensor& pre) {
+  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
+  check_contiguous_like(mask, x, "mask");
+  check_shape(mask, {s.T, s.COUT}, "mask");
+  if (bias) {
+    check_contiguous_like(*bias, x, "bias");
+    check_shape(*bias, {s.T, s.COUT}, "bias");
+  }
+  for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&pre, "pre"}}) {
+    check_contiguous_like(*t, x, name);
+    check_shape(*t, {s.T, s.N, s.COUT, s.HO, s.WO}, name);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(neuronml_fast::cuda::masked_conv_forward(
+                   to_kernel_dtype(x.scalar_type(), "input"), s, x.data_ptr(), weight.data_ptr(), mask.data_ptr(),
+                   bias ? bias->data_ptr() : nullptr, order.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
+                   out.data_ptr(), pre.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "masked_conv_forward");
+}
+
+void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
+                                const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                const at::Tensor& order, const at::Tensor& count, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                at::Tensor& grad_input) {
+  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
+  check_contiguous_like(grad_out, x, "grad_out");
+  check_shape(grad_out, {s.T, s.N, s.COUT, s.HO, s.WO}, "grad_out");
+  if (grad_pre) {
+    check_contiguous_like(*grad_pre, x, "grad_pre");
+    check_shape(*grad_pre, grad_out.sizes(), "grad_pre");
+  }
+  check_contiguous_like(mask, x, "mask");
+  check_shape(mask, {s.T, s.COUT}, "mask");
+  check_contiguous_like(grad_input, x, "grad_input");
+  check_shape(grad_input, x.sizes(), "grad_input");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(neuronml_fast::cuda::masked_conv_input_grad(
+                   to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
+                   grad_pre ? grad_pre->data_ptr() : nullptr, weight.data_ptr(), mask.data_ptr(),
+                   order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), grad_input.data_ptr(),
+                   c10::cuda::getCurrentCUDAStream().stream()),
+               "masked_conv_input_grad");
+}
+
+void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
+                                 const c10::optional<at::Tensor>& pre, const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mask, const at::Tensor& order, const at::Tensor& count,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, int64_t splits, int64_t pixels_per_split,
+                                 const c10::optional<at::Tensor>& grad_weight_part, at::Tensor& grad_bias_part,
+                                 at::Tensor& grad_mask_part) {
+  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
+  TORCH_CHECK(splits >= 1 && pixels_per_split >= 1 && splits * pixels_per_split >= s.N * s.HO * s.WO,
+              "splits, pixels_per_split: must cover all ", s.N * s.HO * s.WO, " output pixels");
+  check_contiguous_like(grad_out, x, "grad_out");
+  check_shape(grad_out, {s.T, s.N, s.COUT, s.HO, s.WO}, "grad_out");
+  for (const auto& [t, name] : {std::pair{&grad_pre, "grad_pre"}, std::pair{&pre, "pre"}}) {
+    if (*t) {
+      check_contiguous_like(**t, x, name);
+      check_shape(**t, grad_out.sizes(), name);
+    }
+  }
+  check_contiguous_like(mask, x, "mask");
+  check_shape(mask, {s.T, s.COUT}, "mask");
+  const at::ScalarType acc = accumulation_dtype(x.scalar_type());
+  const auto check_part = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    check_same_device(t, x, name);
+    TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous(), name, ": expected a contiguous ", acc, " tensor");
+    check_shape(t, shape, name);
+  };
+  if (grad_weight_part) check_part(*grad_weight_part, {splits, s.T, s.COUT, s.CIN_G * s.KH * s.KW}, "grad_weight_part");
+  check_part(grad_bias_part, {splits, s.T, s.COUT}, "grad_bias_part");
+  check_part(grad_mask_part, {splits, s.T, s.COUT}, "grad_mask_part");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(neuronml_fast::cuda::masked_conv_weight_grad(
+                   to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
+                   grad_pre ? grad_pre->data_ptr() : nullptr, pre ? pre->data_ptr() : nullptr, x.data_ptr(),
+                   mask.data_ptr(), order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), splits, pixels_per_split,
+                   grad_weight_part ? grad_weight_part->data_ptr() : nullptr, grad_bias_part.data_ptr(),
+                   grad_mask_part.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+               "masked_conv_weight_grad");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -83,4 +218,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
+  m.def("masked_conv_forward_out", &masked_conv_forward_out, "masked conv forward (SPEC 2)");
+  m.def("masked_conv_input_grad_out", &masked_conv_input_grad_out, "masked conv grad_input (SPEC 2)");
+  m.def("masked_conv_weight_grad_out", &masked_conv_weight_grad_out,
+        "masked conv grad_weight, grad_bias, grad_mask partial sums (SPEC 2)");
 }

@@ -9,7 +9,9 @@ all its gradients exactly 0.
 Where things are:
 
 * reference (the oracle): `masked_conv2d_reference`, `masked_linear_reference`, below
-* kernels: neuronml_fast/cpu/masked.py + csrc/cpu/masked.cpp (C++ CPU backend)
+* kernels: neuronml_fast/cpu/masked.py + csrc/cpu/masked.cpp (C++ CPU: ATen dense core on the
+  compacted active neurons, fused C++ epilogue/prologue), kernels/masked.py (Triton implicit
+  GEMM), neuronml_fast/cuda/masked.py + csrc/cuda/masked.cu (CUDA C++ implicit GEMM)
 * custom ops: ``neuronml_fast::masked_conv2d`` / ``masked_linear`` return ``(out, pre)``
   (``pre = conv + bias``, what the mask gradient needs) and ``..._backward`` return
   ``(grad_input, grad_weight, grad_bias, grad_mask)``. Both are always task-batched
@@ -34,10 +36,12 @@ from ..cpu import masked as cpu_masked
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
 for _op, _family in ((CONV, "conv2d"), (LINEAR, "linear")):
-    backends.register_op(_op, kernels={"cpu": (f"neuronml_fast.cpu.masked:{_family}_forward", backends.FULL_DTYPES)})
-    backends.register_op(
-        f"{_op}_backward", kernels={"cpu": (f"neuronml_fast.cpu.masked:{_family}_backward", backends.FULL_DTYPES)}
-    )
+    for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
+        backends.register_op(_op + _suffix, kernels={
+            "cpu": (f"neuronml_fast.cpu.masked:{_family}_{_stage}", backends.FULL_DTYPES),
+            "triton": (f"neuronml_fast.kernels.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
+            "cuda": (f"neuronml_fast.cuda.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
+        })
 
 
 # ---- reference -----------------------------------------------------------------------------

@@ -1,0 +1,297 @@
+"""Triton kernels for the masked (structure-gated) conv2d and linear layers (SPEC section 2).
+
+kernels (`_conv_forward_kernel`, `_conv_input_grad_kernel`, `_conv_weight_grad_kernel`) ->
+launchers (`conv2d_forward`, `conv2d_backward`, `linear_forward`, `linear_backward`). The
+reference, the custom ops and the autograd live in ``neuronml_fast/ops/masked.py``.
+
+Design:
+
+* Implicit-GEMM convolution, NCHW, one launch for all tasks: grid axis 2 runs over
+  ``v = task * groups + group``, so every task (and group) uses its own weights, bias and mask.
+* Pruning without host synchronization: per (task, group) the channels are ordered active
+  first (``order``) and counted (``count``) on the device. A program whose block of slots lies
+  past ``count`` computes nothing (compute follows the active fraction) but still writes its
+  pruned channels as exact zeros, so every output element is written exactly once.
+* ``mask * (conv + bias)`` is the forward epilogue; ``grad_out * mask + grad_pre`` is computed
+  while loading the GEMM operand of both backward kernels (no materialized gy); the bias and
+  mask gradients (the sensitivity source) are reduced inside the weight-gradient kernel, from
+  the same tiles, instead of a separate pass.
+* A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.
+* Accumulation in float32 (float64 for float64 inputs); ``tl.dot`` in IEEE float32 (no TF32)
+  so that results match the reference to rounding.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from neuronml_fast import _alloc, _conv_plan
+
+from ._common import accumulation_tl_dtype
+
+
+@triton.jit
+def _dot(a, b, acc, USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+
+
+@triton.jit
+def _slots(order_ptr, count_ptr, v, slot_start, COUT_G, BLOCK: tl.constexpr):
+    """Channels (within the group) of a block of slots, and which of them are active."""
+    slots = slot_start + tl.arange(0, BLOCK)
+    in_range = slots < COUT_G
+    channel = tl.load(order_ptr + v * COUT_G + slots, mask=in_range, other=0)
+    count = tl.load(count_ptr + v)
+    return channel, in_range, in_range & (slots < count), count
+
+
+@triton.jit
+def _conv_forward_kernel(
+    x_ptr, w_ptr, mask_ptr, bias_ptr, order_ptr, count_ptr, out_ptr, pre_ptr,
+    N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PRE: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, g = v // G, v % G
+    channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_n * BLOCK_N, COUT_G, BLOCK_N)
+    oc = g * COUT_G + channel  # output channel
+    pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel over (n, ho, wo)
+    pix_ok = pix < N * HO * WO
+    n, p = pix // (HO * WO), pix % (HO * WO)
+    ho, wo = p // WO, p % WO
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    if pid_n * BLOCK_N < count:  # blocks of pruned neurons only write zeros
+        K = CIN_G * KH * KW
+        x_base = (t * N + n).to(tl.int64) * CIN + g * CIN_G
+        w_base = (t * COUT + oc).to(tl.int64) * K
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            ci, r = k // (KH * KW), k % (KH * KW)
+            hi = ho[:, None] * STRIDE_H - PAD_H + (r // KW)[None, :] * DIL_H
+            wi = wo[:, None] * STRIDE_W - PAD_W + (r % KW)[None, :] * DIL_W
+            a_ok = pix_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            a = tl.load(x_ptr + ((x_base[:, None] + ci[None, :]) * H + hi) * W + wi, mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + w_base[None, :] + k[:, None], mask=k_ok[:, None] & active[None, :], other=0.0)
+            acc = _dot(a, b, acc, USE_DOT)
+    mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)[None, :]
+    pre = tl.where(active[None, :], acc, 0.0)
+    out = tl.where(active[None, :], pre * mval[None, :], 0.0)
+    offset = ((t * N + n).to(tl.int64)[:, None] * COUT + oc[None, :]) * (HO * WO) + p[:, None]
+    store_ok = pix_ok[:, None] & in_range[None, :]
+    tl.store(out_ptr + offset, out.to(out_ptr.dtype.element_ty), mask=store_ok)
+    if WRITE_PRE:
+        tl.store(pre_ptr + offset, pre.to(pre_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _load_gy(go_ptr, gp_ptr, offset, ok, mval, HAS_GP: tl.constexpr, ACC: tl.constexpr):
+    """gy = grad_out * mask (+ grad_pre), fused into the operand load of the backward GEMMs."""
+    gy = tl.load(go_ptr + offset, mask=ok, other=0.0).to(ACC) * mval
+    if HAS_GP:
+        gy += tl.load(gp_ptr + offset, mask=ok, other=0.0).to(ACC)
+    return gy
+
+
+@triton.jit
+def _conv_input_grad_kernel(
+    go_ptr, gp_ptr, w_ptr, mask_ptr, order_ptr, count_ptr, gx_ptr,
+    N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grad_input[pixel, ci] = sum over active slots j and taps (kh, kw) of gy[out pixel, j] * w[j, ci, kh, kw]
+    pid_m, pid_n, v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, g = v // G, v % G
+    count = tl.load(count_ptr + v)
+    pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel over (n, h, w)
+    pix_ok = pix < N * H * W
+    n, q = pix // (H * W), pix % (H * W)
+    h, w = q // W, q % W
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = ci < CIN_G
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    go_base = (t * N + n).to(tl.int64) * COUT
+    for j0 in range(0, count, BLOCK_K):
+        slots = j0 + tl.arange(0, BLOCK_K)
+        slot_ok = slots < count
+        oc = g * COUT_G + tl.load(order_ptr + v * COUT_G + slots, mask=slot_ok, other=0)
+        mval = tl.load(mask_ptr + t * COUT + oc, mask=slot_ok, other=0.0).to(ACC)
+        w_row = (t * COUT + oc).to(tl.int64) * CIN_G
+        for r in tl.static_range(KH * KW):
+            hn = h + PAD_H - (r // KW) * DIL_H
+            wn = w + PAD_W - (r % KW) * DIL_W
+            ho, wo = hn // STRIDE_H, wn // STRIDE_W
+            hit = pix_ok & (hn >= 0) & (wn >= 0) & (hn % STRIDE_H == 0) & (wn % STRIDE_W == 0) & (ho < HO) & (wo < WO)
+            offset = (go_base[:, None] + oc[None, :]) * (HO * WO) + (ho * WO + wo)[:, None]
+            gy = _load_gy(go_ptr, gp_ptr, offset, hit[:, None] & slot_ok[None, :], mval[None, :], HAS_GP, ACC)
+            wt = tl.load(w_ptr + (w_row[:, None] + ci[None, :]) * (KH * KW) + r,
+                         mask=slot_ok[:, None] & ci_ok[None, :], other=0.0).to(ACC)
+            acc = _dot(gy, wt, acc, USE_DOT)
+    offset = ((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * (H * W) + q[:, None]
+    tl.store(gx_ptr + offset, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
+
+
+@triton.jit
+def _conv_weight_grad_kernel(
+    go_ptr, gp_ptr, pre_ptr, x_ptr, mask_ptr, order_ptr, count_ptr, gw_ptr, gb_ptr, gm_ptr,
+    T, N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G, SPLITS, PIX_PER_SPLIT,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, HAS_PRE: tl.constexpr,
+    COMPUTE_GW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # grad_weight[j, (ci, kh, kw)] = sum over output pixels of gy[pixel, j] * x[patch(pixel), ci, kh, kw],
+    # split over pixels (axis 2 = v * SPLITS + split) into partial sums [SPLITS, T, C_out, ...];
+    # the first column block also reduces grad_bias = sum gy and grad_mask = sum grad_out * pre
+    # from the same gy tiles.
+    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    v, split = pid_z // SPLITS, pid_z % SPLITS
+    t, g = v // G, v % G
+    channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_m * BLOCK_M, COUT_G, BLOCK_M)
+    oc = g * COUT_G + channel
+    K = CIN_G * KH * KW
+    col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = col < K
+    ci, r = col // (KH * KW), col % (KH * KW)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    sum_gy = tl.zeros([BLOCK_M], dtype=ACC)
+    sum_mask = tl.zeros([BLOCK_M], dtype=ACC)
+    reduce_here = pid_n == 0
+    if pid_m * BLOCK_M < count:
+        mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
+        start = split * PIX_PER_SPLIT
+        stop = tl.minimum(start + PIX_PER_SPLIT, N * HO * WO)
+        for p0 in range(start, stop, BLOCK_K):
+            pix = p0 + tl.arange(0, BLOCK_K)
+            pix_ok = pix < stop
+            n, p = pix // (HO * WO), pix % (HO * WO)
+            ho, wo = p // WO, p % WO
+            offset = ((t * N + n).to(tl.int64)[None, :] * COUT + oc[:, None]) * (HO * WO) + p[None, :]
+            ok = active[:, None] & pix_ok[None, :]
+            gy = _load_gy(go_ptr, gp_ptr, offset, ok, mval[:, None], HAS_GP, ACC)  # [slots, pixels]
+            if COMPUTE_GW:
+                hi = ho[:, None] * STRIDE_H - PAD_H + (r // KW)[None, :] * DIL_H
+                wi = wo[:, None] * STRIDE_W - PAD_W + (r % KW)[None, :] * DIL_W
+                x_ok = pix_ok[:, None] & col_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                x_off = (((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * H + hi) * W + wi
+                xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0).to(ACC)  # [pixels, cols]
+                acc = _dot(gy, xt, acc, USE_DOT)
+            if reduce_here:
+                sum_gy += tl.sum(gy, axis=1)
+                if HAS_PRE:
+                    go = tl.load(go_ptr + offset, mask=ok, other=0.0).to(ACC)
+                    pre = tl.load(pre_ptr + offset, mask=ok, other=0.0).to(ACC)
+                    sum_mask += tl.sum(go * pre, axis=1)
+    row = (split * T + t).to(tl.int64) * COUT + oc  # partial-sum row of this split
+    if COMPUTE_GW:
+        tl.store(gw_ptr + row[:, None] * K + col[None, :], acc, mask=in_range[:, None] & col_ok[None, :])
+    if reduce_here:
+        tl.store(gb_ptr + row, sum_gy, mask=in_range)
+        tl.store(gm_ptr + row, sum_mask, mask=in_range)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+# Canonical task-batched tensors, as the custom ops pass them: x [T, N, C_in, H, W],
+# weight [T, C_out, C_in/groups, kH, kW], mask and bias [T, C_out].
+
+
+def _new(shape, like, dtype=None):
+    return _alloc.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _config(dtype):
+    """Tile sizes and whether tl.dot applies (float64 takes the FMA path)."""
+    use_dot = dtype != torch.float64
+    if use_dot and dtype != torch.float32:
+        return dict(USE_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    return dict(USE_DOT=use_dot, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
+
+
+def _geometry(x, weight, stride, padding, dilation, groups):
+    T, N, CIN, H, W = x.shape
+    COUT, CIN_G, KH, KW = weight.shape[1:]
+    HO, WO = _conv_plan.output_hw(x, weight, stride, padding, dilation)
+    return dict(T=T, N=N, CIN=CIN, H=H, W=W, COUT=COUT, CIN_G=CIN_G, COUT_G=COUT // groups, G=groups, KH=KH, KW=KW,
+                HO=HO, WO=WO)
+
+
+def _conv_args(geo, stride, padding, dilation):
+    return (geo["N"], geo["H"], geo["W"], geo["HO"], geo["WO"], geo["CIN"], geo["COUT"], geo["CIN_G"],
+            geo["COUT_G"], geo["G"], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+
+
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
+    x, weight, mask = x.contiguous(), weight.contiguous(), mask.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    shape = (geo["T"], geo["N"], geo["COUT"], geo["HO"], geo["WO"])
+    out, pre = _new(shape, x), _new(shape, x)
+    if out.numel() == 0:
+        return out, pre
+    order, count = _conv_plan.compaction(mask, groups, skip_zero)
+    cfg = _config(x.dtype)
+    grid = (triton.cdiv(geo["N"] * geo["HO"] * geo["WO"], cfg["BLOCK_M"]), triton.cdiv(geo["COUT_G"], cfg["BLOCK_N"]),
+            geo["T"] * groups)
+    _conv_forward_kernel[grid](
+        x, weight, mask, bias if bias is not None else mask, order, count, out, pre,
+        *_conv_args(geo, stride, padding, dilation),
+        KH=geo["KH"], KW=geo["KW"], HAS_BIAS=bias is not None, WRITE_PRE=True,
+        ACC=accumulation_tl_dtype(x.dtype), **cfg)
+    return out, pre
+
+
+def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
+                    need_input_grad, need_weight_grad):
+    grad_out, x, weight, mask = grad_out.contiguous(), x.contiguous(), weight.contiguous(), mask.contiguous()
+    grad_pre = None if grad_pre is None else grad_pre.contiguous()
+    pre = None if pre is None else pre.contiguous()
+    geo = _geometry(x, weight, stride, padding, dilation, groups)
+    T, COUT = geo["T"], geo["COUT"]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    order, count = _conv_plan.compaction(mask, groups, skip_zero)
+    cfg = _config(x.dtype)
+    acc = accumulation_tl_dtype(x.dtype)
+    conv_args = _conv_args(geo, stride, padding, dilation)
+
+    grad_input = x.new_empty((0,))
+    if need_input_grad:
+        grad_input = _new(x.shape, x)
+        if grad_input.numel():
+            grid = (triton.cdiv(geo["N"] * geo["H"] * geo["W"], cfg["BLOCK_M"]),
+                    triton.cdiv(geo["CIN_G"], cfg["BLOCK_N"]), T * groups)
+            _conv_input_grad_kernel[grid](
+                grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, order, count, grad_input,
+                *conv_args, KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, ACC=acc, **cfg)
+
+    pixels = geo["N"] * geo["HO"] * geo["WO"]
+    splits, per_split = _conv_plan.weight_grad_splits(pixels, cfg["BLOCK_K"])
+    K = geo["CIN_G"] * geo["KH"] * geo["KW"]
+    gw_part = _new((splits, T, COUT, K) if need_weight_grad else (1,), x, acc_dtype)
+    gb_part, gm_part = _new((splits, T, COUT), x, acc_dtype), _new((splits, T, COUT), x, acc_dtype)
+    if T * COUT:
+        grid = (triton.cdiv(geo["COUT_G"], cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]) if need_weight_grad else 1,
+                T * groups * splits)
+        _conv_weight_grad_kernel[grid](
+            grad_out, grad_pre if grad_pre is not None else grad_out, pre if pre is not None else grad_out, x, mask,
+            order, count, gw_part, gb_part, gm_part, T, *conv_args[:10], splits, per_split, *conv_args[10:],
+            KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, HAS_PRE=pre is not None,
+            COMPUTE_GW=need_weight_grad, ACC=acc, **cfg)
+    grad_weight = x.new_empty((0,))
+    if need_weight_grad:
+        grad_weight = gw_part.sum(0).to(x.dtype).view(weight.shape)
+    return grad_input, grad_weight, gb_part.sum(0).to(x.dtype), gm_part.sum(0).to(x.dtype)
+
+
+linear_forward = functools.partial(_conv_plan.linear_forward, conv2d_forward)
+linear_backward = functools.partial(_conv_plan.linear_backward, conv2d_backward)

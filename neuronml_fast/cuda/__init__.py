@@ -1,0 +1,1 @@
+"""Python launchers of the CUDA C++ backend (device-side planning around the compiled kernels)."""
