@@ -9,6 +9,7 @@ runs where on this machine.
 from . import backends, nn
 from .backends import get_backend, set_backend, use_backend
 from .ops.masked import masked_conv2d, masked_linear
+from .ops.plastic import plastic_linear, plastic_rnn
 from .ops.sensitivity import neuron_sensitivity
 
 __version__ = "0.1.0"
@@ -21,6 +22,8 @@ __all__ = [
     "masked_conv2d",
     "masked_linear",
     "nn",
+    "plastic_linear",
+    "plastic_rnn",
     "neuron_sensitivity",
     "set_backend",
     "use_backend",

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/masked.h"
+#include "cpu/plastic.h"
 #include "cpu/sensitivity.h"
 
 namespace {
@@ -205,6 +206,124 @@ void masked_backward_prologue_cl(const at::Tensor& grad_out, const c10::optional
   });
 }
 
+// ---- Hebbian plasticity --------------------------------------------------------------------
+
+using neuronml_fast::cpu::PlasticRule;
+using neuronml_fast::cpu::PlasticShape;
+
+const at::Tensor* opt(const c10::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor* t) { return t ? t->data_ptr<scalar_t>() : nullptr; }
+
+template <typename scalar_t>
+scalar_t* mut(const at::Tensor* t) { return t ? t->data_ptr<scalar_t>() : nullptr; }
+
+void check_plastic(const at::Tensor* t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (t == nullptr) return;
+  check_full(*t, name, shape, dtype);
+}
+
+PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, bool recurrent,
+                           int64_t rule, const at::Tensor* modulation, bool tanh, c10::optional<double> clip,
+                           int64_t checkpoint_every) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 2, "input, weight: expected [T, B, in] and [out, in], got ", x.sizes(),
+              " and ", weight.sizes());
+  TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0 (hebb), 1 (oja) or 2 (modulated), got ", rule);
+  PlasticShape s{};
+  s.T = x.size(0), s.B = x.size(1), s.OUT = weight.size(0), s.IN = weight.size(1);
+  s.recurrent = recurrent;
+  TORCH_CHECK(!recurrent || s.OUT == s.IN, "weight: a recurrent layer needs a square weight, got ", weight.sizes());
+  TORCH_CHECK(x.size(2) == (recurrent ? s.OUT : s.IN), "input: expected ", recurrent ? s.OUT : s.IN,
+              " features, got ", x.size(2));
+  s.rule = static_cast<PlasticRule>(rule);
+  TORCH_CHECK((s.rule == PlasticRule::kModulated) == (modulation != nullptr),
+              "modulation: expected exactly when the rule is modulated");
+  s.modulation_per_neuron = modulation != nullptr && modulation->dim() == 3;
+  s.tanh = tanh;
+  s.alpha_scalar = alpha.dim() == 0;
+  s.has_clip = clip.has_value();
+  s.clip = clip.value_or(0.0);
+  s.checkpoint_every = std::max<int64_t>(checkpoint_every, 1);
+  const auto dtype = x.scalar_type();
+  check_full(x, "input", x.sizes(), dtype);
+  check_full(weight, "weight", weight.sizes(), dtype);
+  check_full(alpha, "alpha", s.alpha_scalar ? at::IntArrayRef{} : weight.sizes(), dtype);
+  if (modulation) {
+    check_full(*modulation, "modulation",
+               s.modulation_per_neuron ? at::IntArrayRef{s.T, s.B, s.OUT} : at::IntArrayRef{s.T, s.B}, dtype);
+  }
+  return s;
+}
+
+void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double eta,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drive,
+                         const c10::optional<at::Tensor>& y0, const c10::optional<at::Tensor>& modulation,
+                         c10::optional<double> clip, bool recurrent, int64_t rule, bool tanh,
+                         int64_t checkpoint_every, at::Tensor& hebb, at::Tensor& output,
+                         const c10::optional<at::Tensor>& checkpoints) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip, checkpoint_every);
+  const auto dtype = x.scalar_type();
+  check_plastic(opt(bias), "bias", {s.OUT}, dtype);
+  check_plastic(opt(drive), "drive", {s.T, s.B, s.OUT}, dtype);
+  check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
+  check_full(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
+  TORCH_CHECK(s.has_clip == checkpoints.has_value(), "checkpoints: expected exactly when clip is given");
+  if (checkpoints) {
+    check_full(*checkpoints, "checkpoints",
+               {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_forward", [&] {
+    neuronml_fast::cpu::plastic_forward<scalar_t>(
+        s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+        static_cast<scalar_t>(eta), ptr<scalar_t>(opt(bias)), ptr<scalar_t>(opt(drive)), ptr<scalar_t>(opt(y0)),
+        ptr<scalar_t>(opt(modulation)), hebb.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+        mut<scalar_t>(opt(checkpoints)));
+  });
+}
+
+void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double eta,
+                          const c10::optional<at::Tensor>& y0, const c10::optional<at::Tensor>& modulation,
+                          c10::optional<double> clip, bool recurrent, int64_t rule, bool tanh,
+                          int64_t checkpoint_every, const at::Tensor& output, const at::Tensor& grad_output,
+                          const c10::optional<at::Tensor>& checkpoints, at::Tensor& hebb, at::Tensor& grad_hebb,
+                          at::Tensor& grad_z, const c10::optional<at::Tensor>& grad_pre,
+                          const c10::optional<at::Tensor>& grad_y0, at::Tensor& grad_alpha, at::Tensor& grad_eta,
+                          const c10::optional<at::Tensor>& grad_modulation,
+                          const c10::optional<at::Tensor>& segment) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip, checkpoint_every);
+  const auto dtype = x.scalar_type();
+  check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
+  check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
+  check_full(grad_output, "grad_output", {s.T, s.B, s.OUT}, dtype);
+  check_full(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_full(grad_hebb, "grad_hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_full(grad_z, "grad_z", {s.T, s.B, s.OUT}, dtype);
+  TORCH_CHECK(recurrent || grad_pre.has_value(), "grad_pre: required for a plastic_linear backward");
+  check_plastic(opt(grad_pre), "grad_pre", {s.T, s.B, s.IN}, dtype);
+  check_plastic(opt(grad_y0), "grad_y0", {s.B, s.OUT}, dtype);
+  check_full(grad_alpha, "grad_alpha", s.alpha_scalar ? at::IntArrayRef{1} : weight.sizes(), dtype);
+  check_full(grad_eta, "grad_eta", {1}, dtype);
+  if (grad_modulation) check_full(*grad_modulation, "grad_modulation", modulation->sizes(), dtype);
+  TORCH_CHECK(s.has_clip == (checkpoints.has_value() && segment.has_value()),
+              "checkpoints, segment: expected exactly when clip is given");
+  if (s.has_clip) {
+    check_full(*checkpoints, "checkpoints",
+               {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
+    check_full(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_backward", [&] {
+    neuronml_fast::cpu::plastic_backward<scalar_t>(
+        s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+        static_cast<scalar_t>(eta), ptr<scalar_t>(opt(y0)), ptr<scalar_t>(opt(modulation)),
+        output.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), ptr<scalar_t>(opt(checkpoints)),
+        hebb.data_ptr<scalar_t>(), grad_hebb.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),
+        mut<scalar_t>(opt(grad_pre)), mut<scalar_t>(opt(grad_y0)), grad_alpha.data_ptr<scalar_t>(),
+        grad_eta.data_ptr<scalar_t>(), mut<scalar_t>(opt(grad_modulation)), mut<scalar_t>(opt(segment)));
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -218,6 +337,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "compact grad_out * mask + grad_pre, with grad_bias and grad_mask reductions", py::arg("grad_out"),
         py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"), py::arg("grad_bias"),
         py::arg("grad_mask"));
+  m.def("plastic_forward_out", &plastic_forward_out, "fused plastic layer forward (SPEC 4)");
+  m.def("plastic_backward_out", &plastic_backward_out, "plastic layer backward with trace reconstruction (SPEC 4)");
   m.def("masked_forward_epilogue_cl", &masked_forward_epilogue_cl, "channels-last masked_forward_epilogue",
         py::arg("y"), py::arg("slot"), py::arg("mask"), py::arg("bias"), py::arg("out"), py::arg("pre"));
   m.def("masked_backward_prologue_cl", &masked_backward_prologue_cl, "channels-last masked_backward_prologue",

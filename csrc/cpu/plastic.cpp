@@ -1,0 +1,286 @@
+#include "cpu/plastic.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace neuronml_fast::cpu {
+
+namespace {
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// The presynaptic activity of step t for sequence b: x_t (linear) or y_{t-1} (rnn; y0 or 0 at t = 0).
+template <typename T>
+const T* pre_of(const PlasticShape& s, const T* x, const T* y0, const T* output, const T* zeros, int64_t t,
+                int64_t b) {
+  if (!s.recurrent) return x + (t * s.B + b) * s.IN;
+  if (t > 0) return output + ((t - 1) * s.B + b) * s.OUT;
+  return y0 ? y0 + b * s.IN : zeros;
+}
+
+template <typename T>
+T modulation_of(const PlasticShape& s, const T* modulation, int64_t t, int64_t b, int64_t j) {
+  return s.modulation_per_neuron ? modulation[(t * s.B + b) * s.OUT + j] : modulation[t * s.B + b];
+}
+
+// H' = rule(H) on one row (post = y_j), clipped if asked.
+template <typename T>
+void update_row(const PlasticShape& s, T* h, const T* p, T y, T eta, T m, int64_t n) {
+  const T c = static_cast<T>(s.clip);
+  switch (s.rule) {
+    case PlasticRule::kHebb:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = (T(1) - eta) * h[i] + eta * y * p[i];
+      break;
+    case PlasticRule::kOja:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = h[i] + eta * y * (p[i] - y * h[i]);
+      break;
+    case PlasticRule::kModulated:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = h[i] + m * y * p[i];
+      break;
+  }
+  if (s.has_clip) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = std::min(std::max(h[i], -c), c);
+  }
+}
+
+// One forward row: z_j, y_j, and the in-place trace update of row j. Returns y_j.
+template <typename T>
+T forward_row(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
+              const T* drive, const T* modulation, const T* p, T* h, int64_t t, int64_t b, int64_t j) {
+  const int64_t I = s.IN;
+  const T* w = weight + j * I;
+  T z = T(0);
+  if (s.alpha_scalar) {
+    const T a = alpha[0];
+#pragma omp simd reduction(+ : z)
+    for (int64_t i = 0; i < I; ++i) z += (w[i] + a * h[i]) * p[i];
+  } else {
+    const T* a = alpha + j * I;
+#pragma omp simd reduction(+ : z)
+    for (int64_t i = 0; i < I; ++i) z += (w[i] + a[i] * h[i]) * p[i];
+  }
+  const int64_t row = (t * s.B + b) * s.OUT + j;
+  if (s.recurrent) {
+    z += x[row];
+  } else {
+    if (bias) z += bias[j];
+    if (drive) z += drive[row];
+  }
+  const T y = s.tanh ? std::tanh(z) : z;
+  const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
+  update_row(s, h, p, y, eta, m, I);
+  return y;
+}
+
+}  // namespace
+
+template <typename T>
+void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
+                     const T* drive, const T* y0, const T* modulation, T* hebb, T* output, T* checkpoints) {
+  const int64_t rows = s.B * s.OUT, I = s.IN, trace = rows * I;
+  const std::vector<T> zeros(I, T(0));
+  for (int64_t t = 0; t < s.T; ++t) {
+    if (s.has_clip && t % s.checkpoint_every == 0) {
+      std::memcpy(checkpoints + (t / s.checkpoint_every) * trace, hebb, sizeof(T) * trace);
+    }
+    // Rows are independent within a step: parallel over (sequence, neuron), so B = 1 with a
+    // large N (Miconi's 1000 units) still uses every core.
+#pragma omp parallel for schedule(static) if (trace > 4096)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / s.OUT, j = r % s.OUT;
+      const T* p = pre_of(s, x, y0, output, zeros.data(), t, b);
+      output[t * rows + r] = forward_row(s, x, weight, alpha, eta, bias, drive, modulation, p, hebb + r * I, t, b, j);
+    }
+  }
+}
+
+namespace {
+
+// Partial derivatives of one rule update at element (j, i), H the trace before the update.
+template <typename T>
+struct RuleGrad {
+  T dH, dy, dp, deta, dm;  // dH'/dH, dH'/dy_j, dH'/dp_i, dH'/deta, dH'/dM_j
+};
+
+template <typename T>
+inline RuleGrad<T> rule_grad(PlasticRule rule, T h, T p, T y, T eta, T m) {
+  switch (rule) {
+    case PlasticRule::kHebb: return {T(1) - eta, eta * p, eta * y, y * p - h, T(0)};
+    case PlasticRule::kOja: return {T(1) - eta * y * y, eta * (p - T(2) * y * h), eta * y, y * (p - y * h), T(0)};
+    case PlasticRule::kModulated: break;
+  }
+  return {T(1), m * p, m * y, T(0), y * p};
+}
+
+// Undo one (unclipped) update of a row in place: H' -> H.
+template <typename T>
+void reconstruct_row(PlasticRule rule, T* h, const T* p, T y, T eta, T m, int64_t n) {
+  switch (rule) {
+    case PlasticRule::kHebb: {
+      const T inv = T(1) / (T(1) - eta);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = (h[i] - eta * y * p[i]) * inv;
+      break;
+    }
+    case PlasticRule::kOja: {
+      const T inv = T(1) / (T(1) - eta * y * y);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = (h[i] - eta * y * p[i]) * inv;
+      break;
+    }
+    case PlasticRule::kModulated:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) h[i] = h[i] - m * y * p[i];
+      break;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* y0,
+                      const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,
+                      T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0, T* grad_alpha, T* grad_eta,
+                      T* grad_modulation, T* segment) {
+  const int64_t B = s.B, O = s.OUT, I = s.IN, rows = B * O, trace = rows * I;
+  const int64_t alpha_size = s.alpha_scalar ? 1 : O * I;
+  const int threads = max_threads();
+  const std::vector<T> zeros(I, T(0));
+  std::vector<T> carry(rows, T(0));  // rnn: dL/dy_t through step t+1's presynaptic input
+  std::vector<T> alpha_acc(static_cast<size_t>(threads) * alpha_size, T(0));
+  std::vector<T> eta_acc(threads, T(0));
+  std::vector<T> pre_acc(static_cast<size_t>(threads) * B * I);
+  std::vector<T> mod_row(rows);
+  int64_t segment_start = -1;
+
+  for (int64_t t = s.T - 1; t >= 0; --t) {
+    if (s.has_clip && (segment_start < 0 || t < segment_start)) {
+      // Recompute this segment's traces from its checkpoint: segment[u] = H before step start + u.
+      segment_start = (t / s.checkpoint_every) * s.checkpoint_every;
+      std::memcpy(segment, checkpoints + (t / s.checkpoint_every) * trace, sizeof(T) * trace);
+      for (int64_t u = segment_start; u < t; ++u) {
+        T* from = segment + (u - segment_start) * trace;
+        T* to = from + trace;
+        std::memcpy(to, from, sizeof(T) * trace);
+#pragma omp parallel for schedule(static) if (trace > 4096)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t b = r / O, j = r % O;
+          const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, modulation, u, b, j) : T(0);
+          update_row(s, to + r * I, pre_of(s, x, y0, output, zeros.data(), u, b), output[u * rows + r], eta, m, I);
+        }
+      }
+    }
+    std::fill(pre_acc.begin(), pre_acc.end(), T(0));
+    const T c = static_cast<T>(s.clip);
+#pragma omp parallel for schedule(static) if (trace > 4096)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int tid = thread_id();
+      const int64_t b = r / O, j = r % O;
+      const T* p = pre_of(s, x, y0, output, zeros.data(), t, b);
+      const T y = output[t * rows + r];
+      const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
+      T* h = s.has_clip ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
+      T* gh = grad_hebb + r * I;
+      if (!s.has_clip) reconstruct_row(s.rule, h, p, y, eta, m, I);  // h: H_{t+1} -> H_t
+      // First pass: the clip mask applied to dL/dH', and the rule's share of dL/dy_j.
+      T dy = T(0), dm = T(0);
+      for (int64_t i = 0; i < I; ++i) {
+        if (s.has_clip) {  // no gradient through a clamped element
+          T next = h[i];
+          switch (s.rule) {
+            case PlasticRule::kHebb: next = (T(1) - eta) * h[i] + eta * y * p[i]; break;
+            case PlasticRule::kOja: next = h[i] + eta * y * (p[i] - y * h[i]); break;
+            case PlasticRule::kModulated: next = h[i] + m * y * p[i]; break;
+          }
+          if (next < -c || next > c) gh[i] = T(0);
+        }
+        const RuleGrad<T> d = rule_grad(s.rule, h[i], p[i], y, eta, m);
+        dy += gh[i] * d.dy;
+        dm += gh[i] * d.dm;
+      }
+      const T gy = grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0)) + dy;
+      const T gz = gy * (s.tanh ? T(1) - y * y : T(1));
+      grad_z[t * rows + r] = gz;
+      mod_row[r] = dm;
+      // Second pass: dL/dH_t, alpha, eta and the presynaptic gradient.
+      T* ga = alpha_acc.data() + static_cast<size_t>(tid) * alpha_size;
+      T* gp = pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I;
+      const T* w = weight + j * I;
+      T geta = T(0), ga_scalar = T(0);
+      for (int64_t i = 0; i < I; ++i) {
+        const T a = s.alpha_scalar ? alpha[0] : alpha[j * I + i];
+        const RuleGrad<T> d = rule_grad(s.rule, h[i], p[i], y, eta, m);
+        const T hz = gz * p[i];
+        if (s.alpha_scalar) ga_scalar += hz * h[i]; else ga[j * I + i] += hz * h[i];
+        gp[i] += (w[i] + a * h[i]) * gz + gh[i] * d.dp;
+        geta += gh[i] * d.deta;
+        gh[i] = gh[i] * d.dH + a * hz;
+      }
+      if (s.alpha_scalar) ga[0] += ga_scalar;
+      eta_acc[tid] += geta;
+    }
+    // Presynaptic gradient of step t: merge the per-thread sums.
+    T* dst = s.recurrent ? (t > 0 ? carry.data() : grad_y0) : grad_pre + t * B * I;
+    if (s.recurrent && t == 0 && grad_y0 == nullptr) dst = carry.data();
+    for (int64_t k = 0; k < B * I; ++k) {
+      T sum = T(0);
+      for (int th = 0; th < threads; ++th) sum += pre_acc[static_cast<size_t>(th) * B * I + k];
+      dst[k] = sum;
+    }
+    if (s.rule == PlasticRule::kModulated && grad_modulation != nullptr) {
+      for (int64_t b = 0; b < B; ++b) {
+        if (s.modulation_per_neuron) {
+          for (int64_t j = 0; j < O; ++j) grad_modulation[(t * B + b) * O + j] = mod_row[b * O + j];
+        } else {
+          T sum = T(0);
+          for (int64_t j = 0; j < O; ++j) sum += mod_row[b * O + j];
+          grad_modulation[t * B + b] = sum;
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < alpha_size; ++k) {
+    T sum = T(0);
+    for (int th = 0; th < threads; ++th) sum += alpha_acc[static_cast<size_t>(th) * alpha_size + k];
+    grad_alpha[k] = sum;
+  }
+  T sum = T(0);
+  for (int th = 0; th < threads; ++th) sum += eta_acc[th];
+  grad_eta[0] = sum;
+  if (s.T == 0 && s.recurrent && grad_y0 != nullptr) std::fill(grad_y0, grad_y0 + B * I, T(0));
+}
+
+#define INSTANTIATE(T)                                                                                         \
+  template void plastic_forward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,    \
+                                   const T*, const T*, T*, T*, T*);                                            \
+  template void plastic_backward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,   \
+                                    const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, T*, T*, T*);
+INSTANTIATE(float)
+INSTANTIATE(double)
+#undef INSTANTIATE
+
+}  // namespace neuronml_fast::cpu

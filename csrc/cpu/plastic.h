@@ -1,0 +1,52 @@
+// Hebbian plasticity on the CPU (SPEC section 4). Framework-free: raw pointers and sizes.
+//
+// Forward: per step, one pass over the trace. Row j of sequence b reads H[b, j, :] once to form
+// its pre-activation z_j = sum_i (W + alpha * H)[j, i] pre_i + c_j, applies the activation and
+// updates the same row in place: never a materialized W + alpha * H.
+//
+// Backward: walks time in reverse holding one trace and its gradient (O(B * OUT * IN) whatever T).
+// Each trace H_t is reconstructed from H_{t+1}: the rules are invertible
+//   hebb:  H = (H' - eta post pre) / (1 - eta)      oja: H = (H' - eta post pre) / (1 - eta post^2)
+//   modulated: H = H' - M post pre
+// With a clip the update is not invertible: the forward keeps a trace every `checkpoint_every`
+// steps and the backward recomputes each segment from its checkpoint.
+#pragma once
+#include <cstdint>
+
+namespace neuronml_fast::cpu {
+
+enum class PlasticRule : int { kHebb = 0, kOja = 1, kModulated = 2 };
+
+struct PlasticShape {
+  int64_t T, B, OUT, IN;
+  bool recurrent;            // pre = y_{t-1} (plastic_rnn, OUT == IN) or x_t (plastic_linear)
+  PlasticRule rule;
+  bool modulation_per_neuron;  // modulation [T, B, OUT] (else [T, B])
+  bool tanh;                 // activation tanh (else identity)
+  bool alpha_scalar;         // alpha is one number for all connections
+  bool has_clip;
+  double clip;
+  int64_t checkpoint_every;  // clip only: steps between stored traces
+};
+
+// x: plastic_linear input [T, B, IN] (pre), or plastic_rnn input [T, B, OUT] (added to z).
+// bias [OUT], drive [T, B, OUT], y0 [B, OUT], modulation: may be null when unused.
+// hebb [B, OUT, IN]: the initial trace in, the final trace out. output [T, B, OUT].
+// checkpoints (clip only): [ceil(T / checkpoint_every), B, OUT, IN], the trace before steps 0, k, 2k...
+template <typename T>
+void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
+                     const T* drive, const T* y0, const T* modulation, T* hebb, T* output, T* checkpoints);
+
+// Gradients. hebb: the final trace (overwritten: it walks back to the initial trace).
+// grad_hebb: dL/d(final trace) in (zeros if unused), dL/d(initial trace) out. grad_output [T, B, OUT].
+// Outputs: grad_z [T, B, OUT] (dL/d pre-activation: gives grad_weight, grad_bias, grad_drive and the
+// rnn input gradient), grad_pre [T, B, IN] (linear: grad_input; rnn: unused, may be null),
+// grad_y0 [B, OUT] (rnn), grad_alpha [OUT, IN] (or [1] if scalar), grad_eta [1],
+// grad_modulation (shape of modulation). segment: clip only, [checkpoint_every, B, OUT, IN] scratch.
+template <typename T>
+void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* y0,
+                      const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,
+                      T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0, T* grad_alpha, T* grad_eta,
+                      T* grad_modulation, T* segment);
+
+}  // namespace neuronml_fast::cpu

@@ -1,0 +1,76 @@
+"""C++ CPU launchers of the plastic layers (SPEC section 4): allocation and the GEMM-shaped
+gradients (weight, bias, drive) around the fused time-stepping kernels of csrc/cpu/plastic.cpp."""
+
+import math
+
+import torch
+
+from .. import _alloc, _extensions
+
+_RULE_CODES = {"hebb": 0, "oja": 1}
+MODULATED = 2
+
+
+def checkpoint_every(steps):
+    """Clip only: a stored trace every ~sqrt(T) steps (the clamp is not invertible)."""
+    return max(1, math.isqrt(max(steps, 1)))
+
+
+def _rule_code(rule, modulation):
+    return MODULATED if modulation is not None else _RULE_CODES[rule]
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation):
+    T, B = x.shape[:2]
+    out_features, in_features = weight.shape
+    trace = _alloc.empty((B, out_features, in_features), dtype=x.dtype, device=x.device)
+    if hebb is None:
+        trace.zero_()
+    else:
+        trace.copy_(hebb)
+    output = _alloc.empty((T, B, out_features), dtype=x.dtype, device=x.device)
+    every = checkpoint_every(T)
+    checkpoints = None
+    if clip is not None:
+        checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
+    _extensions.cpu().plastic_forward_out(
+        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(bias), _c(drive), _c(y0), _c(modulation), clip, recurrent,
+        _rule_code(rule, modulation), activation == "tanh", every, trace, output, checkpoints)
+    return output, trace, checkpoints if checkpoints is not None else x.new_empty((0,))
+
+
+def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
+                     clip, recurrent, rule, activation):
+    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation)."""
+    T, B = x.shape[:2]
+    out_features, in_features = weight.shape
+    dtype = x.dtype
+    new = lambda *shape: _alloc.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
+    trace = hebb_final.detach().clone()  # walked back to the initial trace
+    grad_trace = torch.zeros_like(trace) if grad_hebb is None else grad_hebb.detach().clone().contiguous()
+    grad_z = new(T, B, out_features)
+    grad_pre = None if recurrent else new(T, B, in_features)
+    grad_y0 = new(B, out_features) if recurrent else None
+    grad_alpha = new(*(weight.shape if alpha.dim() else (1,)))
+    grad_eta = new(1)
+    grad_mod = None if modulation is None else new(*modulation.shape)
+    every = checkpoint_every(T)
+    segment = new(every, B, out_features, in_features) if clip is not None else None
+    _extensions.cpu().plastic_backward_out(
+        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent, _rule_code(rule, modulation),
+        activation == "tanh", every, _c(output), _c(grad_output), None if clip is None else _c(checkpoints), trace,
+        grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment)
+    if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
+        first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)
+        pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, in_features))
+        grad_input = grad_z
+    else:
+        pre, grad_input = x, grad_pre
+    grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre)
+    grad_drive = None if recurrent else grad_z  # the rnn's input gradient is grad_z itself
+    return (grad_input, grad_weight, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace,
+            grad_z.sum((0, 1)), grad_drive, grad_y0, grad_mod)
