@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -120,22 +121,6 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
 
 namespace {
 
-// Partial derivatives of one rule update at element (j, i), H the trace before the update.
-template <typename T>
-struct RuleGrad {
-  T dH, dy, dp, deta, dm;  // dH'/dH, dH'/dy_j, dH'/dp_i, dH'/deta, dH'/dM_j
-};
-
-template <typename T>
-inline RuleGrad<T> rule_grad(PlasticRule rule, T h, T p, T y, T eta, T m) {
-  switch (rule) {
-    case PlasticRule::kHebb: return {T(1) - eta, eta * p, eta * y, y * p - h, T(0)};
-    case PlasticRule::kOja: return {T(1) - eta * y * y, eta * (p - T(2) * y * h), eta * y, y * (p - y * h), T(0)};
-    case PlasticRule::kModulated: break;
-  }
-  return {T(1), m * p, m * y, T(0), y * p};
-}
-
 // Undo one (unclipped) update of a row in place: H' -> H.
 template <typename T>
 void reconstruct_row(PlasticRule rule, T* h, const T* p, T y, T eta, T m, int64_t n) {
@@ -157,6 +142,82 @@ void reconstruct_row(PlasticRule rule, T* h, const T* p, T y, T eta, T m, int64_
       for (int64_t i = 0; i < n; ++i) h[i] = h[i] - m * y * p[i];
       break;
   }
+}
+
+template <bool B> using Bool = std::integral_constant<bool, B>;
+template <PlasticRule R> using Rule = std::integral_constant<PlasticRule, R>;
+
+// Calls fn(Rule<...>{}, Bool<alpha_scalar>{}, Bool<clip>{}) with compile-time flags, so the row
+// loops below are free of branches and vectorize.
+template <typename Fn>
+void dispatch_rule(PlasticRule rule, bool alpha_scalar, bool clip, Fn&& fn) {
+  auto with_clip = [&](auto r, auto a) { clip ? fn(r, a, Bool<true>{}) : fn(r, a, Bool<false>{}); };
+  auto with_alpha = [&](auto r) { alpha_scalar ? with_clip(r, Bool<true>{}) : with_clip(r, Bool<false>{}); };
+  switch (rule) {
+    case PlasticRule::kHebb: with_alpha(Rule<PlasticRule::kHebb>{}); break;
+    case PlasticRule::kOja: with_alpha(Rule<PlasticRule::kOja>{}); break;
+    case PlasticRule::kModulated: with_alpha(Rule<PlasticRule::kModulated>{}); break;
+  }
+}
+
+template <typename T>
+struct RowGrad {
+  T gz, dm, deta;
+};
+
+// One row (sequence b, neuron j) of step t, in reverse. h holds H_{t+1} (or, under clip, H_t
+// from the recomputed segment) and leaves holding H_t; gh holds dL/dH_{t+1} and leaves holding
+// dL/dH_t. Adds into ga (alpha) and gp (presynaptic activity).
+template <typename T, PlasticRule kRule, bool kScalar, bool kClip>
+RowGrad<T> backward_row(const T* p, T y, T gy_out, T eta, T m, T c, bool tanh_act, const T* w, const T* alpha,
+                        T* h, T* gh, T* ga, T* gp, int64_t n) {
+  if constexpr (!kClip) reconstruct_row(kRule, h, p, y, eta, m, n);
+  // First pass: the clip mask on dL/dH', and the rule's share of dL/dy_j (and dL/dM_j).
+  T dy = T(0), dm = T(0);
+#pragma omp simd reduction(+ : dy, dm)
+  for (int64_t i = 0; i < n; ++i) {
+    T g = gh[i];
+    if constexpr (kClip) {
+      T next;
+      if constexpr (kRule == PlasticRule::kHebb) next = (T(1) - eta) * h[i] + eta * y * p[i];
+      else if constexpr (kRule == PlasticRule::kOja) next = h[i] + eta * y * (p[i] - y * h[i]);
+      else next = h[i] + m * y * p[i];
+      g = (next < -c || next > c) ? T(0) : g;  // no gradient through a clamped element
+      gh[i] = g;
+    }
+    if constexpr (kRule == PlasticRule::kHebb) dy += g * eta * p[i];
+    else if constexpr (kRule == PlasticRule::kOja) dy += g * eta * (p[i] - T(2) * y * h[i]);
+    else {
+      dy += g * m * p[i];
+      dm += g * y * p[i];
+    }
+  }
+  const T gy = gy_out + dy;
+  const T gz = gy * (tanh_act ? T(1) - y * y : T(1));
+  // Second pass (the row is in cache): dL/dH_t, alpha, eta and the presynaptic gradient.
+  T geta = T(0), ga_scalar = T(0);
+  const T a0 = kScalar ? alpha[0] : T(0);
+#pragma omp simd reduction(+ : geta, ga_scalar)
+  for (int64_t i = 0; i < n; ++i) {
+    const T a = kScalar ? a0 : alpha[i];
+    const T hz = gz * p[i];
+    const T g = gh[i];
+    if constexpr (kScalar) ga_scalar += hz * h[i]; else ga[i] += hz * h[i];
+    T d_h, d_p;
+    if constexpr (kRule == PlasticRule::kHebb) {
+      d_h = T(1) - eta, d_p = eta * y;
+      geta += g * (y * p[i] - h[i]);
+    } else if constexpr (kRule == PlasticRule::kOja) {
+      d_h = T(1) - eta * y * y, d_p = eta * y;
+      geta += g * y * (p[i] - y * h[i]);
+    } else {
+      d_h = T(1), d_p = m * y;
+    }
+    gp[i] += (w[i] + a * h[i]) * gz + g * d_p;
+    gh[i] = g * d_h + a * hz;
+  }
+  if constexpr (kScalar) ga[0] += ga_scalar;
+  return {gz, dm, geta};
 }
 
 }  // namespace
@@ -195,54 +256,27 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
       }
     }
     std::fill(pre_acc.begin(), pre_acc.end(), T(0));
-    const T c = static_cast<T>(s.clip);
+    dispatch_rule(s.rule, s.alpha_scalar, s.has_clip, [&](auto rule_c, auto scalar_c, auto clip_c) {
+      constexpr PlasticRule kRule = decltype(rule_c)::value;
+      constexpr bool kScalar = decltype(scalar_c)::value;
+      constexpr bool kClip = decltype(clip_c)::value;
 #pragma omp parallel for schedule(static) if (trace > 4096)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int tid = thread_id();
-      const int64_t b = r / O, j = r % O;
-      const T* p = pre_of(s, x, y0, output, zeros.data(), t, b);
-      const T y = output[t * rows + r];
-      const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
-      T* h = s.has_clip ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
-      T* gh = grad_hebb + r * I;
-      if (!s.has_clip) reconstruct_row(s.rule, h, p, y, eta, m, I);  // h: H_{t+1} -> H_t
-      // First pass: the clip mask applied to dL/dH', and the rule's share of dL/dy_j.
-      T dy = T(0), dm = T(0);
-      for (int64_t i = 0; i < I; ++i) {
-        if (s.has_clip) {  // no gradient through a clamped element
-          T next = h[i];
-          switch (s.rule) {
-            case PlasticRule::kHebb: next = (T(1) - eta) * h[i] + eta * y * p[i]; break;
-            case PlasticRule::kOja: next = h[i] + eta * y * (p[i] - y * h[i]); break;
-            case PlasticRule::kModulated: next = h[i] + m * y * p[i]; break;
-          }
-          if (next < -c || next > c) gh[i] = T(0);
-        }
-        const RuleGrad<T> d = rule_grad(s.rule, h[i], p[i], y, eta, m);
-        dy += gh[i] * d.dy;
-        dm += gh[i] * d.dm;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int tid = thread_id();
+        const int64_t b = r / O, j = r % O;
+        const T m = kRule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
+        T* h = kClip ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
+        RowGrad<T> g = backward_row<T, kRule, kScalar, kClip>(
+            pre_of(s, x, y0, output, zeros.data(), t, b), output[t * rows + r],
+            grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0)), eta, m, static_cast<T>(s.clip), s.tanh,
+            weight + j * I, kScalar ? alpha : alpha + j * I, h, grad_hebb + r * I,
+            alpha_acc.data() + static_cast<size_t>(tid) * alpha_size + (kScalar ? 0 : j * I),
+            pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I, I);
+        grad_z[t * rows + r] = g.gz;
+        mod_row[r] = g.dm;
+        eta_acc[tid] += g.deta;
       }
-      const T gy = grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0)) + dy;
-      const T gz = gy * (s.tanh ? T(1) - y * y : T(1));
-      grad_z[t * rows + r] = gz;
-      mod_row[r] = dm;
-      // Second pass: dL/dH_t, alpha, eta and the presynaptic gradient.
-      T* ga = alpha_acc.data() + static_cast<size_t>(tid) * alpha_size;
-      T* gp = pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I;
-      const T* w = weight + j * I;
-      T geta = T(0), ga_scalar = T(0);
-      for (int64_t i = 0; i < I; ++i) {
-        const T a = s.alpha_scalar ? alpha[0] : alpha[j * I + i];
-        const RuleGrad<T> d = rule_grad(s.rule, h[i], p[i], y, eta, m);
-        const T hz = gz * p[i];
-        if (s.alpha_scalar) ga_scalar += hz * h[i]; else ga[j * I + i] += hz * h[i];
-        gp[i] += (w[i] + a * h[i]) * gz + gh[i] * d.dp;
-        geta += gh[i] * d.deta;
-        gh[i] = gh[i] * d.dH + a * hz;
-      }
-      if (s.alpha_scalar) ga[0] += ga_scalar;
-      eta_acc[tid] += geta;
-    }
+    });
     // Presynaptic gradient of step t: merge the per-thread sums.
     T* dst = s.recurrent ? (t > 0 ? carry.data() : grad_y0) : grad_pre + t * B * I;
     if (s.recurrent && t == 0 && grad_y0 == nullptr) dst = carry.data();
