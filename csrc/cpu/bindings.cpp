@@ -269,11 +269,9 @@ void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at
   check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
   check_full(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
   check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
-  TORCH_CHECK(s.has_clip == checkpoints.has_value(), "checkpoints: expected exactly when clip is given");
-  if (checkpoints) {
-    check_full(*checkpoints, "checkpoints",
-               {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
-  }
+  TORCH_CHECK(checkpoints.has_value(), "checkpoints: required");
+  check_full(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
+             dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_forward", [&] {
     neuronml_fast::cpu::plastic_forward<scalar_t>(
         s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
@@ -306,13 +304,11 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
   check_full(grad_alpha, "grad_alpha", s.alpha_scalar ? at::IntArrayRef{1} : weight.sizes(), dtype);
   check_full(grad_eta, "grad_eta", {1}, dtype);
   if (grad_modulation) check_full(*grad_modulation, "grad_modulation", modulation->sizes(), dtype);
-  TORCH_CHECK(s.has_clip == (checkpoints.has_value() && segment.has_value()),
-              "checkpoints, segment: expected exactly when clip is given");
-  if (s.has_clip) {
-    check_full(*checkpoints, "checkpoints",
-               {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
-    check_full(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
-  }
+  TORCH_CHECK(checkpoints.has_value(), "checkpoints: required");
+  check_full(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
+             dtype);
+  TORCH_CHECK(s.has_clip == segment.has_value(), "segment: expected exactly when clip is given");
+  if (segment) check_full(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_backward", [&] {
     neuronml_fast::cpu::plastic_backward<scalar_t>(
         s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),

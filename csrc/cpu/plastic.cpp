@@ -105,7 +105,7 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
   const int64_t rows = s.B * s.OUT, I = s.IN, trace = rows * I;
   const std::vector<T> zeros(I, T(0));
   for (int64_t t = 0; t < s.T; ++t) {
-    if (s.has_clip && t % s.checkpoint_every == 0) {
+    if (t % s.checkpoint_every == 0) {
       std::memcpy(checkpoints + (t / s.checkpoint_every) * trace, hebb, sizeof(T) * trace);
     }
     // Rows are independent within a step: parallel over (sequence, neuron), so B = 1 with a
@@ -254,6 +254,10 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
           update_row(s, to + r * I, pre_of(s, x, y0, output, zeros.data(), u, b), output[u * rows + r], eta, m, I);
         }
       }
+    }
+    if (!s.has_clip && (t + 1) % s.checkpoint_every == 0 && t + 1 < s.T) {
+      // Restart the reconstruction from the exact trace: rounding never compounds past a segment.
+      std::memcpy(hebb, checkpoints + ((t + 1) / s.checkpoint_every) * trace, sizeof(T) * trace);
     }
     std::fill(pre_acc.begin(), pre_acc.end(), T(0));
     dispatch_rule(s.rule, s.alpha_scalar, s.has_clip, [&](auto rule_c, auto scalar_c, auto clip_c) {

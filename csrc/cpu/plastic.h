@@ -4,12 +4,14 @@
 // its pre-activation z_j = sum_i (W + alpha * H)[j, i] pre_i + c_j, applies the activation and
 // updates the same row in place: never a materialized W + alpha * H.
 //
-// Backward: walks time in reverse holding one trace and its gradient (O(B * OUT * IN) whatever T).
-// Each trace H_t is reconstructed from H_{t+1}: the rules are invertible
+// Backward: walks time in reverse holding one trace and its gradient. Each trace H_t is
+// reconstructed from H_{t+1}: the rules are invertible
 //   hebb:  H = (H' - eta post pre) / (1 - eta)      oja: H = (H' - eta post pre) / (1 - eta post^2)
 //   modulated: H = H' - M post pre
-// With a clip the update is not invertible: the forward keeps a trace every `checkpoint_every`
-// steps and the backward recomputes each segment from its checkpoint.
+// Undoing a decay amplifies rounding by 1 / (1 - eta) per step, so the forward also keeps the
+// trace every `checkpoint_every` steps (chosen by the caller so the amplification stays below
+// 2^8) and the reconstruction restarts from each exact checkpoint. With a clip the update is not
+// invertible: the backward recomputes each segment forward from its checkpoint instead.
 #pragma once
 #include <cstdint>
 
@@ -26,13 +28,13 @@ struct PlasticShape {
   bool alpha_scalar;         // alpha is one number for all connections
   bool has_clip;
   double clip;
-  int64_t checkpoint_every;  // clip only: steps between stored traces
+  int64_t checkpoint_every;  // steps between stored traces (the trace before steps 0, k, 2k, ...)
 };
 
 // x: plastic_linear input [T, B, IN] (pre), or plastic_rnn input [T, B, OUT] (added to z).
 // bias [OUT], drive [T, B, OUT], y0 [B, OUT], modulation: may be null when unused.
 // hebb [B, OUT, IN]: the initial trace in, the final trace out. output [T, B, OUT].
-// checkpoints (clip only): [ceil(T / checkpoint_every), B, OUT, IN], the trace before steps 0, k, 2k...
+// checkpoints: [ceil(T / checkpoint_every), B, OUT, IN], the trace before steps 0, k, 2k, ...
 template <typename T>
 void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
                      const T* drive, const T* y0, const T* modulation, T* hebb, T* output, T* checkpoints);

@@ -11,9 +11,29 @@ _RULE_CODES = {"hebb": 0, "oja": 1}
 MODULATED = 2
 
 
-def checkpoint_every(steps):
-    """Clip only: a stored trace every ~sqrt(T) steps (the clamp is not invertible)."""
-    return max(1, math.isqrt(max(steps, 1)))
+AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing one segment
+COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
+
+
+def checkpoint_every(steps, eta, clip, modulated):
+    """Steps between stored traces.
+
+    Clip: ~sqrt(T), segments are recomputed forward (the clamp is not invertible). Otherwise the
+    backward reconstructs traces, and undoing a (1 - eta) decay amplifies rounding by 1 / (1 - eta)
+    per step: store a trace every ln(256) / -ln(1 - eta) steps (550 at eta = 0.01), so float32
+    gradients stay accurate at any T while memory stays flat up to that many steps.
+    """
+    steps = max(steps, 1)
+    if clip is not None:
+        return max(1, math.isqrt(steps))
+    if modulated:
+        return steps  # additive updates: nothing compounds
+    if eta is None:
+        return COMPILE_CHECKPOINT_EVERY
+    eta = float(eta)
+    if eta <= 0.0:
+        return steps
+    return int(min(steps, max(1.0, math.log(AMPLIFICATION_BUDGET) / -math.log1p(-min(eta, 0.999)))))
 
 
 def _rule_code(rule, modulation):
@@ -24,7 +44,8 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
-def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation):
+def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
+                    every):
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
     trace = _alloc.empty((B, out_features, in_features), dtype=x.dtype, device=x.device)
@@ -33,18 +54,15 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
     else:
         trace.copy_(hebb)
     output = _alloc.empty((T, B, out_features), dtype=x.dtype, device=x.device)
-    every = checkpoint_every(T)
-    checkpoints = None
-    if clip is not None:
-        checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
+    checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
     _extensions.cpu().plastic_forward_out(
         _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(bias), _c(drive), _c(y0), _c(modulation), clip, recurrent,
         _rule_code(rule, modulation), activation == "tanh", every, trace, output, checkpoints)
-    return output, trace, checkpoints if checkpoints is not None else x.new_empty((0,))
+    return output, trace, checkpoints
 
 
 def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
-                     clip, recurrent, rule, activation):
+                     clip, recurrent, rule, activation, every):
     """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation)."""
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
@@ -58,11 +76,10 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     grad_alpha = new(*(weight.shape if alpha.dim() else (1,)))
     grad_eta = new(1)
     grad_mod = None if modulation is None else new(*modulation.shape)
-    every = checkpoint_every(T)
     segment = new(every, B, out_features, in_features) if clip is not None else None
     _extensions.cpu().plastic_backward_out(
         _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent, _rule_code(rule, modulation),
-        activation == "tanh", every, _c(output), _c(grad_output), None if clip is None else _c(checkpoints), trace,
+        activation == "tanh", every, _c(output), _c(grad_output), _c(checkpoints), trace,
         grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment)
     if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
         first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)

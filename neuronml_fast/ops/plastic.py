@@ -167,21 +167,19 @@ def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activ
 def plastic_op(
     input: Tensor, weight: Tensor, alpha: Tensor, eta: Tensor, hebb: Optional[Tensor], bias: Optional[Tensor],
     drive: Optional[Tensor], y0: Optional[Tensor], modulation: Optional[Tensor], clip: Optional[float],
-    recurrent: bool, rule: str, activation: str, backend: str,
+    recurrent: bool, rule: str, activation: str, checkpoint_every: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(output [T, B, out], final hebb [B, out, in], clip checkpoints or an empty tensor)."""
+    """(output [T, B, out], final hebb [B, out, in], the traces kept every checkpoint_every steps)."""
     return backends.kernel(OP, backend)(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip,
-                                        recurrent, rule, activation)
+                                        recurrent, rule, activation, checkpoint_every)
 
 
 @plastic_op.register_fake
-def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation, backend):
-    from ..cpu.plastic import checkpoint_every
-
+def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
+      checkpoint_every, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
-    checkpoints = (input.new_empty((-(-T // checkpoint_every(T)), B, out_features, in_features)) if clip is not None
-                   else input.new_empty((0,)))
+    checkpoints = input.new_empty((-(-T // checkpoint_every), B, out_features, in_features))
     return input.new_empty((T, B, out_features)), input.new_empty((B, out_features, in_features)), checkpoints
 
 
@@ -189,19 +187,19 @@ def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurr
 def plastic_backward_op(
     grad_output: Tensor, grad_hebb: Optional[Tensor], input: Tensor, weight: Tensor, alpha: Tensor, eta: Tensor,
     y0: Optional[Tensor], modulation: Optional[Tensor], output: Tensor, hebb_final: Tensor, checkpoints: Tensor,
-    clip: Optional[float], recurrent: bool, rule: str, activation: str, backend: str,
+    clip: Optional[float], recurrent: bool, rule: str, activation: str, checkpoint_every: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation); an empty tensor
     stands for a gradient the layer does not have (y0 of a linear layer, say)."""
     grads = backends.kernel(f"{OP}_backward", backend)(
         grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
-        recurrent, rule, activation)
+        recurrent, rule, activation, checkpoint_every)
     return tuple(input.new_empty((0,)) if g is None else g for g in grads)
 
 
 @plastic_backward_op.register_fake
 def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
-      recurrent, rule, activation, backend):
+      recurrent, rule, activation, checkpoint_every, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
     empty = input.new_empty((0,))
@@ -213,8 +211,8 @@ def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output,
 
 def _setup_context(ctx, inputs, output):
     (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-     backend) = inputs
-    ctx.options = (clip, recurrent, rule, activation, backend)
+     checkpoint_every, backend) = inputs
+    ctx.options = (clip, recurrent, rule, activation, checkpoint_every, backend)
     ctx.present = tuple(t is not None for t in (hebb, bias, drive, y0, modulation))
     ctx.save_for_backward(input, weight, alpha, eta, y0, modulation, output[0], output[1], output[2])
     ctx.set_materialize_grads(False)
@@ -230,13 +228,20 @@ def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints):
     has_hebb, has_bias, has_drive, has_y0, has_mod = ctx.present
     return (g_input, g_weight, g_alpha, g_eta, g_hebb if has_hebb else None, g_bias if has_bias else None,
             g_drive if has_drive else None, g_y0 if has_y0 else None, g_mod if has_mod else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- public functions ----------------------------------------------------------------------
+
+
+def _checkpoint_every(input, eta, clip, modulation):
+    from ..cpu.plastic import checkpoint_every
+
+    value = None if torch.compiler.is_compiling() else eta.detach()
+    return checkpoint_every(input.shape[0], value, clip, modulation is not None)
 
 
 def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, rule="hebb", activation="tanh"):
@@ -253,8 +258,9 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     backend = backends.resolve(OP, input.device.type, input.dtype)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
+    every = _checkpoint_every(input, eta, None, None)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
-                                 activation, backend)
+                                 activation, every, backend)
     return output, hebb
 
 
@@ -273,6 +279,7 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation)
     clip = None if clip is None else float(clip)
+    every = _checkpoint_every(input, eta, clip, modulation)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
-                                 activation, backend)
+                                 activation, every, backend)
     return output, hebb

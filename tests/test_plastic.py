@@ -1,0 +1,238 @@
+"""nf.plastic_linear / nf.plastic_rnn (SPEC section 4): every backend against the reference."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import neuronml_fast as nf
+from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
+
+from conftest import kernel_backends
+
+BACKENDS = [p for p in kernel_backends() if p.values[0] in nf.backends.ops()["plastic"].dtypes]
+F64 = torch.float64
+
+
+def _leaf(t):
+    return t.detach().requires_grad_()
+
+
+def _rnn_args(T=6, B=3, N=5, *, alpha_scalar=False, modulation=None, y0=True, hebb=True, seed=0, dtype=F64,
+              device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(s, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)  # noqa: E731
+    args = dict(input=r(T, B, N), weight=r(N, N, scale=0.5), alpha=r(scale=0.4) if alpha_scalar else r(N, N, scale=0.4),
+                eta=torch.tensor(0.2, dtype=dtype, device=device), y0=r(B, N) if y0 else None,
+                hebb=r(B, N, N, scale=0.1) if hebb else None)
+    if modulation == "sequence":
+        args["modulation"] = r(T, B)
+    elif modulation == "neuron":
+        args["modulation"] = r(T, B, N)
+    return {k: (None if v is None else _leaf(v)) for k, v in args.items()}
+
+
+def _linear_args(T=6, B=3, d_in=4, d_out=5, *, alpha_scalar=False, bias=True, drive=True, hebb=True, seed=0,
+                 dtype=F64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (torch.randn(s, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)  # noqa: E731
+    args = dict(input=r(T, B, d_in), weight=r(d_out, d_in, scale=0.3),
+                alpha=r(scale=0.3) if alpha_scalar else r(d_out, d_in, scale=0.3),
+                eta=torch.tensor(0.1, dtype=dtype, device=device), hebb=r(B, d_out, d_in, scale=0.1) if hebb else None,
+                bias=r(d_out) if bias else None, drive=r(T, B, d_out) if drive else None)
+    return {k: (None if v is None else _leaf(v)) for k, v in args.items()}
+
+
+def _check(backend, fn, reference, args, options, atol=1e-10, rtol=1e-10):
+    with nf.use_backend(backend):
+        out, hebb = fn(**args, **options)
+    want_out, want_hebb = reference(**args, **options)
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(hebb, want_hebb, atol=atol, rtol=rtol)
+    if not (want_out.requires_grad or want_hebb.requires_grad):
+        return  # T = 0 and no initial trace: nothing to differentiate
+    leaves = [v for v in args.values() if v is not None]
+    gen = torch.Generator().manual_seed(7)
+    g_out = torch.randn(out.shape, generator=gen, dtype=F64).to(out)
+    g_hebb = torch.randn(hebb.shape, generator=gen, dtype=F64).to(hebb)
+    got = torch.autograd.grad((out * g_out).sum() + (hebb * g_hebb).sum(), leaves, allow_unused=True)
+    want = torch.autograd.grad((want_out * g_out).sum() + (want_hebb * g_hebb).sum(), leaves, allow_unused=True)
+    for name, g, w in zip([k for k, v in args.items() if v is not None], got, want):
+        if w is None:  # eta under a modulated rule: the kernels report an exact zero
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rule", ["hebb", "oja"])
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+@pytest.mark.parametrize("alpha_scalar", [False, True])
+def test_plastic_linear_matches_reference(backend, device, rule, activation, alpha_scalar):
+    args = _linear_args(alpha_scalar=alpha_scalar, device=device)
+    _check(backend, nf.plastic_linear, plastic_linear_reference, args, dict(rule=rule, activation=activation))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rule", ["hebb", "oja"])
+@pytest.mark.parametrize("modulation", [None, "sequence", "neuron"])
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("alpha_scalar", [False, True])
+def test_plastic_rnn_matches_reference(backend, device, rule, modulation, clip, alpha_scalar):
+    args = _rnn_args(alpha_scalar=alpha_scalar, modulation=modulation, device=device)
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(rule=rule, clip=clip))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(T=st.integers(0, 9), B=st.integers(0, 3), N=st.integers(1, 6), y0=st.booleans(), hebb=st.booleans(),
+       activation=st.sampled_from(["tanh", "identity"]), seed=st.integers(0, 2**16))
+def test_plastic_rnn_random_shapes(backend, device, T, B, N, y0, hebb, activation, seed):
+    args = _rnn_args(T, B, N, y0=y0, hebb=hebb, seed=seed, device=device)
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(activation=activation))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(T=st.integers(0, 7), B=st.integers(0, 3), d_in=st.integers(1, 6), d_out=st.integers(1, 6),
+       bias=st.booleans(), drive=st.booleans(), hebb=st.booleans(), seed=st.integers(0, 2**16))
+def test_plastic_linear_random_shapes(backend, device, T, B, d_in, d_out, bias, drive, hebb, seed):
+    args = _linear_args(T, B, d_in, d_out, bias=bias, drive=drive, hebb=hebb, seed=seed, device=device)
+    _check(backend, nf.plastic_linear, plastic_linear_reference, args, {})
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rule,modulation", [("hebb", None), ("oja", None), ("hebb", "neuron")])
+def test_gradcheck(backend, device, rule, modulation):
+    args = _rnn_args(T=4, B=2, N=3, modulation=modulation, device=device)
+    names = [k for k, v in args.items() if v is not None]
+
+    def f(*values):
+        with nf.use_backend(backend):
+            out, hebb = nf.plastic_rnn(**dict(zip(names, values)), rule=rule)
+        return out, hebb
+
+    assert torch.autograd.gradcheck(f, tuple(args[k] for k in names))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_long_sequence_float32_gradients_stay_accurate(backend, device, clip):
+    # Traces are reconstructed backwards in time (or recomputed from checkpoints under clip):
+    # float32 gradients over T = 300 must stay close to a float64 reference.
+    args64 = _rnn_args(T=300, B=2, N=16, seed=3, device=device)
+    with torch.no_grad():
+        args64["weight"].mul_(0.3)  # a non-chaotic network, so float32 itself is not the error
+        args64["eta"].fill_(0.05)
+    args32 = {k: (None if v is None else _leaf(v.float())) for k, v in args64.items()}
+    with nf.use_backend(backend):
+        out, hebb = nf.plastic_rnn(**args32, clip=clip)
+        got = torch.autograd.grad(out.square().sum() + hebb.sum(), [args32["weight"], args32["alpha"], args32["eta"]])
+    out64, hebb64 = plastic_rnn_reference(**args64, clip=clip)
+    want = torch.autograd.grad(out64.square().sum() + hebb64.sum(), [args64["weight"], args64["alpha"], args64["eta"]])
+    # The bar: no worse than eager float32 autograd (which stores every trace) plus a margin.
+    args_eager = {k: (None if v is None else _leaf(v.float())) for k, v in args64.items()}
+    out32, hebb32 = plastic_rnn_reference(**args_eager, clip=clip)
+    eager = torch.autograd.grad(out32.square().sum() + hebb32.sum(),
+                                [args_eager["weight"], args_eager["alpha"], args_eager["eta"]])
+    for g, e, w in zip(got, eager, want):
+        scale = w.abs().max()
+        assert (g.double() - w).abs().max() <= 4 * (e.double() - w).abs().max() + 1e-4 * scale
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu"])
+def test_training_memory_does_not_grow_with_sequence_length(backend, device):
+    # What autograd keeps for the backward: O(B * N^2) for the fused op, whatever T (here up to
+    # T = 500 at eta = 0.01; past ln(256) / -ln(1 - eta) = 550 steps one more trace is kept every
+    # 550 steps, see neuronml_fast/cpu/plastic.py).
+    def saved_bytes(T):
+        args = _rnn_args(T=T, B=4, N=64, dtype=torch.float32)
+        with torch.no_grad():
+            args["eta"].fill_(0.01)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), nf.use_backend(backend):
+            nf.plastic_rnn(**args)
+        return total
+
+    short, long = saved_bytes(50), saved_bytes(500)
+    trace_bytes = 4 * 64 * 64 * 4
+    per_step_outputs = 2 * 4 * 64 * 4  # input and output activations, O(T * B * N)
+    assert long - short <= 450 * per_step_outputs
+    assert long < 4 * trace_bytes + 500 * per_step_outputs
+    reference = _rnn_args(T=50, B=4, N=64, dtype=torch.float32)
+    assert short < saved_reference_bytes(reference) / 5
+
+
+def saved_reference_bytes(args):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plastic_rnn_reference(**args)
+    return total
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    from neuronml_fast.ops.plastic import plastic_op
+
+    args = _rnn_args(T=3, B=2, N=3, dtype=torch.float32, device=device)
+    torch.library.opcheck(plastic_op, (args["input"], args["weight"], args["alpha"], args["eta"], args["hebb"], None,
+                                       None, args["y0"], None, None, True, "hebb", "tanh", 2, backend))
+    largs = _linear_args(T=3, B=2, dtype=torch.float32, device=device)
+    torch.library.opcheck(plastic_op, (largs["input"], largs["weight"], largs["alpha"], largs["eta"], None,
+                                       largs["bias"], largs["drive"], None, None, None, False, "oja", "identity",
+                                       16, backend))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    args = _rnn_args(T=5, B=2, N=4, dtype=torch.float32)
+
+    def loss(**kw):
+        out, hebb = nf.plastic_rnn(**kw)
+        return out.square().sum() + hebb.sum()
+
+    with nf.use_backend(backend):
+        got = torch.compile(loss, fullgraph=True)(**args)
+        want = loss(**args)
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_inputs_name_the_argument():
+    a = _rnn_args(hebb=False, y0=False)
+    x, w, alpha, eta = a["input"].detach(), a["weight"].detach(), a["alpha"].detach(), a["eta"].detach()
+    cases = [
+        (dict(input=x[0]), ValueError, "input: expected a 3-d tensor"),
+        (dict(weight=w[:, :3]), ValueError, r"weight: expected a square \[N, N\]"),
+        (dict(alpha=alpha[:2]), ValueError, r"alpha: expected a 0-d tensor or shape \[5, 5\]"),
+        (dict(eta=torch.tensor(1.5, dtype=F64)), ValueError, "eta: expected 0 <= eta < 1"),
+        (dict(eta=torch.tensor([0.1], dtype=F64)), ValueError, "eta: expected a 0-d tensor"),
+        (dict(rule="stdp"), ValueError, "rule: expected one of"),
+        (dict(activation="relu"), ValueError, "activation: expected one of"),
+        (dict(y0=torch.zeros(2, 5, dtype=F64)), ValueError, r"y0: expected shape \[3, 5\]"),
+        (dict(hebb=torch.zeros(3, 5, 4, dtype=F64)), ValueError, r"hebb: expected shape \[3, 5, 5\]"),
+        (dict(modulation=torch.zeros(6, 2, dtype=F64)), ValueError, "modulation: expected shape"),
+        (dict(clip=-1.0), ValueError, "clip: expected a positive number"),
+        (dict(weight=w.float()), TypeError, "weight: expected dtype torch.float64"),
+    ]
+    for change, error, message in cases:
+        kwargs = dict(input=x, weight=w, alpha=alpha, eta=eta, **{k: v for k, v in change.items()
+                                                                 if k not in ("input", "weight", "alpha", "eta")})
+        for key in ("input", "weight", "alpha", "eta"):
+            if key in change:
+                kwargs[key] = change[key]
+        with pytest.raises(error, match=message):
+            nf.plastic_rnn(**kwargs)
+    with pytest.raises(ValueError, match="input: expected 4 features"):
+        la = _linear_args()
+        nf.plastic_linear(la["input"].detach()[..., :3], la["weight"].detach(), la["alpha"].detach(), la["eta"])
