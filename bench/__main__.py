@@ -8,7 +8,7 @@ import time
 import torch
 
 from . import ceilings as ceilings_mod
-from . import report
+from . import memory, report
 from .cases import select
 from .runner import kernel_backends, run_case
 
@@ -55,7 +55,10 @@ def main(argv=None):
         rows += run_case(case, device, ceilings, rounds=rounds, with_compile=not args.no_compile)
     tag = args.tag or ("gpu" if device.type == "cuda" else "cpu")
     meta = report.metadata(device, ceilings)
-    files = report.write(rows, meta, args.out, tag) + report.plots(rows, args.out, tag)
+    extra = {}
+    if any(c.family == "plastic_rnn" for c in cases):
+        extra["plastic_memory"] = memory.plastic_memory(device)
+    files = report.write(rows, meta, args.out, tag, extra) + report.plots(rows, args.out, tag)
     print()
     print(open(os.path.join(args.out, tag + ".md")).read())
     print(f"{len(rows)} timings in {time.time() - start:.0f} s; wrote {', '.join(os.path.relpath(f) for f in files)}")

@@ -38,6 +38,7 @@ class Case:
     build: Callable[[torch.device], Setup]
     params: dict
     full_only: bool = False
+    compile_baseline: bool = True  # False where compiling the eager loop would take minutes
 
     @property
     def id(self):
@@ -110,7 +111,7 @@ def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, full_on
                      step=forward_backward if backward else forward_only)
 
     params = {"n": n, "c": c, "hw": hw, "active": active, "tasks": tasks, "backward": backward}
-    return Case("masked_conv2d", name, build, params, full_only)
+    return Case("masked_conv2d", name, build, params, full_only, compile_baseline=tasks is None)
 
 
 def _eager_masked_linear(x, w, b, m):
@@ -137,7 +138,35 @@ def _masked_linear_case(name, n, d, active, tasks=None, full_only=False):
                      flops=6 * count * n * d * d * active, nbytes=4 * count * (4 * n * d + d * d),
                      step=forward_backward)
 
-    return Case("masked_linear", name, build, {"n": n, "d": d, "active": active, "tasks": tasks}, full_only)
+    return Case("masked_linear", name, build, {"n": n, "d": d, "active": active, "tasks": tasks}, full_only,
+                compile_baseline=tasks is None)
+
+
+def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_only=False):
+    from neuronml_fast.ops.plastic import plastic_rnn_reference
+
+    def build(device):
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randn(steps, batch, n, generator=gen) * 0.1).to(device)
+        w = (torch.randn(n, n, generator=gen) * 0.01).to(device).requires_grad_()
+        a = (torch.randn(n, n, generator=gen) * 0.01).to(device).requires_grad_()
+        eta = torch.tensor(0.01, device=device, requires_grad=True)
+        mod = (torch.randn(steps, batch, generator=gen) * 0.1).to(device) if modulation else None
+
+        def eager(x, w, a, eta):
+            return plastic_rnn_reference(x, w, a, eta, modulation=mod, rule=rule)[0]
+
+        def fused(x, w, a, eta):
+            return nf.plastic_rnn(x, w, a, eta, modulation=mod, rule=rule)[0]
+
+        trace = batch * n * n
+        # Lower bound of the traffic: the trace read and written once per step.
+        return Setup(eager, fused, [(x, w, a, eta)], flops=steps * trace * 30, nbytes=steps * trace * 4 * 2,
+                     step=forward_backward)
+
+    params = {"batch": batch, "n": n, "steps": steps, "rule": rule, "modulation": modulation}
+    # torch.compile of the eager reference unrolls T steps: minutes of compilation, so no baseline.
+    return Case("plastic_rnn", name, build, params, full_only, compile_baseline=False)
 
 
 CONV4 = dict(n=80, c=64, hw=14)  # the Conv4-Omniglot block: 80 images, 64 -> 64 channels, 14x14
@@ -154,6 +183,10 @@ CASES = [
       for a in (1.0, 0.5)],
     *[_masked_linear_case(f"256x1024 fwd+bwd active={a:.0%}", n=256, d=1024, active=a) for a in (1.0, 0.5)],
     _masked_linear_case("32 tasks x 75x256 fwd+bwd active=50%", n=75, d=256, active=0.5, tasks=32),
+    _plastic_case("B=16 N=256 T=100 hebb fwd+bwd", 16, 256, 100),
+    _plastic_case("B=1 N=1000 T=106 hebb fwd+bwd (Miconi)", 1, 1000, 106),
+    _plastic_case("B=16 N=128 T=100 modulated fwd+bwd", 16, 128, 100, modulation=True),
+    _plastic_case("B=16 N=64 T=200 oja fwd+bwd", 16, 64, 200, rule="oja"),
 ]
 
 

@@ -61,11 +61,14 @@ def table(rows):
     return "\n".join(lines)
 
 
-def write(rows, meta, out_dir, tag):
+def write(rows, meta, out_dir, tag, extra=None):
+    from .memory import table as memory_table
+
+    extra = extra or {}
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, tag)
     with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "results": [r.__dict__ for r in rows]}, f, indent=1)
+        json.dump({"meta": meta, "results": [r.__dict__ for r in rows], **extra}, f, indent=1)
     with open(base + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
         fields = ["case", "variant", "median_ms", "q1_ms", "q3_ms", "speedup_vs_eager", "speedup_vs_compile",
@@ -79,6 +82,8 @@ def write(rows, meta, out_dir, tag):
                 f"read {meta['ceilings']['read_gbps']:.1f} GB/s, matmul "
                 + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in meta["ceilings"]["matmul_tflops"].items())
                 + "\n\n" + table(rows) + "\n")
+        if "plastic_memory" in extra:
+            f.write("\n" + memory_table(extra["plastic_memory"]) + "\n")
     return [base + ext for ext in (".json", ".csv", ".md")]
 
 
@@ -121,4 +126,25 @@ def _speedup_bars(plt, rows):
     return fig
 
 
-PLOTTERS = {"neuron_sensitivity": _speedup_bars}
+def _masked_fraction(plt, rows):
+    by_active = {}
+    for r in rows:
+        p = r.params
+        if p.get("tasks") or not p.get("backward", True) or r.variant == "eager":
+            continue
+        by_active.setdefault(r.variant, []).append((p["active"], r.speedup_vs_eager))
+    if not by_active:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for variant, points in by_active.items():
+        points.sort()
+        ax.plot([100 * a for a, _ in points], [s for _, s in points], marker="o", label=variant)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("active neurons (%)")
+    ax.set_ylabel("fwd+bwd speedup vs eager")
+    ax.set_title("masked conv, Conv4 block")
+    ax.legend()
+    return fig
+
+
+PLOTTERS = {"neuron_sensitivity": _speedup_bars, "masked_conv2d": _masked_fraction, "plastic_rnn": _speedup_bars}

@@ -30,7 +30,7 @@ def build_variants(case, device, with_compile=True):
     """(setup, {variant name: fn(i)}) for one case on one device."""
     setup = case.build(torch.device(device))
     variants = {"eager": lambda i: setup.run(setup.reference, i)}
-    if with_compile:
+    if with_compile and case.compile_baseline:
         compiled = torch.compile(setup.reference)
         variants["compile"] = lambda i: setup.run(compiled, i)
     for backend in kernel_backends(device):
