@@ -236,3 +236,64 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="input: expected 4 features"):
         la = _linear_args()
         nf.plastic_linear(la["input"].detach()[..., :3], la["weight"].detach(), la["alpha"].detach(), la["eta"])
+
+
+def test_plastic_layers_carry_state_across_calls():
+    torch.manual_seed(0)
+    rnn = nf.nn.PlasticRNN(6).double()
+    assert rnn.alpha.shape == (6, 6) and rnn.eta.item() == pytest.approx(0.01)
+    x = torch.randn(10, 2, 6, dtype=F64)
+    whole, (y_whole, h_whole) = rnn(x)
+    first, state = rnn(x[:4])
+    second, (y_split, h_split) = rnn(x[4:], state)
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+    torch.testing.assert_close(h_split, h_whole)
+    torch.testing.assert_close(y_split, y_whole)
+    (whole.sum() + h_whole.sum()).backward()
+    assert rnn.eta.grad is not None and rnn.alpha.grad is not None
+
+    layer = nf.nn.PlasticLinear(3, 4, alpha="scalar").double()
+    out, hebb = layer(torch.randn(5, 2, 3, dtype=F64))
+    assert out.shape == (5, 2, 4) and hebb.shape == (2, 4, 3) and layer.alpha.dim() == 0
+    with pytest.raises(ValueError, match="alpha: expected 'per_connection' or 'scalar'"):
+        nf.nn.PlasticLinear(3, 4, alpha="matrix")
+
+
+def test_plastic_rnn_learns_pattern_completion_where_a_fixed_network_cannot():
+    # Miconi et al. (2018), scaled down: each episode shows 2 random binary patterns, then a
+    # half-erased copy of one of them; the network must complete it. Only the Hebbian trace
+    # can store the episode's patterns, so a plastic network learns, a non-plastic one cannot.
+    torch.manual_seed(0)
+    N, shows, B = 16, 3, 16
+
+    def episode():
+        patterns = torch.randint(0, 2, (B, 2, N)).double() * 2 - 1
+        steps = [patterns[:, k] for _ in range(shows) for k in range(2)]
+        pick = patterns[torch.arange(B), torch.randint(0, 2, (B,))]
+        cue = pick.clone()
+        cue[:, N // 2:] = 0
+        steps += [torch.zeros(B, N), cue]
+        return torch.stack(steps), pick
+
+    def train(plastic):
+        rnn = nf.nn.PlasticRNN(N, eta=0.3).double()
+        if not plastic:
+            rnn.alpha.requires_grad_(False).zero_()
+            rnn.eta.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in rnn.parameters() if p.requires_grad], lr=3e-2)
+        for _ in range(400):
+            x, target = episode()
+            out, _ = rnn(x)
+            loss = (out[-1] - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x, target = episode()
+            out, _ = rnn(x)
+            return (out[-1, :, N // 2:] - target[:, N // 2:]).square().mean().item()
+
+    plastic_error, fixed_error = train(True), train(False)
+    # Chance (output 0) is an error of 1.0; the fixed network stays near it (measured 0.80),
+    # the plastic one completes most of the erased half (measured 0.53).
+    assert plastic_error < 0.65 and plastic_error < 0.75 * fixed_error, (plastic_error, fixed_error)
