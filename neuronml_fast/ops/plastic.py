@@ -14,7 +14,9 @@ Where things are:
 
 * reference (the oracle): `plastic_linear_reference`, `plastic_rnn_reference`, below. Eager
   autograd keeps one trace per step: O(T * B * N^2) memory.
-* kernels: neuronml_fast/cpu/plastic.py + csrc/cpu/plastic.cpp (C++ CPU): one fused pass over
+* kernels: kernels/plastic.py (Triton: whole sequence in one launch, trace in registers, for
+  N <= 128; one launch per step above), neuronml_fast/cpu/plastic.py + csrc/cpu/plastic.cpp
+  (C++ CPU). Both: one fused pass over
   the trace per step (pre-activation row and trace update together), and a backward that walks
   time in reverse, reconstructing each trace from the next (the rules are invertible), so
   training memory is O(B * N^2) whatever T.
@@ -107,6 +109,7 @@ OP = "plastic"
 for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
     backends.register_op(OP + _suffix, kernels={
         "cpu": (f"neuronml_fast.cpu.plastic:plastic_{_stage}", backends.FULL_DTYPES),
+        "triton": (f"neuronml_fast.kernels.plastic:plastic_{_stage}", backends.FULL_DTYPES),
     })
 
 
