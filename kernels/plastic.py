@@ -308,7 +308,7 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
     common = (alpha, eta, bias if bias is not None else dummy, drive if drive is not None else dummy)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     clip_value = torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device)
-    if max(out_features, in_features) <= SEQUENCE_KERNEL_MAX_N and clip is None:
+    if max(out_features, in_features) <= SEQUENCE_KERNEL_MAX_N and clip is None:  # (clip: per-step kernel)
         block_o, block_i = triton.next_power_of_2(out_features), triton.next_power_of_2(in_features)
         if recurrent:
             block_o = block_i = max(block_o, block_i)
@@ -352,11 +352,12 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     gmod_rows = torch.zeros((B, out_features), dtype=acc, device=x.device)
     grad_mod = None if modulation is None else torch.zeros(modulation.shape, dtype=acc, device=x.device)
     carry = torch.zeros((B, out_features), dtype=acc, device=x.device)
+    recompute = clip is not None or activation == "identity"  # see neuronml_fast.cpu.plastic.recomputes
     segment, segment_start = None, None
     clip_value = torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device)
     dummy = x
     for t in range(T - 1, -1, -1):
-        if clip is not None and (segment_start is None or t < segment_start):
+        if recompute and (segment_start is None or t < segment_start):
             segment_start = (t // every) * every
             segment = [checkpoints[t // every].to(acc).clone()]
             for u in range(segment_start, t):
@@ -367,13 +368,13 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
                     clip_value, HAS_BIAS=False, HAS_DRIVE=False, UPDATE_ONLY=True, BLOCK_O=block_o,
                     BLOCK_I=block_i, **flags)
                 segment.append(nxt)
-        if clip is None and (t + 1) % every == 0 and t + 1 < T:
+        if not recompute and (t + 1) % every == 0 and t + 1 < T:
             trace.copy_(checkpoints[(t + 1) // every])  # restart the reconstruction from an exact trace
-        h = segment[t - segment_start] if clip is not None else trace
+        h = segment[t - segment_start] if recompute else trace
         _backward_step_kernel[(B, blocks)](
             weight, alpha, eta, _pre(x, y0, output, t, recurrent).to(acc).contiguous(), output, grad_output, carry,
             modulation if modulation is not None else dummy, h, grad_trace, grad_z, gpre_part, galpha_part,
-            geta_part, gmod_rows, t, B, out_features, in_features, clip_value, RECONSTRUCT=clip is None,
+            geta_part, gmod_rows, t, B, out_features, in_features, clip_value, RECONSTRUCT=not recompute,
             BLOCK_O=block_o, BLOCK_I=block_i, **flags)
         gp = gpre_part.sum(0)
         if recurrent:

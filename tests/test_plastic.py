@@ -89,10 +89,9 @@ def test_plastic_rnn_matches_reference(backend, device, rule, modulation, clip, 
 @settings(max_examples=10)
 def test_plastic_rnn_random_shapes(backend, device, T, B, N, y0, hebb, activation, seed):
     args = _rnn_args(T, B, N, y0=y0, hebb=hebb, seed=seed, device=device)
-    # Without tanh the activity can grow without bound: undoing the trace updates then loses
-    # relative precision (gradients of 1e11 here), so compare to 1e-6 instead of 1e-8.
-    rtol = 1e-8 if activation == "tanh" else 1e-6
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(activation=activation), rtol=rtol)
+    # Identity activation lets activity explode (1e68 in one example): those traces are
+    # recomputed from checkpoints rather than reconstructed, so this stays exact too.
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(activation=activation))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

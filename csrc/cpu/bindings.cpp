@@ -244,6 +244,7 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   s.alpha_scalar = alpha.dim() == 0;
   s.has_clip = clip.has_value();
   s.clip = clip.value_or(0.0);
+  s.recompute = s.has_clip || !tanh;
   s.checkpoint_every = std::max<int64_t>(checkpoint_every, 1);
   const auto dtype = x.scalar_type();
   check_full(x, "input", x.sizes(), dtype);
@@ -307,7 +308,8 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
   TORCH_CHECK(checkpoints.has_value(), "checkpoints: required");
   check_full(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
              dtype);
-  TORCH_CHECK(s.has_clip == segment.has_value(), "segment: expected exactly when clip is given");
+  TORCH_CHECK(s.recompute == segment.has_value(),
+              "segment: expected exactly when segments are recomputed (clip or identity activation)");
   if (segment) check_full(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_backward", [&] {
     neuronml_fast::cpu::plastic_backward<scalar_t>(

@@ -165,13 +165,13 @@ struct RowGrad {
   T gz, dm, deta;
 };
 
-// One row (sequence b, neuron j) of step t, in reverse. h holds H_{t+1} (or, under clip, H_t
-// from the recomputed segment) and leaves holding H_t; gh holds dL/dH_{t+1} and leaves holding
+// One row (sequence b, neuron j) of step t, in reverse. h holds H_{t+1} (or, when recomputing,
+// H_t from the segment) and leaves holding H_t; gh holds dL/dH_{t+1} and leaves holding
 // dL/dH_t. Adds into ga (alpha) and gp (presynaptic activity).
 template <typename T, PlasticRule kRule, bool kScalar, bool kClip>
-RowGrad<T> backward_row(const T* p, T y, T gy_out, T eta, T m, T c, bool tanh_act, const T* w, const T* alpha,
-                        T* h, T* gh, T* ga, T* gp, int64_t n) {
-  if constexpr (!kClip) reconstruct_row(kRule, h, p, y, eta, m, n);
+RowGrad<T> backward_row(const T* p, T y, T gy_out, T eta, T m, T c, bool tanh_act, bool reconstruct, const T* w,
+                        const T* alpha, T* h, T* gh, T* ga, T* gp, int64_t n) {
+  if (reconstruct) reconstruct_row(kRule, h, p, y, eta, m, n);
   // First pass: the clip mask on dL/dH', and the rule's share of dL/dy_j (and dL/dM_j).
   T dy = T(0), dm = T(0);
 #pragma omp simd reduction(+ : dy, dm)
@@ -239,7 +239,7 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
   int64_t segment_start = -1;
 
   for (int64_t t = s.T - 1; t >= 0; --t) {
-    if (s.has_clip && (segment_start < 0 || t < segment_start)) {
+    if (s.recompute && (segment_start < 0 || t < segment_start)) {
       // Recompute this segment's traces from its checkpoint: segment[u] = H before step start + u.
       segment_start = (t / s.checkpoint_every) * s.checkpoint_every;
       std::memcpy(segment, checkpoints + (t / s.checkpoint_every) * trace, sizeof(T) * trace);
@@ -255,7 +255,7 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
         }
       }
     }
-    if (!s.has_clip && (t + 1) % s.checkpoint_every == 0 && t + 1 < s.T) {
+    if (!s.recompute && (t + 1) % s.checkpoint_every == 0 && t + 1 < s.T) {
       // Restart the reconstruction from the exact trace: rounding never compounds past a segment.
       std::memcpy(hebb, checkpoints + ((t + 1) / s.checkpoint_every) * trace, sizeof(T) * trace);
     }
@@ -269,10 +269,11 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
         const int tid = thread_id();
         const int64_t b = r / O, j = r % O;
         const T m = kRule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
-        T* h = kClip ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
+        T* h = s.recompute ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
         RowGrad<T> g = backward_row<T, kRule, kScalar, kClip>(
             pre_of(s, x, y0, output, zeros.data(), t, b), output[t * rows + r],
             grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0)), eta, m, static_cast<T>(s.clip), s.tanh,
+            !s.recompute,
             weight + j * I, kScalar ? alpha : alpha + j * I, h, grad_hebb + r * I,
             alpha_acc.data() + static_cast<size_t>(tid) * alpha_size + (kScalar ? 0 : j * I),
             pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I, I);

@@ -28,6 +28,9 @@ struct PlasticShape {
   bool alpha_scalar;         // alpha is one number for all connections
   bool has_clip;
   double clip;
+  bool recompute;            // recompute segments from checkpoints instead of undoing updates
+                             // (clip: not invertible; identity activation: unbounded activity
+                             // makes undoing an update cancel catastrophically)
   int64_t checkpoint_every;  // steps between stored traces (the trace before steps 0, k, 2k, ...)
 };
 

@@ -15,16 +15,22 @@ AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing 
 COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
 
 
-def checkpoint_every(steps, eta, clip, modulated):
+def recomputes(clip, activation):
+    """Clip (not invertible) and identity activation (unbounded activity: undoing an update
+    cancels catastrophically) recompute segments forward from checkpoints."""
+    return clip is not None or activation == "identity"
+
+
+def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
     """Steps between stored traces.
 
-    Clip: ~sqrt(T), segments are recomputed forward (the clamp is not invertible). Otherwise the
+    Recomputed segments (see `recomputes`): ~sqrt(T) steps. Otherwise the
     backward reconstructs traces, and undoing a (1 - eta) decay amplifies rounding by 1 / (1 - eta)
     per step: store a trace every ln(256) / -ln(1 - eta) steps (550 at eta = 0.01), so float32
     gradients stay accurate at any T while memory stays flat up to that many steps.
     """
     steps = max(steps, 1)
-    if clip is not None:
+    if recomputes(clip, activation):
         return max(1, math.isqrt(steps))
     if modulated:
         return steps  # additive updates: nothing compounds
@@ -76,7 +82,7 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     grad_alpha = new(*(weight.shape if alpha.dim() else (1,)))
     grad_eta = new(1)
     grad_mod = None if modulation is None else new(*modulation.shape)
-    segment = new(every, B, out_features, in_features) if clip is not None else None
+    segment = new(every, B, out_features, in_features) if recomputes(clip, activation) else None
     _extensions.cpu().plastic_backward_out(
         _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent, _rule_code(rule, modulation),
         activation == "tanh", every, _c(output), _c(grad_output), _c(checkpoints), trace,

@@ -240,11 +240,11 @@ plastic_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public functions ----------------------------------------------------------------------
 
 
-def _checkpoint_every(input, eta, clip, modulation):
+def _checkpoint_every(input, eta, clip, modulation, activation):
     from ..cpu.plastic import checkpoint_every
 
     value = None if torch.compiler.is_compiling() else eta.detach()
-    return checkpoint_every(input.shape[0], value, clip, modulation is not None)
+    return checkpoint_every(input.shape[0], value, clip, modulation is not None, activation)
 
 
 def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, rule="hebb", activation="tanh"):
@@ -261,7 +261,7 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     backend = backends.resolve(OP, input.device.type, input.dtype)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
-    every = _checkpoint_every(input, eta, None, None)
+    every = _checkpoint_every(input, eta, None, None, activation)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
                                  activation, every, backend)
     return output, hebb
@@ -282,7 +282,7 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation)
     clip = None if clip is None else float(clip)
-    every = _checkpoint_every(input, eta, clip, modulation)
+    every = _checkpoint_every(input, eta, clip, modulation, activation)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
                                  activation, every, backend)
     return output, hebb
