@@ -56,6 +56,20 @@ def _modulation(mod_ptr, t, b, B, OUT, rows, ok, PER_NEURON: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT: tl.constexpr, HAS_BIAS: tl.constexpr,
+          HAS_DRIVE: tl.constexpr, TANH: tl.constexpr, ACC: tl.constexpr):
+    """y from the plastic part of z: + input_t (rnn) or + bias + drive_t (linear), then act."""
+    if RECURRENT:
+        z += tl.load(x_ptr + row, mask=row_ok, other=0.0).to(ACC)
+    else:
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+        if HAS_DRIVE:
+            z += tl.load(drive_ptr + row, mask=row_ok, other=0.0).to(ACC)
+    return _tanh(z) if TANH else z
+
+
+@triton.jit
 def _forward_sequence_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, out_ptr, ckpt_ptr,
     T, B, OUT, IN, clip_ptr, EVERY,
@@ -90,14 +104,7 @@ def _forward_sequence_kernel(
         if not RECURRENT:
             p = tl.load(x_ptr + (t * B + b) * IN + cols, mask=col_ok, other=0.0).to(ACC)
         z = tl.sum((w + a * h) * p[None, :], axis=1)
-        if RECURRENT:
-            z += tl.load(x_ptr + row, mask=row_ok, other=0.0).to(ACC)
-        else:
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-            if HAS_DRIVE:
-                z += tl.load(drive_ptr + row, mask=row_ok, other=0.0).to(ACC)
-        y = _tanh(z) if TANH else z
+        y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         y = tl.where(row_ok, y, 0.0)
         tl.store(out_ptr + row, y, mask=row_ok)
         m = y
@@ -140,14 +147,7 @@ def _forward_step_kernel(
             h = tl.load(hebb_ptr + trace + tile, mask=ok, other=0.0).to(ACC)
             p = tl.load(pre_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)
             z += tl.sum((w + a * h) * p[None, :], axis=1)
-        if RECURRENT:
-            z += tl.load(x_ptr + row, mask=row_ok, other=0.0).to(ACC)
-        else:
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-            if HAS_DRIVE:
-                z += tl.load(drive_ptr + row, mask=row_ok, other=0.0).to(ACC)
-        y = _tanh(z) if TANH else z
+        y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         tl.store(out_ptr + row, y, mask=row_ok)
     m = y
     if RULE == 2:

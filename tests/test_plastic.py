@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import neuronml_fast as nf
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
 
+from bench.memory import saved_bytes
 from conftest import kernel_backends
 
 BACKENDS = [p for p in kernel_backends() if p.values[0] in nf.backends.ops()["plastic"].dtypes]
@@ -147,41 +148,20 @@ def test_training_memory_does_not_grow_with_sequence_length(backend, device):
     # What autograd keeps for the backward: O(B * N^2) for the fused op, whatever T (here up to
     # T = 500 at eta = 0.01; past ln(256) / -ln(1 - eta) = 550 steps one more trace is kept every
     # 550 steps, see neuronml_fast/cpu/plastic.py).
-    def saved_bytes(T):
+    def saved(T):
         args = _rnn_args(T=T, B=4, N=64, dtype=torch.float32)
         with torch.no_grad():
             args["eta"].fill_(0.01)
-        total = 0
+        with nf.use_backend(backend):
+            return saved_bytes(lambda: nf.plastic_rnn(**args))
 
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), nf.use_backend(backend):
-            nf.plastic_rnn(**args)
-        return total
-
-    short, long = saved_bytes(50), saved_bytes(500)
+    short, long = saved(50), saved(500)
     trace_bytes = 4 * 64 * 64 * 4
     per_step_outputs = 2 * 4 * 64 * 4  # input and output activations, O(T * B * N)
     assert long - short <= 450 * per_step_outputs
     assert long < 4 * trace_bytes + 500 * per_step_outputs
     reference = _rnn_args(T=50, B=4, N=64, dtype=torch.float32)
-    assert short < saved_reference_bytes(reference) / 5
-
-
-def saved_reference_bytes(args):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        plastic_rnn_reference(**args)
-    return total
+    assert short < saved_bytes(lambda: plastic_rnn_reference(**reference)) / 5
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

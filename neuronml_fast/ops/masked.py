@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import _checks, backends
 from ..cpu import masked as cpu_masked
+from ._vmap import merge_batch
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
@@ -349,14 +350,8 @@ def _merge_into_tasks(op, n_tensors):
 
     def rule(info, in_dims, *args):
         batch = info.batch_size
-
-        def merge(t, dim):
-            if t is None:
-                return None
-            t = t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
-            return t.flatten(0, 1)
-
-        merged = [merge(a, d) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])] + list(args[n_tensors:])
+        merged = [merge_batch(a, d, batch) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+        merged += list(args[n_tensors:])
         outs = op(*merged)
         results, dims = [], []
         for o in outs:

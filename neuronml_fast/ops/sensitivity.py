@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _alloc, _checks, backends
+from ._vmap import merge_batch
 
 OP = "neuron_sensitivity"
 
@@ -122,16 +123,10 @@ neuron_sensitivity_op.register_autograd(_backward, setup_context=_setup_context)
 def _vmap(info, in_dims, weight, grad_weight, bias, grad_bias, backend):
     # A batch of layers is one taller layer: merge the vmapped dim into the neuron dim.
     batch = info.batch_size
-
-    def merge(t, dim):
-        if t is None:
-            return None
-        t = t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
-        return t.flatten(0, 1)
-
     w_dim, g_dim, b_dim, gb_dim, _ = in_dims
     sensitivity, taylor = neuron_sensitivity_op(
-        merge(weight, w_dim), merge(grad_weight, g_dim), merge(bias, b_dim), merge(grad_bias, gb_dim), backend
+        merge_batch(weight, w_dim, batch), merge_batch(grad_weight, g_dim, batch), merge_batch(bias, b_dim, batch),
+        merge_batch(grad_bias, gb_dim, batch), backend
     )
     return (sensitivity.view(batch, -1), taylor.view(batch, -1)), (0, 0)
 
