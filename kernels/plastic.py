@@ -15,16 +15,15 @@ C++ CPU backend (csrc/cpu/plastic.cpp); the reference, custom op and autograd li
   segments are recomputed forward from their checkpoints.
 """
 
-import torch
+import functools
+
 import triton
 import triton.language as tl
 
-from neuronml_fast import _alloc
+from neuronml_fast import _plastic_driver
 
 from ._common import accumulation_tl_dtype
 
-HEBB, OJA, MODULATED = 0, 1, 2
-_RULES = {"hebb": HEBB, "oja": OJA}
 SEQUENCE_KERNEL_MAX_N = 128
 
 
@@ -266,132 +265,59 @@ def _backward_step_kernel(
         tl.store(galpha_part_ptr + slot, tl.load(galpha_part_ptr + slot) + tl.sum(ga_scalar, axis=0))
 
 
-# ---- launchers -------------------------------------------------------------------------------
+# ---- launchers: the step kernels behind neuronml_fast/_plastic_driver.py ------------------------
 
 
-def _flags(x, alpha, modulation, clip, recurrent, rule, activation):
-    return dict(RECURRENT=recurrent, RULE=MODULATED if modulation is not None else _RULES[rule],
-                PER_NEURON=modulation is not None and modulation.dim() == 3, TANH=activation == "tanh",
-                ALPHA_SCALAR=alpha.dim() == 0, HAS_CLIP=clip is not None, ACC=accumulation_tl_dtype(x.dtype))
+class TritonSteps:
+    @staticmethod
+    def rows_per_block(out_features, in_features):
+        return min(32, triton.next_power_of_2(max(out_features, 1)))
 
+    @staticmethod
+    def _cols(in_features):
+        return min(64, triton.next_power_of_2(max(in_features, 1)))
 
-def _blocks(out_features, in_features):
-    return min(32, triton.next_power_of_2(max(out_features, 1))), min(64, triton.next_power_of_2(max(in_features, 1)))
+    @staticmethod
+    def _flags(p):
+        return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, TANH=p.tanh,
+                    ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip, ACC=accumulation_tl_dtype(p.x.dtype))
 
-
-def _pre(x, y0, output, t, recurrent):
-    if not recurrent:
-        return x[t]
-    if t > 0:
-        return output[t - 1]
-    return y0 if y0 is not None else x.new_zeros(x.shape[1:])
-
-
-def _c(t):
-    return None if t is None else t.contiguous()
-
-
-def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-                    every):
-    x, weight, alpha, eta, bias, drive, y0, modulation = map(_c, (x, weight, alpha, eta, bias, drive, y0, modulation))
-    T, B = x.shape[:2]
-    out_features, in_features = weight.shape
-    new = lambda *shape: _alloc.empty(shape, dtype=x.dtype, device=x.device)  # noqa: E731
-    trace = new(B, out_features, in_features)
-    trace.copy_(hebb) if hebb is not None else trace.zero_()
-    output = new(T, B, out_features)
-    checkpoints = new(-(-T // every), B, out_features, in_features)
-    if T == 0 or B == 0:
-        return output, trace, checkpoints
-    flags = _flags(x, alpha, modulation, clip, recurrent, rule, activation)
-    dummy = x
-    common = (alpha, eta, bias if bias is not None else dummy, drive if drive is not None else dummy)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    clip_value = torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device)
-    if max(out_features, in_features) <= SEQUENCE_KERNEL_MAX_N and clip is None:  # (clip: per-step kernel)
-        block_o, block_i = triton.next_power_of_2(out_features), triton.next_power_of_2(in_features)
-        if recurrent:
+    def sequence_forward(self, p, trace, checkpoints, every):
+        if max(p.out_features, p.in_features) > SEQUENCE_KERNEL_MAX_N or p.has_clip:
+            return False
+        block_o, block_i = triton.next_power_of_2(p.out_features), triton.next_power_of_2(p.in_features)
+        if p.recurrent:
             block_o = block_i = max(block_o, block_i)
-        _forward_sequence_kernel[(B,)](
-            x, weight, *common, y0 if y0 is not None else dummy, modulation if modulation is not None else dummy,
-            trace, output, checkpoints, T, B, out_features, in_features, clip_value, every,
-            HAS_BIAS=bias is not None, HAS_DRIVE=drive is not None, HAS_Y0=y0 is not None,
-            BLOCK_O=block_o, BLOCK_I=block_i, **flags)
-        return output, trace, checkpoints
-    block_o, block_i = _blocks(out_features, in_features)
-    grid = (B, triton.cdiv(out_features, block_o))
-    for t in range(T):
-        if t % every == 0:
-            checkpoints[t // every].copy_(trace)
-        _forward_step_kernel[grid](
-            x, weight, *common, _pre(x, y0, output, t, recurrent).contiguous(),
-            modulation if modulation is not None else dummy, trace, output, t, B, out_features, in_features,
-            clip_value, HAS_BIAS=bias is not None, HAS_DRIVE=drive is not None, UPDATE_ONLY=False,
-            BLOCK_O=block_o, BLOCK_I=block_i, **flags)
-    return output, trace, checkpoints
+        x = p.x
+        _forward_sequence_kernel[(p.B,)](
+            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), _or(p.y0, x), _or(p.modulation, x),
+            trace, p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip, every,
+            HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
+            BLOCK_O=block_o, BLOCK_I=block_i, **self._flags(p))
+        return True
+
+    def forward_step(self, p, t, pre, trace, update_only):
+        block_o = self.rows_per_block(p.out_features, p.in_features)
+        x = p.x
+        _forward_step_kernel[(p.B, triton.cdiv(p.out_features, block_o))](
+            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), pre, _or(p.modulation, x), trace,
+            p.output, t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
+            HAS_DRIVE=p.drive is not None, UPDATE_ONLY=update_only, BLOCK_O=block_o,
+            BLOCK_I=self._cols(p.in_features), **self._flags(p))
+
+    def backward_step(self, p, t, pre, h, carry, reconstruct, grad_trace, grad_z, gpre_part, galpha_part, geta_part,
+                      gmod_rows):
+        block_o = self.rows_per_block(p.out_features, p.in_features)
+        _backward_step_kernel[(p.B, triton.cdiv(p.out_features, block_o))](
+            p.weight, p.alpha, p.eta, pre, p.output, p.grad_output, carry, _or(p.modulation, p.x), h, grad_trace,
+            grad_z, gpre_part, galpha_part, geta_part, gmod_rows, t, p.B, p.out_features, p.in_features, p.clip,
+            RECONSTRUCT=reconstruct, BLOCK_O=block_o, BLOCK_I=self._cols(p.in_features), **self._flags(p))
 
 
-def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
-                     clip, recurrent, rule, activation, every):
-    x, weight, alpha, eta, y0, modulation, output, grad_output = map(
-        _c, (x, weight, alpha, eta, y0, modulation, output, grad_output))
-    T, B = x.shape[:2]
-    out_features, in_features = weight.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    flags = _flags(x, alpha, modulation, clip, recurrent, rule, activation)
-    block_o, block_i = _blocks(out_features, in_features)
-    blocks = triton.cdiv(out_features, block_o)
-    trace = hebb_final.detach().to(acc).clone()
-    grad_trace = (torch.zeros_like(trace) if grad_hebb is None else grad_hebb.detach().to(acc).clone()).contiguous()
-    grad_z = _alloc.empty((T, B, out_features), dtype=acc, device=x.device)
-    grad_pre = None if recurrent else _alloc.empty((T, B, in_features), dtype=acc, device=x.device)
-    gpre_part = _alloc.empty((blocks, B, in_features), dtype=acc, device=x.device)
-    galpha_part = torch.zeros((B * blocks,) if alpha.dim() == 0 else (B, out_features, in_features), dtype=acc,
-                              device=x.device)
-    geta_part = torch.zeros(B * blocks, dtype=acc, device=x.device)
-    gmod_rows = torch.zeros((B, out_features), dtype=acc, device=x.device)
-    grad_mod = None if modulation is None else torch.zeros(modulation.shape, dtype=acc, device=x.device)
-    carry = torch.zeros((B, out_features), dtype=acc, device=x.device)
-    recompute = clip is not None or activation == "identity"  # see neuronml_fast.cpu.plastic.recomputes
-    segment, segment_start = None, None
-    clip_value = torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device)
-    dummy = x
-    for t in range(T - 1, -1, -1):
-        if recompute and (segment_start is None or t < segment_start):
-            segment_start = (t // every) * every
-            segment = [checkpoints[t // every].to(acc).clone()]
-            for u in range(segment_start, t):
-                nxt = segment[-1].clone()
-                _forward_step_kernel[(B, blocks)](
-                    x, weight, alpha, eta, dummy, dummy, _pre(x, y0, output, u, recurrent).contiguous(),
-                    modulation if modulation is not None else dummy, nxt, output, u, B, out_features, in_features,
-                    clip_value, HAS_BIAS=False, HAS_DRIVE=False, UPDATE_ONLY=True, BLOCK_O=block_o,
-                    BLOCK_I=block_i, **flags)
-                segment.append(nxt)
-        if not recompute and (t + 1) % every == 0 and t + 1 < T:
-            trace.copy_(checkpoints[(t + 1) // every])  # restart the reconstruction from an exact trace
-        h = segment[t - segment_start] if recompute else trace
-        _backward_step_kernel[(B, blocks)](
-            weight, alpha, eta, _pre(x, y0, output, t, recurrent).to(acc).contiguous(), output, grad_output, carry,
-            modulation if modulation is not None else dummy, h, grad_trace, grad_z, gpre_part, galpha_part,
-            geta_part, gmod_rows, t, B, out_features, in_features, clip_value, RECONSTRUCT=not recompute,
-            BLOCK_O=block_o, BLOCK_I=block_i, **flags)
-        gp = gpre_part.sum(0)
-        if recurrent:
-            carry = gp
-        else:
-            grad_pre[t] = gp
-        if grad_mod is not None:
-            grad_mod[t] = gmod_rows if modulation.dim() == 3 else gmod_rows.sum(1)
-    if recurrent:
-        pre = torch.cat([(y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0), output[:-1]]) \
-            if T else x.new_zeros((0, B, in_features))
-        grad_input, grad_y0 = grad_z, carry
-    else:
-        pre, grad_input, grad_y0 = x, grad_pre, None
-    grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre.to(acc))
-    grad_alpha = galpha_part.sum() if alpha.dim() == 0 else galpha_part.sum(0)
-    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
-    grad_drive = None if recurrent else grad_z
-    return (cast(grad_input), cast(grad_weight), cast(grad_alpha).view(alpha.shape), cast(geta_part.sum()),
-            cast(grad_trace), cast(grad_z.sum((0, 1))), cast(grad_drive), cast(grad_y0), cast(grad_mod))
+def _or(t, fallback):
+    """A real pointer for an argument the kernel will not read (its HAS_* flag is off)."""
+    return t if t is not None else fallback
+
+
+plastic_forward = functools.partial(_plastic_driver.forward, TritonSteps())
+plastic_backward = functools.partial(_plastic_driver.backward, TritonSteps())

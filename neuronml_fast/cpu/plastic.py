@@ -6,6 +6,7 @@ import math
 import torch
 
 from .. import _alloc, _extensions
+from .._plastic_driver import recomputes
 
 _RULE_CODES = {"hebb": 0, "oja": 1}
 MODULATED = 2
@@ -15,10 +16,6 @@ AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing 
 COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
 
 
-def recomputes(clip, activation):
-    """Clip (not invertible) and identity activation (unbounded activity: undoing an update
-    cancels catastrophically) recompute segments forward from checkpoints."""
-    return clip is not None or activation == "identity"
 
 
 def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):

@@ -1,0 +1,164 @@
+"""The time loops of the GPU plastic backends (Triton and CUDA C++), written once.
+
+A backend supplies the step kernels (`Steps`): a forward step over (sequence, block of rows),
+optionally a whole-sequence forward, and a reverse step. This module owns everything around
+them: buffers, checkpoints, the restart of the trace reconstruction from exact checkpoints, the
+forward recomputation of segments (clip, identity activation), the reductions of per-program
+partial sums, and the GEMM-shaped gradients. Same algorithm as the C++ CPU backend
+(csrc/cpu/plastic.cpp, neuronml_fast/cpu/plastic.py). No host synchronization inside the loops.
+
+Partial-sum contract of a reverse step, ``blocks = ceil(OUT / rows_per_block)``:
+``gpre_part [blocks, B, IN]`` (written), ``galpha_part [B, OUT, IN]`` or ``[B * blocks]`` for a
+scalar alpha (accumulated), ``geta_part [B * blocks]`` (accumulated), ``gmod_rows [B, OUT]``
+(written, modulated rule only), ``grad_z [T, B, OUT]`` (row t written).
+"""
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from . import _alloc
+
+HEBB, OJA, MODULATED = 0, 1, 2
+_RULES = {"hebb": HEBB, "oja": OJA}
+
+
+@dataclasses.dataclass
+class Problem:
+    x: torch.Tensor
+    weight: torch.Tensor
+    alpha: torch.Tensor
+    eta: torch.Tensor
+    bias: Optional[torch.Tensor]
+    drive: Optional[torch.Tensor]
+    y0: Optional[torch.Tensor]
+    modulation: Optional[torch.Tensor]
+    clip: torch.Tensor  # [1] in the accumulation dtype (0 when unused)
+    recurrent: bool
+    rule: int
+    per_neuron: bool
+    tanh: bool
+    alpha_scalar: bool
+    has_clip: bool
+    output: Optional[torch.Tensor] = None
+    grad_output: Optional[torch.Tensor] = None
+
+    @property
+    def T(self):
+        return self.x.shape[0]
+
+    @property
+    def B(self):
+        return self.x.shape[1]
+
+    @property
+    def out_features(self):
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self):
+        return self.weight.shape[1]
+
+    @property
+    def acc(self):
+        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+
+    def pre(self, t):
+        """Presynaptic activity of step t: x_t, or y_{t-1} (y0 or zeros at t = 0)."""
+        if not self.recurrent:
+            return self.x[t]
+        if t > 0:
+            return self.output[t - 1]
+        return self.y0 if self.y0 is not None else self.x.new_zeros(self.x.shape[1:])
+
+
+def recomputes(clip, activation):
+    """Segments are recomputed forward (not reconstructed) under clip and identity activation."""
+    return clip is not None or activation == "identity"
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return Problem(
+        x=_c(x), weight=_c(weight), alpha=_c(alpha), eta=_c(eta), bias=_c(bias), drive=_c(drive), y0=_c(y0),
+        modulation=_c(modulation),
+        clip=torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device),
+        recurrent=recurrent, rule=MODULATED if modulation is not None else _RULES[rule],
+        per_neuron=modulation is not None and modulation.dim() == 3, tanh=activation == "tanh",
+        alpha_scalar=alpha.dim() == 0, has_clip=clip is not None)
+
+
+def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
+            every):
+    p = _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation)
+    new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
+    trace = new(p.B, p.out_features, p.in_features)
+    trace.copy_(hebb) if hebb is not None else trace.zero_()
+    p.output = _alloc.empty((p.T, p.B, p.out_features), dtype=x.dtype, device=x.device)
+    checkpoints = new(-(-p.T // every), p.B, p.out_features, p.in_features)
+    if p.T == 0 or p.B == 0 or steps.sequence_forward(p, trace, checkpoints, every):
+        return p.output, trace, checkpoints
+    for t in range(p.T):
+        if t % every == 0:
+            checkpoints[t // every].copy_(trace)
+        steps.forward_step(p, t, p.pre(t).contiguous(), trace, update_only=False)
+    return p.output, trace, checkpoints
+
+
+def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
+             clip, recurrent, rule, activation, every):
+    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation)."""
+    p = _problem(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
+    p.output, p.grad_output = _c(output), _c(grad_output)
+    T, B, O, I, acc = p.T, p.B, p.out_features, p.in_features, p.acc
+    blocks = -(-O // steps.rows_per_block(O, I))
+    new = lambda *shape: _alloc.empty(shape, dtype=acc, device=x.device)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=x.device)  # noqa: E731
+    trace = hebb_final.detach().to(acc).clone()
+    grad_trace = (zeros(B, O, I) if grad_hebb is None else grad_hebb.detach().to(acc).clone()).contiguous()
+    buffers = dict(grad_trace=grad_trace, grad_z=new(T, B, O), gpre_part=new(blocks, B, I),
+                   galpha_part=zeros(B * blocks) if p.alpha_scalar else zeros(B, O, I), geta_part=zeros(B * blocks),
+                   gmod_rows=zeros(B, O))
+    grad_pre = None if recurrent else new(T, B, I)
+    grad_mod = None if modulation is None else zeros(*modulation.shape)
+    carry = zeros(B, O)
+    recompute = recomputes(clip, activation)
+    segment, segment_start = None, None
+    for t in range(T - 1, -1, -1):
+        if recompute and (segment_start is None or t < segment_start):
+            segment_start = (t // every) * every
+            segment = [checkpoints[t // every].to(acc).clone()]
+            for u in range(segment_start, t):
+                segment.append(segment[-1].clone())
+                steps.forward_step(p, u, p.pre(u).contiguous(), segment[-1], update_only=True)
+        if not recompute and (t + 1) % every == 0 and t + 1 < T:
+            trace.copy_(checkpoints[(t + 1) // every])  # restart the reconstruction from an exact trace
+        h = segment[t - segment_start] if recompute else trace
+        steps.backward_step(p, t, p.pre(t).to(acc).contiguous(), h, carry, reconstruct=not recompute, **buffers)
+        gp = buffers["gpre_part"].sum(0)
+        if recurrent:
+            carry = gp
+        else:
+            grad_pre[t] = gp
+        if grad_mod is not None:
+            grad_mod[t] = buffers["gmod_rows"] if modulation.dim() == 3 else buffers["gmod_rows"].sum(1)
+    grad_z = buffers["grad_z"]
+    if recurrent:
+        first = (y0 if y0 is not None else x.new_zeros((B, O))).unsqueeze(0)
+        pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, I))
+        grad_input, grad_y0 = grad_z, carry
+    else:
+        pre, grad_input, grad_y0 = x, grad_pre, None
+    grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre.to(acc))
+    galpha = buffers["galpha_part"]
+    grad_alpha = galpha.sum() if p.alpha_scalar else galpha.sum(0)
+    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
+    grad_drive = None if recurrent else grad_z
+    return (cast(grad_input), cast(grad_weight), cast(grad_alpha).view(alpha.shape),
+            cast(buffers["geta_part"].sum()), cast(grad_trace), cast(grad_z.sum((0, 1))), cast(grad_drive),
+            cast(grad_y0), cast(grad_mod))
