@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/masked.h"
+#include "cuda/plastic.h"
 #include "cuda/sensitivity.h"
 
 namespace {
@@ -211,6 +212,85 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
                "masked_conv_weight_grad");
 }
 
+// ---- Hebbian plasticity: step kernels (time loops in neuronml_fast/_plastic_driver.py) -------
+
+using neuronml_fast::cuda::PlasticStep;
+using Named = std::pair<const at::Tensor*, const char*>;
+
+const void* optional_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name) {
+  if (!t) return nullptr;
+  check_contiguous_like(*t, ref, name);
+  return t->data_ptr();
+}
+
+PlasticStep plastic_step(const at::Tensor& weight, const at::Tensor& trace, int64_t t, bool recurrent, int64_t rule,
+                         bool per_neuron, bool tanh, bool alpha_scalar, bool has_clip, bool has_bias, bool has_drive) {
+  TORCH_CHECK(weight.is_cuda() && weight.dim() == 2, "weight: expected a 2-d CUDA tensor, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
+              "weight: expected float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0, 1 or 2, got ", rule);
+  TORCH_CHECK(trace.dim() == 3 && trace.size(1) == weight.size(0) && trace.size(2) == weight.size(1),
+              "trace: expected [B, ", weight.size(0), ", ", weight.size(1), "], got ", trace.sizes());
+  check_contiguous_like(trace, weight, "trace");
+  return PlasticStep{trace.size(0), weight.size(0), weight.size(1), t, recurrent, per_neuron, tanh, alpha_scalar,
+                     has_clip, has_bias, has_drive, static_cast<int>(rule)};
+}
+
+void plastic_forward_step(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                          const at::Tensor& eta, const at::Tensor& clip, const c10::optional<at::Tensor>& bias,
+                          const c10::optional<at::Tensor>& drive, const at::Tensor& pre,
+                          const c10::optional<at::Tensor>& modulation, at::Tensor& trace, at::Tensor& output,
+                          int64_t t, bool recurrent, int64_t rule, bool per_neuron, bool tanh, bool has_clip,
+                          bool update_only) {
+  const PlasticStep s = plastic_step(weight, trace, t, recurrent, rule, per_neuron, tanh, alpha.numel() == 1 &&
+                                     alpha.dim() == 0, has_clip, bias.has_value(), drive.has_value());
+  for (const auto& [tensor, name] : std::initializer_list<Named>{Named{&x, "input"}, Named{&alpha, "alpha"}, Named{&eta, "eta"},
+                                     Named{&clip, "clip"}, Named{&pre, "pre"}, Named{&output, "output"}}) {
+    check_contiguous_like(*tensor, weight, name);
+  }
+  TORCH_CHECK(t >= 0 && t < x.size(0) && output.size(0) == x.size(0), "t: step ", t, " out of range");
+  TORCH_CHECK(pre.numel() == s.B * s.IN && output.numel() == x.size(0) * s.B * s.OUT, "pre, output: wrong sizes");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  check_launch(neuronml_fast::cuda::plastic_forward_step(
+                   weight.scalar_type() == at::kDouble, s, x.data_ptr(), weight.data_ptr(), alpha.data_ptr(),
+                   eta.data_ptr(), clip.data_ptr(), optional_ptr(bias, weight, "bias"),
+                   optional_ptr(drive, weight, "drive"), pre.data_ptr(), optional_ptr(modulation, weight, "modulation"),
+                   trace.data_ptr(), output.data_ptr(), update_only, c10::cuda::getCurrentCUDAStream().stream()),
+               "plastic_forward_step");
+}
+
+void plastic_backward_step(const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& eta,
+                           const at::Tensor& clip, const at::Tensor& pre, const at::Tensor& output,
+                           const at::Tensor& grad_output, const at::Tensor& carry,
+                           const c10::optional<at::Tensor>& modulation, at::Tensor& h, at::Tensor& grad_trace,
+                           at::Tensor& grad_z, at::Tensor& gpre_part, at::Tensor& galpha_part, at::Tensor& geta_part,
+                           at::Tensor& gmod_rows, int64_t t, bool recurrent, int64_t rule, bool per_neuron, bool tanh,
+                           bool has_clip, bool reconstruct) {
+  const PlasticStep s = plastic_step(weight, h, t, recurrent, rule, per_neuron, tanh, alpha.dim() == 0, has_clip,
+                                     false, false);
+  for (const auto& [tensor, name] : std::initializer_list<Named>{
+       Named{&alpha, "alpha"}, Named{&eta, "eta"}, Named{&clip, "clip"}, Named{&pre, "pre"},
+        Named{&output, "output"}, Named{&grad_output, "grad_output"}, Named{&carry, "carry"},
+        Named{&grad_trace, "grad_trace"}, Named{&grad_z, "grad_z"}, Named{&gpre_part, "gpre_part"},
+        Named{&galpha_part, "galpha_part"}, Named{&geta_part, "geta_part"}, Named{&gmod_rows, "gmod_rows"}}) {
+    check_contiguous_like(*tensor, weight, name);
+  }
+  const int64_t blocks = (s.OUT + neuronml_fast::cuda::kPlasticRowsPerBlock - 1) / neuronml_fast::cuda::kPlasticRowsPerBlock;
+  TORCH_CHECK(gpre_part.numel() == blocks * s.B * s.IN && geta_part.numel() == s.B * blocks &&
+                  grad_trace.sizes() == h.sizes() && carry.numel() == s.B * s.OUT &&
+                  galpha_part.numel() == (s.alpha_scalar ? s.B * blocks : s.B * s.OUT * s.IN),
+              "partial-sum buffers: sizes do not match the step contract");
+  TORCH_CHECK(t >= 0 && t < output.size(0), "t: step ", t, " out of range");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  check_launch(neuronml_fast::cuda::plastic_backward_step(
+                   weight.scalar_type() == at::kDouble, s, weight.data_ptr(), alpha.data_ptr(), eta.data_ptr(),
+                   clip.data_ptr(), pre.data_ptr(), output.data_ptr(), grad_output.data_ptr(), carry.data_ptr(),
+                   optional_ptr(modulation, weight, "modulation"), h.data_ptr(), grad_trace.data_ptr(),
+                   grad_z.data_ptr(), gpre_part.data_ptr(), galpha_part.data_ptr(), geta_part.data_ptr(),
+                   gmod_rows.data_ptr(), reconstruct, c10::cuda::getCurrentCUDAStream().stream()),
+               "plastic_backward_step");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -218,6 +298,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
+  m.def("plastic_forward_step", &plastic_forward_step, "one plastic forward step (SPEC 4)");
+  m.def("plastic_backward_step", &plastic_backward_step, "one plastic reverse step (SPEC 4)");
   m.def("masked_conv_forward_out", &masked_conv_forward_out, "masked conv forward (SPEC 2)");
   m.def("masked_conv_input_grad_out", &masked_conv_input_grad_out, "masked conv grad_input (SPEC 2)");
   m.def("masked_conv_weight_grad_out", &masked_conv_weight_grad_out,

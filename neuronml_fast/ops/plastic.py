@@ -110,6 +110,7 @@ for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
     backends.register_op(OP + _suffix, kernels={
         "cpu": (f"neuronml_fast.cpu.plastic:plastic_{_stage}", backends.FULL_DTYPES),
         "triton": (f"neuronml_fast.kernels.plastic:plastic_{_stage}", backends.FULL_DTYPES),
+        "cuda": (f"neuronml_fast.cuda.plastic:plastic_{_stage}", backends.FULL_DTYPES),
     })
 
 

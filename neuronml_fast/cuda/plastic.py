@@ -1,0 +1,36 @@
+"""CUDA C++ step kernels of the plastic layers (csrc/cuda/plastic.cu) behind the shared time loops
+of neuronml_fast/_plastic_driver.py (the same contract as the Triton steps in kernels/plastic.py)."""
+
+import functools
+
+from .. import _extensions, _plastic_driver
+
+ROWS_PER_BLOCK = 8  # csrc/cuda/plastic.h: kPlasticRowsPerBlock (one warp per row)
+
+
+class CudaSteps:
+    @staticmethod
+    def rows_per_block(out_features, in_features):
+        return ROWS_PER_BLOCK
+
+    @staticmethod
+    def sequence_forward(p, trace, checkpoints, every):
+        return False  # a whole-sequence kernel for small N is still to do: step launches
+
+    @staticmethod
+    def forward_step(p, t, pre, trace, update_only):
+        _extensions.cuda().plastic_forward_step(
+            p.x, p.weight, p.alpha, p.eta, p.clip, p.bias, p.drive, pre, p.modulation, trace, p.output, t,
+            p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip, update_only)
+
+    @staticmethod
+    def backward_step(p, t, pre, h, carry, reconstruct, grad_trace, grad_z, gpre_part, galpha_part, geta_part,
+                      gmod_rows):
+        _extensions.cuda().plastic_backward_step(
+            p.weight, p.alpha, p.eta, p.clip, pre, p.output, p.grad_output, carry, p.modulation, h, grad_trace, grad_z,
+            gpre_part, galpha_part, geta_part, gmod_rows, t, p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip,
+            reconstruct)
+
+
+plastic_forward = functools.partial(_plastic_driver.forward, CudaSteps())
+plastic_backward = functools.partial(_plastic_driver.backward, CudaSteps())
