@@ -130,7 +130,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.nn", "neuronml_fast.cpu", "neuronml_fast.cuda", "neuronml_fast.kernels"],
+    packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.nn", "neuronml_fast.cpu", "neuronml_fast.cuda", "neuronml_fast.meta", "neuronml_fast.kernels"],
     # The Triton kernels live in the top-level kernels/ folder but ship as neuronml_fast.kernels.
     package_dir={"neuronml_fast": "neuronml_fast", "neuronml_fast.kernels": "kernels"},
     install_requires=["torch>=2.6", "numpy"],
@@ -138,6 +138,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest", "hypothesis", "expecttest"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "meta": ["pillow"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
