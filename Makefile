@@ -30,7 +30,7 @@ setup: $(BUILD_STAMP)
 # --system-site-packages: on a machine that already has torch (a GPU box), reuse it.
 $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	-$(PY) -m pip install -q --upgrade pip  # optional: an offline GPU box keeps its pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
