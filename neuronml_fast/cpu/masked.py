@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _extensions
+from .. import _alloc, _conv_plan, _extensions
 
 
 @dataclasses.dataclass
@@ -132,13 +132,6 @@ def _rows(t):
     return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
 
 
-def _conv_out_hw(x, weight, stride, padding, dilation):
-    return tuple(
-        (x.shape[3 + i] + 2 * padding[i] - dilation[i] * (weight.shape[3 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    )
-
-
 def _allocator(x):
     return lambda shape: _alloc.empty(shape, dtype=x.dtype, device=x.device)
 
@@ -146,7 +139,7 @@ def _allocator(x):
 def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
     T, N = x.shape[:2]
     C = weight.shape[1]
-    Ho, Wo = _conv_out_hw(x, weight, stride, padding, dilation)
+    Ho, Wo = _conv_plan.output_hw(x, weight, stride, padding, dilation)
     comp = compaction(mask, skip_zero, allow=groups == 1)
     A = comp.width
     out = grouped_nhwc_empty((T, N, C, Ho, Wo), _allocator(x))

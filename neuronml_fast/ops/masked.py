@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks, backends
+from .. import _checks, _conv_plan, backends
 from ..cpu import masked as cpu_masked
 from ._vmap import merge_batch
 
@@ -98,11 +98,7 @@ def _pair(value, name="stride"):
 
 def _conv_out_shape(x, weight, stride, padding, dilation):
     """x [T, N, C, H, W] (or [N, C, H, W]), weight [..., C_out, C_in/g, kH, kW] -> output shape."""
-    hw = [
-        (x.shape[-2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[-2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    ]
-    return (*x.shape[:-3], weight.shape[-4], *hw)
+    return (*x.shape[:-3], weight.shape[-4], *_conv_plan.output_hw(x, weight, stride, padding, dilation))
 
 
 def _check_mask_and_bias(mask, bias, ref, shape):

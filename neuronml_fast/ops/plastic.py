@@ -23,9 +23,12 @@ Where things are:
 * custom ops, autograd and public functions: below.
 """
 
-import torch
+from typing import Optional
 
-from .. import _alloc, _checks
+import torch
+from torch import Tensor
+
+from .. import _alloc, _checks, backends
 
 RULES = ("hebb", "oja")
 ACTIVATIONS = ("tanh", "identity")
@@ -98,12 +101,6 @@ def plastic_rnn_reference(input, weight, alpha, eta, y0=None, hebb=None, modulat
 
 
 # ---- argument checks -----------------------------------------------------------------------
-
-from typing import Optional  # noqa: E402
-
-from torch import Tensor  # noqa: E402
-
-from .. import backends  # noqa: E402
 
 OP = "plastic"
 for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
