@@ -1,8 +1,14 @@
-"""Meta-learning tasks (and, to come, the reference meta-learner: MAML, NeuronML, plastic head).
+"""The reference meta-learner: tasks, models, MAML / NeuronML / plastic head, and a CLI.
 
-`SinusoidTasks` (Finn et al. 2017) and `Omniglot` + `NWayKShot` read from the official archive layout.
+* tasks: `SinusoidTasks` (Finn et al. 2017), `Omniglot` + `NWayKShot` (official archive layout)
+* models: `Conv4`, `MLP` (built from the masked layers; functional for meta-learning)
+* learners: `MAML`, `NeuronML`, `PlasticHead`, each on ``backend="reference"`` (plain PyTorch,
+  tasks in a loop) or ``"fused"`` (our ops, tasks batched)
+* CLI: ``python -m neuronml_fast.meta train|compare``
 """
 
+from .learners import MAML, NeuronML, PlasticHead
+from .models import MLP, Conv4
 from .tasks import NWayKShot, Omniglot, SinusoidTasks
 
-__all__ = ["NWayKShot", "Omniglot", "SinusoidTasks"]
+__all__ = ["MAML", "MLP", "Conv4", "NWayKShot", "NeuronML", "Omniglot", "PlasticHead", "SinusoidTasks"]

@@ -50,8 +50,10 @@ class NeuronGate(nn.Module):
             mode, float(temperature), float(threshold), k, hard_at_eval)
         self.logits = nn.Parameter(torch.full((num_neurons,), float(init_logit)))
 
-    def probabilities(self):
-        return torch.sigmoid(self.logits / self.temperature)
+    def probabilities(self, shift=None):
+        """``sigmoid((logits + shift) / temperature)``; ``shift [..., C]`` conditions the mask (e.g. per task)."""
+        logits = self.logits if shift is None else self.logits + shift
+        return torch.sigmoid(logits / self.temperature)
 
     def _hard(self, probs):
         if self.mode == "topk":
@@ -59,8 +61,9 @@ class NeuronGate(nn.Module):
             return hard.scatter_(-1, probs.topk(self.k, dim=-1).indices, 1.0)
         return (probs > self.threshold).to(probs.dtype)
 
-    def forward(self):
-        probs = self.probabilities()
+    def forward(self, shift=None):
+        """The mask ``[C]`` (or ``[..., C]`` with a ``shift [..., C]``, e.g. one mask per task)."""
+        probs = self.probabilities(shift)
         if self.mode == "soft":
             return self._hard(probs) if (self.hard_at_eval and not self.training) else probs
         hard = self._hard(probs)
