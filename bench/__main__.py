@@ -37,7 +37,10 @@ def _progress(items):
 
 
 def main(argv=None):
+    from neuronml_fast._memory import keep_freed_memory
+
     args = parse(argv)
+    keep_freed_memory()  # every variant runs with the same allocator settings
     cases = select(args.cases, args.full)
     if args.list or not cases:
         print("\n".join(c.id for c in cases) or "no case matches --cases")

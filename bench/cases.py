@@ -25,6 +25,7 @@ class Setup:
     nbytes: float
     dtype: str = "float32"
     step: Callable = None  # step(fn, inputs) -> Any; default: fn(*inputs)
+    extras: dict = dataclasses.field(default_factory=dict)  # more baselines: {name: fn}, run like reference
 
     def run(self, fn, i):
         inputs = self.inputs[i % len(self.inputs)]
@@ -169,6 +170,58 @@ def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_onl
     return Case("plastic_rnn", name, build, params, full_only, compile_baseline=False)
 
 
+def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full_only=False):
+    """One meta-iteration (inner loop, query loss, meta-gradient) of the reference meta-learner.
+
+    eager = the reference loop over tasks (plain PyTorch, one backward per task); the kernel
+    backends run the fused task-batched learner; "torch.func" = vmap of grad over tasks (MAML).
+    Synthetic 28x28 images: the timing does not depend on the pixels.
+    """
+    from neuronml_fast.meta import MAML, Conv4, NeuronML
+    from neuronml_fast.meta import functorch_maml
+
+    def build(device):
+        gen = torch.Generator().manual_seed(0)
+        batch = (torch.rand(tasks, ways, 1, 28, 28, generator=gen).to(device),
+                 torch.arange(ways).repeat(tasks, 1).to(device),
+                 torch.rand(tasks, ways * queries, 1, 28, 28, generator=gen).to(device),
+                 torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1).to(device))
+        make = MAML if algo == "maml" else NeuronML
+
+        def learner(backend):
+            torch.manual_seed(0)
+            return make(Conv4(ways).to(device), backend=backend, first_order=first_order)
+
+        def iteration(learner):
+            def run(*batch):
+                learner.module.zero_grad(set_to_none=True)
+                return learner.meta_backward(batch)
+            return run
+
+        reference, fused = learner("reference"), learner("fused")
+        extras = {}
+        if algo == "maml":
+            vmapped = learner("reference")
+
+            def torch_func(*batch):
+                vmapped.module.zero_grad(set_to_none=True)
+                return functorch_maml.meta_backward(vmapped, batch)
+
+            extras["torch.func"] = torch_func
+        # Forward + backward of the query convs dominate: ~3x the forward conv FLOPs of the query set.
+        model = reference.model
+        flops, size = 0.0, 28
+        for conv in model.convs:
+            size = (size + 1) // 2
+            flops += 2 * conv.in_channels * conv.out_channels * 9 * size * size
+        flops *= 3 * tasks * ways * (queries + 1)
+        return Setup(iteration(reference), iteration(fused), [batch], flops=flops,
+                     nbytes=4 * tasks * ways * (queries + 1) * 64 * 14 * 14 * 8, extras=extras)
+
+    params = {"algo": algo, "tasks": tasks, "ways": ways, "shots": 1, "queries": queries, "first_order": first_order}
+    return Case("meta_iteration", name, build, params, full_only, compile_baseline=False)
+
+
 CONV4 = dict(n=80, c=64, hw=14)  # the Conv4-Omniglot block: 80 images, 64 -> 64 channels, 14x14
 
 CASES = [
@@ -187,6 +240,9 @@ CASES = [
     _plastic_case("B=1 N=1000 T=106 hebb fwd+bwd (Miconi)", 1, 1000, 106),
     _plastic_case("B=16 N=128 T=100 modulated fwd+bwd", 16, 128, 100, modulation=True),
     _plastic_case("B=16 N=64 T=200 oja fwd+bwd", 16, 64, 200, rule="oja"),
+    _meta_case("maml omniglot 5w1s meta-batch 32, 2nd order", "maml"),
+    _meta_case("maml omniglot 5w1s meta-batch 32, 1st order", "maml", first_order=True, full_only=True),
+    _meta_case("neuronml omniglot 5w1s meta-batch 32, 2nd order", "neuronml"),
 ]
 
 

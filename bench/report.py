@@ -147,4 +147,19 @@ def _masked_fraction(plt, rows):
     return fig
 
 
-PLOTTERS = {"neuron_sensitivity": _speedup_bars, "masked_conv2d": _masked_fraction, "plastic_rnn": _speedup_bars}
+def _time_bars(plt, rows):
+    cases = sorted({r.case for r in rows})
+    variants = sorted({r.variant for r in rows}, key=lambda v: (v != "eager", v))
+    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(cases)), 3.2))
+    width = 0.8 / max(1, len(variants))
+    for k, v in enumerate(variants):
+        values = [next((r.median_ms / 1e3 for r in rows if r.case == c and r.variant == v), 0) for c in cases]
+        ax.bar([i + k * width for i in range(len(cases))], values, width, label="reference loop" if v == "eager" else v)
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(cases))])
+    ax.set_xticklabels([c.split("/", 1)[1] for c in cases], rotation=15, ha="right")
+    ax.set_ylabel("seconds per meta-iteration")
+    ax.legend()
+    return fig
+
+
+PLOTTERS = {"meta_iteration": _time_bars, "neuron_sensitivity": _speedup_bars, "masked_conv2d": _masked_fraction, "plastic_rnn": _speedup_bars}

@@ -33,6 +33,8 @@ def build_variants(case, device, with_compile=True):
     if with_compile and case.compile_baseline:
         compiled = torch.compile(setup.reference)
         variants["compile"] = lambda i: setup.run(compiled, i)
+    for name, fn in setup.extras.items():
+        variants[name] = lambda i, fn=fn: setup.run(fn, i)
     for backend in kernel_backends(device):
         variants[backend] = _on_backend(setup, backend)
     return setup, variants

@@ -7,7 +7,7 @@ from bench.cases import select
 from bench.runner import build_variants
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = ("eager", "compile", "cpu", "triton", "cuda")
+VARIANTS = ("eager", "compile", "torch.func", "cpu", "triton", "cuda")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -121,16 +121,18 @@ void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const i
   tasks.reserve(L.T);
   for (int64_t t = 0; t < L.T; ++t) tasks.emplace_back(slot + t * C, C);
   std::vector<T> zeros(C, T(0));
+  // Loop in storage order (grouped NHWC: images, pixels, tasks, channels): task-outer loops
+  // stride T*C elements per pixel and miss the TLB on every row.
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t t = 0; t < L.T; ++t) {
-    for (int64_t n = 0; n < L.N; ++n) {
-      const TaskSlots& ts = tasks[t];
-      const T* m = mask + t * C;
-      const T* b = bias ? bias + t * C : zeros.data();
-      const int64_t* g = ts.gather.data();
-      const unsigned char* keep = ts.keep.data();
-      const bool empty = ts.channel_of_slot.empty();
-      for (int64_t s = 0; s < L.S; ++s) {
+  for (int64_t n = 0; n < L.N; ++n) {
+    for (int64_t s = 0; s < L.S; ++s) {
+      for (int64_t t = 0; t < L.T; ++t) {
+        const TaskSlots& ts = tasks[t];
+        const T* m = mask + t * C;
+        const T* b = bias ? bias + t * C : zeros.data();
+        const int64_t* g = ts.gather.data();
+        const unsigned char* keep = ts.keep.data();
+        const bool empty = ts.channel_of_slot.empty();
         const T* src = y + t * L.stride_t + n * L.stride_n + s * L.stride_s;
         const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
         T* o = out + full;
@@ -171,21 +173,26 @@ void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out,
   // Sums per (task, slot); channels innermost, so each thread reduces its rows into private
   // sums, merged at the end.
   const int64_t TA = L.T * width;
-  std::vector<T> total_gy(TA, T(0)), total_mask(TA, T(0));
+  std::vector<T> total_gy(TA, T(0)), total_mask(TA, T(0)), masks_by_slot(TA, T(0));
+  for (int64_t t = 0; t < L.T; ++t) {
+    const std::vector<int64_t>& ch = tasks[t].channel_of_slot;
+    for (size_t k = 0; k < ch.size(); ++k) masks_by_slot[t * width + k] = mask[t * C + ch[k]];
+  }
 #pragma omp parallel
   {
-    std::vector<T> sum_gy(TA, T(0)), sum_mask(TA, T(0)), m_slot(width);
+    std::vector<T> sum_gy(TA, T(0)), sum_mask(TA, T(0));
+    // Storage order (images, pixels, tasks, channels), as in the forward epilogue.
 #pragma omp for collapse(2) schedule(static) nowait
-    for (int64_t t = 0; t < L.T; ++t) {
-      for (int64_t n = 0; n < L.N; ++n) {
-        const TaskSlots& ts = tasks[t];
-        const int64_t A = static_cast<int64_t>(ts.channel_of_slot.size());
-        const int64_t* ch = ts.channel_of_slot.data();
-        const int64_t* sk = ts.slot_of_kept.data();
-        T* sg = sum_gy.data() + t * width;
-        T* sm = sum_mask.data() + t * width;
-        for (int64_t k = 0; k < A; ++k) m_slot[k] = mask[t * C + ch[k]];
-        for (int64_t s = 0; s < L.S; ++s) {
+    for (int64_t n = 0; n < L.N; ++n) {
+      for (int64_t s = 0; s < L.S; ++s) {
+        for (int64_t t = 0; t < L.T; ++t) {
+          const TaskSlots& ts = tasks[t];
+          const int64_t A = static_cast<int64_t>(ts.channel_of_slot.size());
+          const int64_t* ch = ts.channel_of_slot.data();
+          const int64_t* sk = ts.slot_of_kept.data();
+          T* sg = sum_gy.data() + t * width;
+          T* sm = sum_mask.data() + t * width;
+          const T* m_slot = masks_by_slot.data() + t * width;
           const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
           const T* go = grad_out + full;
           const T* gp = grad_pre ? grad_pre + full : nullptr;

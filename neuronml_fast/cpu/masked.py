@@ -179,16 +179,44 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
             grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         return grad_input, grad_weight, grad_bias, grad_mask
     w = _compact_rows(weight, comp)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), None, stride, padding, dilation, False,
-        [0, 0], groups * T, [need_input_grad, need_weight_grad, False])
+    gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride, padding,
+                                  dilation, groups, need_input_grad, need_weight_grad)
     if need_input_grad:
         H, W = x.shape[3:]
-        grad_input = (gx.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-                      .view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2))
+        grad_input = gx.permute(0, 2, 3, 1).view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2)
     if need_weight_grad:
         grad_weight = _expand_rows(gw.contiguous().view(T, A, *weight.shape[2:]), comp, weight.shape)
     return grad_input, grad_weight, grad_bias, grad_mask
+
+
+def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, need_input_grad, need_weight_grad):
+    """Input and weight gradients of the grouped NHWC convolution (tasks x groups groups).
+
+    oneDNN's grouped backward is slow for many groups (measured on this 2-core CPU, 32 tasks x 25
+    images, 64 -> 64 channels, 14x14, stride 2: 194 ms grouped against 110 ms for one call per
+    task), so each task is its own call on its channel slice of the grouped storage; the input
+    gradients land in one grouped-NHWC buffer. Returns (grad_input [N, T*C_in, H, W]
+    channels-last or None, grad_weight [T*A, ...] or None).
+    """
+    mask = [need_input_grad, need_weight_grad, False]
+    if tasks == 1:
+        gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0],
+                                                        groups, mask)
+        return (gx.contiguous(memory_format=torch.channels_last) if need_input_grad else None), gw
+    c_in, a = x.shape[1] // tasks, w.shape[0] // tasks
+    n, channels, h, w_ = x.shape
+    grad_input = _alloc.empty((n, h, w_, channels), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2) \
+        if need_input_grad else None
+    weight_grads = []
+    for t in range(tasks):
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            gy[:, t * a:(t + 1) * a], x[:, t * c_in:(t + 1) * c_in], w[t * a:(t + 1) * a], None, stride, padding,
+            dilation, False, [0, 0], groups, mask)
+        if need_input_grad:
+            grad_input[:, t * c_in:(t + 1) * c_in].copy_(gx)
+        if need_weight_grad:
+            weight_grads.append(gw)
+    return grad_input, (torch.cat(weight_grads) if need_weight_grad else None)
 
 
 # ---- linear --------------------------------------------------------------------------------

@@ -352,5 +352,8 @@ def compare(args):
 
 
 def main(argv=None):
+    from .._memory import keep_freed_memory
+
     args = _defaults(build_parser().parse_args(argv))
+    keep_freed_memory()  # same allocator settings for every backend compared (see neuronml_fast/_memory.py)
     return train(args) if args.command == "train" else compare(args)

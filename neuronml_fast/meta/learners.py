@@ -20,7 +20,8 @@ layer ``l`` and task ``t`` (Conv4: the conv channels; MLP: the hidden units):
   meta-initialization, measured with every neuron active (a "probe" pass on the support set,
   so pruned neurons are measured too and can come back);
 * mask: ``p = sigmoid(theta_l + beta_l * standardize(I[t, l]))`` (a `NeuronGate` holds the
-  structure logits ``theta_l``; ``beta_l`` is learned), hardened to ``m = 1[p > 1/2]`` with a
+  structure logits ``theta_l``, initialized to +1 for a random ``target_active`` fraction of the
+  neurons and -1 for the rest; ``beta_l`` is learned from 0), hardened to ``m = 1[p > 1/2]`` with a
   straight-through gradient. The mask is task-conditioned and fixed during the inner loop,
   where pruned neurons are skipped;
 * frugality ``R_f = max(0, mean(p) - target_active)`` (mean over every neuron and task: the
@@ -171,7 +172,7 @@ class MAML:
             scores.append(_score(self.kind, out.detach().unsqueeze(0), yq[t].unsqueeze(0)))
         if masks is not None:
             torch.autograd.backward([*masks, regularizer], [*[m.grad for m in leaves], torch.ones_like(regularizer)])
-        return torch.tensor(query), torch.cat(scores)
+        return torch.tensor(query, dtype=torch.float64), torch.cat(scores)
 
     # ---- evaluation ---------------------------------------------------------------------
 
@@ -264,8 +265,17 @@ class NeuronML(MAML):
         if not hasattr(model, "structure_gates"):
             model.structure_gates = nn.ModuleList(
                 NeuronGate(neurons, mode="hard", temperature=temperature, init_logit=0.0)
-                for neurons, _ in model.structure).to(reference.device)
-            model.structure_scale = nn.Parameter(torch.ones(len(model.structure), device=reference.device))
+                for neurons, _ in model.structure).to(device=reference.device, dtype=reference.dtype)
+            with torch.no_grad():
+                # Start from a random structure with target_active of the neurons on (logit +1) and
+                # the rest off (-1), shared by all tasks (beta = 0): the weights first learn on a
+                # stable sub-network, and the plasticity term then grows the task conditioning.
+                for gate in model.structure_gates:
+                    on = torch.rand(gate.logits.shape, device=reference.device).argsort() < round(
+                        target_active * gate.logits.numel())
+                    gate.logits.copy_(torch.where(on, 1.0, -1.0))
+            model.structure_scale = nn.Parameter(torch.zeros(len(model.structure), device=reference.device,
+                                                             dtype=reference.dtype))
 
     def importance(self, batch):
         """Taylor importance ``[T, C]`` per structured layer on the support sets, every neuron active."""
@@ -294,7 +304,7 @@ class NeuronML(MAML):
         return [torch.stack(layer) for layer in zip(*per_task)]
 
     def structure(self, batch):
-        importances = [i.detach().float() for i in self.importance(batch)]
+        importances = [i.detach() for i in self.importance(batch)]
         gates, scales = self.model.structure_gates, self.model.structure_scale
         shifts = [scales[l] * _standardize(importances[l]) for l in range(len(gates))]
         probabilities = [gate.probabilities(shift) for gate, shift in zip(gates, shifts)]
@@ -323,8 +333,9 @@ class PlasticHead:
     def __init__(self, model, ways, backend="fused", clamp=1.0, eta=0.1):
         _check_choice("backend", backend, BACKENDS)
         self.model, self.backend, self.ways, self.clamp = model, backend, ways, float(clamp)
-        self.head = PlasticLinear(model.features, ways, activation="identity", rule="hebb", eta=eta).to(
-            next(model.parameters()).device)
+        reference = next(model.parameters())
+        self.head = PlasticLinear(model.features, ways, activation="identity", rule="hebb", eta=eta,
+                                  device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             self.head.alpha.fill_(1.0)
         self.module = nn.ModuleDict({"embedding": model, "head": self.head})
