@@ -318,24 +318,29 @@ def _make_backward_autograd(layer):
             g_gy = term.expand_as(go) if g_gy is None else g_gy + term
 
         g_x = g_w = None
-        if ggx is not None or ggw is not None:
+        want_x = ggw is not None and ctx.needs_input_grad[2]
+        want_w = ggx is not None and ctx.needs_input_grad[3]
+        if want_x or want_w:
             gy = go * m_b + gp if gp is not None else go * m_b
             gy = gy * keep_b
             gx2, gw2, _, _ = layer.backward(gy, None, ggx if ggx is not None else x, ggw if ggw is not None else w,
-                                            keep, None, ctx.layer_args, True, ggw is not None, ggx is not None,
-                                            ctx.backend)
-            g_x = gx2 if ggw is not None else None
-            g_w = gw2 if ggx is not None else None
+                                            keep, None, ctx.layer_args, True, want_x, want_w, ctx.backend)
+            g_x = gx2 if want_x else None
+            g_w = gw2 if want_w else None
 
+        # Only what autograd asks for: in MAML the mask is a constant, so its terms (a pass over
+        # the activations each) are skipped.
+        need_go, need_gp, _, _, need_m, need_pre = ctx.needs_input_grad[:6]
         g_go = g_gp = g_m = g_pre = None
         if g_gy is not None:
-            g_go = g_gy * m_b * keep_b
-            g_gp = g_gy * keep_b if ctx.has_gp else None
-            g_m = keep * _channel_sum(g_gy * go)
+            g_go = g_gy * m_b * keep_b if need_go else None
+            g_gp = g_gy * keep_b if (ctx.has_gp and need_gp) else None
+            g_m = keep * _channel_sum(g_gy * go) if need_m else None
         if ggm is not None and ctx.has_pre:
             ggm_b = _channel_view(ggm * keep, go)
-            g_go = ggm_b * pre if g_go is None else g_go + ggm_b * pre
-            g_pre = ggm_b * go
+            if need_go:
+                g_go = ggm_b * pre if g_go is None else g_go + ggm_b * pre
+            g_pre = ggm_b * go if need_pre else None
         return (g_go, g_gp, g_x, g_w, g_m, g_pre) + (None,) * (layer.n_layer_args + 4)
 
     return setup_context, backward
