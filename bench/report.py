@@ -50,13 +50,15 @@ def _fmt(x, digits=2, suffix=""):
 
 def table(rows):
     """Markdown table, speedups first; one line per case and variant."""
-    header = "| case | variant | vs eager | vs compile | median ms | IQR ms | roofline |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    cross = any("do_bench_ms" in r.extra for r in rows)  # GPU: triton.testing.do_bench beside ours
+    header = "| case | variant | vs eager | vs compile | median ms | IQR ms | roofline |" + (" do_bench ms |" if cross else "")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if cross else "")]
     for r in rows:
         lines.append(
             f"| {r.case} | {r.variant} | {_fmt(r.speedup_vs_eager, 2, 'x')} | {_fmt(r.speedup_vs_compile, 2, 'x')} "
             f"| {_fmt(r.median_ms, 3)} | {_fmt(r.q1_ms, 3)}-{_fmt(r.q3_ms, 3)} "
             f"| {_fmt(100 * r.roofline_fraction, 1, '%')} |"
+            + (f" {_fmt(r.extra.get('do_bench_ms', float('nan')), 3)} |" if cross else "")
         )
     return "\n".join(lines)
 

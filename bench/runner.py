@@ -55,9 +55,24 @@ class Row:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
+def do_bench_ms(fn):
+    """Median of ``triton.testing.do_bench`` (CUDA only): a second, independent GPU timer.
+
+    It flushes L2 between calls and times with CUDA events; our interleaved timer rotates inputs
+    instead. Both are reported so a disagreement shows. Inputs still rotate through ``fn(i)``.
+    """
+    from triton.testing import do_bench
+
+    counter = iter(range(1 << 30))
+    return do_bench(lambda: fn(next(counter)), return_mode="median")
+
+
 def run_case(case, device, ceilings, rounds=7, with_compile=True):
     setup, variants = build_variants(case, device, with_compile)
     timings = interleaved(variants, device, rounds=rounds)
+    cross_check = {}
+    if torch.device(device).type == "cuda" and "cuda" in nf.backends.status("triton").devices:
+        cross_check = {name: do_bench_ms(fn) for name, fn in variants.items()}
     roofline = ceilings.roofline_s(setup.flops, setup.nbytes, setup.dtype)
     eager, compiled = timings["eager"].median_s, timings.get("compile")
     rows = []
@@ -68,5 +83,6 @@ def run_case(case, device, ceilings, rounds=7, with_compile=True):
             speedup_vs_eager=eager / t.median_s,
             speedup_vs_compile=(compiled.median_s / t.median_s) if compiled else float("nan"),
             roofline_fraction=roofline / t.median_s if roofline else float("nan"),
+            extra={"do_bench_ms": cross_check[name]} if name in cross_check else {},
         ))
     return rows
