@@ -72,7 +72,7 @@ def build_parser():
     train.add_argument("--meta-lr", type=float, default=1e-3)
     train.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation "
                        "(default: 3 for Omniglot as in Finn et al., else --inner-steps)")
-    train.add_argument("--eval-every", type=int, default=100)
+    train.add_argument("--eval-every", type=int, default=100, help="0: only at the end")
     train.add_argument("--eval-tasks", type=_positive_int, default=100, help="tasks per periodic evaluation")
     train.add_argument("--test-tasks", type=_positive_int, default=600, help="evaluation tasks for the final test")
     train.add_argument("--checkpoint-every", type=int, default=100)
@@ -229,7 +229,7 @@ def train(args):
         iteration += 1
         row = {"iteration": iteration, "train_seconds": round(elapsed, 3), "meta_loss": stats["loss"],
                f"train_{metric}": stats["score"], "active_fraction": stats["active_fraction"]}
-        if iteration % args.eval_every == 0 or iteration == args.iterations:
+        if (args.eval_every > 0 and iteration % args.eval_every == 0) or iteration == args.iterations:
             scores, _ = evaluate(learner, val_tasks, args.eval_tasks, args.meta_batch, args.eval_inner_steps)
             row[f"val_{metric}"] = float(scores.mean())
         curve.append(row)
