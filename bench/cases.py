@@ -179,13 +179,10 @@ def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full
     """
     from neuronml_fast.meta import MAML, Conv4, NeuronML
     from neuronml_fast.meta import functorch_maml
+    from neuronml_fast.meta.tasks import random_episodes
 
     def build(device):
-        gen = torch.Generator().manual_seed(0)
-        batch = (torch.rand(tasks, ways, 1, 28, 28, generator=gen).to(device),
-                 torch.arange(ways).repeat(tasks, 1).to(device),
-                 torch.rand(tasks, ways * queries, 1, 28, 28, generator=gen).to(device),
-                 torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1).to(device))
+        batch = tuple(part.to(device) for part in random_episodes(tasks, ways, 1, queries))
         make = MAML if algo == "maml" else NeuronML
 
         def learner(backend):

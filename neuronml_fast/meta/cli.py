@@ -21,7 +21,7 @@ import torch
 
 from .learners import MAML, PlasticHead, NeuronML, ci95
 from .models import MLP, Conv4
-from .tasks import NWayKShot, Omniglot, SinusoidTasks
+from .tasks import NWayKShot, Omniglot, SinusoidTasks, random_episodes
 
 ALGOS = ("maml", "neuronml", "plastic")
 DATASETS = ("omniglot", "sinusoid")
@@ -110,7 +110,7 @@ def _defaults(args):
 class _Sampler:
     """Meta-batches on the device: Omniglot episodes or sinusoid tasks."""
 
-    def __init__(self, args, split, seed, data=None):
+    def __init__(self, args, seed, data=None):
         self.args, self.device = args, torch.device(args.device)
         if args.dataset == "sinusoid":
             self.tasks = SinusoidTasks(seed)
@@ -193,8 +193,8 @@ def train(args):
     regression = args.dataset == "sinusoid"
     background = None if regression else _omniglot(args, "background")
     evaluation = None if regression else _omniglot(args, "evaluation")
-    train_tasks = _Sampler(args, "background", args.seed, background)
-    val_tasks = _Sampler(args, "evaluation", args.seed + 1, evaluation)
+    train_tasks = _Sampler(args, args.seed, background)
+    val_tasks = _Sampler(args, args.seed + 1, evaluation)
     learner = build_learner(args, args.backend)
     optimizer = torch.optim.Adam(learner.module.parameters(), lr=args.meta_lr)
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
@@ -242,7 +242,7 @@ def train(args):
     if bar is not None:
         bar.close()
     save_checkpoint(iteration)
-    test_tasks = _Sampler(args, "evaluation", args.seed + 2, evaluation)
+    test_tasks = _Sampler(args, args.seed + 2, evaluation)
     began = time.perf_counter()
     scores, active = evaluate(learner, test_tasks, args.test_tasks, args.meta_batch, args.eval_inner_steps)
     results = {
@@ -273,7 +273,7 @@ def _device_name(device):
 def _write_curve(curve, out, metric):
     if not curve:
         return
-    keys = sorted({k for row in curve for k in row}, key=lambda k: list(curve[-1]).index(k) if k in curve[-1] else 99)
+    keys = list(dict.fromkeys(k for row in curve for k in row))  # columns in order of first appearance
     with open(os.path.join(out, "curve.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
@@ -307,18 +307,12 @@ def compare(args):
     from . import functorch_maml
 
     if args.dataset == "omniglot" and not args.synthetic:
-        sampler = _Sampler(args, "background", args.seed, _omniglot(args, "background"))
-        batch = sampler.sample(args.meta_batch)
+        batch = _Sampler(args, args.seed, _omniglot(args, "background")).sample(args.meta_batch)
     elif args.dataset == "omniglot":
-        gen = torch.Generator().manual_seed(args.seed)
-        n_s, n_q = args.ways * args.shots, args.ways * args.queries
-        batch = (torch.rand(args.meta_batch, n_s, 1, 28, 28, generator=gen),
-                 torch.randint(args.ways, (args.meta_batch, n_s), generator=gen),
-                 torch.rand(args.meta_batch, n_q, 1, 28, 28, generator=gen),
-                 torch.randint(args.ways, (args.meta_batch, n_q), generator=gen))
-        batch = tuple(part.to(args.device) for part in batch)
+        episodes = random_episodes(args.meta_batch, args.ways, args.shots, args.queries, seed=args.seed)
+        batch = tuple(part.to(args.device) for part in episodes)
     else:
-        batch = _Sampler(args, "background", args.seed).sample(args.meta_batch)
+        batch = _Sampler(args, args.seed).sample(args.meta_batch)
     runners = {}
     for backend in ("reference", "fused"):
         learner = build_learner(args, backend)

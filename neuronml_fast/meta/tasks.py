@@ -41,6 +41,18 @@ class SinusoidTasks:
         return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
 
 
+def random_episodes(tasks, ways, shots, queries, image_size=28, seed=0):
+    """Episodes of uniform-noise images with the Omniglot shapes: for timing, where pixels do not matter.
+
+    ``(x_support [T, ways*shots, 1, S, S], y_support, x_query [T, ways*queries, 1, S, S], y_query)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    support = torch.rand(tasks, ways * shots, 1, image_size, image_size, generator=gen)
+    query = torch.rand(tasks, ways * queries, 1, image_size, image_size, generator=gen)
+    labels = lambda per_class: torch.arange(ways).repeat_interleave(per_class).repeat(tasks, 1)  # noqa: E731
+    return support, labels(shots), query, labels(queries)
+
+
 def _read_split(root, split):
     """{(alphabet, character): [png bytes, ...]} from a zip or an extracted folder."""
     folder = f"images_{split}"
