@@ -8,6 +8,7 @@ runs where on this machine.
 
 from . import backends, nn
 from .backends import get_backend, set_backend, use_backend
+from .ops.batch_norm import batch_norm_rows
 from .ops.masked import masked_conv2d, masked_linear
 from .ops.plastic import plastic_linear, plastic_rnn
 from .ops.sensitivity import neuron_sensitivity
@@ -18,6 +19,7 @@ backends.refresh()  # probe once, outside any torch.compile trace
 
 __all__ = [
     "backends",
+    "batch_norm_rows",
     "get_backend",
     "masked_conv2d",
     "masked_linear",

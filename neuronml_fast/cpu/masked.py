@@ -127,6 +127,16 @@ def _grouped_weight(w):
     return w.reshape(T * A, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
 
 
+def channels_last_weight(w):
+    """[T, C_out, C_in, kH, kW] stored as oneDNN's channels-last weights ``[T*C_out, kH, kW, C_in]``.
+
+    Weight gradients come out of oneDNN in this layout and stay in it: fast weights built from
+    them (MAML's inner step) then reach the next convolution without a transposing copy (two
+    4.7 MB copies per Conv4 layer and meta-iteration otherwise).
+    """
+    return _grouped_weight(w).view(w.shape)
+
+
 def _rows(t):
     """[T, N, C, H, W] grouped NHWC -> the [T, N, H*W, C] view the C++ kernels take."""
     return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
@@ -176,7 +186,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
         if need_input_grad:
             grad_input = grouped_nhwc_empty(x.shape, lambda s: x.new_zeros(s))
         if need_weight_grad:
-            grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+            grad_weight = channels_last_weight(torch.zeros_like(weight))
         return grad_input, grad_weight, grad_bias, grad_mask
     w = _compact_rows(weight, comp)
     gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride, padding,
@@ -185,23 +195,26 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
         H, W = x.shape[3:]
         grad_input = gx.permute(0, 2, 3, 1).view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2)
     if need_weight_grad:
-        grad_weight = _expand_rows(gw.contiguous().view(T, A, *weight.shape[2:]), comp, weight.shape)
+        grad_weight = channels_last_weight(_expand_rows(gw.view(T, A, *weight.shape[2:]), comp, weight.shape))
     return grad_input, grad_weight, grad_bias, grad_mask
 
 
-# Output pixels x images per task above which one oneDNN call per task beats the grouped call
-# (measured on the 2-core VM: 1225 rows per task 110 vs 194 ms; 400 rows: even; 49 rows: grouped wins).
-PER_TASK_BACKWARD_ROWS = 512
+# Output rows (images x output pixels) per task above which one oneDNN call per task beats the
+# grouped call. Measured on the 2-core VM, 32 tasks, 3x3 stride 2, input and weight gradients,
+# per task against grouped: 64 -> 64 channels, 1225 rows 110 against 194 ms, 1200 rows even,
+# 640 rows 33 against 29 ms, 245 rows 18.7 against 15.2 ms; Omniglot's first layer (1 input
+# channel, weight gradient only): 14700 rows 20.7 against 26.7 ms, 980 rows 5.1 against 1.4 ms.
+PER_TASK_BACKWARD_ROWS = 1024
 
 
 def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, need_input_grad, need_weight_grad):
     """Input and weight gradients of the grouped NHWC convolution (tasks x groups groups).
 
-    oneDNN's grouped backward is slow for many groups (measured on this 2-core CPU, 32 tasks x 25
-    images, 64 -> 64 channels, 14x14, stride 2: 194 ms grouped against 110 ms for one call per
-    task), so tasks with at least PER_TASK_BACKWARD_ROWS output rows get one call each on their
-    channel slice of the grouped storage (the input gradients land in one grouped-NHWC buffer);
-    smaller tasks stay one grouped call. Returns (grad_input [N, T*C_in, H, W]
+    oneDNN's grouped backward is slow for many large groups (measured on this 2-core CPU, 32 tasks x
+    25 images, 64 -> 64 channels, 14x14, stride 2: 194 ms grouped against 110 ms for one call per
+    task), so tasks with at least PER_TASK_BACKWARD_ROWS output rows get one
+    call each on their channel slice of the grouped storage (the input gradients land in one
+    grouped-NHWC buffer); smaller tasks stay one grouped call. Returns (grad_input [N, T*C_in, H, W]
     channels-last or None, grad_weight [T*A, ...] or None).
     """
     mask = [need_input_grad, need_weight_grad, False]

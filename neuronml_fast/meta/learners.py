@@ -79,7 +79,10 @@ def _expand(params, tasks):
 
 
 def _sgd(params, grads, lr):
-    return {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+    # Gradient first: the result takes the gradient's memory layout, so fast conv weights stay in
+    # the channels-last layout the CPU convolution returns its weight gradients in, and the next
+    # convolution needs no transposing copy. Bitwise the same as p - lr * g.
+    return {name: -lr * g + p for (name, p), g in zip(params.items(), grads)}
 
 
 class MAML:

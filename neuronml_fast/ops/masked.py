@@ -198,6 +198,8 @@ def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, g
     grads = _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
     if backend == "cpu" and need_input_grad:
         grads = (cpu_masked.grouped_nhwc_empty(input.shape, input.new_empty), *grads[1:])
+    if backend == "cpu" and need_weight_grad:
+        grads = (grads[0], cpu_masked.channels_last_weight(grads[1]), *grads[2:])
     return grads
 
 
@@ -304,7 +306,7 @@ def _make_backward_autograd(layer):
         ggx = ggx if ggx is not None and ggx.numel() else None
         ggw = ggw if ggw is not None and ggw.numel() else None
         keep = (m != 0).to(m.dtype) if ctx.skip_zero else torch.ones_like(m)
-        keep_b, m_b = _channel_view(keep, go), _channel_view(m, go)
+        keep_b = _channel_view(keep, go)
         args = (ctx.layer_args, True, ctx.backend)
 
         g_gy = None  # gradient reaching gy
@@ -321,10 +323,9 @@ def _make_backward_autograd(layer):
         want_x = ggw is not None and ctx.needs_input_grad[2]
         want_w = ggx is not None and ctx.needs_input_grad[3]
         if want_x or want_w:
-            gy = go * m_b + gp if gp is not None else go * m_b
-            gy = gy * keep_b
-            gx2, gw2, _, _ = layer.backward(gy, None, ggx if ggx is not None else x, ggw if ggw is not None else w,
-                                            keep, None, ctx.layer_args, True, want_x, want_w, ctx.backend)
+            # The backward op forms gy = keep * (go * m + gp) itself, in its fused prologue.
+            gx2, gw2, _, _ = layer.backward(go, gp, ggx if ggx is not None else x, ggw if ggw is not None else w,
+                                            m, None, ctx.layer_args, ctx.skip_zero, want_x, want_w, ctx.backend)
             g_x = gx2 if want_x else None
             g_w = gw2 if want_w else None
 
@@ -333,7 +334,7 @@ def _make_backward_autograd(layer):
         need_go, need_gp, _, _, need_m, need_pre = ctx.needs_input_grad[:6]
         g_go = g_gp = g_m = g_pre = None
         if g_gy is not None:
-            g_go = g_gy * m_b * keep_b if need_go else None
+            g_go = g_gy * _channel_view(m * keep, go) if need_go else None
             g_gp = g_gy * keep_b if (ctx.has_gp and need_gp) else None
             g_m = keep * _channel_sum(g_gy * go) if need_m else None
         if ggm is not None and ctx.has_pre:
