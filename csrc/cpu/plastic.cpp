@@ -108,11 +108,12 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
     if (t % s.checkpoint_every == 0) {
       std::memcpy(checkpoints + (t / s.checkpoint_every) * trace, hebb, sizeof(T) * trace);
     }
-    // Rows are independent within a step: parallel over (sequence, neuron), so B = 1 with a
-    // large N (Miconi's 1000 units) still uses every core.
+    // Rows are independent within a step: parallel over (neuron, sequence), so B = 1 with a
+    // large N (Miconi's 1000 units) still uses every core. Neuron-major: the B rows of one
+    // neuron follow each other, and its weight and alpha rows are read from L1 B times.
 #pragma omp parallel for schedule(static) if (trace > 4096)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t b = r / s.OUT, j = r % s.OUT;
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t j = k / s.B, b = k % s.B, r = b * s.OUT + j;
       const T* p = pre_of(s, x, y0, output, zeros.data(), t, b);
       output[t * rows + r] = forward_row(s, x, weight, alpha, eta, bias, drive, modulation, p, hebb + r * I, t, b, j);
     }
@@ -220,6 +221,42 @@ RowGrad<T> backward_row(const T* p, T y, T gy_out, T eta, T m, T c, bool tanh_ac
   return {gz, dm, geta};
 }
 
+// The same row for the invertible rules whose rule gradient needs only <dL/dH', pre> (hebb and
+// modulated, no clip), in ONE pass over the trace instead of three. `dot` = sum_i gh[i] * p[i],
+// computed while the previous (later) step wrote gh. The pass undoes the update on the fly
+// (H' -> H), uses H, writes dL/dH_t, and returns sum_i dL/dH_t[i] * p_prev[i]: the `dot` of
+// this row at step t-1 (p_prev: that step's presynaptic activity; zeros at t = 0).
+template <typename T, PlasticRule kRule, bool kScalar>
+RowGrad<T> backward_row_one_pass(const T* p, const T* p_prev, T dot, T y, T gy_out, T eta, T m, bool tanh_act,
+                                 const T* w, const T* alpha, T* h, T* gh, T* ga, T* gp, int64_t n, T* next_dot) {
+  static_assert(kRule != PlasticRule::kOja, "Oja's rule gradient needs the trace itself");
+  const T dy = kRule == PlasticRule::kHebb ? eta * dot : m * dot;
+  const T dm = kRule == PlasticRule::kModulated ? y * dot : T(0);
+  const T gz = (gy_out + dy) * (tanh_act ? T(1) - y * y : T(1));
+  const T inv = kRule == PlasticRule::kHebb ? T(1) / (T(1) - eta) : T(1);
+  const T d_h = kRule == PlasticRule::kHebb ? T(1) - eta : T(1);
+  const T d_p = kRule == PlasticRule::kHebb ? eta * y : m * y;
+  const T a0 = kScalar ? alpha[0] : T(0);
+  T geta = T(0), ga_scalar = T(0), ahead = T(0);
+#pragma omp simd reduction(+ : geta, ga_scalar, ahead)
+  for (int64_t i = 0; i < n; ++i) {
+    const T hv = (h[i] - d_p * p[i]) * inv;  // H_t from H_{t+1}
+    h[i] = hv;
+    const T a = kScalar ? a0 : alpha[i];
+    const T hz = gz * p[i];
+    const T g = gh[i];
+    if constexpr (kScalar) ga_scalar += hz * hv; else ga[i] += hz * hv;
+    if constexpr (kRule == PlasticRule::kHebb) geta += g * (y * p[i] - hv);
+    gp[i] += (w[i] + a * hv) * gz + g * d_p;
+    const T g_new = g * d_h + a * hz;
+    gh[i] = g_new;
+    ahead += g_new * p_prev[i];
+  }
+  if constexpr (kScalar) ga[0] += ga_scalar;
+  *next_dot = ahead;
+  return {gz, dm, geta};
+}
+
 }  // namespace
 
 template <typename T>
@@ -232,11 +269,28 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
   const int threads = max_threads();
   const std::vector<T> zeros(I, T(0));
   std::vector<T> carry(rows, T(0));  // rnn: dL/dy_t through step t+1's presynaptic input
-  std::vector<T> alpha_acc(static_cast<size_t>(threads) * alpha_size, T(0));
+  // Per-connection alpha: accumulated in place (a thread owns whole neurons); scalar: per thread.
+  std::vector<T> alpha_acc(threads, T(0));
+  if (!s.alpha_scalar) std::fill(grad_alpha, grad_alpha + alpha_size, T(0));
   std::vector<T> eta_acc(threads, T(0));
   std::vector<T> pre_acc(static_cast<size_t>(threads) * B * I);
   std::vector<T> mod_row(rows);
   int64_t segment_start = -1;
+  // Hebb and modulated rules without clip, reconstructing: one pass per row and step
+  // (backward_row_one_pass), carrying each row's <dL/dH, pre> from step to step.
+  const bool one_pass = !s.recompute && !s.has_clip && s.rule != PlasticRule::kOja;
+  std::vector<T> dots(one_pass ? rows : 0);
+  if (one_pass && s.T > 0) {
+#pragma omp parallel for schedule(static) if (trace > 4096)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = pre_of(s, x, y0, output, zeros.data(), s.T - 1, r / O);
+      const T* g = grad_hebb + r * I;
+      T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < I; ++i) dot += g[i] * p[i];
+      dots[r] = dot;
+    }
+  }
 
   for (int64_t t = s.T - 1; t >= 0; --t) {
     if (s.recompute && (segment_start < 0 || t < segment_start)) {
@@ -264,22 +318,40 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
       constexpr PlasticRule kRule = decltype(rule_c)::value;
       constexpr bool kScalar = decltype(scalar_c)::value;
       constexpr bool kClip = decltype(clip_c)::value;
+      // Neuron-major: a thread owns whole neurons (parallel over j, the B sequences inside), so
+      // their weight, alpha and alpha-gradient rows stay in L1 across the sequences, and
+      // per-connection alpha gradients are summed in place, with no per-thread copies.
 #pragma omp parallel for schedule(static) if (trace > 4096)
-      for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < O; ++j) {
         const int tid = thread_id();
-        const int64_t b = r / O, j = r % O;
-        const T m = kRule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
-        T* h = s.recompute ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
-        RowGrad<T> g = backward_row<T, kRule, kScalar, kClip>(
-            pre_of(s, x, y0, output, zeros.data(), t, b), output[t * rows + r],
-            grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0)), eta, m, static_cast<T>(s.clip), s.tanh,
-            !s.recompute,
-            weight + j * I, kScalar ? alpha : alpha + j * I, h, grad_hebb + r * I,
-            alpha_acc.data() + static_cast<size_t>(tid) * alpha_size + (kScalar ? 0 : j * I),
-            pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I, I);
-        grad_z[t * rows + r] = g.gz;
-        mod_row[r] = g.dm;
-        eta_acc[tid] += g.deta;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t r = b * O + j;
+          const T m = kRule == PlasticRule::kModulated ? modulation_of(s, modulation, t, b, j) : T(0);
+          T* h = s.recompute ? segment + (t - segment_start) * trace + r * I : hebb + r * I;
+          const T* p = pre_of(s, x, y0, output, zeros.data(), t, b);
+          const T gy_out = grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0));
+          T* ga = kScalar ? alpha_acc.data() + tid : grad_alpha + j * I;
+          T* gp = pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I;
+          RowGrad<T> g;
+          if constexpr (kRule != PlasticRule::kOja && !kClip) {
+            if (one_pass) {
+              const T* p_prev = t > 0 ? pre_of(s, x, y0, output, zeros.data(), t - 1, b) : zeros.data();
+              g = backward_row_one_pass<T, kRule, kScalar>(p, p_prev, dots[r], output[t * rows + r], gy_out, eta, m,
+                                                           s.tanh, weight + j * I, kScalar ? alpha : alpha + j * I,
+                                                           h, grad_hebb + r * I, ga, gp, I, &dots[r]);
+              grad_z[t * rows + r] = g.gz;
+              mod_row[r] = g.dm;
+              eta_acc[tid] += g.deta;
+              continue;
+            }
+          }
+          g = backward_row<T, kRule, kScalar, kClip>(
+              p, output[t * rows + r], gy_out, eta, m, static_cast<T>(s.clip), s.tanh, !s.recompute, weight + j * I,
+              kScalar ? alpha : alpha + j * I, h, grad_hebb + r * I, ga, gp, I);
+          grad_z[t * rows + r] = g.gz;
+          mod_row[r] = g.dm;
+          eta_acc[tid] += g.deta;
+        }
       }
     });
     // Presynaptic gradient of step t: merge the per-thread sums.
@@ -302,10 +374,10 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
       }
     }
   }
-  for (int64_t k = 0; k < alpha_size; ++k) {
+  if (s.alpha_scalar) {
     T sum = T(0);
-    for (int th = 0; th < threads; ++th) sum += alpha_acc[static_cast<size_t>(th) * alpha_size + k];
-    grad_alpha[k] = sum;
+    for (int th = 0; th < threads; ++th) sum += alpha_acc[th];
+    grad_alpha[0] = sum;
   }
   T sum = T(0);
   for (int th = 0; th < threads; ++th) sum += eta_acc[th];
