@@ -237,9 +237,11 @@ CASES = [
     _plastic_case("B=1 N=1000 T=106 hebb fwd+bwd (Miconi)", 1, 1000, 106),
     _plastic_case("B=16 N=128 T=100 modulated fwd+bwd", 16, 128, 100, modulation=True),
     _plastic_case("B=16 N=64 T=200 oja fwd+bwd", 16, 64, 200, rule="oja"),
-    _meta_case("maml omniglot 5w1s meta-batch 32, 2nd order", "maml"),
-    _meta_case("maml omniglot 5w1s meta-batch 32, 1st order", "maml", first_order=True, full_only=True),
-    _meta_case("neuronml omniglot 5w1s meta-batch 32, 2nd order", "neuronml"),
+    # Finn et al.'s Omniglot set-up: 1 support and 1 query image per class.
+    _meta_case("maml omniglot 5w1s meta-batch 32, 1 query, 2nd order", "maml", queries=1),
+    _meta_case("maml omniglot 5w1s meta-batch 32, 15 queries, 2nd order", "maml"),
+    _meta_case("maml omniglot 5w1s meta-batch 32, 15 queries, 1st order", "maml", first_order=True, full_only=True),
+    _meta_case("neuronml omniglot 5w1s meta-batch 32, 15 queries, 2nd order", "neuronml"),
 ]
 
 
