@@ -259,6 +259,41 @@ void plastic_forward_step(const at::Tensor& x, const at::Tensor& weight, const a
                "plastic_forward_step");
 }
 
+// Returns whether the whole-sequence kernel ran (false: the layer is too large for it, or has a
+// clip; the caller runs the step kernels).
+bool plastic_forward_sequence(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                              const at::Tensor& eta, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& drive, const c10::optional<at::Tensor>& y0,
+                              const c10::optional<at::Tensor>& modulation, at::Tensor& hebb, at::Tensor& output,
+                              at::Tensor& checkpoints, int64_t every, bool recurrent, int64_t rule, bool per_neuron,
+                              bool tanh, bool has_clip) {
+  const PlasticStep s = plastic_step(weight, hebb, 0, recurrent, rule, per_neuron, tanh, alpha.dim() == 0, has_clip,
+                                     bias.has_value(), drive.has_value());
+  for (const auto& [tensor, name] : std::initializer_list<Named>{Named{&x, "input"}, Named{&alpha, "alpha"},
+                                     Named{&eta, "eta"}, Named{&output, "output"}, Named{&checkpoints, "checkpoints"}}) {
+    check_contiguous_like(*tensor, weight, name);
+  }
+  TORCH_CHECK(every >= 1, "every: expected >= 1, got ", every);
+  const int64_t steps = x.size(0);
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == s.B && x.size(2) == (recurrent ? s.OUT : s.IN), "input: expected [T, ",
+              s.B, ", ", recurrent ? s.OUT : s.IN, "], got ", x.sizes());
+  TORCH_CHECK(output.numel() == steps * s.B * s.OUT, "output: expected ", steps * s.B * s.OUT, " elements, got ",
+              output.numel());
+  TORCH_CHECK(checkpoints.numel() >= ((steps + every - 1) / every) * s.B * s.OUT * s.IN,
+              "checkpoints: too small for ", steps, " steps every ", every);
+  TORCH_CHECK(!recurrent || s.OUT == s.IN, "weight: a recurrent layer needs OUT == IN, got ", weight.sizes());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  bool launched = false;
+  check_launch(neuronml_fast::cuda::plastic_forward_sequence(
+                   weight.scalar_type() == at::kDouble, s, steps, every, x.data_ptr(), weight.data_ptr(),
+                   alpha.data_ptr(), eta.data_ptr(), optional_ptr(bias, weight, "bias"),
+                   optional_ptr(drive, weight, "drive"), optional_ptr(y0, weight, "y0"),
+                   optional_ptr(modulation, weight, "modulation"), hebb.data_ptr(), output.data_ptr(),
+                   checkpoints.data_ptr(), &launched, c10::cuda::getCurrentCUDAStream().stream()),
+               "plastic_forward_sequence");
+  return launched;
+}
+
 void plastic_backward_step(const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& eta,
                            const at::Tensor& clip, const at::Tensor& pre, const at::Tensor& output,
                            const at::Tensor& grad_output, const at::Tensor& carry,
@@ -298,6 +333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
+  m.def("plastic_forward_sequence", &plastic_forward_sequence,
+        "whole-sequence plastic forward for small layers, trace in shared memory (SPEC 4)");
   m.def("plastic_forward_step", &plastic_forward_step, "one plastic forward step (SPEC 4)");
   m.def("plastic_backward_step", &plastic_backward_step, "one plastic reverse step (SPEC 4)");
   m.def("masked_conv_forward_out", &masked_conv_forward_out, "masked conv forward (SPEC 2)");

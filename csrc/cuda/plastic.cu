@@ -167,6 +167,103 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
   }
 }
 
+// Whole-sequence forward for small layers (OUT, IN <= kPlasticSequenceMaxN, no clip): one block
+// per sequence keeps its trace in shared memory for all T steps, so the trace never leaves the
+// chip between steps and there is one launch per sequence batch. Warp per row: z_j and the
+// update of row j in the same pass, as in the step kernel; the block synchronizes once per step
+// so every warp sees the new presynaptic vector.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+forward_sequence_kernel(PlasticStep s, int64_t steps, int64_t every, const T* __restrict__ x,
+                        const T* __restrict__ weight, const T* __restrict__ alpha, const T* __restrict__ eta_ptr,
+                        const T* __restrict__ bias, const T* __restrict__ drive, const T* __restrict__ y0,
+                        const T* __restrict__ mod, T* __restrict__ hebb, T* __restrict__ output,
+                        T* __restrict__ checkpoints) {
+  extern __shared__ unsigned char smem_raw[];
+  T* h = reinterpret_cast<T*>(smem_raw);   // [OUT, IN]
+  T* p = h + s.OUT * s.IN;                 // [IN]: this step's presynaptic activity
+  T* y_next = p + s.IN;                    // [OUT]: this step's post (the next step's pre, rnn)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t b = blockIdx.x, size = s.OUT * s.IN;
+  T* trace = hebb + b * size;
+  const T eta = *eta_ptr;
+  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) h[e] = trace[e];
+  for (int64_t i = threadIdx.x; i < s.IN; i += blockDim.x) {
+    p[i] = s.recurrent ? (y0 ? y0[b * s.IN + i] : T(0)) : x[b * s.IN + i];
+  }
+  __syncthreads();
+  for (int64_t t = 0; t < steps; ++t) {
+    if (t % every == 0) {
+      T* ckpt = checkpoints + ((t / every) * s.B + b) * size;
+      for (int64_t e = threadIdx.x; e < size; e += blockDim.x) ckpt[e] = h[e];
+    }
+    for (int64_t j = warp; j < s.OUT; j += warps) {
+      T* row_h = h + j * s.IN;
+      T z = T(0);
+      for (int64_t i = lane; i < s.IN; i += 32) {
+        const T a = s.alpha_scalar ? alpha[0] : alpha[j * s.IN + i];
+        z += (weight[j * s.IN + i] + a * row_h[i]) * p[i];
+      }
+      z = warp_all_sum(z);
+      const int64_t row = (t * s.B + b) * s.OUT + j;
+      if (s.recurrent) {
+        z += x[row];
+      } else {
+        if (s.has_bias) z += bias[j];
+        if (s.has_drive) z += drive[row];
+      }
+      const T y = activation(z, s.tanh);
+      if (lane == 0) {
+        output[row] = y;
+        y_next[j] = y;
+      }
+      PlasticStep at_t = s;
+      at_t.t = t;
+      const T m = s.rule == 2 ? modulation_of(at_t, mod, b, j) : T(0);
+      for (int64_t i = lane; i < s.IN; i += 32) row_h[i] = update(s, row_h[i], p[i], y, eta, m, T(0), false);
+    }
+    __syncthreads();  // every row has read p and written y_next
+    if (t + 1 < steps) {
+      for (int64_t i = threadIdx.x; i < s.IN; i += blockDim.x) {
+        p[i] = s.recurrent ? y_next[i] : x[((t + 1) * s.B + b) * s.IN + i];
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) trace[e] = h[e];
+}
+
+template <typename T>
+size_t sequence_shared_bytes(const PlasticStep& s) {
+  return sizeof(T) * static_cast<size_t>(s.OUT * s.IN + s.IN + s.OUT);
+}
+
+template <typename T>
+cudaError_t forward_sequence(const PlasticStep& s, int64_t steps, int64_t every, const void* x, const void* w,
+                             const void* a, const void* eta, const void* bias, const void* drive, const void* y0,
+                             const void* mod, void* hebb, void* output, void* checkpoints, bool* launched,
+                             cudaStream_t stream) {
+  *launched = false;
+  if (s.OUT > kPlasticSequenceMaxN || s.IN > kPlasticSequenceMaxN || s.has_clip || every < 1) return cudaSuccess;
+  const size_t bytes = sequence_shared_bytes<T>(s);
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (bytes > static_cast<size_t>(optin)) return cudaSuccess;  // too big for this GPU: step kernels
+  err = cudaFuncSetAttribute(forward_sequence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  *launched = true;
+  if (s.B == 0 || steps == 0) return cudaSuccess;
+  forward_sequence_kernel<T><<<static_cast<unsigned>(s.B), kThreads, bytes, stream>>>(
+      s, steps, every, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(a),
+      static_cast<const T*>(eta), static_cast<const T*>(bias), static_cast<const T*>(drive),
+      static_cast<const T*>(y0), static_cast<const T*>(mod), static_cast<T*>(hebb), static_cast<T*>(output),
+      static_cast<T*>(checkpoints));
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t forward_step(const PlasticStep& s, const void* x, const void* w, const void* a, const void* eta,
                          const void* clip, const void* bias, const void* drive, const void* pre, const void* mod,
@@ -198,6 +295,16 @@ cudaError_t backward_step(const PlasticStep& s, const void* w, const void* a, co
 }
 
 }  // namespace
+
+cudaError_t plastic_forward_sequence(bool is_double, const PlasticStep& s, int64_t steps, int64_t every, const void* x,
+                                     const void* weight, const void* alpha, const void* eta, const void* bias,
+                                     const void* drive, const void* y0, const void* modulation, void* hebb,
+                                     void* output, void* checkpoints, bool* launched, cudaStream_t stream) {
+  return is_double ? forward_sequence<double>(s, steps, every, x, weight, alpha, eta, bias, drive, y0, modulation, hebb,
+                                              output, checkpoints, launched, stream)
+                   : forward_sequence<float>(s, steps, every, x, weight, alpha, eta, bias, drive, y0, modulation, hebb,
+                                             output, checkpoints, launched, stream);
+}
 
 cudaError_t plastic_forward_step(bool is_double, const PlasticStep& s, const void* x, const void* weight,
                                  const void* alpha, const void* eta, const void* clip, const void* bias,

@@ -8,12 +8,24 @@
 namespace neuronml_fast::cuda {
 
 constexpr int kPlasticRowsPerBlock = 8;  // one warp per row
+constexpr int64_t kPlasticSequenceMaxN = 128;  // largest OUT and IN of the whole-sequence forward
 
 struct PlasticStep {
   int64_t B, OUT, IN, t;
   bool recurrent, per_neuron, tanh, alpha_scalar, has_clip, has_bias, has_drive;
   int rule;  // 0 hebb, 1 oja, 2 modulated
 };
+
+// The whole forward of a small layer (OUT, IN <= kPlasticSequenceMaxN, no clip) in one launch:
+// one block per sequence, its trace in shared memory for all `steps` steps. Sets *launched to
+// false (and launches nothing) when the layer does not qualify or its trace does not fit this
+// GPU's shared memory; the caller then runs the step kernels. hebb [B, OUT, IN]: initial trace
+// in, final out; checkpoints [ceil(steps / every), B, OUT, IN]: the trace before steps 0, every, ...
+// y0 [B, OUT] (rnn, may be null), others as plastic_forward_step. s.t is ignored.
+cudaError_t plastic_forward_sequence(bool is_double, const PlasticStep& s, int64_t steps, int64_t every, const void* x,
+                                     const void* weight, const void* alpha, const void* eta, const void* bias,
+                                     const void* drive, const void* y0, const void* modulation, void* hebb,
+                                     void* output, void* checkpoints, bool* launched, cudaStream_t stream);
 
 // One forward step (or, with update_only, only the trace update with post read from output).
 // x [T, B, IN or OUT], weight/alpha [OUT, IN] (alpha may be [1]), eta/clip [1] on the device,

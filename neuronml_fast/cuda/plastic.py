@@ -6,6 +6,7 @@ import functools
 from .. import _extensions, _plastic_driver
 
 ROWS_PER_BLOCK = 8  # csrc/cuda/plastic.h: kPlasticRowsPerBlock (one warp per row)
+SEQUENCE_MAX_N = 128  # csrc/cuda/plastic.h: kPlasticSequenceMaxN
 
 
 class CudaSteps:
@@ -15,7 +16,13 @@ class CudaSteps:
 
     @staticmethod
     def sequence_forward(p, trace, checkpoints, every):
-        return False  # a whole-sequence kernel for small N is still to do: step launches
+        """One launch for the whole sequence when N <= 128 and no clip (trace in shared memory);
+        False (nothing launched) otherwise, and the driver runs the step kernels."""
+        if max(p.out_features, p.in_features) > SEQUENCE_MAX_N or p.has_clip:
+            return False
+        return _extensions.cuda().plastic_forward_sequence(
+            p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, trace, p.output, checkpoints, every,
+            p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip)
 
     @staticmethod
     def forward_step(p, t, pre, trace, update_only):
