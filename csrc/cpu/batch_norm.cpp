@@ -32,7 +32,9 @@ void batch_norm_rows_double_backward(int64_t R, int64_t C, const T* u, const T* 
   const int threads = 1;
 #endif
   std::vector<T> partial(static_cast<size_t>(threads) * kSums * C, T(0));
-#pragma omp parallel num_threads(threads)
+  // Small matrices run on the calling thread (waking the team costs more than the work).
+  const bool parallel = R * C > (1 << 15);
+#pragma omp parallel num_threads(threads) if (parallel)
   {
 #ifdef _OPENMP
     T* s_g = partial.data() + static_cast<size_t>(omp_get_thread_num()) * kSums * C;
@@ -92,7 +94,7 @@ void batch_norm_rows_double_backward(int64_t R, int64_t C, const T* u, const T* 
   }
 
   // Pass 2: the two full-size gradients, one fused expression per element.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t i = 0; i < R; ++i) {
     const T* gi = g + i * C;
     const T* xi = x + i * C;

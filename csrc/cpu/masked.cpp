@@ -9,12 +9,18 @@
 
 namespace neuronml_fast::cpu {
 
+namespace {
+// Below this many elements a loop runs on the calling thread: waking the OpenMP team costs more
+// than the work (and under oversubscription, far more).
+constexpr int64_t kParallelGrain = 1 << 15;
+}  // namespace
+
 template <typename T>
 void masked_forward_epilogue(const CompactLayout& L, const T* y, const int64_t* slot, const T* mask,
                              const T* bias, T* out, T* pre) {
   const int64_t S = L.S;
   // Every element of out and pre is written exactly once: active channels from y, pruned as 0.
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (L.T * L.N * L.C * S > kParallelGrain)
   for (int64_t t = 0; t < L.T; ++t) {
     for (int64_t n = 0; n < L.N; ++n) {
       for (int64_t c = 0; c < L.C; ++c) {
@@ -46,7 +52,7 @@ void masked_backward_prologue(const CompactLayout& L, const T* grad_out, const T
                               const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask) {
   const int64_t S = L.S;
   // One (task, channel) per iteration: its reductions over samples and space need no atomics.
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (L.T * L.N * L.C * S > kParallelGrain)
   for (int64_t t = 0; t < L.T; ++t) {
     for (int64_t c = 0; c < L.C; ++c) {
       const int64_t j = slot[t * L.C + c];
@@ -123,7 +129,7 @@ void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const i
   std::vector<T> zeros(C, T(0));
   // Loop in storage order (grouped NHWC: images, pixels, tasks, channels): task-outer loops
   // stride T*C elements per pixel and miss the TLB on every row.
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (L.N * L.S * L.T * C > kParallelGrain)
   for (int64_t n = 0; n < L.N; ++n) {
     for (int64_t s = 0; s < L.S; ++s) {
       for (int64_t t = 0; t < L.T; ++t) {
@@ -178,7 +184,7 @@ void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out,
     const std::vector<int64_t>& ch = tasks[t].channel_of_slot;
     for (size_t k = 0; k < ch.size(); ++k) masks_by_slot[t * width + k] = mask[t * C + ch[k]];
   }
-#pragma omp parallel
+#pragma omp parallel if (L.N * L.S * L.T * C > kParallelGrain)
   {
     std::vector<T> sum_gy(TA, T(0)), sum_mask(TA, T(0));
     // Storage order (images, pixels, tasks, channels), as in the forward epilogue.
