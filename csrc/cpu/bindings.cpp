@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/batch_norm.h"
+#include "cpu/conv_weight_grad.h"
 #include "cpu/masked.h"
 #include "cpu/plastic.h"
 #include "cpu/sensitivity.h"
@@ -250,6 +251,44 @@ void batch_norm_rows_double_backward_out(const c10::optional<at::Tensor>& u, con
   });
 }
 
+// ---- conv weight gradient (NHWC, float32, AVX2 register tiles) ----------------------------
+
+// gy [N, H_out, W_out, T*A], x [N, H, W, T*C] (grouped NHWC storage), grad_weight [T, A, kH, kW, C]:
+// contiguous float32. Throws if this build has no AVX2/FMA kernel (check weight_grad_available).
+void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation) {
+  TORCH_CHECK(neuronml_fast::cpu::conv2d_weight_grad_available(),
+              "conv2d_weight_grad_out: this build has no AVX2/FMA kernel");
+  for (auto [t, name] : {std::pair{&gy, "grad_out"}, std::pair{&x, "input"},
+                         std::pair{static_cast<const at::Tensor*>(&grad_weight), "grad_weight (out)"}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, name,
+                ": expected a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
+  }
+  TORCH_CHECK(gy.dim() == 4 && x.dim() == 4 && grad_weight.dim() == 5,
+              "expected grad_out [N, H_out, W_out, T*A], input [N, H, W, T*C], grad_weight [T, A, kH, kW, C]; got ",
+              gy.sizes(), ", ", x.sizes(), ", ", grad_weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
+                  stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
+              "stride, padding, dilation: expected pairs with stride >= 1, padding >= 0, dilation >= 1");
+  const int64_t T = grad_weight.size(0), A = grad_weight.size(1), KH = grad_weight.size(2),
+                KW = grad_weight.size(3), C = grad_weight.size(4);
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2);
+  TORCH_CHECK(C % 16 == 0, "grad_weight: expected C_in divisible by 16, got ", C);
+  TORCH_CHECK(x.size(3) == T * C, "input: expected ", T * C, " channels (T*C_in), got ", x.size(3));
+  const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
+  const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(gy.size(0) == N && gy.size(1) == H_out && gy.size(2) == W_out && gy.size(3) == T * A,
+              "grad_out: expected [", N, ", ", H_out, ", ", W_out, ", ", T * A, "], got ", gy.sizes());
+  const neuronml_fast::cpu::WeightGradShape s{N,         H,          W,          C,          H_out,    W_out,
+                                              A,         KH,         KW,         stride[0],  stride[1], padding[0],
+                                              padding[1], dilation[0], dilation[1], T * A,    T * C};
+  if (grad_weight.numel() == 0) return;
+  neuronml_fast::cpu::conv2d_weight_grad_nhwc(s, T, A, C, gy.data_ptr<float>(), x.data_ptr<float>(),
+                                              grad_weight.data_ptr<float>());
+}
+
 // ---- Hebbian plasticity --------------------------------------------------------------------
 
 using neuronml_fast::cpu::PlasticRule;
@@ -386,6 +425,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_backward_prologue_cl", &masked_backward_prologue_cl, "channels-last masked_backward_prologue",
         py::arg("grad_out"), py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"),
         py::arg("grad_bias"), py::arg("grad_mask"));
+  m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",
+        py::arg("grad_out"), py::arg("input"), py::arg("grad_weight"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"));
+  m.def("weight_grad_available", &neuronml_fast::cpu::conv2d_weight_grad_available,
+        "whether conv2d_weight_grad_out has its AVX2/FMA kernel in this build");
   m.def("batch_norm_rows_double_backward_out", &batch_norm_rows_double_backward_out,
         "fused double backward of batch norm over the rows of a [R, C] matrix", py::arg("u"), py::arg("u_gamma"),
         py::arg("u_beta"), py::arg("grad_out"), py::arg("input"), py::arg("weight"), py::arg("mean"),

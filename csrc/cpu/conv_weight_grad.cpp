@@ -1,0 +1,161 @@
+#include "cpu/conv_weight_grad.h"
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NEURONML_FAST_HAVE_AVX2 1
+#endif
+
+namespace neuronml_fast::cpu {
+
+#ifdef NEURONML_FAST_HAVE_AVX2
+
+namespace {
+
+constexpr int kRows = 6;   // output channels per register tile
+constexpr int kCols = 16;  // input channels per register tile: two 8-float registers
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// acc[r * acc_stride + 0..15] += sum over a rows x cols block of positions of
+// gy[pos * gs + r] * x[pos * xs + 0..15], for r < R; rows advance gy by g_row and x by x_row.
+// The 2R accumulators stay in registers over the whole block.
+template <int R>
+void tile(const float* gy, int64_t gs, int64_t g_row, const float* x, int64_t xs, int64_t x_row, int64_t rows,
+          int64_t cols, float* acc, int64_t acc_stride) {
+  __m256 lo[R], hi[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    lo[r] = _mm256_loadu_ps(acc + r * acc_stride);
+    hi[r] = _mm256_loadu_ps(acc + r * acc_stride + 8);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* gi = gy + i * g_row;
+    const float* xi = x + i * x_row;
+    for (int64_t p = 0; p < cols; ++p) {
+      const __m256 x_lo = _mm256_loadu_ps(xi + p * xs), x_hi = _mm256_loadu_ps(xi + p * xs + 8);
+      const float* g = gi + p * gs;
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 gr = _mm256_broadcast_ss(g + r);
+        lo[r] = _mm256_fmadd_ps(gr, x_lo, lo[r]);
+        hi[r] = _mm256_fmadd_ps(gr, x_hi, hi[r]);
+      }
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * acc_stride, lo[r]);
+    _mm256_storeu_ps(acc + r * acc_stride + 8, hi[r]);
+  }
+}
+
+void run_tile(int rows_a, const float* gy, int64_t gs, int64_t g_row, const float* x, int64_t xs, int64_t x_row,
+              int64_t rows, int64_t cols, float* acc, int64_t acc_stride) {
+  switch (rows_a) {
+    case 1: return tile<1>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+    case 2: return tile<2>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+    case 3: return tile<3>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+    case 4: return tile<4>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+    case 5: return tile<5>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+    default: return tile<6>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+  }
+}
+
+// Output positions [lo, hi) along one axis whose input position out * stride + offset lies in [0, size).
+void valid_range(int64_t size, int64_t out_size, int64_t stride, int64_t offset, int64_t* lo, int64_t* hi) {
+  *lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  const int64_t last_in = size - 1 - offset;
+  *hi = last_in < 0 ? 0 : std::min(out_size, last_in / stride + 1);
+}
+
+// Images [n0, n1) of one task, summed into acc [A, KH, KW, C]. Per image and tap the valid output
+// positions form a rectangle; every (16 input channels, 6 output channels) tile sweeps it with its
+// accumulators in registers, the image's data staying in L1/L2 across the tiles.
+void accumulate(const WeightGradShape& s, const float* gy, const float* x, int64_t n0, int64_t n1, float* acc) {
+  const int64_t per_channel = s.KH * s.KW * s.C;  // acc stride between output channels
+  const int64_t xs = s.stride_w * s.x_pixel, x_row = s.stride_h * s.W * s.x_pixel, g_row = s.W_out * s.gy_pixel;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      int64_t oh_lo, oh_hi;
+      valid_range(s.H, s.H_out, s.stride_h, kh * s.dil_h - s.pad_h, &oh_lo, &oh_hi);
+      if (oh_hi <= oh_lo) continue;
+      for (int64_t kw = 0; kw < s.KW; ++kw) {
+        int64_t ow_lo, ow_hi;
+        valid_range(s.W, s.W_out, s.stride_w, kw * s.dil_w - s.pad_w, &ow_lo, &ow_hi);
+        if (ow_hi <= ow_lo) continue;
+        const int64_t ih = oh_lo * s.stride_h + kh * s.dil_h - s.pad_h;
+        const int64_t iw = ow_lo * s.stride_w + kw * s.dil_w - s.pad_w;
+        const float* x0 = x + ((n * s.H + ih) * s.W + iw) * s.x_pixel;
+        const float* g0 = gy + ((n * s.H_out + oh_lo) * s.W_out + ow_lo) * s.gy_pixel;
+        float* tap = acc + (kh * s.KW + kw) * s.C;
+        for (int64_t c0 = 0; c0 < s.C; c0 += kCols) {
+          for (int64_t a0 = 0; a0 < s.A; a0 += kRows) {
+            run_tile(static_cast<int>(std::min<int64_t>(kRows, s.A - a0)), g0 + a0, s.gy_pixel, g_row, x0 + c0, xs,
+                     x_row, oh_hi - oh_lo, ow_hi - ow_lo, tap + a0 * per_channel + c0, per_channel);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+bool conv2d_weight_grad_available() { return true; }
+
+void conv2d_weight_grad_nhwc(const WeightGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
+                             const float* gy, const float* x, float* gw) {
+  const int64_t size = s.A * s.KH * s.KW * s.C;
+  std::fill(gw, gw + tasks * size, 0.f);
+  const int threads = max_threads();
+  if (tasks >= threads) {
+    // Every thread owns whole tasks: no partial sums.
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) accumulate(s, gy + t * gy_task, x + t * x_task, 0, s.N, gw + t * size);
+    return;
+  }
+  // Few tasks: split each task's images across the threads; partial sums added in thread order.
+  const int team = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, s.N)));
+  std::vector<float> partial(static_cast<size_t>(team - 1) * size);
+  for (int64_t t = 0; t < tasks; ++t) {
+    float* out = gw + t * size;
+    std::fill(partial.begin(), partial.end(), 0.f);
+#pragma omp parallel num_threads(team)
+    {
+#ifdef _OPENMP
+      const int id = omp_get_thread_num();
+#else
+      const int id = 0;
+#endif
+      const int64_t n0 = s.N * id / team, n1 = s.N * (id + 1) / team;
+      accumulate(s, gy + t * gy_task, x + t * x_task, n0, n1, id == 0 ? out : partial.data() + (id - 1) * size);
+    }
+    for (int id = 1; id < team; ++id) {
+      const float* part = partial.data() + static_cast<size_t>(id - 1) * size;
+      for (int64_t i = 0; i < size; ++i) out[i] += part[i];
+    }
+  }
+}
+
+#else  // no AVX2/FMA in this build: the caller uses its dense library
+
+bool conv2d_weight_grad_available() { return false; }
+
+void conv2d_weight_grad_nhwc(const WeightGradShape&, int64_t, int64_t, int64_t, const float*, const float*, float*) {}
+
+#endif
+
+}  // namespace neuronml_fast::cpu

@@ -1,0 +1,96 @@
+"""The C++ CPU weight-gradient kernel (csrc/cpu/conv_weight_grad.cpp) the masked conv uses for
+float32 inputs with a multiple of 16 input channels: against oneDNN and the reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import neuronml_fast as nf
+from neuronml_fast import _alloc, _extensions
+from neuronml_fast.ops.masked import masked_conv2d_reference
+
+ext = _extensions.load("_C_cpu")
+pytestmark = pytest.mark.skipif(ext is None or not ext.weight_grad_available(),
+                                reason="C++ CPU extension without the AVX2/FMA weight-gradient kernel")
+
+
+def _oracle(gy, x, tasks, kernel, stride, padding, dilation):
+    """oneDNN's grouped weight gradient in float64, as [T, A, kH, kW, C]."""
+    n, h_out, w_out, ta = gy.shape
+    _, h, w, tc = x.shape
+    a, c = ta // tasks, tc // tasks
+    weight = torch.zeros(ta, c, *kernel, dtype=torch.float64)
+    grad = torch.ops.aten.convolution_backward(
+        gy.double().permute(0, 3, 1, 2), x.double().permute(0, 3, 1, 2), weight, None, stride, padding, dilation,
+        False, [0, 0], tasks, [False, True, False])[1]
+    return grad.view(tasks, a, c, *kernel).permute(0, 1, 3, 4, 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tasks=st.integers(1, 3), n=st.integers(1, 4), c=st.sampled_from([16, 32, 48]), a=st.integers(1, 14),
+       h=st.integers(1, 9), w=st.integers(1, 9), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 2)), padding=st.tuples(st.integers(0, 2), st.integers(0, 1)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**16))
+def test_kernel_matches_onednn(tasks, n, c, a, h, w, k, stride, padding, dilation, seed):
+    h_out = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    if h_out < 1 or w_out < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, w, tasks * c, generator=gen)
+    gy = torch.randn(n, h_out, w_out, tasks * a, generator=gen)
+    with _alloc.poisoned():
+        out = _alloc.empty((tasks, a, *k, c), dtype=torch.float32, device="cpu")
+    ext.conv2d_weight_grad_out(gy, x, out, list(stride), list(padding), list(dilation))
+    want = _oracle(gy, x, tasks, k, list(stride), list(padding), list(dilation))
+    torch.testing.assert_close(out.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-4)
+
+
+def test_conv4_block_shape_matches_onednn():
+    gen = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(80, 14, 14, 64, generator=gen), torch.randn(80, 14, 14, 16, generator=gen)
+    out = torch.empty(1, 16, 3, 3, 64)
+    ext.conv2d_weight_grad_out(gy, x, out, [1, 1], [1, 1], [1, 1])
+    want = _oracle(gy, x, 1, (3, 3), [1, 1], [1, 1], [1, 1])
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tasks", [None, 3])
+def test_masked_conv2d_float32_uses_it_and_matches_the_reference(tasks, monkeypatch):
+    from neuronml_fast.cpu import masked as cpu_masked
+    calls = []
+    original = cpu_masked._weight_grad
+    monkeypatch.setattr(cpu_masked, "_weight_grad", lambda *a: calls.append(1) or original(*a))
+    gen = torch.Generator().manual_seed(1)
+    t = () if tasks is None else (tasks,)
+    x = torch.randn(*t, 4, 16, 9, 9, generator=gen)
+    w = torch.randn(*t, 10, 16, 3, 3, generator=gen) * 0.1
+    b = torch.randn(*t, 10, generator=gen)
+    m = (torch.rand(*t, 10, generator=gen) > 0.4).float()
+    leaves = [v.clone().requires_grad_() for v in (x, w, b, m)]
+    with nf.use_backend("cpu"), _alloc.poisoned():
+        out = nf.masked_conv2d(*leaves, stride=2, padding=1)
+        got = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    ref_leaves = [v.double().requires_grad_() for v in (x, w, b, m)]
+    ref = masked_conv2d_reference(*ref_leaves, stride=2, padding=1)
+    want = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.double(), e, atol=1e-3, rtol=1e-4)
+    assert calls, "the float32 masked conv did not use the weight-gradient kernel"
+
+
+def test_bad_arguments():
+    x, gy = torch.randn(2, 5, 5, 16), torch.randn(2, 5, 5, 4)
+    out = torch.empty(1, 4, 3, 3, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.conv2d_weight_grad_out(gy.double(), x, out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="divisible by 16"):
+        ext.conv2d_weight_grad_out(gy, torch.randn(2, 5, 5, 8), torch.empty(1, 4, 3, 3, 8), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_out"):
+        ext.conv2d_weight_grad_out(torch.randn(2, 4, 5, 4), x, out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.conv2d_weight_grad_out(gy, torch.randn(2, 5, 16, 5).transpose(2, 3), out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="stride"):
+        ext.conv2d_weight_grad_out(gy, x, out, [0, 1], [1, 1], [1, 1])
