@@ -10,7 +10,7 @@ import sys
 import torch
 
 import neuronml_fast as nf
-from neuronml_fast import backends
+from neuronml_fast import _extensions, backends
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -76,7 +76,19 @@ def report():
                 cells.append(f"{short} {chosen}{'*' if chosen == 'reference' else ''}")
             note = "  (no device here: plan for a GPU machine)" if device == "cuda" and not gpu else ""
             lines.append(f"  {op:<22} {device:<5} " + ", ".join(cells) + note)
+    lines += ["", "inside the cpu backend", *[f"  {line}" for line in _cpu_kernel_notes()]]
     return "\n".join(lines)
+
+
+def _cpu_kernel_notes():
+    """Which dense kernels the C++ CPU backend uses around its fused loops."""
+    cpu = _extensions.load("_C_cpu")
+    if cpu is None:
+        return ["(not built)"]
+    own = "own AVX2 kernel" if cpu.weight_grad_available() else "oneDNN (this build has no AVX2/FMA kernel)"
+    return ["masked_conv2d forward and input gradient: oneDNN (NHWC) on the active neurons",
+            f"masked_conv2d weight gradient: {own} for float32 with C_in % 16 == 0 and groups == 1, else oneDNN",
+            "masked_linear: ATen bmm on the active neurons"]
 
 
 if __name__ == "__main__":
