@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu/parallel.h"
 
 namespace neuronml_fast::cpu {
 
@@ -26,21 +24,12 @@ void batch_norm_rows_double_backward(int64_t R, int64_t C, const T* u, const T* 
   // a block of rows into its own accumulators (channels contiguous: vector loads).
   // Merged in thread order, so the result is the same on every run with the same thread count.
   constexpr int kSums = 5;
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = max_threads();
   std::vector<T> partial(static_cast<size_t>(threads) * kSums * C, T(0));
-  // Small matrices run on the calling thread (waking the team costs more than the work).
-  const bool parallel = R * C > (1 << 15);
+  const bool parallel = R * C > kParallelGrain;
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-#ifdef _OPENMP
-    T* s_g = partial.data() + static_cast<size_t>(omp_get_thread_num()) * kSums * C;
-#else
-    T* s_g = partial.data();
-#endif
+    T* s_g = partial.data() + static_cast<size_t>(thread_id()) * kSums * C;
     T* s_gx = s_g + C;
     T* s_u = s_gx + C;
     T* s_ux = s_u + C;

@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu/parallel.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -20,14 +18,6 @@ namespace {
 
 constexpr int kRows = 6;   // output channels per register tile
 constexpr int kCols = 16;  // input channels per register tile: two 8-float registers
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // acc[r * acc_stride + 0..15] += sum over a rows x cols block of positions of
 // gy[pos * gs + r] * x[pos * xs + 0..15], for r < R; rows advance gy by g_row and x by x_row.
@@ -135,11 +125,7 @@ void conv2d_weight_grad_nhwc(const WeightGradShape& s, int64_t tasks, int64_t gy
     std::fill(partial.begin(), partial.end(), 0.f);
 #pragma omp parallel num_threads(team)
     {
-#ifdef _OPENMP
-      const int id = omp_get_thread_num();
-#else
-      const int id = 0;
-#endif
+      const int id = thread_id();
       const int64_t n0 = s.N * id / team, n1 = s.N * (id + 1) / team;
       accumulate(s, gy + t * gy_task, x + t * x_task, n0, n1, id == 0 ? out : partial.data() + (id - 1) * size);
     }

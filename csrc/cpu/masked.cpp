@@ -3,17 +3,9 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu/parallel.h"
 
 namespace neuronml_fast::cpu {
-
-namespace {
-// Below this many elements a loop runs on the calling thread: waking the OpenMP team costs more
-// than the work (and under oversubscription, far more).
-constexpr int64_t kParallelGrain = 1 << 15;
-}  // namespace
 
 template <typename T>
 void masked_forward_epilogue(const CompactLayout& L, const T* y, const int64_t* slot, const T* mask,

@@ -6,29 +6,11 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu/parallel.h"
 
 namespace neuronml_fast::cpu {
 
 namespace {
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // The presynaptic activity of step t for sequence b: x_t (linear) or y_{t-1} (rnn; y0 or 0 at t = 0).
 template <typename T>
@@ -332,22 +314,24 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
           const T gy_out = grad_output[t * rows + r] + (s.recurrent ? carry[r] : T(0));
           T* ga = kScalar ? alpha_acc.data() + tid : grad_alpha + j * I;
           T* gp = pre_acc.data() + (static_cast<size_t>(tid) * B + b) * I;
+          const T* w_row = weight + j * I;
+          const T* a_row = kScalar ? alpha : alpha + j * I;
           RowGrad<T> g;
+          bool done = false;
           if constexpr (kRule != PlasticRule::kOja && !kClip) {
             if (one_pass) {
               const T* p_prev = t > 0 ? pre_of(s, x, y0, output, zeros.data(), t - 1, b) : zeros.data();
               g = backward_row_one_pass<T, kRule, kScalar>(p, p_prev, dots[r], output[t * rows + r], gy_out, eta, m,
-                                                           s.tanh, weight + j * I, kScalar ? alpha : alpha + j * I,
-                                                           h, grad_hebb + r * I, ga, gp, I, &dots[r]);
-              grad_z[t * rows + r] = g.gz;
-              mod_row[r] = g.dm;
-              eta_acc[tid] += g.deta;
-              continue;
+                                                           s.tanh, w_row, a_row, h, grad_hebb + r * I, ga, gp, I,
+                                                           &dots[r]);
+              done = true;
             }
           }
-          g = backward_row<T, kRule, kScalar, kClip>(
-              p, output[t * rows + r], gy_out, eta, m, static_cast<T>(s.clip), s.tanh, !s.recompute, weight + j * I,
-              kScalar ? alpha : alpha + j * I, h, grad_hebb + r * I, ga, gp, I);
+          if (!done) {
+            g = backward_row<T, kRule, kScalar, kClip>(p, output[t * rows + r], gy_out, eta, m, static_cast<T>(s.clip),
+                                                       s.tanh, !s.recompute, w_row, a_row, h, grad_hebb + r * I, ga,
+                                                       gp, I);
+          }
           grad_z[t * rows + r] = g.gz;
           mod_row[r] = g.dm;
           eta_acc[tid] += g.deta;

@@ -238,10 +238,10 @@ def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, nee
 
     oneDNN's grouped backward is slow for many large groups (measured on this 2-core CPU, 32 tasks x
     25 images, 64 -> 64 channels, 14x14, stride 2: 194 ms grouped against 110 ms for one call per
-    task), so tasks with at least PER_TASK_BACKWARD_ROWS output rows get one
-    call each on their channel slice of the grouped storage (the input gradients land in one
-    grouped-NHWC buffer); smaller tasks stay one grouped call. Returns (grad_input [N, T*C_in, H, W]
-    channels-last or None, grad_weight [T*A, ...] or None).
+    task), so tasks with at least PER_TASK_BACKWARD_ROWS output rows get one call each on their
+    channel slice of the grouped storage (the input gradients land in one grouped-NHWC buffer);
+    smaller tasks stay one grouped call. Returns (grad_input [N, T*C_in, H, W] channels-last or
+    None, grad_weight [T*A, ...] or None).
     """
     mask = [need_input_grad, need_weight_grad, False]
     rows_per_task = gy.shape[0] * gy.shape[2] * gy.shape[3]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.batch_norm import batch_norm_rows
 from ..nn.masked import MaskedConv2d, MaskedLinear
+from ..ops.batch_norm import batch_norm_rows
 from ..ops.masked import masked_conv2d, masked_linear
 
 
