@@ -85,10 +85,12 @@ def _cpu_kernel_notes():
     cpu = _extensions.load("_C_cpu")
     if cpu is None:
         return ["(not built)"]
-    own = "own AVX2 kernel" if cpu.weight_grad_available() else "oneDNN (this build has no AVX2/FMA kernel)"
-    return ["masked_conv2d forward and input gradient: oneDNN (NHWC) on the active neurons",
-            f"masked_conv2d weight gradient: {own} for float32 with C_in % 16 == 0 and groups == 1, else oneDNN",
-            "masked_linear: ATen bmm on the active neurons"]
+    own = "own AVX2 kernels" if cpu.conv_grad_available() else "oneDNN (this build has no AVX2/FMA kernels)"
+    return ["masked_conv2d forward: oneDNN (NHWC) on the active neurons",
+            f"masked_conv2d input and weight gradients: {own} for float32 with C_in % 16 == 0 and groups == 1, "
+            "else oneDNN",
+            "masked_linear: ATen bmm on the active neurons",
+            "large CPU outputs: the package's buffer pool (neuronml_fast.cpu.pool_stats)"]
 
 
 if __name__ == "__main__":

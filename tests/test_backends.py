@@ -100,8 +100,8 @@ def test_environment_report_names_every_backend():
     assert "neuron_sensitivity" in out
     if _extensions.cpu() is not None:
         assert "\n  cpu        available" in out
-        kernel = "own AVX2 kernel" if _extensions.cpu().weight_grad_available() else "oneDNN (this build"
-        assert f"masked_conv2d weight gradient: {kernel}" in out
+        kernel = "own AVX2 kernels" if _extensions.cpu().conv_grad_available() else "oneDNN (this build"
+        assert f"masked_conv2d input and weight gradients: {kernel}" in out
 
 
 def test_poisoned_allocation_is_nan():

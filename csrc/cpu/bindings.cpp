@@ -4,7 +4,8 @@
 #include <torch/extension.h>
 
 #include "cpu/batch_norm.h"
-#include "cpu/conv_weight_grad.h"
+#include "cpu/buffer_pool.h"
+#include "cpu/conv_grad.h"
 #include "cpu/masked.h"
 #include "cpu/plastic.h"
 #include "cpu/sensitivity.h"
@@ -251,42 +252,63 @@ void batch_norm_rows_double_backward_out(const c10::optional<at::Tensor>& u, con
   });
 }
 
-// ---- conv weight gradient (NHWC, float32, AVX2 register tiles) ----------------------------
+// ---- conv weight and input gradients (NHWC, float32, AVX2 register tiles) -----------------
 
-// gy [N, H_out, W_out, T*A], x [N, H, W, T*C] (grouped NHWC storage), grad_weight [T, A, kH, kW, C]:
-// contiguous float32. Throws if this build has no AVX2/FMA kernel (check weight_grad_available).
-void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
-                            std::vector<int64_t> stride, std::vector<int64_t> padding,
-                            std::vector<int64_t> dilation) {
-  TORCH_CHECK(neuronml_fast::cpu::conv2d_weight_grad_available(),
-              "conv2d_weight_grad_out: this build has no AVX2/FMA kernel");
-  for (auto [t, name] : {std::pair{&gy, "grad_out"}, std::pair{&x, "input"},
-                         std::pair{static_cast<const at::Tensor*>(&grad_weight), "grad_weight (out)"}}) {
+using neuronml_fast::cpu::ConvGradShape;
+
+void check_conv_grad_tensors(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
+  TORCH_CHECK(neuronml_fast::cpu::conv2d_grad_available(), "this build has no AVX2/FMA convolution-gradient kernel");
+  for (auto [t, name] : tensors) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, name,
                 ": expected a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
     TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
   }
-  TORCH_CHECK(gy.dim() == 4 && x.dim() == 4 && grad_weight.dim() == 5,
-              "expected grad_out [N, H_out, W_out, T*A], input [N, H, W, T*C], grad_weight [T, A, kH, kW, C]; got ",
-              gy.sizes(), ", ", x.sizes(), ", ", grad_weight.sizes());
+}
+
+// weight [T, A, kH, kW, C] (values or gradient), x [N, H, W, T*C] (input or its gradient),
+// gy [N, H_out, W_out, T*A]: the shape of the task-batched convolution, checked.
+ConvGradShape conv_grad_shape(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                              const char* x_name, const char* weight_name, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
+  TORCH_CHECK(gy.dim() == 4 && x.dim() == 4 && weight.dim() == 5, "expected grad_out [N, H_out, W_out, T*A], ",
+              x_name, " [N, H, W, T*C], ", weight_name, " [T, A, kH, kW, C]; got ", gy.sizes(), ", ", x.sizes(), ", ",
+              weight.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
                   stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
               "stride, padding, dilation: expected pairs with stride >= 1, padding >= 0, dilation >= 1");
-  const int64_t T = grad_weight.size(0), A = grad_weight.size(1), KH = grad_weight.size(2),
-                KW = grad_weight.size(3), C = grad_weight.size(4);
+  const int64_t T = weight.size(0), A = weight.size(1), KH = weight.size(2), KW = weight.size(3), C = weight.size(4);
   const int64_t N = x.size(0), H = x.size(1), W = x.size(2);
-  TORCH_CHECK(C % 16 == 0, "grad_weight: expected C_in divisible by 16, got ", C);
-  TORCH_CHECK(x.size(3) == T * C, "input: expected ", T * C, " channels (T*C_in), got ", x.size(3));
+  TORCH_CHECK(C % 16 == 0, weight_name, ": expected C_in divisible by 16, got ", C);
+  TORCH_CHECK(x.size(3) == T * C, x_name, ": expected ", T * C, " channels (T*C_in), got ", x.size(3));
   const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
   const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(gy.size(0) == N && gy.size(1) == H_out && gy.size(2) == W_out && gy.size(3) == T * A,
               "grad_out: expected [", N, ", ", H_out, ", ", W_out, ", ", T * A, "], got ", gy.sizes());
-  const neuronml_fast::cpu::WeightGradShape s{N,         H,          W,          C,          H_out,    W_out,
-                                              A,         KH,         KW,         stride[0],  stride[1], padding[0],
-                                              padding[1], dilation[0], dilation[1], T * A,    T * C};
+  return {N, H, W, C, H_out, W_out, A, KH, KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+          T * A, T * C};
+}
+
+// gy [N, H_out, W_out, T*A], x [N, H, W, T*C] (grouped NHWC storage), grad_weight [T, A, kH, kW, C]:
+// contiguous float32. Throws if this build has no AVX2/FMA kernel (check conv_grad_available).
+void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation) {
+  check_conv_grad_tensors({{&gy, "grad_out"}, {&x, "input"}, {&grad_weight, "grad_weight (out)"}});
+  const ConvGradShape s = conv_grad_shape(gy, x, grad_weight, "input", "grad_weight", stride, padding, dilation);
   if (grad_weight.numel() == 0) return;
-  neuronml_fast::cpu::conv2d_weight_grad_nhwc(s, T, A, C, gy.data_ptr<float>(), x.data_ptr<float>(),
-                                              grad_weight.data_ptr<float>());
+  neuronml_fast::cpu::conv2d_weight_grad_nhwc(s, grad_weight.size(0), s.A, s.C, gy.data_ptr<float>(),
+                                              x.data_ptr<float>(), grad_weight.data_ptr<float>());
+}
+
+// gy [N, H_out, W_out, T*A], weight [T, A, kH, kW, C], grad_input [N, H, W, T*C] (grouped NHWC
+// storage, overwritten): contiguous float32.
+void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::Tensor& grad_input,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  check_conv_grad_tensors({{&gy, "grad_out"}, {&weight, "weight"}, {&grad_input, "grad_input (out)"}});
+  const ConvGradShape s = conv_grad_shape(gy, grad_input, weight, "grad_input", "weight", stride, padding, dilation);
+  if (grad_input.numel() == 0) return;
+  neuronml_fast::cpu::conv2d_input_grad_nhwc(s, weight.size(0), s.A, s.C, gy.data_ptr<float>(),
+                                             weight.data_ptr<float>(), grad_input.data_ptr<float>());
 }
 
 // ---- Hebbian plasticity --------------------------------------------------------------------
@@ -405,10 +427,56 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
   });
 }
 
+// ---- buffer pool: large outputs keep their pages between calls -----------------------------
+
+namespace pool = neuronml_fast::cpu::buffer_pool;
+
+void release_pooled(void* context) { pool::release(context); }
+
+struct PooledAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    const pool::Block block = pool::acquire(nbytes);
+    return {block.data, block.context, &release_pooled, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+// Never destroyed: storages keep a pointer to their allocator for resizing.
+PooledAllocator* pooled_allocator() {
+  static PooledAllocator* instance = new PooledAllocator();
+  return instance;
+}
+
+// torch.empty(size, dtype=dtype) on the CPU, with its storage from the buffer pool.
+at::Tensor pooled_empty(at::IntArrayRef size, at::ScalarType dtype) {
+  for (int64_t s : size) TORCH_CHECK(s >= 0, "size: expected non-negative sizes, got ", size);
+  return at::detail::empty_generic(size, pooled_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   c10::nullopt);
+}
+
+py::dict pool_stats() {
+  const pool::Stats s = pool::stats();
+  py::dict d;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["cached_bytes"] = s.cached_bytes;
+  d["cached_blocks"] = s.cached_blocks;
+  d["limit_bytes"] = s.limit_bytes;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuronml_fast C++ CPU kernels";
+  m.def("pooled_empty", &pooled_empty, "torch.empty on the CPU from the buffer pool (csrc/cpu/buffer_pool.h)",
+        py::arg("size"), py::arg("dtype"));
+  m.def("pool_stats", &pool_stats, "hits, misses, cached bytes and blocks, limit of the CPU buffer pool");
+  m.def("pool_empty_cache", &pool::empty_cache, "free every cached block of the CPU buffer pool");
+  m.def("pool_set_limit", &pool::set_limit, "most bytes the CPU buffer pool holds for reuse (0: off)",
+        py::arg("bytes"));
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
@@ -428,8 +496,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",
         py::arg("grad_out"), py::arg("input"), py::arg("grad_weight"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));
-  m.def("weight_grad_available", &neuronml_fast::cpu::conv2d_weight_grad_available,
-        "whether conv2d_weight_grad_out has its AVX2/FMA kernel in this build");
+  m.def("conv2d_input_grad_out", &conv2d_input_grad_out, "NHWC conv input gradient, AVX2 register tiles",
+        py::arg("grad_out"), py::arg("weight"), py::arg("grad_input"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"));
+  m.def("conv_grad_available", &neuronml_fast::cpu::conv2d_grad_available,
+        "whether conv2d_weight_grad_out / conv2d_input_grad_out have their AVX2/FMA kernels in this build");
   m.def("batch_norm_rows_double_backward_out", &batch_norm_rows_double_backward_out,
         "fused double backward of batch norm over the rows of a [R, C] matrix", py::arg("u"), py::arg("u_gamma"),
         py::arg("u_beta"), py::arg("grad_out"), py::arg("input"), py::arg("weight"), py::arg("mean"),

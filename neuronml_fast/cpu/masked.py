@@ -93,7 +93,7 @@ def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
 
 def _new_compact(comp, shape, dtype):
     # Slots that hold no channel must be zero for the dense core; the prologue writes the rest.
-    return (_alloc.empty if comp.complete else torch.zeros)(shape, dtype=dtype, device="cpu")
+    return (_alloc.empty if comp.complete else _alloc.zeros)(shape, dtype=dtype, device="cpu")
 
 
 # ---- conv2d --------------------------------------------------------------------------------
@@ -110,10 +110,24 @@ def grouped_nhwc_empty(shape, empty):
     return empty((N, H, W, T, C)).permute(3, 0, 4, 1, 2)
 
 
-def to_grouped_nhwc(x):
-    """[T, N, C, H, W] in grouped NHWC storage: a view when it already is, else one copy."""
+def to_grouped_nhwc(x, pooled=True):
+    """[T, N, C, H, W] in grouped NHWC storage: a view when it already is, else one copy (into a
+    pooled buffer unless ``pooled=False``, for tensors that may be traced, vmapped or fake)."""
     storage = x.permute(1, 3, 4, 0, 2)
-    return (storage if storage.is_contiguous() else storage.contiguous()).permute(3, 0, 4, 1, 2)
+    if storage.is_contiguous():
+        pass
+    elif pooled:
+        storage = _alloc.empty(storage.shape, dtype=x.dtype, device=x.device).copy_(storage)
+    else:
+        storage = storage.contiguous()
+    return storage.permute(3, 0, 4, 1, 2)
+
+
+def is_plain_tensor(x):
+    """Whether ``x`` is an eager tensor outside torch.compile, vmap and torch.func transforms:
+    only then may the public functions copy it into a pooled buffer (an extension call)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def _grouped_input(x):
@@ -184,35 +198,38 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     grad_input = grad_weight = x.new_empty((0,))
     if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
         if need_input_grad:
-            grad_input = grouped_nhwc_empty(x.shape, lambda s: x.new_zeros(s))
+            grad_input = grouped_nhwc_empty(x.shape, lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device))
         if need_weight_grad:
             grad_weight = channels_last_weight(torch.zeros_like(weight))
         return grad_input, grad_weight, grad_bias, grad_mask
     w = _compact_rows(weight, comp)
-    own = need_weight_grad and _own_weight_grad(x, groups)
-    gx, gw = None, None
-    if need_input_grad or not own:
+    own = _own_conv_grads(x, groups)
+    gx = gw = None
+    if (need_input_grad or need_weight_grad) and not own:
         gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride,
-                                      padding, dilation, groups, need_input_grad, need_weight_grad and not own)
-    if own:
-        gw = _weight_grad(gy, x, A, weight.shape[3:], stride, padding, dilation)
+                                      padding, dilation, groups, need_input_grad, need_weight_grad)
     if need_input_grad:
         H, W = x.shape[3:]
+        if own:
+            gx = _input_grad(gy, w, x.shape, stride, padding, dilation)
         grad_input = gx.permute(0, 2, 3, 1).view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2)
     if need_weight_grad:
+        if own:
+            gw = _weight_grad(gy, x, A, weight.shape[3:], stride, padding, dilation)
         grad_weight = channels_last_weight(_expand_rows(gw.view(T, A, *weight.shape[2:]), comp, weight.shape))
     return grad_input, grad_weight, grad_bias, grad_mask
 
 
-def _own_weight_grad(x, groups):
-    """Whether csrc/cpu/conv_weight_grad.cpp computes the weight gradient instead of oneDNN.
+def _own_conv_grads(x, groups):
+    """Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN.
 
-    Measured on the 2-core VM (ms, oneDNN -> ours): Conv4 block, 80 images, 64 -> 16 / 32 / 64
-    channels: 2.25 -> 1.61, 4.29 -> 3.14, 8.32 -> 6.94; 32 tasks x 5 images, 64 -> 64, 14x14
-    stride 2: 8.48 -> 5.06; 32 tasks x 75 images: 134.6 -> 93.9 (grouped call).
+    Weight gradient, measured on the 2-core VM (ms, oneDNN -> ours): Conv4 block, 80 images,
+    64 -> 16 / 32 / 64 channels: 2.25 -> 1.61, 4.29 -> 3.14, 8.32 -> 6.94; 32 tasks x 5 images,
+    64 -> 64, 14x14 stride 2: 8.48 -> 5.06; 32 tasks x 75 images: 134.6 -> 93.9 (grouped call).
+    Input gradient: see `_input_grad`.
     """
     return (groups == 1 and x.dtype == torch.float32 and x.shape[2] % 16 == 0
-            and _extensions.cpu().weight_grad_available())
+            and _extensions.cpu().conv_grad_available())
 
 
 def _weight_grad(gy, x, slots, kernel_size, stride, padding, dilation):
@@ -223,6 +240,18 @@ def _weight_grad(gy, x, slots, kernel_size, stride, padding, dilation):
     out = _alloc.empty((T, slots, *kernel_size, C), dtype=x.dtype, device=x.device)
     _extensions.cpu().conv2d_weight_grad_out(gy, x_rows, out, list(stride), list(padding), list(dilation))
     return out.view(T * slots, *kernel_size, C).permute(0, 3, 1, 2)
+
+
+def _input_grad(gy, w, x_shape, stride, padding, dilation):
+    """Input gradient [N, T*C_in, H, W] (channels-last, in a pooled buffer) from the compact output
+    gradient ``gy`` (storage [N, H_out, W_out, T*A]) and the compact weights ``w [T, A, C_in, kH, kW]``.
+    """
+    T, N, C, H, W = x_shape
+    A, KH, KW = w.shape[1], w.shape[3], w.shape[4]
+    w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last storage
+    out = _alloc.empty((N, H, W, T * C), dtype=gy.dtype, device=gy.device)
+    _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
+    return out.permute(0, 3, 1, 2)
 
 
 # Output rows (images x output pixels) per task above which one oneDNN call per task beats the

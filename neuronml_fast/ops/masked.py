@@ -399,7 +399,7 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     if backend == "cpu":
         # The CPU backend convolves in grouped NHWC; converting here (a no-op for the outputs of
         # a previous masked conv) lets autograd keep the converted input for the backward.
-        input = cpu_masked.to_grouped_nhwc(input)
+        input = cpu_masked.to_grouped_nhwc(input, pooled=cpu_masked.is_plain_tensor(input))
     out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)[0]
     return out if batched else out.squeeze(0)
 

@@ -1,4 +1,4 @@
-"""The C++ CPU weight-gradient kernel (csrc/cpu/conv_weight_grad.cpp) the masked conv uses for
+"""The C++ CPU weight- and input-gradient kernels (csrc/cpu/conv_grad.cpp) the masked conv uses for
 float32 inputs with a multiple of 16 input channels: against oneDNN and the reference."""
 
 import pytest
@@ -11,8 +11,8 @@ from neuronml_fast import _alloc, _extensions
 from neuronml_fast.ops.masked import masked_conv2d_reference
 
 ext = _extensions.load("_C_cpu")
-pytestmark = pytest.mark.skipif(ext is None or not ext.weight_grad_available(),
-                                reason="C++ CPU extension without the AVX2/FMA weight-gradient kernel")
+pytestmark = pytest.mark.skipif(ext is None or not ext.conv_grad_available(),
+                                reason="C++ CPU extension without the AVX2/FMA convolution-gradient kernels")
 
 
 def _oracle(gy, x, tasks, kernel, stride, padding, dilation):
@@ -47,6 +47,48 @@ def test_kernel_matches_onednn(tasks, n, c, a, h, w, k, stride, padding, dilatio
     torch.testing.assert_close(out.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-4)
 
 
+def _input_oracle(gy, weight, tasks, input_hw, stride, padding, dilation):
+    """oneDNN's grouped input gradient in float64, as [N, H, W, T*C] (weight: [T, A, kH, kW, C])."""
+    t, a, kh, kw, c = weight.shape
+    if a == 0:  # no active channel: nothing reaches the input (oneDNN rejects an empty weight)
+        return torch.zeros(gy.shape[0], *input_hw, t * c, dtype=torch.float64)
+    w = weight.double().reshape(t * a, kh, kw, c).permute(0, 3, 1, 2)
+    x = torch.zeros(gy.shape[0], t * c, *input_hw, dtype=torch.float64)
+    grad = torch.ops.aten.convolution_backward(
+        gy.double().permute(0, 3, 1, 2), x, w, None, stride, padding, dilation, False, [0, 0], tasks,
+        [True, False, False])[0]
+    return grad.permute(0, 2, 3, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tasks=st.integers(1, 3), n=st.integers(1, 3), c=st.sampled_from([16, 32, 48]), a=st.integers(0, 14),
+       h=st.integers(1, 9), w=st.integers(1, 9), k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), seed=st.integers(0, 2**16))
+def test_input_grad_kernel_matches_onednn(tasks, n, c, a, h, w, k, stride, padding, dilation, seed):
+    h_out = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    if h_out < 1 or w_out < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(tasks, a, *k, c, generator=gen)
+    gy = torch.randn(n, h_out, w_out, tasks * a, generator=gen)
+    with _alloc.poisoned():  # every element must be written, input positions no tap reaches included
+        out = _alloc.empty((n, h, w, tasks * c), dtype=torch.float32, device="cpu")
+    ext.conv2d_input_grad_out(gy, weight, out, list(stride), list(padding), list(dilation))
+    want = _input_oracle(gy, weight, tasks, (h, w), list(stride), list(padding), list(dilation))
+    torch.testing.assert_close(out.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-4)
+
+
+def test_input_grad_conv4_block_shape_matches_onednn():
+    gen = torch.Generator().manual_seed(0)
+    weight, gy = torch.randn(1, 16, 3, 3, 64, generator=gen) * 0.05, torch.randn(80, 14, 14, 16, generator=gen)
+    out = torch.full((80, 14, 14, 64), float("nan"))
+    ext.conv2d_input_grad_out(gy, weight, out, [1, 1], [1, 1], [1, 1])
+    torch.testing.assert_close(out.double(), _input_oracle(gy, weight, 1, (14, 14), [1, 1], [1, 1], [1, 1]),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_conv4_block_shape_matches_onednn():
     gen = torch.Generator().manual_seed(0)
     x, gy = torch.randn(80, 14, 14, 64, generator=gen), torch.randn(80, 14, 14, 16, generator=gen)
@@ -57,11 +99,12 @@ def test_conv4_block_shape_matches_onednn():
 
 
 @pytest.mark.parametrize("tasks", [None, 3])
-def test_masked_conv2d_float32_uses_it_and_matches_the_reference(tasks, monkeypatch):
+def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks, monkeypatch):
     from neuronml_fast.cpu import masked as cpu_masked
     calls = []
-    original = cpu_masked._weight_grad
-    monkeypatch.setattr(cpu_masked, "_weight_grad", lambda *a: calls.append(1) or original(*a))
+    for name in ("_weight_grad", "_input_grad"):
+        original = getattr(cpu_masked, name)
+        monkeypatch.setattr(cpu_masked, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     gen = torch.Generator().manual_seed(1)
     t = () if tasks is None else (tasks,)
     x = torch.randn(*t, 4, 16, 9, 9, generator=gen)
@@ -78,7 +121,7 @@ def test_masked_conv2d_float32_uses_it_and_matches_the_reference(tasks, monkeypa
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
     for g, e in zip(got, want):
         torch.testing.assert_close(g.double(), e, atol=1e-3, rtol=1e-4)
-    assert calls, "the float32 masked conv did not use the weight-gradient kernel"
+    assert sorted(calls) == ["_input_grad", "_weight_grad"], f"the float32 masked conv called {calls}"
 
 
 def test_bad_arguments():
@@ -94,3 +137,19 @@ def test_bad_arguments():
         ext.conv2d_weight_grad_out(gy, torch.randn(2, 5, 16, 5).transpose(2, 3), out, [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="stride"):
         ext.conv2d_weight_grad_out(gy, x, out, [0, 1], [1, 1], [1, 1])
+
+
+def test_input_grad_bad_arguments():
+    gy, weight, out = torch.randn(2, 5, 5, 4), torch.randn(1, 4, 3, 3, 16), torch.empty(2, 5, 5, 16)
+    with pytest.raises(RuntimeError, match="weight: expected a float32"):
+        ext.conv2d_input_grad_out(gy, weight.double(), out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="divisible by 16"):
+        ext.conv2d_input_grad_out(gy, torch.randn(1, 4, 3, 3, 8), torch.empty(2, 5, 5, 8), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_out: expected"):
+        ext.conv2d_input_grad_out(torch.randn(2, 4, 5, 4), weight, out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_input: expected 32 channels"):
+        ext.conv2d_input_grad_out(gy, torch.randn(2, 2, 3, 3, 16), out, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="grad_input \\(out\\): expected a contiguous"):
+        ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 16, 5, 5).permute(0, 2, 3, 1), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="stride"):
+        ext.conv2d_input_grad_out(gy, weight, out, [1, 1], [-1, 1], [1, 1])

@@ -1,0 +1,51 @@
+// Weight and input gradients of an NHWC convolution, float32, AVX2/FMA register tiles.
+// Framework-free.
+//
+// Weight gradient. Why: oneDNN's channels-last weight gradient runs at ~90 GFLOP/s on the 2-core VM for the
+// Conv4-Omniglot block with few active output channels (16 of 64: 3.2 ms where its forward takes
+// 1.6 ms) and at ~60 GFLOP/s for MAML's task-batched grouped form; that is the largest piece of a
+// masked conv's backward. Here each (image, output row) stages its input rows and output-gradient
+// row in L1 and sweeps every (tap, 16 input channels, 6 output channels) tile over them: 12
+// accumulators in registers, 2 loads + 6 broadcasts per 12 FMAs.
+//
+// Layouts (elements):
+//   gy  output gradient: pixel (n, oh, ow) at gy + ((n*H_out + oh)*W_out + ow)*gy_pixel, then A channels
+//   x   input:           pixel (n, ih, iw) at x + ((n*H + ih)*W + iw)*x_pixel, then C channels
+//   gw  [A, kH, kW, C] contiguous (oneDNN's channels-last weight layout), overwritten
+// (gy_pixel and x_pixel are T*A and T*C for the grouped-NHWC task-batched storage, with gy and x
+// offset to the task.) Requires C % 16 == 0.
+//
+// Input gradient. Why: oneDNN returns it in a buffer it allocates, and a fresh 4 MiB buffer
+// costs ~1.5 ms of page faults on the 2-core VM (as much as the transposed convolution of a
+// 25 %-active Conv4 block itself); this kernel writes into the caller's pooled buffer. Each
+// (image, input row) is one output row of gx, owned by one thread: it is zeroed, then every
+// (tap whose output row exists, 16 input channels, 6 positions) tile adds
+// sum_a gy[.., a] * w[a, kh, kw, c] over the valid positions, 12 accumulators in registers over
+// the A active channels. Any stride, padding and dilation.
+//   w   [A, kH, kW, C] contiguous (the compact channels-last weights), gx: same layout as x, overwritten
+#pragma once
+#include <cstdint>
+
+namespace neuronml_fast::cpu {
+
+struct ConvGradShape {
+  int64_t N, H, W, C, H_out, W_out, A, KH, KW;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t gy_pixel, x_pixel;
+};
+
+// Whether this build has the AVX2/FMA kernels (compiled with -mavx2 -mfma, e.g. -march=native on
+// such a CPU). Without them the caller uses its dense library instead.
+bool conv2d_grad_available();
+
+// `tasks` independent convolutions (the task-batched form): task t reads gy + t*gy_task and
+// x + t*x_task and writes gw + t*A*kH*kW*C (gw: [tasks, A, kH, kW, C]).
+void conv2d_weight_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
+                             const float* gy, const float* x, float* gw);
+
+// `tasks` independent convolutions: task t reads gy + t*gy_task and w + t*A*kH*kW*C and writes
+// gx + t*x_task (x_task = C for the grouped-NHWC storage).
+void conv2d_input_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
+                            const float* gy, const float* w, float* gx);
+
+}  // namespace neuronml_fast::cpu
