@@ -88,10 +88,9 @@ void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
   TORCH_CHECK(slot.device().is_cpu() && slot.scalar_type() == at::kLong && slot.is_contiguous(),
               "slot: expected a contiguous CPU int64 tensor");
   TORCH_CHECK(slot.sizes() == at::IntArrayRef({T, C}), "slot: expected shape [", T, ", ", C, "], got ", slot.sizes());
-  if (slot.numel() > 0) {
-    TORCH_CHECK(slot.min().item<int64_t>() >= -1 && slot.max().item<int64_t>() < slots,
-                "slot: entries must lie in [-1, ", slots, ")");
-  }
+  const int64_t* s = slot.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slot.numel(); ++i)  // a raw loop: two ATen reductions cost more than the kernel
+    TORCH_CHECK(s[i] >= -1 && s[i] < slots, "slot: entries must lie in [-1, ", slots, "), got ", s[i]);
 }
 
 // y: compact [T, N, J, S]; out, pre: full [T, N, C, S]; mask, bias: [T, C].
@@ -249,6 +248,58 @@ void batch_norm_rows_double_backward_out(const c10::optional<at::Tensor>& u, con
         R, C, ptr(u), ptr(u_gamma), ptr(u_beta), g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
         gamma.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(),
         grad_g.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_gamma.data_ptr<scalar_t>());
+  });
+}
+
+// ---- masked layers: compaction of the active neurons ----------------------------------------
+
+// mask [T, C] -> (slot [T, C] int64, width, compacted, complete): see plan_compaction.
+py::tuple masked_compaction(const at::Tensor& mask, bool skip_zero, bool allow) {
+  check_cpu_float(mask, "mask");
+  TORCH_CHECK(mask.dim() == 2, "mask: expected [T, C], got shape ", mask.sizes());
+  const at::Tensor m = mask.contiguous();
+  at::Tensor slot = at::empty(m.sizes(), m.options().dtype(at::kLong));
+  neuronml_fast::cpu::CompactionPlan plan{};
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "masked_compaction_cpu", [&] {
+    plan = neuronml_fast::cpu::plan_compaction<scalar_t>(m.data_ptr<scalar_t>(), m.size(0), m.size(1), skip_zero,
+                                                         allow, slot.data_ptr<int64_t>());
+  });
+  return py::make_tuple(slot, plan.width, plan.compacted, plan.complete);
+}
+
+// rows [T, C, R] with a contiguous last dimension (any outer strides), compact [T, width, R]
+// contiguous: gather (rows -> compact, zero padding) or scatter (compact -> rows, zeros for pruned).
+void check_row_tensors(const at::Tensor& full, const at::Tensor& compact, const at::Tensor& slot, int64_t width) {
+  check_cpu_float(full, "rows");
+  check_cpu_float(compact, "compact");
+  TORCH_CHECK(full.scalar_type() == compact.scalar_type(), "compact: expected dtype ", full.scalar_type(), ", got ",
+              compact.scalar_type());
+  TORCH_CHECK(full.dim() == 3 && compact.dim() == 3 && compact.size(0) == full.size(0) &&
+                  compact.size(1) == width && compact.size(2) == full.size(2),
+              "expected rows [T, C, R] and compact [T, width=", width, ", R]; got ", full.sizes(), " and ",
+              compact.sizes());
+  check_slots(slot, full.size(0), full.size(1), width);
+}
+
+void gather_rows_out(const at::Tensor& rows, const at::Tensor& slot, at::Tensor& compact) {
+  check_row_tensors(rows, compact, slot, compact.size(1));
+  TORCH_CHECK(rows.size(2) <= 1 || rows.stride(2) == 1, "rows: expected a contiguous last dimension");
+  TORCH_CHECK(compact.is_contiguous(), "compact (out): expected a contiguous tensor");
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "gather_rows_cpu", [&] {
+    neuronml_fast::cpu::gather_rows<scalar_t>(rows.data_ptr<scalar_t>(), rows.stride(0), rows.stride(1),
+                                              rows.size(0), rows.size(1), rows.size(2), slot.data_ptr<int64_t>(),
+                                              compact.size(1), compact.data_ptr<scalar_t>());
+  });
+}
+
+void scatter_rows_out(const at::Tensor& compact, const at::Tensor& slot, at::Tensor& rows) {
+  check_row_tensors(rows, compact, slot, compact.size(1));
+  TORCH_CHECK(compact.size(2) <= 1 || compact.stride(2) == 1, "compact: expected a contiguous last dimension");
+  TORCH_CHECK(rows.is_contiguous(), "rows (out): expected a contiguous tensor");
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "scatter_rows_cpu", [&] {
+    neuronml_fast::cpu::scatter_rows<scalar_t>(compact.data_ptr<scalar_t>(), compact.stride(0), compact.stride(1),
+                                               rows.size(0), rows.size(1), rows.size(2), slot.data_ptr<int64_t>(),
+                                               rows.data_ptr<scalar_t>());
   });
 }
 
@@ -493,6 +544,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_backward_prologue_cl", &masked_backward_prologue_cl, "channels-last masked_backward_prologue",
         py::arg("grad_out"), py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"),
         py::arg("grad_bias"), py::arg("grad_mask"));
+  m.def("masked_compaction", &masked_compaction,
+        "mask [T, C] -> (slot [T, C], width, compacted, complete): the compact slots of the active neurons",
+        py::arg("mask"), py::arg("skip_zero"), py::arg("allow"));
+  m.def("gather_rows_out", &gather_rows_out, "rows of active neurons [T, C, R] -> compact [T, width, R]",
+        py::arg("rows"), py::arg("slot"), py::arg("compact"));
+  m.def("scatter_rows_out", &scatter_rows_out, "compact [T, width, R] -> rows [T, C, R], zeros for pruned",
+        py::arg("compact"), py::arg("slot"), py::arg("rows"));
   m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",
         py::arg("grad_out"), py::arg("input"), py::arg("grad_weight"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));

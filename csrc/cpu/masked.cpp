@@ -89,18 +89,14 @@ void masked_backward_prologue(const CompactLayout& L, const T* grad_out, const T
 
 namespace {
 
-// Per task: the kept channels in order with their slots, and for each
-// channel a safe gather index (its slot, or 0 when pruned) so the inner loops are branch-free.
+// Per task: the kept channels in order with their slots.
 struct TaskSlots {
-  std::vector<int64_t> channel_of_slot, slot_of_kept, gather;
-  std::vector<unsigned char> keep;
+  std::vector<int64_t> channel_of_slot, slot_of_kept;
   bool identity = true;  // slot c holds channel c for every c: plain contiguous loops
 
-  TaskSlots(const int64_t* slot, int64_t C) : gather(C), keep(C) {
+  TaskSlots(const int64_t* slot, int64_t C) {
     for (int64_t c = 0; c < C; ++c) {
-      keep[c] = slot[c] >= 0;
-      gather[c] = keep[c] ? slot[c] : 0;
-      if (keep[c]) {
+      if (slot[c] >= 0) {
         channel_of_slot.push_back(c);
         slot_of_kept.push_back(slot[c]);
       }
@@ -128,9 +124,6 @@ void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const i
         const TaskSlots& ts = tasks[t];
         const T* m = mask + t * C;
         const T* b = bias ? bias + t * C : zeros.data();
-        const int64_t* g = ts.gather.data();
-        const unsigned char* keep = ts.keep.data();
-        const bool empty = ts.channel_of_slot.empty();
         const T* src = y + t * L.stride_t + n * L.stride_n + s * L.stride_s;
         const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
         T* o = out + full;
@@ -142,14 +135,19 @@ void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const i
             p[c] = v;
             o[c] = m[c] * v;
           }
-        } else if (empty) {
-          for (int64_t c = 0; c < C; ++c) o[c] = p[c] = T(0);
         } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = src[g[c]] + b[c];
-            p[c] = keep[c] ? v : T(0);
-            o[c] = keep[c] ? m[c] * v : T(0);
+          // Zeros over the whole pixel (vector stores), then the active channels scattered: the
+          // work follows the active fraction instead of a gather and a select per channel.
+          std::fill(o, o + C, T(0));
+          std::fill(p, p + C, T(0));
+          const int64_t* ch = ts.channel_of_slot.data();
+          const int64_t* sk = ts.slot_of_kept.data();
+          const int64_t active = static_cast<int64_t>(ts.channel_of_slot.size());
+          for (int64_t k = 0; k < active; ++k) {
+            const int64_t c = ch[k];
+            const T v = src[sk[k]] + b[c];
+            p[c] = v;
+            o[c] = m[c] * v;
           }
         }
       }
@@ -234,6 +232,56 @@ void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out,
   }
 }
 
+template <typename T>
+CompactionPlan plan_compaction(const T* mask, int64_t tasks, int64_t C, bool skip_zero, bool allow, int64_t* slot) {
+  int64_t widest = 0, narrowest = C;
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t kept = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const bool keep = !skip_zero || mask[t * C + c] != T(0);
+      slot[t * C + c] = keep ? kept : -1;
+      kept += keep;
+    }
+    widest = std::max(widest, kept);
+    narrowest = std::min(narrowest, kept);
+  }
+  if (allow && tasks > 0 && C > 0 && narrowest < C)  // something is pruned: compact slots
+    return {widest, true, narrowest == widest};
+  for (int64_t i = 0; i < tasks * C; ++i) slot[i] = slot[i] >= 0 ? i % C : -1;
+  return {C, false, tasks == 0 || narrowest == C};
+}
+
+template <typename T>
+void gather_rows(const T* src, int64_t src_t, int64_t src_c, int64_t tasks, int64_t C, int64_t row,
+                 const int64_t* slot, int64_t width, T* dst) {
+  for (int64_t t = 0; t < tasks; ++t) {
+    T* task = dst + t * width * row;
+    int64_t filled = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t j = slot[t * C + c];
+      if (j < 0) continue;
+      std::copy(src + t * src_t + c * src_c, src + t * src_t + c * src_c + row, task + j * row);
+      ++filled;
+    }
+    std::fill(task + filled * row, task + width * row, T(0));  // slots past the task's kept count
+  }
+}
+
+template <typename T>
+void scatter_rows(const T* src, int64_t src_t, int64_t src_c, int64_t tasks, int64_t C, int64_t row,
+                  const int64_t* slot, T* dst) {
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t j = slot[t * C + c];
+      T* out = dst + (t * C + c) * row;
+      if (j < 0)
+        std::fill(out, out + row, T(0));
+      else
+        std::copy(src + t * src_t + j * src_c, src + t * src_t + j * src_c + row, out);
+    }
+  }
+}
+
 #define INSTANTIATE(T)                                                                                        \
   template void masked_forward_epilogue<T>(const CompactLayout&, const T*, const int64_t*, const T*, const T*, \
                                            T*, T*);                                                           \
@@ -246,5 +294,14 @@ void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out,
 INSTANTIATE(float)
 INSTANTIATE(double)
 #undef INSTANTIATE
+
+#define INSTANTIATE_ROWS(T)                                                                                  \
+  template CompactionPlan plan_compaction<T>(const T*, int64_t, int64_t, bool, bool, int64_t*);            \
+  template void gather_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t, \
+                               T*);                                                                        \
+  template void scatter_rows<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, const int64_t*, T*);
+INSTANTIATE_ROWS(float)
+INSTANTIATE_ROWS(double)
+#undef INSTANTIATE_ROWS
 
 }  // namespace neuronml_fast::cpu

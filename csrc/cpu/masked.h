@@ -29,6 +29,30 @@ struct ChannelsLastLayout {
   int64_t full_t, full_n, full_s;        // strides of out / pre / grad_out / grad_pre (elements)
 };
 
+// Compaction plan of a [tasks, C] mask (kept: mask != 0 under skip_zero, else every channel).
+// With `allow` and some channel pruned, the kept channels of each task get slots 0, 1, ... in
+// order and the width is the largest kept count; otherwise slot c for every kept channel and
+// width C. slot[t*C + c] = the slot of channel c of task t, or -1 when pruned.
+struct CompactionPlan {
+  int64_t width;
+  bool compacted;  // slots are compact (else the identity on kept channels)
+  bool complete;   // every slot < width of every task holds a channel
+};
+
+template <typename T>
+CompactionPlan plan_compaction(const T* mask, int64_t tasks, int64_t C, bool skip_zero, bool allow, int64_t* slot);
+
+// Rows of `row` elements (contiguous). gather: dst[t, j] = src[t, c] where slot[t, c] == j, zero
+// rows for slots that hold no channel. scatter: dst[t, c] = src[t, slot[t, c]], zero for pruned.
+// src rows at src + t*src_t + c*src_c (gather) / + j*src_c (scatter); dst contiguous.
+template <typename T>
+void gather_rows(const T* src, int64_t src_t, int64_t src_c, int64_t tasks, int64_t C, int64_t row,
+                 const int64_t* slot, int64_t width, T* dst);
+
+template <typename T>
+void scatter_rows(const T* src, int64_t src_t, int64_t src_c, int64_t tasks, int64_t C, int64_t row,
+                  const int64_t* slot, T* dst);
+
 template <typename T>
 void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const int64_t* slot, const T* mask,
                                 const T* bias, T* out, T* pre);
