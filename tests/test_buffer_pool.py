@@ -113,3 +113,17 @@ def test_threads_share_the_pool_safely():
         t.join()
     assert not errors
     assert nf_cpu.pool_stats()["hits"] > 0
+
+
+def test_a_forked_child_can_allocate():
+    import multiprocessing
+
+    _new()  # a cached block the child inherits
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as workers:
+        assert workers.apply(_child_sum) == float(1 << 18)
+
+
+def _child_sum():
+    torch.set_num_threads(1)  # as DataLoader workers do: GNU OpenMP's team does not survive a fork
+    return _new().fill_(1.0).sum().item()

@@ -1,5 +1,7 @@
 #include "cpu/buffer_pool.h"
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -37,8 +39,18 @@ struct Pool {
 
 // Never destroyed: tensors may release blocks during interpreter shutdown, after static
 // destructors ran.
+Pool& pool();
+
+// A forked child (a DataLoader worker) inherits the free lists, whose blocks it owns copies of,
+// but maybe a mutex another parent thread held at the fork: it gets a fresh one.
+void reset_mutex_in_child() { new (&pool().mutex) std::mutex(); }
+
 Pool& pool() {
-  static Pool* instance = new Pool();
+  static Pool* instance = [] {
+    Pool* p = new Pool();
+    pthread_atfork(nullptr, nullptr, &reset_mutex_in_child);
+    return p;
+  }();
   return *instance;
 }
 
