@@ -1,6 +1,7 @@
 #include "cpu/conv_grad.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -19,48 +20,64 @@ namespace {
 constexpr int kRows = 6;   // register-tile rows: output channels (weight grad), positions (input grad)
 constexpr int kCols = 16;  // input channels per register tile: two 8-float registers
 
+// R rows of 16 floats held in 2R registers across a whole reduction (full unrolling keeps the
+// arrays in registers).
+template <int R>
+struct Accumulators {
+  __m256 lo[R], hi[R];
+
+  void load(const float* p, int64_t step) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      lo[r] = _mm256_loadu_ps(p + r * step);
+      hi[r] = _mm256_loadu_ps(p + r * step + 8);
+    }
+  }
+  void store(float* p, int64_t step) const {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(p + r * step, lo[r]);
+      _mm256_storeu_ps(p + r * step + 8, hi[r]);
+    }
+  }
+  // row r += b[r * b_step] * v for every r: R broadcasts, 2R FMAs.
+  void fma(const float* b, int64_t b_step, __m256 v_lo, __m256 v_hi) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 br = _mm256_broadcast_ss(b + r * b_step);
+      lo[r] = _mm256_fmadd_ps(br, v_lo, lo[r]);
+      hi[r] = _mm256_fmadd_ps(br, v_hi, hi[r]);
+    }
+  }
+};
+
 // acc[r * acc_stride + 0..15] += sum over a rows x cols block of positions of
 // gy[pos * gs + r] * x[pos * xs + 0..15], for r < R; rows advance gy by g_row and x by x_row.
-// The 2R accumulators stay in registers over the whole block.
 template <int R>
 void tile(const float* gy, int64_t gs, int64_t g_row, const float* x, int64_t xs, int64_t x_row, int64_t rows,
           int64_t cols, float* acc, int64_t acc_stride) {
-  __m256 lo[R], hi[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    lo[r] = _mm256_loadu_ps(acc + r * acc_stride);
-    hi[r] = _mm256_loadu_ps(acc + r * acc_stride + 8);
-  }
+  Accumulators<R> sum;
+  sum.load(acc, acc_stride);
   for (int64_t i = 0; i < rows; ++i) {
     const float* gi = gy + i * g_row;
     const float* xi = x + i * x_row;
-    for (int64_t p = 0; p < cols; ++p) {
-      const __m256 x_lo = _mm256_loadu_ps(xi + p * xs), x_hi = _mm256_loadu_ps(xi + p * xs + 8);
-      const float* g = gi + p * gs;
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m256 gr = _mm256_broadcast_ss(g + r);
-        lo[r] = _mm256_fmadd_ps(gr, x_lo, lo[r]);
-        hi[r] = _mm256_fmadd_ps(gr, x_hi, hi[r]);
-      }
-    }
+    for (int64_t p = 0; p < cols; ++p)
+      sum.fma(gi + p * gs, 1, _mm256_loadu_ps(xi + p * xs), _mm256_loadu_ps(xi + p * xs + 8));
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc + r * acc_stride, lo[r]);
-    _mm256_storeu_ps(acc + r * acc_stride + 8, hi[r]);
-  }
+  sum.store(acc, acc_stride);
 }
 
-void run_tile(int rows_a, const float* gy, int64_t gs, int64_t g_row, const float* x, int64_t xs, int64_t x_row,
-              int64_t rows, int64_t cols, float* acc, int64_t acc_stride) {
-  switch (rows_a) {
-    case 1: return tile<1>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
-    case 2: return tile<2>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
-    case 3: return tile<3>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
-    case 4: return tile<4>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
-    case 5: return tile<5>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
-    default: return tile<6>(gy, gs, g_row, x, xs, x_row, rows, cols, acc, acc_stride);
+// Calls f(std::integral_constant<int, R>{}) with R = rows (1..kRows): the register tiles are
+// templates on their row count, so the accumulators are named registers.
+template <typename F>
+void with_rows(int rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    default: return f(std::integral_constant<int, kRows>{});
   }
 }
 
@@ -93,8 +110,10 @@ void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t
         float* tap = acc + (kh * s.KW + kw) * s.C;
         for (int64_t c0 = 0; c0 < s.C; c0 += kCols) {
           for (int64_t a0 = 0; a0 < s.A; a0 += kRows) {
-            run_tile(static_cast<int>(std::min<int64_t>(kRows, s.A - a0)), g0 + a0, s.gy_pixel, g_row, x0 + c0, xs,
-                     x_row, oh_hi - oh_lo, ow_hi - ow_lo, tap + a0 * per_channel + c0, per_channel);
+            with_rows(static_cast<int>(std::min<int64_t>(kRows, s.A - a0)), [&](auto rows) {
+              tile<decltype(rows)::value>(g0 + a0, s.gy_pixel, g_row, x0 + c0, xs, x_row, oh_hi - oh_lo,
+                                          ow_hi - ow_lo, tap + a0 * per_channel + c0, per_channel);
+            });
           }
         }
       }
@@ -108,38 +127,10 @@ void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t
 // j < R: the 2R accumulators stay in registers over the A active channels.
 template <int R>
 void input_tile(const float* gy, int64_t gs, const float* w, int64_t ws, int64_t A, float* acc, int64_t acc_step) {
-  __m256 lo[R], hi[R];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    lo[r] = _mm256_loadu_ps(acc + r * acc_step);
-    hi[r] = _mm256_loadu_ps(acc + r * acc_step + 8);
-  }
-  for (int64_t a = 0; a < A; ++a) {
-    const __m256 w_lo = _mm256_loadu_ps(w + a * ws), w_hi = _mm256_loadu_ps(w + a * ws + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 g = _mm256_broadcast_ss(gy + r * gs + a);
-      lo[r] = _mm256_fmadd_ps(g, w_lo, lo[r]);
-      hi[r] = _mm256_fmadd_ps(g, w_hi, hi[r]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc + r * acc_step, lo[r]);
-    _mm256_storeu_ps(acc + r * acc_step + 8, hi[r]);
-  }
-}
-
-void run_input_tile(int positions, const float* gy, int64_t gs, const float* w, int64_t ws, int64_t A, float* acc,
-                    int64_t acc_step) {
-  switch (positions) {
-    case 1: return input_tile<1>(gy, gs, w, ws, A, acc, acc_step);
-    case 2: return input_tile<2>(gy, gs, w, ws, A, acc, acc_step);
-    case 3: return input_tile<3>(gy, gs, w, ws, A, acc, acc_step);
-    case 4: return input_tile<4>(gy, gs, w, ws, A, acc, acc_step);
-    case 5: return input_tile<5>(gy, gs, w, ws, A, acc, acc_step);
-    default: return input_tile<6>(gy, gs, w, ws, A, acc, acc_step);
-  }
+  Accumulators<R> sum;
+  sum.load(acc, acc_step);
+  for (int64_t a = 0; a < A; ++a) sum.fma(gy + a, gs, _mm256_loadu_ps(w + a * ws), _mm256_loadu_ps(w + a * ws + 8));
+  sum.store(acc, acc_step);
 }
 
 // Row ih of image n of one task: gx[n, ih, :, 0..C) = sum over taps (kh, kw) whose output row
@@ -163,8 +154,10 @@ void input_grad_row(const ConvGradShape& s, const float* gy, const float* w, int
         const int positions = static_cast<int>(std::min<int64_t>(kRows, ow_hi - ow));
         float* acc = row + (ow * s.stride_w + kw * s.dil_w - s.pad_w) * s.x_pixel;
         for (int64_t c0 = 0; c0 < s.C; c0 += kCols) {
-          run_input_tile(positions, gy_row + ow * s.gy_pixel, s.gy_pixel, tap + c0, w_channel, s.A, acc + c0,
-                         s.stride_w * s.x_pixel);
+          with_rows(positions, [&](auto rows) {
+            input_tile<decltype(rows)::value>(gy_row + ow * s.gy_pixel, s.gy_pixel, tap + c0, w_channel, s.A,
+                                              acc + c0, s.stride_w * s.x_pixel);
+          });
         }
       }
     }
