@@ -22,16 +22,12 @@ from . import _extensions
 
 _poison = os.environ.get("NEURONML_FAST_POISON", "0") == "1"
 
-# Smaller buffers come from torch.empty: glibc's small-block heap keeps their pages.
-_POOLED_BYTES = 128 << 10
-
-
 def _new(shape, dtype, device):
     device = torch.device(device)
-    if device.type == "cpu" and math.prod(shape) * dtype.itemsize >= _POOLED_BYTES:
-        ext = _extensions.cpu()
-        if ext is not None:
-            return ext.pooled_empty(list(shape), dtype)
+    ext = _extensions.cpu() if device.type == "cpu" else None
+    # Below the pool's threshold torch.empty is as good: glibc's small-block heap keeps its pages.
+    if ext is not None and math.prod(shape) * dtype.itemsize >= ext.pool_min_bytes:
+        return ext.pooled_empty(list(shape), dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -524,6 +524,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuronml_fast C++ CPU kernels";
   m.def("pooled_empty", &pooled_empty, "torch.empty on the CPU from the buffer pool (csrc/cpu/buffer_pool.h)",
         py::arg("size"), py::arg("dtype"));
+  m.attr("pool_min_bytes") = py::int_(pool::kMinPooledBytes);  // smaller requests bypass the pool
   m.def("pool_stats", &pool_stats, "hits, misses, cached bytes and blocks, limit of the CPU buffer pool");
   m.def("pool_empty_cache", &pool::empty_cache, "free every cached block of the CPU buffer pool");
   m.def("pool_set_limit", &pool::set_limit, "most bytes the CPU buffer pool holds for reuse (0: off)",

@@ -119,12 +119,9 @@ def to_grouped_nhwc(x, pooled=True):
     """[T, N, C, H, W] in grouped NHWC storage: a view when it already is, else one copy (into a
     pooled buffer unless ``pooled=False``, for tensors that may be traced, vmapped or fake)."""
     storage = x.permute(1, 3, 4, 0, 2)
-    if storage.is_contiguous():
-        pass
-    elif pooled:
-        storage = _alloc.empty(storage.shape, dtype=x.dtype, device=x.device).copy_(storage)
-    else:
-        storage = storage.contiguous()
+    if not storage.is_contiguous():
+        storage = (_alloc.empty(storage.shape, dtype=x.dtype, device=x.device).copy_(storage) if pooled
+                   else storage.contiguous())
     return storage.permute(3, 0, 4, 1, 2)
 
 
