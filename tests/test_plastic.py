@@ -85,7 +85,10 @@ def test_plastic_rnn_matches_reference(backend, device, rule, modulation, clip, 
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@given(T=st.integers(0, 9), B=st.integers(0, 3), N=st.integers(1, 6), y0=st.booleans(), hebb=st.booleans(),
+# B up to 9 and N up to 40: the CPU kernels take the sequences of a neuron in groups (4 forward,
+# 2 backward) and the connections in vector-wide chunks; these sizes reach full groups, partial
+# groups, the chunked loops and their tails.
+@given(T=st.integers(0, 9), B=st.integers(0, 9), N=st.integers(1, 40), y0=st.booleans(), hebb=st.booleans(),
        activation=st.sampled_from(["tanh", "identity"]), seed=st.integers(0, 2**16))
 @settings(max_examples=10)
 def test_plastic_rnn_random_shapes(backend, device, T, B, N, y0, hebb, activation, seed):
@@ -96,12 +99,32 @@ def test_plastic_rnn_random_shapes(backend, device, T, B, N, y0, hebb, activatio
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@given(T=st.integers(0, 7), B=st.integers(0, 3), d_in=st.integers(1, 6), d_out=st.integers(1, 6),
+@given(T=st.integers(0, 7), B=st.integers(0, 9), d_in=st.integers(1, 40), d_out=st.integers(1, 6),
        bias=st.booleans(), drive=st.booleans(), hebb=st.booleans(), seed=st.integers(0, 2**16))
 @settings(max_examples=10)
 def test_plastic_linear_random_shapes(backend, device, T, B, d_in, d_out, bias, drive, hebb, seed):
     args = _linear_args(T, B, d_in, d_out, bias=bias, drive=drive, hebb=hebb, seed=seed, device=device)
     _check(backend, nf.plastic_linear, plastic_linear_reference, args, {})
+
+
+def test_cpu_float32_tanh_is_correctly_rounded():
+    # With zero weights and alpha, z = 0 + input, so the output is tanh(input) as the CPU kernel
+    # computes it (from one double exp, not glibc's tanhf): it must equal the float64 tanh
+    # rounded once to float32, for tiny, saturating and non-finite inputs too. (-0 becomes +0
+    # in z = 0 + input, so the sign of zero is not compared.)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(4000, generator=gen) * 4, torch.randn(500, generator=gen) * 1e-5,
+                   torch.tensor([0.0, 1e-4, -1e-4, 9.01, -9.02, 20.0, 20.5, -40.0, float("inf"), float("-inf"),
+                                 float("nan"), 1e-38, -1e-45])])
+    n = 9
+    x = torch.cat([x, torch.zeros((-x.numel()) % n)]).view(-1, 1, n)
+    zeros = torch.zeros(n, n)
+    with nf.use_backend("cpu"):
+        y, _ = nf.plastic_rnn(x, zeros, zeros, torch.tensor(0.1))
+    want = torch.tanh(x.double()).float()
+    assert torch.equal(y.isnan(), want.isnan())
+    ok = y.isnan() | (y == want)
+    assert ok.all(), (x[~ok][:5], y[~ok][:5], want[~ok][:5])
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
