@@ -252,7 +252,8 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
 
 
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-                    need_input_grad, need_weight_grad):
+                    need_input_grad, need_weight_grad, contiguous_input_grad=True):
+    # grad_input is always contiguous here: contiguous_input_grad needs nothing.
     grad_out, x, weight, mask = grad_out.contiguous(), x.contiguous(), weight.contiguous(), mask.contiguous()
     grad_pre = None if grad_pre is None else grad_pre.contiguous()
     pre = None if pre is None else pre.contiguous()

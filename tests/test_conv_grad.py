@@ -73,9 +73,21 @@ def _input_oracle(gy, weight, tasks, input_hw, stride, padding, dilation):
     return grad.permute(0, 2, 3, 1)
 
 
-@settings(max_examples=25, deadline=None)
-@given(**CONV_CASES)
-def test_input_grad_kernel_matches_onednn(tasks, n, c, a, h, w, k, stride, padding, dilation, seed):
+def _input_grad(gy, weight, tasks, n, c, h, w, stride, padding, dilation, channels_first):
+    """The kernel's input gradient, NaN-poisoned first, as [N, H, W, T*C]; channels_first writes the
+    [T, N, C, H, W] layout (a user's NCHW input) instead of grouped NHWC."""
+    shape = (tasks, n, c, h, w) if channels_first else (n, h, w, tasks * c)
+    with _alloc.poisoned():  # every element must be written, input positions no tap reaches included
+        out = _alloc.empty(shape, dtype=torch.float32, device="cpu")
+    ext.conv2d_input_grad_out(gy, weight, out, list(stride), list(padding), list(dilation))
+    return out.permute(1, 3, 4, 0, 2).reshape(n, h, w, tasks * c) if channels_first else out
+
+
+# Widths up to 19: the channels-first store transposes blocks of 8 positions (narrower rows, whole
+# blocks, and a last block overlapping the one before).
+@settings(max_examples=40, deadline=None)
+@given(channels_first=st.booleans(), **{**CONV_CASES, "w": st.integers(1, 19)})
+def test_input_grad_kernel_matches_onednn(channels_first, tasks, n, c, a, h, w, k, stride, padding, dilation, seed):
     out_hw = _output_hw(h, w, k, stride, padding, dilation)
     if out_hw is None:
         return
@@ -83,18 +95,16 @@ def test_input_grad_kernel_matches_onednn(tasks, n, c, a, h, w, k, stride, paddi
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(tasks, a, *k, c, generator=gen)
     gy = torch.randn(n, h_out, w_out, tasks * a, generator=gen)
-    with _alloc.poisoned():  # every element must be written, input positions no tap reaches included
-        out = _alloc.empty((n, h, w, tasks * c), dtype=torch.float32, device="cpu")
-    ext.conv2d_input_grad_out(gy, weight, out, list(stride), list(padding), list(dilation))
+    out = _input_grad(gy, weight, tasks, n, c, h, w, stride, padding, dilation, channels_first)
     want = _input_oracle(gy, weight, tasks, (h, w), list(stride), list(padding), list(dilation))
     torch.testing.assert_close(out.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-4)
 
 
-def test_input_grad_conv4_block_shape_matches_onednn():
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_input_grad_conv4_block_shape_matches_onednn(channels_first):
     gen = torch.Generator().manual_seed(0)
     weight, gy = torch.randn(1, 16, 3, 3, 64, generator=gen) * 0.05, torch.randn(80, 14, 14, 16, generator=gen)
-    out = torch.full((80, 14, 14, 64), float("nan"))
-    ext.conv2d_input_grad_out(gy, weight, out, [1, 1], [1, 1], [1, 1])
+    out = _input_grad(gy, weight, 1, 80, 64, 14, 14, [1, 1], [1, 1], [1, 1], channels_first)
     torch.testing.assert_close(out.double(), _input_oracle(gy, weight, 1, (14, 14), [1, 1], [1, 1], [1, 1]),
                                atol=1e-4, rtol=1e-4)
 
@@ -132,6 +142,29 @@ def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks, monkey
     for g, e in zip(got, want):
         torch.testing.assert_close(g.double(), e, atol=1e-3, rtol=1e-4)
     assert sorted(calls) == ["_input_grad", "_weight_grad"], f"the float32 masked conv called {calls}"
+    # The input gradient comes back in the caller's (contiguous) layout: autograd adds it into
+    # x.grad without a transposing pass.
+    assert got[0].is_contiguous(), got[0].stride()
+
+
+def test_masked_conv2d_input_grad_follows_the_input_layout():
+    # The input gradient as the op returns it (autograd.grad: before autograd's own layout fix-up
+    # for .grad): contiguous for an NCHW input, so x.grad accumulates without a transposing pass;
+    # channels-last for a channels-last input (e.g. the previous masked conv's output), the layout
+    # the kernels compute in.
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 16, 7, 6, generator=gen), torch.randn(8, 16, 3, 3, generator=gen)
+    m = torch.tensor([1.0, 0, 1, 1, 0, 1, 0, 1])
+    ref_x = x.double().requires_grad_()
+    ref = masked_conv2d_reference(ref_x, w.double(), m.double(), padding=1)
+    (want,) = torch.autograd.grad(ref, ref_x, torch.ones_like(ref))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.clone(memory_format=layout).requires_grad_()
+        with nf.use_backend("cpu"):
+            out = nf.masked_conv2d(xl, w, m, padding=1)
+            (got,) = torch.autograd.grad(out, xl, torch.ones_like(out))
+        assert got.is_contiguous(memory_format=layout), (layout, got.stride())
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_arguments():
@@ -163,3 +196,7 @@ def test_input_grad_bad_arguments():
         ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 16, 5, 5).permute(0, 2, 3, 1), [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="stride"):
         ext.conv2d_input_grad_out(gy, weight, out, [1, 1], [-1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="expected 1 tasks, got 2"):
+        ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 2, 16, 5, 5), [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"expected \[N, H, W, T\*C_in\] or \[T, N, C_in, H, W\]"):
+        ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 5, 80), [1, 1], [1, 1], [1, 1])

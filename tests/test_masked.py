@@ -267,12 +267,14 @@ def test_second_order_maml_step_matches_reference(backend, device):
 def test_opcheck(backend, device):
     make, p = _problem("conv", tasks=2)
     (x, w, m, b), kwargs = make(p, device, dtype=torch.float32)
-    conv_args = (x, w, m, b, [1, 1], [1, 1], [1, 1], 1, True, backend)
+    conv_args = (x, w, m, b, [1, 1], [1, 1], [1, 1], 1, False, True, backend)
     torch.library.opcheck(masked.masked_conv2d_op, conv_args)
     out, pre = masked.masked_conv2d_op(*conv_args)
     go = torch.randn_like(out).requires_grad_()
     torch.library.opcheck(masked.masked_conv2d_backward_op,
-                          (go, None, x, w, m, pre.detach(), [1, 1], [1, 1], [1, 1], 1, True, True, True, backend))
+                          (go, None, x, w, m, pre.detach(), [1, 1], [1, 1], [1, 1], 1, False, True, True, True, backend))
+    torch.library.opcheck(masked.masked_conv2d_backward_op,  # the input gradient in the caller's layout
+                          (go, None, x, w, m, pre.detach(), [1, 1], [1, 1], [1, 1], 1, True, True, True, True, backend))
     make, p = _problem("linear", tasks=2)
     (x, w, m, b), kwargs = make(p, device, dtype=torch.float32)
     torch.library.opcheck(masked.masked_linear_op, (x, w, m, b, True, backend))

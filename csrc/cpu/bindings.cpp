@@ -351,15 +351,26 @@ void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tenso
                                               x.data_ptr<float>(), grad_weight.data_ptr<float>());
 }
 
-// gy [N, H_out, W_out, T*A], weight [T, A, kH, kW, C], grad_input [N, H, W, T*C] (grouped NHWC
-// storage, overwritten): contiguous float32.
+// gy [N, H_out, W_out, T*A], weight [T, A, kH, kW, C], grad_input (overwritten) either
+// [N, H, W, T*C] (grouped NHWC storage) or [T, N, C, H, W] (NCHW per task): contiguous float32.
 void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::Tensor& grad_input,
                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation) {
   check_conv_grad_tensors({{&gy, "grad_out"}, {&weight, "weight"}, {&grad_input, "grad_input (out)"}});
-  const ConvGradShape s = conv_grad_shape(gy, grad_input, weight, "grad_input", "weight", stride, padding, dilation);
+  TORCH_CHECK(grad_input.dim() == 4 || grad_input.dim() == 5,
+              "grad_input (out): expected [N, H, W, T*C_in] or [T, N, C_in, H, W], got ", grad_input.sizes());
+  const bool channels_first = grad_input.dim() == 5;
+  // The grouped-NHWC view of grad_input's shape, for the shape checks.
+  const at::Tensor as_nhwc = channels_first ? grad_input.permute({1, 3, 4, 0, 2}).flatten(3, 4) : grad_input;
+  TORCH_CHECK(!channels_first || grad_input.size(0) == weight.size(0), "grad_input (out): expected ",
+              weight.size(0), " tasks, got ", grad_input.size(0));
+  const ConvGradShape s = conv_grad_shape(gy, as_nhwc, weight, "grad_input", "weight", stride, padding, dilation);
   if (grad_input.numel() == 0) return;
-  neuronml_fast::cpu::conv2d_input_grad_nhwc(s, weight.size(0), s.A, s.C, gy.data_ptr<float>(),
-                                             weight.data_ptr<float>(), grad_input.data_ptr<float>());
+  const int64_t T = weight.size(0);
+  const neuronml_fast::cpu::InputGradLayout layout =
+      channels_first ? neuronml_fast::cpu::InputGradLayout{s.N * s.C * s.H * s.W, s.C * s.H * s.W, s.W, 1, s.H * s.W}
+                     : neuronml_fast::cpu::InputGradLayout{s.C, s.H * s.W * T * s.C, s.W * T * s.C, T * s.C, 1};
+  neuronml_fast::cpu::conv2d_input_grad(s, T, s.A, layout, gy.data_ptr<float>(), weight.data_ptr<float>(),
+                                        grad_input.data_ptr<float>());
 }
 
 // ---- Hebbian plasticity --------------------------------------------------------------------
@@ -555,7 +566,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",
         py::arg("grad_out"), py::arg("input"), py::arg("grad_weight"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));
-  m.def("conv2d_input_grad_out", &conv2d_input_grad_out, "NHWC conv input gradient, AVX2 register tiles",
+  m.def("conv2d_input_grad_out", &conv2d_input_grad_out,
+        "conv input gradient (grouped NHWC [N, H, W, T*C] or NCHW [T, N, C, H, W]), AVX2 register tiles",
         py::arg("grad_out"), py::arg("weight"), py::arg("grad_input"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));
   m.def("conv_grad_available", &neuronml_fast::cpu::conv2d_grad_available,

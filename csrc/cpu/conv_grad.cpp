@@ -133,12 +133,12 @@ void input_tile(const float* gy, int64_t gs, const float* w, int64_t ws, int64_t
   sum.store(acc, acc_step);
 }
 
-// Row ih of image n of one task: gx[n, ih, :, 0..C) = sum over taps (kh, kw) whose output row
+// Row ih of image n of one task: row[iw * pixel + 0..C) = sum over taps (kh, kw) whose output row
 // oh = (ih + pad_h - kh*dil_h) / stride_h exists, and over the output columns ow whose input
 // column iw = ow*stride_w + kw*dil_w - pad_w exists, of gy[n, oh, ow, :] . w[:, kh, kw, :].
-void input_grad_row(const ConvGradShape& s, const float* gy, const float* w, int64_t n, int64_t ih, float* gx) {
-  float* row = gx + (n * s.H + ih) * s.W * s.x_pixel;
-  for (int64_t iw = 0; iw < s.W; ++iw) std::fill(row + iw * s.x_pixel, row + iw * s.x_pixel + s.C, 0.f);
+void input_grad_row(const ConvGradShape& s, const float* gy, const float* w, int64_t n, int64_t ih, float* row,
+                    int64_t pixel) {
+  for (int64_t iw = 0; iw < s.W; ++iw) std::fill(row + iw * pixel, row + iw * pixel + s.C, 0.f);
   const int64_t w_channel = s.KH * s.KW * s.C;  // w stride between active channels
   for (int64_t kh = 0; kh < s.KH; ++kh) {
     const int64_t oh_scaled = ih + s.pad_h - kh * s.dil_h;
@@ -152,16 +152,59 @@ void input_grad_row(const ConvGradShape& s, const float* gy, const float* w, int
       // 15-20 % slower, a 6-position tile amortizes its loads best.
       for (int64_t ow = ow_lo; ow < ow_hi; ow += kRows) {
         const int positions = static_cast<int>(std::min<int64_t>(kRows, ow_hi - ow));
-        float* acc = row + (ow * s.stride_w + kw * s.dil_w - s.pad_w) * s.x_pixel;
+        float* acc = row + (ow * s.stride_w + kw * s.dil_w - s.pad_w) * pixel;
         for (int64_t c0 = 0; c0 < s.C; c0 += kCols) {
           with_rows(positions, [&](auto rows) {
             input_tile<decltype(rows)::value>(gy_row + ow * s.gy_pixel, s.gy_pixel, tap + c0, w_channel, s.A,
-                                              acc + c0, s.stride_w * s.x_pixel);
+                                              acc + c0, s.stride_w * pixel);
           });
         }
       }
     }
   }
+}
+
+// In-register transpose of 8 rows of 8 floats.
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+    r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+  }
+}
+
+// dst[c * channel_stride + iw] = src[iw * C + c] for a row of W positions: blocks of 8 channels x
+// 8 positions transposed in registers. A row whose width is not a multiple of 8 ends with a block
+// overlapping the previous one (the overlap is written twice with the same values; Zen 2's masked
+// stores are slow); rows narrower than 8 use masked stores, their src padded to 8 positions.
+void store_channels_first(const float* src, int64_t C, int64_t W, float* dst, int64_t channel_stride) {
+  auto block = [&](int64_t w0, bool masked) {
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W - w0)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+      __m256 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (w0 + k) * C + c0);
+      transpose8x8(r);
+      for (int k = 0; k < 8; ++k) {
+        float* out = dst + (c0 + k) * channel_stride + w0;
+        if (masked) _mm256_maskstore_ps(out, keep, r[k]);
+        else _mm256_storeu_ps(out, r[k]);
+      }
+    }
+  };
+  if (W < 8) return block(0, true);
+  for (int64_t w0 = 0; w0 + 8 <= W; w0 += 8) block(w0, false);
+  if (W % 8 != 0) block(W - 8, false);
 }
 
 }  // namespace
@@ -198,15 +241,27 @@ void conv2d_weight_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_t
   }
 }
 
-void conv2d_input_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
-                            const float* gy, const float* w, float* gx) {
+void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, const InputGradLayout& gx_layout,
+                       const float* gy, const float* w, float* gx) {
   const int64_t rows = s.N * s.H, weights = s.A * s.KH * s.KW * s.C;
   const int64_t work = rows * tasks * s.W * s.C * std::max<int64_t>(1, s.A * s.KH * s.KW);
+  const bool channels_last = gx_layout.channel == 1;
   // Every (image, input row, task) row of gx is written by one thread: no partial sums.
-#pragma omp parallel for schedule(static) if (work >= kParallelGrain)
-  for (int64_t r = 0; r < rows * tasks; ++r) {
-    const int64_t t = r % tasks, nh = r / tasks;
-    input_grad_row(s, gy + t * gy_task, w + t * weights, nh / s.H, nh % s.H, gx + t * x_task);
+#pragma omp parallel if (work >= kParallelGrain)
+  {
+    // Channels-first gx: each row is summed channels-last in L1, then transposed into place.
+    std::vector<float> scratch(channels_last ? 0 : (s.W + 7) / 8 * 8 * s.C, 0.f);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows * tasks; ++r) {
+      const int64_t t = r % tasks, nh = r / tasks, n = nh / s.H, ih = nh % s.H;
+      float* row = gx + t * gx_layout.task + n * gx_layout.image + ih * gx_layout.row;
+      if (channels_last) {
+        input_grad_row(s, gy + t * gy_task, w + t * weights, n, ih, row, gx_layout.pixel);
+      } else {
+        input_grad_row(s, gy + t * gy_task, w + t * weights, n, ih, scratch.data(), s.C);
+        store_channels_first(scratch.data(), s.C, s.W, row, gx_layout.channel);
+      }
+    }
   }
 }
 
@@ -215,7 +270,8 @@ void conv2d_input_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_ta
 bool conv2d_grad_available() { return false; }
 
 void conv2d_weight_grad_nhwc(const ConvGradShape&, int64_t, int64_t, int64_t, const float*, const float*, float*) {}
-void conv2d_input_grad_nhwc(const ConvGradShape&, int64_t, int64_t, int64_t, const float*, const float*, float*) {}
+void conv2d_input_grad(const ConvGradShape&, int64_t, int64_t, const InputGradLayout&, const float*, const float*,
+                       float*) {}
 
 #endif
 

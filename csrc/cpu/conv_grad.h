@@ -22,7 +22,10 @@
 // (tap whose output row exists, 16 input channels, 6 positions) tile adds
 // sum_a gy[.., a] * w[a, kh, kw, c] over the valid positions, 12 accumulators in registers over
 // the A active channels. Any stride, padding and dilation.
-//   w   [A, kH, kW, C] contiguous (the compact channels-last weights), gx: same layout as x, overwritten
+//   w   [A, kH, kW, C] contiguous (the compact channels-last weights)
+//   gx  channels-last like x, or channels-first (NCHW, the layout of a user's input: autograd then
+//       adds it into x.grad without a transposing pass): each row is summed channels-last in L1
+//       and transposed into place in 8 x 8 register blocks.
 #pragma once
 #include <cstdint>
 
@@ -43,9 +46,16 @@ bool conv2d_grad_available();
 void conv2d_weight_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
                              const float* gy, const float* x, float* gw);
 
-// `tasks` independent convolutions: task t reads gy + t*gy_task and w + t*A*kH*kW*C and writes
-// gx + t*x_task (x_task = C for the grouped-NHWC storage).
-void conv2d_input_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t x_task,
-                            const float* gy, const float* w, float* gx);
+// Where input-gradient element (t, n, c, h, w) lives: gx + t*task + n*image + h*row + w*pixel +
+// c*channel. Either channel == 1 (grouped NHWC: pixel = T*C, task = C) or pixel == 1 (NCHW per
+// task, the layout of a user's input: channel = H*W, task = N*C*H*W).
+struct InputGradLayout {
+  int64_t task, image, row, pixel, channel;
+};
+
+// `tasks` independent convolutions: task t reads gy + t*gy_task and w + t*A*kH*kW*C and writes its
+// part of gx (overwritten) in the given layout. Requires gx_layout.channel == 1 or pixel == 1.
+void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, const InputGradLayout& gx_layout,
+                       const float* gy, const float* w, float* gx);
 
 }  // namespace neuronml_fast::cpu

@@ -115,6 +115,11 @@ def grouped_nhwc_empty(shape, empty):
     return empty((N, H, W, T, C)).permute(3, 0, 4, 1, 2)
 
 
+def is_grouped_nhwc(x):
+    """Whether the [T, N, C, H, W] tensor ``x`` is stored as [N, H, W, T, C]."""
+    return x.permute(1, 3, 4, 0, 2).is_contiguous()
+
+
 def to_grouped_nhwc(x, pooled=True):
     """[T, N, C, H, W] in grouped NHWC storage: a view when it already is, else one copy (into a
     pooled buffer unless ``pooled=False``, for tensors that may be traced, vmapped or fake)."""
@@ -186,7 +191,9 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
 
 
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-                    need_input_grad, need_weight_grad):
+                    need_input_grad, need_weight_grad, contiguous_input_grad=False):
+    """Gradients; grad_input is contiguous [T, N, C_in, H, W] if ``contiguous_input_grad``, else
+    grouped NHWC like the activations."""
     T, N, C, Ho, Wo = grad_out.shape
     comp = compaction(mask, skip_zero, allow=groups == 1)
     A = comp.width
@@ -200,7 +207,8 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     grad_input = grad_weight = x.new_empty((0,))
     if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
         if need_input_grad:
-            grad_input = grouped_nhwc_empty(x.shape, lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device))
+            zeros = lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device)  # noqa: E731
+            grad_input = zeros(x.shape) if contiguous_input_grad else grouped_nhwc_empty(x.shape, zeros)
         if need_weight_grad:
             grad_weight = channels_last_weight(torch.zeros_like(weight))
         return grad_input, grad_weight, grad_bias, grad_mask
@@ -210,11 +218,13 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     if (need_input_grad or need_weight_grad) and not own:
         gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride,
                                       padding, dilation, groups, need_input_grad, need_weight_grad)
-    if need_input_grad:
+    if need_input_grad and own:
+        grad_input = _input_grad(gy, w, x.shape, stride, padding, dilation, contiguous_input_grad)
+    elif need_input_grad:
         H, W = x.shape[3:]
-        if own:
-            gx = _input_grad(gy, w, x.shape, stride, padding, dilation)
         grad_input = gx.permute(0, 2, 3, 1).view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2)
+        if contiguous_input_grad:
+            grad_input = grad_input.contiguous()
     if need_weight_grad:
         if own:
             gw = _weight_grad(gy, x, A, weight.shape[3:], stride, padding, dilation)
@@ -244,16 +254,20 @@ def _weight_grad(gy, x, slots, kernel_size, stride, padding, dilation):
     return out.view(T * slots, *kernel_size, C).permute(0, 3, 1, 2)
 
 
-def _input_grad(gy, w, x_shape, stride, padding, dilation):
-    """Input gradient [N, T*C_in, H, W] (channels-last, in a pooled buffer) from the compact output
-    gradient ``gy`` (storage [N, H_out, W_out, T*A]) and the compact weights ``w [T, A, C_in, kH, kW]``.
-    """
+def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
+    """Input gradient [T, N, C_in, H, W] (in a pooled buffer; contiguous, or grouped NHWC) from the
+    compact output gradient ``gy`` (storage [N, H_out, W_out, T*A]) and the compact weights
+    ``w [T, A, C_in, kH, kW]``."""
     T, N, C, H, W = x_shape
     A, KH, KW = w.shape[1], w.shape[3], w.shape[4]
     w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last storage
+    if contiguous:
+        out = _alloc.empty(x_shape, dtype=gy.dtype, device=gy.device)
+        _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
+        return out
     out = _alloc.empty((N, H, W, T * C), dtype=gy.dtype, device=gy.device)
     _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
-    return out.permute(0, 3, 1, 2)
+    return out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
 
 
 # Output rows (images x output pixels) per task above which one oneDNN call per task beats the

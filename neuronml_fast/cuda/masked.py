@@ -33,7 +33,8 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
 
 
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-                    need_input_grad, need_weight_grad):
+                    need_input_grad, need_weight_grad, contiguous_input_grad=True):
+    # grad_input is always contiguous here: contiguous_input_grad needs nothing.
     grad_out, grad_pre, x, weight, mask, pre = _contiguous(grad_out, grad_pre, x, weight, mask, pre)
     ext = _extensions.cuda()
     order, count = _conv_plan.compaction(mask, groups, skip_zero)

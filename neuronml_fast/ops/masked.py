@@ -164,14 +164,20 @@ def _empty_grad(t):
 @torch.library.custom_op("neuronml_fast::masked_conv2d", mutates_args=())
 def masked_conv2d_op(
     input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-    dilation: list[int], groups: int, skip_zero: bool, backend: str,
+    dilation: list[int], groups: int, contiguous_input_grad: bool, skip_zero: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Task-batched forward: (out, pre), both [T, N, C_out, H_out, W_out]."""
+    """Task-batched forward: (out, pre), both [T, N, C_out, H_out, W_out].
+
+    ``contiguous_input_grad`` is for the backward (autograd passes it on): the input gradient
+    comes out contiguous, in the layout of the caller's own input, even where ``input`` here is
+    the CPU backend's grouped-NHWC copy of it; autograd then adds it into ``input.grad`` without
+    a transposing pass.
+    """
     return backends.kernel(CONV, backend)(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
 
 
 @masked_conv2d_op.register_fake
-def _(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend):
+def _(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad, skip_zero, backend):
     shape = _conv_out_shape(input, weight, stride, padding, dilation)
     if backend == "cpu":  # the CPU backend computes in and returns grouped-NHWC activations
         return (cpu_masked.grouped_nhwc_empty(shape, input.new_empty),
@@ -182,21 +188,22 @@ def _(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, b
 @torch.library.custom_op("neuronml_fast::masked_conv2d_backward", mutates_args=())
 def masked_conv2d_backward_op(
     grad_out: Tensor, grad_pre: Optional[Tensor], input: Tensor, weight: Tensor, mask: Tensor, pre: Optional[Tensor],
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, skip_zero: bool,
-    need_input_grad: bool, need_weight_grad: bool, backend: str,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, contiguous_input_grad: bool,
+    skip_zero: bool, need_input_grad: bool, need_weight_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_mask); a grad not needed is an empty tensor,
-    grad_mask is 0 when ``pre`` is None."""
+    grad_mask is 0 when ``pre`` is None. grad_input is contiguous if ``contiguous_input_grad``,
+    else in the backend's layout (CPU: grouped NHWC, the layout of its activations)."""
     return backends.kernel(f"{CONV}_backward", backend)(
         grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-        need_input_grad, need_weight_grad)
+        need_input_grad, need_weight_grad, contiguous_input_grad)
 
 
 @masked_conv2d_backward_op.register_fake
-def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-      need_input_grad, need_weight_grad, backend):
+def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, contiguous_input_grad,
+      skip_zero, need_input_grad, need_weight_grad, backend):
     grads = _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
-    if backend == "cpu" and need_input_grad:
+    if backend == "cpu" and need_input_grad and not contiguous_input_grad:
         grads = (cpu_masked.grouped_nhwc_empty(input.shape, input.new_empty), *grads[1:])
     if backend == "cpu" and need_weight_grad:
         grads = (grads[0], cpu_masked.channels_last_weight(grads[1]), *grads[2:])
@@ -241,7 +248,7 @@ def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, 
 # The forward op's inputs are (input, weight, mask, bias, *layer_args, skip_zero, backend), its
 # backward op's (grad_out, grad_pre, input, weight, mask, pre, *layer_args, skip_zero,
 # need_input_grad, need_weight_grad, backend); layer_args are (stride, padding, dilation,
-# groups) for conv and () for linear. One set of autograd functions serves both layers.
+# groups, contiguous_input_grad) for conv and () for linear. One set of autograd functions serves both layers.
 
 
 class _Layer:
@@ -368,7 +375,7 @@ def _merge_into_tasks(op, n_tensors):
     return rule
 
 
-_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 4)
+_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 5)
 _LINEAR_LAYER = _Layer(masked_linear_op, masked_linear_backward_op, 0)
 for _layer in (_CONV_LAYER, _LINEAR_LAYER):
     for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
@@ -396,11 +403,14 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     if not batched:
         input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
-    if backend == "cpu":
-        # The CPU backend convolves in grouped NHWC; converting here (a no-op for the outputs of
-        # a previous masked conv) lets autograd keep the converted input for the backward.
+    # The CPU backend convolves in grouped NHWC; converting here (a no-op for the outputs of a
+    # previous masked conv) lets autograd keep the converted input for the backward, whose input
+    # gradient then comes back in the caller's own (contiguous) layout.
+    contiguous_input_grad = backend == "cpu" and not cpu_masked.is_grouped_nhwc(input)
+    if contiguous_input_grad:
         input = cpu_masked.to_grouped_nhwc(input, pooled=cpu_masked.is_plain_tensor(input))
-    out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)[0]
+    out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
+                           skip_zero, backend)[0]
     return out if batched else out.squeeze(0)
 
 
