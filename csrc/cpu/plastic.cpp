@@ -122,10 +122,14 @@ void forward_rows(const PlasticShape& s, const T* x, const T* weight, const T* a
   }
 }
 
-constexpr int kRowGroup = 4;  // sequences per forward_rows / backward_rows_one_pass call
+// Sequences per row group. Forward: see dot_rows. Backward (B=16 N=256 T=100, 2-core VM): 1 / 2 /
+// 3 / 4 rows per group took 30.7 / 30.0 / 31.2 / 35.5 ms; its per-row state spills registers
+// beyond 2.
+constexpr int kForwardGroup = 4;
 constexpr int kBackwardGroup = 2;
+static_assert(kForwardGroup <= 4 && kBackwardGroup <= 4, "with_row_count instantiates groups of 1 to 4");
 
-// Calls f(std::integral_constant<int, R>{}) with R = count (1 .. kRowGroup): the row groups are
+// Calls f(std::integral_constant<int, R>{}) with R = count (1 .. 4): the row groups are
 // templates on their size, so their per-row arrays live in registers.
 template <typename F>
 void with_row_count(int64_t count, F&& f) {
@@ -133,7 +137,7 @@ void with_row_count(int64_t count, F&& f) {
     case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, kRowGroup>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
@@ -148,14 +152,14 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
     if (t % s.checkpoint_every == 0) {
       std::memcpy(checkpoints + (t / s.checkpoint_every) * trace, hebb, sizeof(T) * trace);
     }
-    // Rows are independent within a step: parallel over (neuron, group of kRowGroup sequences),
+    // Rows are independent within a step: parallel over (neuron, group of sequences),
     // so B = 1 with a large N (Miconi's 1000 units) still uses every core. Neuron-major: the
     // rows of one neuron follow each other, and its weight and alpha rows are read from L1.
-    const int64_t groups = (s.B + kRowGroup - 1) / kRowGroup;
+    const int64_t groups = (s.B + kForwardGroup - 1) / kForwardGroup;
 #pragma omp parallel for schedule(static) if (trace > 4096)
     for (int64_t k = 0; k < s.OUT * groups; ++k) {
-      const int64_t j = k / groups, b0 = (k % groups) * kRowGroup;
-      with_row_count(std::min<int64_t>(kRowGroup, s.B - b0), [&](auto rows_c) {
+      const int64_t j = k / groups, b0 = (k % groups) * kForwardGroup;
+      with_row_count(std::min<int64_t>(kForwardGroup, s.B - b0), [&](auto rows_c) {
         forward_rows<T, decltype(rows_c)::value>(s, x, weight, alpha, eta, bias, drive, modulation, y0, zeros.data(),
                                                   hebb, output, t, b0, j);
       });
