@@ -261,13 +261,9 @@ def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
     T, N, C, H, W = x_shape
     A, KH, KW = w.shape[1], w.shape[3], w.shape[4]
     w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last storage
-    if contiguous:
-        out = _alloc.empty(x_shape, dtype=gy.dtype, device=gy.device)
-        _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
-        return out
-    out = _alloc.empty((N, H, W, T * C), dtype=gy.dtype, device=gy.device)
+    out = _alloc.empty(x_shape if contiguous else (N, H, W, T * C), dtype=gy.dtype, device=gy.device)
     _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
-    return out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
+    return out if contiguous else out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
 
 
 # Output rows (images x output pixels) per task above which one oneDNN call per task beats the
