@@ -316,21 +316,21 @@ void check_conv_grad_tensors(std::initializer_list<std::pair<const at::Tensor*, 
   }
 }
 
-// weight [T, A, kH, kW, C] (values or gradient), x [N, H, W, T*C] (input or its gradient),
-// gy [N, H_out, W_out, T*A]: the shape of the task-batched convolution, checked.
-ConvGradShape conv_grad_shape(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+// weight [T, A, kH, kW, C] (values or gradient), x_sizes [N, H, W, T*C] (of the input or its
+// gradient), gy [N, H_out, W_out, T*A]: the shape of the task-batched convolution, checked.
+ConvGradShape conv_grad_shape(const at::Tensor& gy, at::IntArrayRef x_sizes, const at::Tensor& weight,
                               const char* x_name, const char* weight_name, const std::vector<int64_t>& stride,
                               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
-  TORCH_CHECK(gy.dim() == 4 && x.dim() == 4 && weight.dim() == 5, "expected grad_out [N, H_out, W_out, T*A], ",
-              x_name, " [N, H, W, T*C], ", weight_name, " [T, A, kH, kW, C]; got ", gy.sizes(), ", ", x.sizes(), ", ",
+  TORCH_CHECK(gy.dim() == 4 && x_sizes.size() == 4 && weight.dim() == 5, "expected grad_out [N, H_out, W_out, T*A], ",
+              x_name, " [N, H, W, T*C], ", weight_name, " [T, A, kH, kW, C]; got ", gy.sizes(), ", ", x_sizes, ", ",
               weight.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
                   stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 && padding[1] >= 0,
               "stride, padding, dilation: expected pairs with stride >= 1, padding >= 0, dilation >= 1");
   const int64_t T = weight.size(0), A = weight.size(1), KH = weight.size(2), KW = weight.size(3), C = weight.size(4);
-  const int64_t N = x.size(0), H = x.size(1), W = x.size(2);
+  const int64_t N = x_sizes[0], H = x_sizes[1], W = x_sizes[2];
   TORCH_CHECK(C % 16 == 0, weight_name, ": expected C_in divisible by 16, got ", C);
-  TORCH_CHECK(x.size(3) == T * C, x_name, ": expected ", T * C, " channels (T*C_in), got ", x.size(3));
+  TORCH_CHECK(x_sizes[3] == T * C, x_name, ": expected ", T * C, " channels (T*C_in), got ", x_sizes[3]);
   const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
   const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(gy.size(0) == N && gy.size(1) == H_out && gy.size(2) == W_out && gy.size(3) == T * A,
@@ -345,7 +345,8 @@ void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tenso
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                             std::vector<int64_t> dilation) {
   check_conv_grad_tensors({{&gy, "grad_out"}, {&x, "input"}, {&grad_weight, "grad_weight (out)"}});
-  const ConvGradShape s = conv_grad_shape(gy, x, grad_weight, "input", "grad_weight", stride, padding, dilation);
+  const ConvGradShape s =
+      conv_grad_shape(gy, x.sizes(), grad_weight, "input", "grad_weight", stride, padding, dilation);
   if (grad_weight.numel() == 0) return;
   neuronml_fast::cpu::conv2d_weight_grad_nhwc(s, grad_weight.size(0), s.A, s.C, gy.data_ptr<float>(),
                                               x.data_ptr<float>(), grad_weight.data_ptr<float>());
@@ -359,11 +360,14 @@ void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::T
   TORCH_CHECK(grad_input.dim() == 4 || grad_input.dim() == 5,
               "grad_input (out): expected [N, H, W, T*C_in] or [T, N, C_in, H, W], got ", grad_input.sizes());
   const bool channels_first = grad_input.dim() == 5;
-  // The grouped-NHWC view of grad_input's shape, for the shape checks.
-  const at::Tensor as_nhwc = channels_first ? grad_input.permute({1, 3, 4, 0, 2}).flatten(3, 4) : grad_input;
   TORCH_CHECK(!channels_first || grad_input.size(0) == weight.size(0), "grad_input (out): expected ",
               weight.size(0), " tasks, got ", grad_input.size(0));
-  const ConvGradShape s = conv_grad_shape(gy, as_nhwc, weight, "grad_input", "weight", stride, padding, dilation);
+  // grad_input's shape as grouped-NHWC sizes, for the shape checks.
+  const auto& g = grad_input;
+  const std::vector<int64_t> nhwc = channels_first
+                                        ? std::vector<int64_t>{g.size(1), g.size(3), g.size(4), g.size(0) * g.size(2)}
+                                        : g.sizes().vec();
+  const ConvGradShape s = conv_grad_shape(gy, nhwc, weight, "grad_input", "weight", stride, padding, dilation);
   if (grad_input.numel() == 0) return;
   const int64_t T = weight.size(0);
   const neuronml_fast::cpu::InputGradLayout layout =
