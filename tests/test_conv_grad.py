@@ -100,6 +100,19 @@ def test_input_grad_kernel_matches_onednn(channels_first, tasks, n, c, a, h, w, 
     torch.testing.assert_close(out.double(), want, atol=1e-4 * (1 + want.abs().max().item()), rtol=1e-4)
 
 
+# Unit column stride takes the all-taps register tiles (5 columns, the last tile overlapping the
+# one before): widths below, at and between multiples of the tile, any row stride, padding wider
+# than the kernel reach, dilation.
+@settings(max_examples=40, deadline=None)
+@given(channels_first=st.booleans(), **{**CONV_CASES, "w": st.integers(1, 23),
+                                        "stride": st.tuples(st.integers(1, 3), st.just(1)),
+                                        "padding": st.tuples(st.integers(0, 3), st.integers(0, 3))})
+def test_input_grad_unit_column_stride_matches_onednn(channels_first, tasks, n, c, a, h, w, k, stride, padding,
+                                                      dilation, seed):
+    test_input_grad_kernel_matches_onednn.hypothesis.inner_test(
+        channels_first, tasks, n, c, a, h, w, k, stride, padding, dilation, seed)
+
+
 @pytest.mark.parametrize("channels_first", [False, True])
 def test_input_grad_conv4_block_shape_matches_onednn(channels_first):
     gen = torch.Generator().manual_seed(0)

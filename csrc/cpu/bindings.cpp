@@ -6,6 +6,7 @@
 #include "cpu/batch_norm.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/conv_grad.h"
+#include "cpu/layout.h"
 #include "cpu/masked.h"
 #include "cpu/plastic.h"
 #include "cpu/sensitivity.h"
@@ -377,6 +378,26 @@ void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::T
                                         grad_input.data_ptr<float>());
 }
 
+// ---- layouts -------------------------------------------------------------------------------
+
+// src [T, N, C, H, W] contiguous -> dst [N, H, W, T, C] contiguous (grouped NHWC storage).
+void to_grouped_nhwc_out(const at::Tensor& src, at::Tensor& dst) {
+  check_cpu_float(src, "input");
+  TORCH_CHECK(src.dim() == 5 && src.is_contiguous(), "input: expected a contiguous [T, N, C, H, W] tensor, got shape ",
+              src.sizes(), " and strides ", src.strides());
+  const int64_t T = src.size(0), N = src.size(1), C = src.size(2), H = src.size(3), W = src.size(4);
+  TORCH_CHECK(dst.device().is_cpu() && dst.scalar_type() == src.scalar_type(), "out: expected a CPU ",
+              src.scalar_type(), " tensor, got ", dst.scalar_type(), " on ", dst.device());
+  TORCH_CHECK(dst.sizes() == at::IntArrayRef({N, H, W, T, C}) && dst.is_contiguous(),
+              "out: expected a contiguous [N, H, W, T, C] = [", N, ", ", H, ", ", W, ", ", T, ", ", C,
+              "] tensor, got shape ", dst.sizes(), " and strides ", dst.strides());
+  if (src.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "to_grouped_nhwc_cpu", [&] {
+    neuronml_fast::cpu::to_grouped_nhwc<scalar_t>(src.data_ptr<scalar_t>(), T, N, C, H * W,
+                                                  dst.data_ptr<scalar_t>());
+  });
+}
+
 // ---- Hebbian plasticity --------------------------------------------------------------------
 
 using neuronml_fast::cpu::PlasticRule;
@@ -576,6 +597,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dilation"));
   m.def("conv_grad_available", &neuronml_fast::cpu::conv2d_grad_available,
         "whether conv2d_weight_grad_out / conv2d_input_grad_out have their AVX2/FMA kernels in this build");
+  m.def("to_grouped_nhwc_out", &to_grouped_nhwc_out,
+        "[T, N, C, H, W] contiguous -> [N, H, W, T, C] (grouped NHWC storage), 8 x 8 register transposes",
+        py::arg("input"), py::arg("out"));
   m.def("batch_norm_rows_double_backward_out", &batch_norm_rows_double_backward_out,
         "fused double backward of batch norm over the rows of a [R, C] matrix", py::arg("u"), py::arg("u_gamma"),
         py::arg("u_beta"), py::arg("grad_out"), py::arg("input"), py::arg("weight"), py::arg("mean"),

@@ -1,0 +1,17 @@
+// Layout changes of activations on the CPU. Framework-free.
+//
+// The CPU masked convolution runs in grouped NHWC (csrc/cpu/masked.h, neuronml_fast/cpu/masked.py):
+// a task-batched activation [T, N, C, H, W] is stored as [N, H, W, T, C]. A user's NCHW input is
+// copied into it once per call; torch's strided copy does that at about half the copy bandwidth
+// on the 2-core VM (0.6 ms for the 4 MiB Conv4-Omniglot block input), this one in 8 x 8 register
+// transposes.
+#pragma once
+#include <cstdint>
+
+namespace neuronml_fast::cpu {
+
+// src: [tasks, N, C, S] contiguous (S = H*W pixels), dst: [N, S, tasks, C] contiguous, overwritten.
+template <typename T>
+void to_grouped_nhwc(const T* src, int64_t tasks, int64_t N, int64_t C, int64_t S, T* dst);
+
+}  // namespace neuronml_fast::cpu
