@@ -68,3 +68,56 @@ def test_bad_arguments():
         ext.gather_rows_out(torch.randn(1, 3, 4), slot, torch.empty(1, 2, 5))
     with pytest.raises(RuntimeError, match="rows \\(out\\): expected a contiguous"):
         ext.scatter_rows_out(torch.randn(1, 2, 4), slot, torch.empty(1, 4, 3).transpose(1, 2))
+
+
+def _expand(compact, slot):
+    """compact [T, N, S, J] -> full [T, N, S, C] by the slots, zeros for pruned channels (torch ops)."""
+    if compact.shape[3] == 0:  # every channel pruned
+        return compact.new_zeros(*compact.shape[:3], slot.shape[1])
+    gathered = compact.gather(3, slot.clamp(min=0)[:, None, None, :].expand(*compact.shape[:3], -1))
+    return torch.where(slot[:, None, None, :] >= 0, gathered, 0)
+
+
+# The channels-last epilogue and prologue the CPU masked conv uses: float32 with C % 8 == 0 takes
+# the 8-channel permute blocks, the rest the per-channel loops. Compacted tasks (some incomplete:
+# their padding slots must stay zero) and uncompacted ones with pruned channels (allow=False).
+@settings(max_examples=60, deadline=None)
+@given(tasks=st.integers(1, 3), n=st.integers(1, 3), blocks=st.integers(1, 5), extra=st.sampled_from([0, 0, 3]),
+       s=st.integers(1, 4), zeros=st.floats(0, 1), allow=st.booleans(), with_bias=st.booleans(),
+       with_grad_pre=st.booleans(), with_pre=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**16))
+def test_channels_last_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros, allow, with_bias,
+                                                             with_grad_pre, with_pre, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    c = 8 * blocks + extra
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    mask = rand(tasks, c)
+    mask[torch.rand(tasks, c, generator=gen) < zeros] = 0
+    comp = cpu_masked.compaction(mask, True, allow)
+    slot = comp.slot
+    y, bias = rand(tasks, n, s, comp.width), rand(tasks, c) if with_bias else None
+    nan = lambda: torch.full((tasks, n, s, c), float("nan"), dtype=dtype)  # noqa: E731
+    out, pre = nan(), nan()
+    ext.masked_forward_epilogue_cl(y, slot, mask, bias, out, pre)
+    want_pre = _expand(y, slot) + (0 if bias is None else torch.where(slot >= 0, bias, 0)[:, None, None, :])
+    assert torch.equal(pre, want_pre)
+    assert torch.equal(out, want_pre * mask[:, None, None, :])
+
+    grad_out, grad_pre = rand(tasks, n, s, c), rand(tasks, n, s, c) if with_grad_pre else None
+    gy = torch.zeros(tasks, n, s, comp.width, dtype=dtype)  # the contract: pre-zeroed
+    grad_bias, grad_mask = torch.full((tasks, c), float("nan"), dtype=dtype), torch.full((tasks, c), float("nan"), dtype=dtype)
+    ext.masked_backward_prologue_cl(grad_out, grad_pre, pre if with_pre else None, slot, mask, gy, grad_bias, grad_mask)
+    v = grad_out * mask[:, None, None, :] + (0 if grad_pre is None else grad_pre)
+    kept = slot >= 0
+    want_gy = torch.zeros_like(gy)
+    for t in range(tasks):
+        want_gy[t, :, :, slot[t][kept[t]]] = v[t][:, :, kept[t]]
+    tol = dict(atol=1e-5, rtol=1e-5)  # go * m + gp may be one fused multiply-add
+    torch.testing.assert_close(gy, want_gy, **tol)
+    for t in range(tasks):  # slots that hold no channel stay exactly zero
+        unused = torch.ones(comp.width, dtype=torch.bool)
+        unused[slot[t][kept[t]]] = False
+        assert torch.equal(gy[t][..., unused], torch.zeros_like(gy[t][..., unused]))
+    torch.testing.assert_close(grad_bias, torch.where(kept, v.sum((1, 2)), 0), **tol)
+    want_mask = torch.where(kept, (grad_out * pre).sum((1, 2)), 0) if with_pre else torch.zeros_like(grad_mask)
+    torch.testing.assert_close(grad_mask, want_mask, **tol)

@@ -22,7 +22,8 @@ struct CompactLayout {
 
 // Channels-last variants (convolutions run in NHWC on the CPU): a full tensor holds (t, n, s, c)
 // at full + t*full_t + n*full_n + s*full_s + c, the compact one (t, n, s, j) at
-// y + t*stride_t + n*stride_n + s*stride_s + j: channels and slots are contiguous.
+// y + t*stride_t + n*stride_n + s*stride_s + j: channels and slots are contiguous. float32 with
+// C % 8 == 0 moves 8 channels per permute (AVX2); other cases go channel by channel.
 struct ChannelsLastLayout {
   int64_t T, N, C, S;
   int64_t stride_t, stride_n, stride_s;  // compact strides (elements)
