@@ -121,3 +121,45 @@ def test_channels_last_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, e
     torch.testing.assert_close(grad_bias, torch.where(kept, v.sum((1, 2)), 0), **tol)
     want_mask = torch.where(kept, (grad_out * pre).sum((1, 2)), 0) if with_pre else torch.zeros_like(grad_mask)
     torch.testing.assert_close(grad_mask, want_mask, **tol)
+
+
+# The C++ conv launchers' weight compaction and its inverse for the weight gradient: the same rows
+# as the Python helpers, for contiguous and channels-last weights, every element written.
+@settings(max_examples=30, deadline=None)
+@given(tasks=st.integers(1, 3), channels=st.integers(1, 9), c_in=st.integers(1, 5), k=st.integers(1, 3),
+       zeros=st.floats(0, 0.9), channels_last=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**16))
+def test_conv_weight_compaction_and_expansion(tasks, channels, c_in, k, zeros, channels_last, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.randn(tasks, channels, generator=gen, dtype=dtype)
+    mask[torch.rand(tasks, channels, generator=gen) < zeros] = 0
+    comp = cpu_masked.compaction(mask, True, True)
+    if not comp.compacted:
+        return
+    weight = torch.randn(tasks, channels, c_in, k, k, generator=gen, dtype=dtype)
+    if channels_last:
+        weight = cpu_masked.channels_last_weight(weight)
+    compact = ext.compact_weight_rows(weight, comp.slot, comp.width)
+    assert torch.equal(compact, cpu_masked._compact_rows(weight, comp))
+    grad = cpu_masked.channels_last_weight(torch.randn(tasks, comp.width, c_in, k, k, generator=gen, dtype=dtype))
+    full = ext.expand_weight_grad(grad, comp.slot, True)  # NaN-poisoned first
+    assert full.permute(0, 1, 3, 4, 2).is_contiguous()  # channels-last weight strides
+    assert torch.equal(full, cpu_masked._expand_rows(grad, comp, weight.shape))
+
+
+def test_conv_launcher_bad_arguments():
+    x, w = torch.randn(1, 2, 16, 5, 5), torch.randn(1, 8, 16, 3, 3)
+    forward = lambda m, b=None, w=w: ext.masked_conv2d_forward(x, w, m, b, [1, 1], [1, 1], [1, 1], 1, True, False)  # noqa: E731
+    with pytest.raises(RuntimeError, match="mask: expected shape \\[1, 8\\], got \\[8\\]"):
+        forward(torch.ones(8))
+    with pytest.raises(RuntimeError, match="bias: expected shape \\[1, 8\\], got \\[8\\]"):
+        forward(torch.ones(1, 8), torch.ones(8))
+    with pytest.raises(RuntimeError, match="weight: expected dtype Float, got Double"):
+        forward(torch.ones(1, 8), w=w.double())
+    with pytest.raises(RuntimeError, match="expected input \\[T, N, C_in, H, W\\] and weight"):
+        forward(torch.ones(1, 8), w=w[0])
+    slot = torch.tensor([[0, -1, 1]])
+    with pytest.raises(RuntimeError, match="slot: entries must lie in \\[-1, 1\\)"):
+        ext.compact_weight_rows(torch.randn(1, 3, 2, 3, 3), slot, 1)
+    with pytest.raises(RuntimeError, match="grad: expected a \\[T, width, C_in, kH, kW\\] tensor with channels-last"):
+        ext.expand_weight_grad(torch.randn(1, 2, 2, 3, 3), slot, False)
