@@ -66,25 +66,11 @@ void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_wei
 
 // ---- masked layers: fused epilogue / prologue around the ATen dense core -------------------
 
-using neuronml_fast::cpu::CompactLayout;
-
 void check_full(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   check_cpu_float(t, name);
   TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
-}
-
-// Compact tensor viewed as [T, N, J, S] with s contiguous: returns the layout and checks bounds.
-CompactLayout compact_layout(const at::Tensor& compact, const char* name, int64_t T, int64_t N, int64_t C,
-                             int64_t S, at::ScalarType dtype) {
-  check_cpu_float(compact, name);
-  TORCH_CHECK(compact.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", compact.scalar_type());
-  TORCH_CHECK(compact.dim() == 4 && compact.size(0) == T && compact.size(1) == N && compact.size(3) == S, name,
-              ": expected a [T, N, slots, S] view with T=", T, " N=", N, " S=", S, ", got ", compact.sizes());
-  TORCH_CHECK(S <= 1 || compact.stride(3) == 1, name, ": expected a contiguous last dimension");
-  TORCH_CHECK(compact.size(2) <= C, name, ": more slots (", compact.size(2), ") than channels (", C, ")");
-  return CompactLayout{T, N, C, S, compact.stride(0), compact.stride(1), compact.stride(2)};
 }
 
 void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
@@ -94,49 +80,6 @@ void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
   const int64_t* s = slot.data_ptr<int64_t>();
   for (int64_t i = 0; i < slot.numel(); ++i)  // a raw loop: two ATen reductions cost more than the kernel
     TORCH_CHECK(s[i] >= -1 && s[i] < slots, "slot: entries must lie in [-1, ", slots, "), got ", s[i]);
-}
-
-// y: compact [T, N, J, S]; out, pre: full [T, N, C, S]; mask, bias: [T, C].
-void masked_forward_epilogue(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& mask,
-                             const c10::optional<at::Tensor>& bias, at::Tensor& out, at::Tensor& pre) {
-  TORCH_CHECK(out.dim() == 4, "out: expected a [T, N, C, S] tensor, got ", out.sizes());
-  const int64_t T = out.size(0), N = out.size(1), C = out.size(2), S = out.size(3);
-  const auto dtype = out.scalar_type();
-  check_full(out, "out", out.sizes(), dtype);
-  check_full(pre, "pre", out.sizes(), dtype);
-  check_full(mask, "mask", {T, C}, dtype);
-  if (bias) check_full(*bias, "bias", {T, C}, dtype);
-  const CompactLayout L = compact_layout(y, "y", T, N, C, S, dtype);
-  check_slots(slot, T, C, y.size(2));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue", [&] {
-    neuronml_fast::cpu::masked_forward_epilogue<scalar_t>(
-        L, y.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
-        bias ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>());
-  });
-}
-
-// grad_out, grad_pre, pre: full [T, N, C, S]; gy: compact [T, N, J, S] (pre-zeroed where no slot);
-// grad_bias, grad_mask: [T, C].
-void masked_backward_prologue(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
-                              const c10::optional<at::Tensor>& pre, const at::Tensor& slot, const at::Tensor& mask,
-                              at::Tensor& gy, at::Tensor& grad_bias, at::Tensor& grad_mask) {
-  TORCH_CHECK(grad_out.dim() == 4, "grad_out: expected a [T, N, C, S] tensor, got ", grad_out.sizes());
-  const int64_t T = grad_out.size(0), N = grad_out.size(1), C = grad_out.size(2), S = grad_out.size(3);
-  const auto dtype = grad_out.scalar_type();
-  check_full(grad_out, "grad_out", grad_out.sizes(), dtype);
-  if (grad_pre) check_full(*grad_pre, "grad_pre", grad_out.sizes(), dtype);
-  if (pre) check_full(*pre, "pre", grad_out.sizes(), dtype);
-  check_full(mask, "mask", {T, C}, dtype);
-  check_full(grad_bias, "grad_bias", {T, C}, dtype);
-  check_full(grad_mask, "grad_mask", {T, C}, dtype);
-  const CompactLayout L = compact_layout(gy, "gy", T, N, C, S, dtype);
-  check_slots(slot, T, C, gy.size(2));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_backward_prologue", [&] {
-    neuronml_fast::cpu::masked_backward_prologue<scalar_t>(
-        L, grad_out.data_ptr<scalar_t>(), grad_pre ? grad_pre->data_ptr<scalar_t>() : nullptr,
-        pre ? pre->data_ptr<scalar_t>() : nullptr, slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
-        gy.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), grad_mask.data_ptr<scalar_t>());
-  });
 }
 
 // Channels-last variants: full tensors are [T, N, S, C] views with contiguous channels and
@@ -684,12 +627,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
-  m.def("masked_forward_epilogue", &masked_forward_epilogue, "mask * (y + bias) scattered into [T, N, C, S]",
-        py::arg("y"), py::arg("slot"), py::arg("mask"), py::arg("bias"), py::arg("out"), py::arg("pre"));
-  m.def("masked_backward_prologue", &masked_backward_prologue,
-        "compact grad_out * mask + grad_pre, with grad_bias and grad_mask reductions", py::arg("grad_out"),
-        py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"), py::arg("grad_bias"),
-        py::arg("grad_mask"));
   m.def("plastic_forward_out", &plastic_forward_out, "fused plastic layer forward (SPEC 4)");
   m.def("plastic_backward_out", &plastic_backward_out, "plastic layer backward with trace reconstruction (SPEC 4)");
   m.def("masked_forward_epilogue_cl", &masked_forward_epilogue_cl, "channels-last masked_forward_epilogue",

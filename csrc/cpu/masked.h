@@ -3,27 +3,21 @@
 // by ATen/oneDNN on compacted weights; these loops fuse everything around it in one pass:
 //
 //   forward epilogue : pre = y + bias, out = mask * pre, scattered from the compact result y
-//                      into [T, N, C, S] and zeros written for pruned neurons
+//                      into the full layout, zeros written for pruned neurons
 //   backward prologue: gy = grad_out * mask + grad_pre gathered into the compact layout,
 //                      grad_bias = sum gy, grad_mask = sum grad_out * pre (the sensitivity source)
 //
-// Layouts. Full tensors are contiguous [T, N, C, S] (S = spatial size, 1 for linear layers).
-// The compact tensor holds slot j of task t, sample n, at  y + t*y_st + n*y_sn + j*y_sj + s
-// (s contiguous). slot[t*C + c] is the compact slot of channel c of task t, or -1 if pruned.
+// Layouts, channels last (convolutions run in NHWC on the CPU; a linear layer's sample is a
+// one-pixel image): a full tensor holds (t, n, s, c) at full + t*full_t + n*full_n + s*full_s + c,
+// the compact one (t, n, s, j) at y + t*stride_t + n*stride_n + s*stride_s + j: channels and
+// slots are contiguous. slot[t*C + c] is the compact slot of channel c of task t, or -1 if
+// pruned. float32 with C % 8 == 0 moves 8 channels per permute (AVX2); other cases go channel
+// by channel.
 #pragma once
 #include <cstdint>
 
 namespace neuronml_fast::cpu {
 
-struct CompactLayout {
-  int64_t T, N, C, S;           // full sizes
-  int64_t stride_t, stride_n, stride_j;  // compact strides (elements)
-};
-
-// Channels-last variants (convolutions run in NHWC on the CPU): a full tensor holds (t, n, s, c)
-// at full + t*full_t + n*full_n + s*full_s + c, the compact one (t, n, s, j) at
-// y + t*stride_t + n*stride_n + s*stride_s + j: channels and slots are contiguous. float32 with
-// C % 8 == 0 moves 8 channels per permute (AVX2); other cases go channel by channel.
 struct ChannelsLastLayout {
   int64_t T, N, C, S;
   int64_t stride_t, stride_n, stride_s;  // compact strides (elements)
@@ -61,13 +55,5 @@ void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const i
 template <typename T>
 void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
                                  const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
-
-template <typename T>
-void masked_forward_epilogue(const CompactLayout& L, const T* y, const int64_t* slot, const T* mask,
-                             const T* bias, T* out, T* pre);
-
-template <typename T>
-void masked_backward_prologue(const CompactLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
-                              const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
 
 }  // namespace neuronml_fast::cpu

@@ -73,24 +73,28 @@ def _expand_rows(compact, comp, full_shape):
 
 
 def _epilogue(y_compact, comp, mask, bias, out_shape, dtype):
-    T, N, C = out_shape[:3]
+    """Linear layers: y_compact [T, N, A] -> (out, pre) [T, N, C]: each sample is a one-pixel
+    image for the channels-last epilogue (contiguous channels, 8 per AVX2 permute)."""
     out = _alloc.empty(out_shape, dtype=dtype, device="cpu")
     pre = _alloc.empty(out_shape, dtype=dtype, device="cpu")
     if out.numel():
-        _extensions.cpu().masked_forward_epilogue(
-            y_compact, comp.slot, mask.contiguous(), None if bias is None else bias.contiguous(),
-            out.view(T, N, C, -1), pre.view(T, N, C, -1))
+        _extensions.cpu().masked_forward_epilogue_cl(
+            y_compact.unsqueeze(2), comp.slot, mask.contiguous(), None if bias is None else bias.contiguous(),
+            out.unsqueeze(2), pre.unsqueeze(2))
     return out, pre
 
 
 def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
-    T, N, C = grad_out.shape[:3]
-    S = math.prod(grad_out.shape[3:])
+    """Linear layers: the channels-last prologue over one-pixel images; gy_compact [T, N, A]."""
+    T, N, C = grad_out.shape
+    if grad_out.numel() == 0:  # no samples (or no channels): nothing to sum
+        zeros = _alloc.zeros((T, C), dtype=grad_out.dtype, device="cpu")
+        return zeros, zeros.clone()
     grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
-    flat = lambda t: None if t is None else t.contiguous().view(T, N, C, S)  # noqa: E731
-    _extensions.cpu().masked_backward_prologue(
-        flat(grad_out), flat(grad_pre), flat(pre), comp.slot, mask.contiguous(), gy_compact,
+    pixels = lambda t: None if t is None else t.contiguous().unsqueeze(2)  # noqa: E731
+    _extensions.cpu().masked_backward_prologue_cl(
+        pixels(grad_out), pixels(grad_pre), pixels(pre), comp.slot, mask.contiguous(), gy_compact.unsqueeze(2),
         grad_bias, grad_mask)
     return grad_bias, grad_mask
 
@@ -319,7 +323,7 @@ def linear_forward(x, weight, mask, bias, skip_zero):
     comp = compaction(mask, skip_zero, allow=True)
     w = _compact_rows(weight, comp)
     y = torch.bmm(x, w.transpose(1, 2))  # [T, N, A]
-    return _epilogue(y.unsqueeze(-1), comp, mask, bias, (T, N, C), x.dtype)
+    return _epilogue(y, comp, mask, bias, (T, N, C), x.dtype)
 
 
 def linear_backward(grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad):
@@ -327,7 +331,7 @@ def linear_backward(grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_in
     comp = compaction(mask, skip_zero, allow=True)
     A = comp.width
     gy = _new_compact(comp, (T, N, A), grad_out.dtype)
-    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy.unsqueeze(-1))
+    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy)
     grad_input = grad_weight = x.new_empty((0,))
     w = _compact_rows(weight, comp)
     if need_input_grad:
