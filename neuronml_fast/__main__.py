@@ -86,10 +86,15 @@ def _cpu_kernel_notes():
     if cpu is None:
         return ["(not built)"]
     own = "own AVX2 kernels" if cpu.conv_grad_available() else "oneDNN (this build has no AVX2/FMA kernels)"
+    avx2 = cpu.conv_grad_available()  # the same build flags decide the vector paths below
+    loops = "8 channels per AVX2 permute for float32 with C % 8 == 0, else per channel" if avx2 else "per channel"
     return ["masked_conv2d forward: oneDNN (NHWC) on the active neurons",
             f"masked_conv2d input and weight gradients: {own} for float32 with C_in % 16 == 0 and groups == 1, "
             "else oneDNN",
             "masked_linear: ATen bmm on the active neurons",
+            f"masked layers' fused epilogue (bias, mask, scatter) and prologue (gather, bias/mask gradients): {loops}",
+            "a caller's NCHW conv input: copied into grouped NHWC by "
+            + ("8 x 8 AVX2 register transposes (float32)" if avx2 else "scalar loops"),
             "large CPU outputs: the package's buffer pool (neuronml_fast.cpu.pool_stats)"]
 
 
