@@ -17,7 +17,6 @@ normalization (a mask before BatchNorm would be normalized away), so pruned neur
 zeros through conv -> BN -> ReLU and the mask's gradient is the straight-through one.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
