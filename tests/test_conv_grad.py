@@ -213,3 +213,18 @@ def test_input_grad_bad_arguments():
         ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 2, 16, 5, 5), [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match=r"expected \[N, H, W, T\*C_in\] or \[T, N, C_in, H, W\]"):
         ext.conv2d_input_grad_out(gy, weight, torch.empty(2, 5, 80), [1, 1], [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_input_grad_shared_weight_matches_per_task_copies(channels_first):
+    # MAML's inner step runs every task with the same meta-weights: an expanded weight (task
+    # stride 0) is read in place, and must give what per-task copies give.
+    gen = torch.Generator().manual_seed(3)
+    tasks, a, c = 3, 5, 16
+    shared = torch.randn(1, a, 3, 3, c, generator=gen).expand(tasks, a, 3, 3, c)
+    gy = torch.randn(2, 6, 7, tasks * a, generator=gen)
+    got = _input_grad(gy, shared, tasks, 2, c, 6, 7, [1, 1], [1, 1], [1, 1], channels_first)
+    want = _input_grad(gy, shared.contiguous(), tasks, 2, c, 6, 7, [1, 1], [1, 1], [1, 1], channels_first)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got.double(), _input_oracle(gy, shared, tasks, (6, 7), [1, 1], [1, 1], [1, 1]),
+                               atol=1e-4, rtol=1e-4)

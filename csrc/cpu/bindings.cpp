@@ -298,11 +298,14 @@ void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tenso
                                               x.data_ptr<float>(), grad_weight.data_ptr<float>());
 }
 
-// gy [N, H_out, W_out, T*A], weight [T, A, kH, kW, C], grad_input (overwritten) either
-// [N, H, W, T*C] (grouped NHWC storage) or [T, N, C, H, W] (NCHW per task): contiguous float32.
+// gy [N, H_out, W_out, T*A], weight [T, A, kH, kW, C] (contiguous, or one task's contiguous
+// weight expanded over the tasks: stride 0), grad_input (overwritten) either [N, H, W, T*C]
+// (grouped NHWC storage) or [T, N, C, H, W] (NCHW per task): contiguous float32.
 void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::Tensor& grad_input,
                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation) {
-  check_conv_grad_tensors({{&gy, "grad_out"}, {&weight, "weight"}, {&grad_input, "grad_input (out)"}});
+  const bool shared = weight.dim() == 5 && weight.size(0) > 1 && weight.stride(0) == 0;
+  const at::Tensor task_weight = shared ? weight[0] : weight;
+  check_conv_grad_tensors({{&gy, "grad_out"}, {&task_weight, "weight"}, {&grad_input, "grad_input (out)"}});
   TORCH_CHECK(grad_input.dim() == 4 || grad_input.dim() == 5,
               "grad_input (out): expected [N, H, W, T*C_in] or [T, N, C_in, H, W], got ", grad_input.sizes());
   const bool channels_first = grad_input.dim() == 5;
@@ -319,8 +322,8 @@ void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::T
   const neuronml_fast::cpu::InputGradLayout layout =
       channels_first ? neuronml_fast::cpu::InputGradLayout{s.N * s.C * s.H * s.W, s.C * s.H * s.W, s.W, 1, s.H * s.W}
                      : neuronml_fast::cpu::InputGradLayout{s.C, s.H * s.W * T * s.C, s.W * T * s.C, T * s.C, 1};
-  neuronml_fast::cpu::conv2d_input_grad(s, T, s.A, layout, gy.data_ptr<float>(), weight.data_ptr<float>(),
-                                        grad_input.data_ptr<float>());
+  neuronml_fast::cpu::conv2d_input_grad(s, T, s.A, shared ? 0 : s.A * s.KH * s.KW * s.C, layout, gy.data_ptr<float>(),
+                                        task_weight.data_ptr<float>(), grad_input.data_ptr<float>());
 }
 
 // ---- layouts -------------------------------------------------------------------------------
@@ -592,8 +595,10 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
     y = at::zeros({T, N, S, 0}, x.options());
   } else {
     const at::Tensor w = plan.compacted ? compact_weight_rows(weight, slot, A) : weight;
+    // [T*A, C_in/g, kH, kW] channels-last: a view of channels-last weights, else one copy (an
+    // expanded weight, MAML's meta-parameters for every task, included).
     const at::Tensor grouped_w =
-        w.reshape({T * A, w.size(2), w.size(3), w.size(4)}).contiguous(at::MemoryFormat::ChannelsLast);
+        w.permute({0, 1, 3, 4, 2}).reshape({T * A, w.size(3), w.size(4), w.size(2)}).contiguous().permute({0, 3, 1, 2});
     // The tasks become conv groups: [N, T*C_in, H, W] channels-last over grouped-NHWC storage.
     const at::Tensor storage = x.permute({1, 3, 4, 0, 2}).contiguous();
     const at::Tensor grouped_x =

@@ -324,9 +324,9 @@ void conv2d_weight_grad_nhwc(const ConvGradShape& s, int64_t tasks, int64_t gy_t
   }
 }
 
-void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, const InputGradLayout& gx_layout,
-                       const float* gy, const float* w, float* gx) {
-  const int64_t rows = s.N * s.H, weights = s.A * s.KH * s.KW * s.C;
+void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t w_task,
+                       const InputGradLayout& gx_layout, const float* gy, const float* w, float* gx) {
+  const int64_t rows = s.N * s.H;
   const int64_t work = rows * tasks * s.W * s.C * std::max<int64_t>(1, s.A * s.KH * s.KW);
   const bool channels_last = gx_layout.channel == 1;
   // Every (image, input row, task) row of gx is written by one thread: no partial sums.
@@ -345,10 +345,10 @@ void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, c
       float* sum = channels_last ? row : scratch.data();
       const int64_t pixel = channels_last ? gx_layout.pixel : s.C;
       if (unit_stride)
-        input_grad_row_unit_stride(s, gy + t * gy_task, w + t * weights, n, ih, staged.data(), kh_of.data(), sum,
+        input_grad_row_unit_stride(s, gy + t * gy_task, w + t * w_task, n, ih, staged.data(), kh_of.data(), sum,
                                    pixel);
       else
-        input_grad_row(s, gy + t * gy_task, w + t * weights, n, ih, sum, pixel);
+        input_grad_row(s, gy + t * gy_task, w + t * w_task, n, ih, sum, pixel);
       if (!channels_last) store_channels_first(scratch.data(), s.C, s.W, row, gx_layout.channel);
     }
   }
@@ -359,8 +359,8 @@ void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, c
 bool conv2d_grad_available() { return false; }
 
 void conv2d_weight_grad_nhwc(const ConvGradShape&, int64_t, int64_t, int64_t, const float*, const float*, float*) {}
-void conv2d_input_grad(const ConvGradShape&, int64_t, int64_t, const InputGradLayout&, const float*, const float*,
-                       float*) {}
+void conv2d_input_grad(const ConvGradShape&, int64_t, int64_t, int64_t, const InputGradLayout&, const float*,
+                       const float*, float*) {}
 
 #endif
 

@@ -56,9 +56,10 @@ struct InputGradLayout {
   int64_t task, image, row, pixel, channel;
 };
 
-// `tasks` independent convolutions: task t reads gy + t*gy_task and w + t*A*kH*kW*C and writes its
-// part of gx (overwritten) in the given layout. Requires gx_layout.channel == 1 or pixel == 1.
-void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, const InputGradLayout& gx_layout,
-                       const float* gy, const float* w, float* gx);
+// `tasks` independent convolutions: task t reads gy + t*gy_task and w + t*w_task (w_task = 0: one
+// weight shared by every task, as MAML's meta-parameters are) and writes its part of gx
+// (overwritten) in the given layout. Requires gx_layout.channel == 1 or pixel == 1.
+void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, int64_t w_task,
+                       const InputGradLayout& gx_layout, const float* gy, const float* w, float* gx);
 
 }  // namespace neuronml_fast::cpu

@@ -168,8 +168,10 @@ def _grouped_input(x):
 
 
 def _grouped_weight(w):
-    T, A = w.shape[:2]
-    return w.reshape(T * A, *w.shape[2:]).contiguous(memory_format=torch.channels_last)
+    """[T, A, C_in, kH, kW] -> [T*A, C_in, kH, kW] channels-last: a view when w is stored so, else one
+    copy (reshape, then contiguous, would copy an expanded weight twice)."""
+    T, A, C_in, KH, KW = w.shape
+    return w.permute(0, 1, 3, 4, 2).reshape(T * A, KH, KW, C_in).contiguous().permute(0, 3, 1, 2)
 
 
 def channels_last_weight(w):
@@ -267,7 +269,10 @@ def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
     ``w [T, A, C_in, kH, kW]``."""
     T, N, C, H, W = x_shape
     A, KH, KW = w.shape[1], w.shape[3], w.shape[4]
-    w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last storage
+    if T > 1 and w.stride(0) == 0:  # one weight for every task (MAML's inner step): no per-task copies
+        w_rows = _grouped_weight(w[:1]).permute(0, 2, 3, 1).expand(T, A, KH, KW, C)
+    else:
+        w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last
     out = _alloc.empty(x_shape if contiguous else (N, H, W, T * C), dtype=gy.dtype, device=gy.device)
     _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
     return out if contiguous else out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
