@@ -5,7 +5,10 @@ Design: compute only the active neurons. The weights of active neurons are compa
 ATen/oneDNN on the compact weights, and the C++ kernels in ``csrc/cpu/masked.cpp`` fuse
 everything around it in one pass over memory: bias, mask, the scatter back into the full
 layout with zeros for pruned neurons (forward), and the gathered ``grad_out * mask``, the bias
-gradient and the mask gradient (the sensitivity source) in the backward.
+gradient and the mask gradient (the sensitivity source) in the backward. The conv forward's
+launcher is C++ as well (``masked_conv2d_forward`` in csrc/cpu/bindings.cpp: it runs once per
+layer and step, where Python glue cost a tenth of a small layer); the backward and the linear
+layers are launched from here.
 
 Tasks: a task-batched call is one grouped convolution (``groups = T``) or one ``bmm``.
 Grouped convolutions (``groups > 1``) are not compacted, as compaction would break the group
