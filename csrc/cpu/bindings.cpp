@@ -200,16 +200,23 @@ void batch_norm_rows_double_backward_out(const c10::optional<at::Tensor>& u, con
 // ---- masked layers: compaction of the active neurons ----------------------------------------
 
 // mask [T, C] -> (slot [T, C] int64, width, compacted, complete): see plan_compaction.
+// The plan of a contiguous [T, C] mask; fills `slot` ([T, C] int64, allocated here).
+neuronml_fast::cpu::CompactionPlan compaction_plan(const at::Tensor& mask, bool skip_zero, bool allow,
+                                                   at::Tensor& slot) {
+  slot = at::empty(mask.sizes(), mask.options().dtype(at::kLong));
+  neuronml_fast::cpu::CompactionPlan plan{};
+  AT_DISPATCH_FLOATING_TYPES(mask.scalar_type(), "masked_compaction_cpu", [&] {
+    plan = neuronml_fast::cpu::plan_compaction<scalar_t>(mask.data_ptr<scalar_t>(), mask.size(0), mask.size(1),
+                                                         skip_zero, allow, slot.data_ptr<int64_t>());
+  });
+  return plan;
+}
+
 py::tuple masked_compaction(const at::Tensor& mask, bool skip_zero, bool allow) {
   check_cpu_float(mask, "mask");
   TORCH_CHECK(mask.dim() == 2, "mask: expected [T, C], got shape ", mask.sizes());
-  const at::Tensor m = mask.contiguous();
-  at::Tensor slot = at::empty(m.sizes(), m.options().dtype(at::kLong));
-  neuronml_fast::cpu::CompactionPlan plan{};
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "masked_compaction_cpu", [&] {
-    plan = neuronml_fast::cpu::plan_compaction<scalar_t>(m.data_ptr<scalar_t>(), m.size(0), m.size(1), skip_zero,
-                                                         allow, slot.data_ptr<int64_t>());
-  });
+  at::Tensor slot;
+  const neuronml_fast::cpu::CompactionPlan plan = compaction_plan(mask.contiguous(), skip_zero, allow, slot);
   return py::make_tuple(slot, plan.width, plan.compacted, plan.complete);
 }
 
@@ -583,12 +590,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   at::Tensor out = grouped_nhwc_empty(T, N, C, H_out, W_out, dtype, poison);
   at::Tensor pre = grouped_nhwc_empty(T, N, C, H_out, W_out, dtype, poison);
   if (out.numel() == 0) return {out, pre};
-  at::Tensor slot = at::empty({T, C}, m.options().dtype(at::kLong));
-  neuronml_fast::cpu::CompactionPlan plan{};
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "masked_compaction_cpu", [&] {
-    plan = neuronml_fast::cpu::plan_compaction<scalar_t>(m.data_ptr<scalar_t>(), T, C, skip_zero, groups == 1,
-                                                         slot.data_ptr<int64_t>());
-  });
+  at::Tensor slot;
+  const neuronml_fast::cpu::CompactionPlan plan = compaction_plan(m, skip_zero, groups == 1, slot);
   const int64_t A = plan.width, S = H_out * W_out;
   at::Tensor y;  // [T, N, S, A] view, slots contiguous
   if (A == 0) {
@@ -608,13 +611,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
     y = conv.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).view({N, S, T, A}).permute({2, 0, 1, 3});
   }
   const auto rows = [&](const at::Tensor& t) { return t.permute({0, 1, 3, 4, 2}).flatten(2, 3); };
-  const at::Tensor out_rows = rows(out), pre_rows = rows(pre);
-  const ChannelsLastLayout L = channels_last_layout(out_rows, y, "y", dtype);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue_cl", [&] {
-    neuronml_fast::cpu::masked_forward_epilogue_cl<scalar_t>(
-        L, y.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), m.data_ptr<scalar_t>(),
-        b ? b->data_ptr<scalar_t>() : nullptr, out_rows.data_ptr<scalar_t>(), pre_rows.data_ptr<scalar_t>());
-  });
+  at::Tensor out_rows = rows(out), pre_rows = rows(pre);
+  masked_forward_epilogue_cl(y, slot, m, b, out_rows, pre_rows);
   return {out, pre};
 }
 

@@ -89,9 +89,6 @@ void valid_range(int64_t size, int64_t out_size, int64_t stride, int64_t offset,
   *hi = last_in < 0 ? 0 : std::min(out_size, last_in / stride + 1);
 }
 
-// Images [n0, n1) of one task, summed into acc [A, KH, KW, C]. Per image and tap the valid output
-// positions form a rectangle; every (16 input channels, 6 output channels) tile sweeps it with its
-// accumulators in registers, the image's data staying in L1/L2 across the tiles.
 void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t n0, int64_t n1, float* acc);
 
 // Task-batched storage puts the tasks of a pixel side by side, so one task's consecutive pixels
@@ -116,6 +113,9 @@ void accumulate_staged(const ConvGradShape& s, const float* gy, const float* x, 
   }
 }
 
+// Images [n0, n1) of one task, summed into acc [A, KH, KW, C]. Per image and tap the valid output
+// positions form a rectangle; every (16 input channels, 5-6 output channels) tile sweeps it with
+// its accumulators in registers, the image's data staying in L1/L2 across the tiles.
 void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t n0, int64_t n1, float* acc) {
   if (s.x_pixel != s.C || s.gy_pixel != s.A) return accumulate_staged(s, gy, x, n0, n1, acc);
   const int64_t per_channel = s.KH * s.KW * s.C;  // acc stride between output channels
@@ -296,23 +296,23 @@ void input_grad_row_unit_stride(const ConvGradShape& s, const float* gy, const f
 // overlapping the previous one (the overlap is written twice with the same values; Zen 2's masked
 // stores are slow); rows narrower than 8 use masked stores, their src padded to 8 positions.
 void store_channels_first(const float* src, int64_t C, int64_t W, float* dst, int64_t channel_stride) {
-  auto block = [&](int64_t w0, bool masked) {
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W - w0)),
+  const auto block = [&](int64_t w0) {
+    for (int64_t c0 = 0; c0 < C; c0 += 8) transpose_block8(src + w0 * C + c0, C, dst + c0 * channel_stride + w0,
+                                                           channel_stride);
+  };
+  if (W < 8) {
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     for (int64_t c0 = 0; c0 < C; c0 += 8) {
       __m256 r[8];
-      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (w0 + k) * C + c0);
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * C + c0);
       transpose8x8(r);
-      for (int k = 0; k < 8; ++k) {
-        float* out = dst + (c0 + k) * channel_stride + w0;
-        if (masked) _mm256_maskstore_ps(out, keep, r[k]);
-        else _mm256_storeu_ps(out, r[k]);
-      }
+      for (int k = 0; k < 8; ++k) _mm256_maskstore_ps(dst + (c0 + k) * channel_stride, keep, r[k]);
     }
-  };
-  if (W < 8) return block(0, true);
-  for (int64_t w0 = 0; w0 + 8 <= W; w0 += 8) block(w0, false);
-  if (W % 8 != 0) block(W - 8, false);
+    return;
+  }
+  for (int64_t w0 = 0; w0 + 8 <= W; w0 += 8) block(w0);
+  if (W % 8 != 0) block(W - 8);
 }
 
 }  // namespace

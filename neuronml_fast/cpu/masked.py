@@ -56,13 +56,11 @@ def _as_rows(weight):
 
 
 def _compact_rows(weight, comp):
-    """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task."""
+    """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task, in weight's
+    storage order (csrc/cpu/bindings.cpp `compact_weight_rows`)."""
     if not comp.compacted:
         return weight
-    rows, shaped = _as_rows(weight)
-    compact = _alloc.empty((rows.shape[0], comp.width, rows.shape[2]), dtype=weight.dtype, device=weight.device)
-    _extensions.cpu().gather_rows_out(rows, comp.slot, compact)
-    return shaped(compact)
+    return _extensions.cpu().compact_weight_rows(weight, comp.slot, comp.width)
 
 
 def _expand_rows(compact, comp, full_shape):
@@ -222,7 +220,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
         if need_weight_grad:
             grad_weight = channels_last_weight(torch.zeros_like(weight))
         return grad_input, grad_weight, grad_bias, grad_mask
-    w = _extensions.cpu().compact_weight_rows(weight, comp.slot, A) if comp.compacted else weight
+    w = _compact_rows(weight, comp)
     own = _own_conv_grads(x, groups)
     gx = gw = None
     if (need_input_grad or need_weight_grad) and not own:
