@@ -21,9 +21,9 @@ endif
 
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.package-built
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.py csrc/*/*/*.h)
 
-.PHONY: setup test bench env clean
+.PHONY: setup test bench env clean gpu-check
 
 setup: $(BUILD_STAMP)
 
@@ -49,6 +49,11 @@ test: setup
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)
+
+# On a GPU box with torch, triton and nvcc preinstalled (no venv, no network): build (editable),
+# run the GPU tests, the self-check, compute-sanitizer and a short bench; logs under OUT.
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf build *.egg-info neuronml_fast/*.so $(BUILD_STAMP)

@@ -5,6 +5,8 @@ Two compiled extensions, both optional at install time but never silently broken
 * ``neuronml_fast._C_cpu``  - C++ CPU kernels (OpenMP).  Built whenever a C++ compiler exists.
 * ``neuronml_fast._C_cuda`` - CUDA C++ kernels.  Built whenever nvcc and a CUDA build of torch
   exist, with no GPU needed (default arch list sm_80 + sm_90 when no GPU is visible).
+* ``neuronml_fast._C_cuda_emulated`` - the same CUDA C++ kernels compiled as C++ against the
+  CUDA emulation in csrc/emu; ``NEURONML_FAST_CUDA_EMULATE=1`` runs them on CPU tensors (tests).
 
 Kernel sources (``csrc/*/*.cpp`` without ``bindings``, ``csrc/cuda/*.cu``) take raw pointers and
 sizes and never include torch headers, so they compile in seconds; only the two ``bindings.cpp``
@@ -13,6 +15,7 @@ files include ``torch/extension.h``.
 Environment switches:
   NEURONML_FAST_CPU_EXT=0|1    skip / require the CPU extension (default: build if a compiler exists)
   NEURONML_FAST_CUDA_EXT=0|1   skip / require the CUDA extension (default: build if nvcc + CUDA torch)
+  NEURONML_FAST_CUDA_EMULATED_EXT=0|1  skip / require the emulated CUDA extension (default: build)
   TORCH_CUDA_ARCH_LIST         GPU archs (default "8.0;9.0" when no GPU is visible)
   NEURONML_FAST_MARCH          -march for the CPU kernels (default "native")
   MAX_JOBS                     parallel compile jobs (ninja)
@@ -64,6 +67,35 @@ def _find_cuda_home():
     return None
 
 
+EMULATED_SOURCES = os.path.join("build", "cuda_emulated")
+
+
+def _emulated_cuda_extension(cpp_extension):
+    """The CUDA kernels compiled as C++ against the emulation in csrc/emu: with
+    NEURONML_FAST_CUDA_EMULATE=1 the ``cuda`` backend runs them on CPU tensors (for testing)."""
+    sys.path.insert(0, os.path.join(ROOT, "csrc", "emu"))
+    from translate import translate_file
+
+    sources = []
+    for cu in _sources("cuda", "*.cu") + _sources("emu", "*.cu"):  # the kernels and the emulator's own
+        translated = os.path.join(EMULATED_SOURCES, os.path.basename(cu)[: -len(".cu")] + ".cpp")
+        translate_file(os.path.join(ROOT, cu), os.path.join(ROOT, translated))
+        sources.append(translated)
+    bindings = os.path.join(EMULATED_SOURCES, "bindings.cpp")
+    text = '// The CUDA bindings, built against the emulation (setup.py writes this file).\n#include "cuda/bindings.cpp"\n'
+    if not os.path.exists(os.path.join(ROOT, bindings)) or open(os.path.join(ROOT, bindings)).read() != text:
+        with open(os.path.join(ROOT, bindings), "w") as f:
+            f.write(text)
+    return cpp_extension.CppExtension(
+        "neuronml_fast._C_cuda_emulated",
+        sources=sources + [bindings] + _sources("emu", "*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc", "emu", "include"), os.path.join(ROOT, "csrc")],
+        define_macros=[("NEURONML_FAST_CUDA_EMULATION", None)],
+        # The kernels' `#pragma unroll` and unsigned thread indices are CUDA idiom, not defects here.
+        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-Wno-sign-compare"]},
+    )
+
+
 def _extensions():
     try:
         import torch
@@ -74,8 +106,9 @@ def _extensions():
         return [], {}
 
     want_cpu, want_cuda = _switch("NEURONML_FAST_CPU_EXT"), _switch("NEURONML_FAST_CUDA_EXT")
+    want_emulated = _switch("NEURONML_FAST_CUDA_EMULATED_EXT")
     if not _has_cxx_compiler():
-        if want_cpu or want_cuda:
+        if want_cpu or want_cuda or want_emulated:
             raise SystemExit("neuronml_fast setup: a compiled extension was required but no C++ compiler was found")
         _note("no C++ compiler found: installing without compiled extensions "
               "(the reference and Triton backends still work; `python -m neuronml_fast` shows this).")
@@ -96,6 +129,11 @@ def _extensions():
         ))
     else:
         _note("NEURONML_FAST_CPU_EXT=0: skipping the C++ CPU extension")
+
+    if want_emulated is not False:
+        extensions.append(_emulated_cuda_extension(cpp_extension))
+    else:
+        _note("NEURONML_FAST_CUDA_EMULATED_EXT=0: skipping the emulated CUDA extension")
 
     cuda_home = _find_cuda_home()
     if want_cuda is False:

@@ -6,6 +6,11 @@ for a backend that cannot run.
 """
 
 import importlib
+import os
+
+EMULATE_ENV = "NEURONML_FAST_CUDA_EMULATE"
+EMULATE_ORDER_ENV = "NEURONML_FAST_CUDA_EMULATE_ORDER"
+EMULATE_SEED_ENV = "NEURONML_FAST_CUDA_EMULATE_SEED"
 
 _modules = {}
 _errors = {}
@@ -31,5 +36,27 @@ def cpu():
     return load("_C_cpu")
 
 
+def cuda_emulated():
+    """Whether the ``cuda`` backend runs the CUDA C++ kernels in the CPU emulation (csrc/emu) on CPU
+    tensors: ``NEURONML_FAST_CUDA_EMULATE=1``, read when the backends are probed, like
+    ``TRITON_INTERPRET=1`` for the Triton kernels. The warp order between barriers is
+    ``NEURONML_FAST_CUDA_EMULATE_ORDER`` (forward, reverse or random, the default) with
+    ``NEURONML_FAST_CUDA_EMULATE_SEED``."""
+    return os.environ.get(EMULATE_ENV, "0") == "1"
+
+
 def cuda():
-    return load("_C_cuda")
+    """The module that runs the ``cuda`` backend's kernels: the CUDA extension, or under
+    `cuda_emulated` the same kernels built against the emulation."""
+    if not cuda_emulated():
+        return load("_C_cuda")
+    fresh = "_C_cuda_emulated" not in _modules
+    module = load("_C_cuda_emulated")
+    if module is not None and fresh:
+        module.configure_emulation(order=os.environ.get(EMULATE_ORDER_ENV, "random"),
+                                   seed=int(os.environ.get(EMULATE_SEED_ENV, "0")))
+    return module
+
+
+def cuda_name():
+    return "_C_cuda_emulated" if cuda_emulated() else "_C_cuda"

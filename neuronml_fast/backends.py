@@ -6,7 +6,9 @@ Backends (SPEC section 1):
 * ``cpu``       - the compiled C++ extension ``neuronml_fast._C_cpu`` (CPU tensors).
 * ``triton``    - the Triton kernels in ``neuronml_fast.kernels`` (CUDA tensors; CPU tensors only
                   under ``TRITON_INTERPRET=1``, which must be set before triton is imported).
-* ``cuda``      - the compiled CUDA C++ extension ``neuronml_fast._C_cuda``.
+* ``cuda``      - the compiled CUDA C++ extension ``neuronml_fast._C_cuda`` (CUDA tensors; CPU
+                  tensors only under ``NEURONML_FAST_CUDA_EMULATE=1``, which runs the same kernels
+                  in the CPU emulation built as ``neuronml_fast._C_cuda_emulated``).
 
 ``auto`` (the default) picks, per call, the first backend in ``AUTO_ORDER`` for the tensors'
 device that is usable here and has a kernel for the op and dtype. Its last resort is
@@ -90,7 +92,16 @@ def _probe_status():
             status["triton"] = Status("triton", "built (no device)", frozenset(),
                                       "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU tensors")
 
-    if torch.version.cuda is None:
+    if _extensions.cuda_emulated():
+        emulated = _extensions.cuda()
+        if emulated is None:
+            status["cuda"] = Status("cuda", f"not built: {_extensions.error('_C_cuda_emulated')}")
+        else:
+            order = emulated.emulation_state()["order"]
+            status["cuda"] = Status("cuda", "available", frozenset({"cpu"}),
+                                    f"emulated ({_extensions.EMULATE_ENV}=1): the CUDA C++ kernels on CPU tensors, "
+                                    f"{order} warp order, slow, for testing")
+    elif torch.version.cuda is None:
         status["cuda"] = Status("cuda", "not built: torch is a CPU-only build")
     elif _extensions.cuda() is None:
         status["cuda"] = Status("cuda", f"not built: {_extensions.error('_C_cuda')}")
@@ -217,7 +228,11 @@ def kernel(op, backend):
         module_name, function = path.split(":")
         if module_name.startswith("neuronml_fast._C_"):
             extension = module_name.rsplit(".", 1)[1]
-            module = _extensions.load(extension)
+            if extension == "_C_cuda":
+                extension = _extensions.cuda_name()
+                module = _extensions.cuda()
+            else:
+                module = _extensions.load(extension)
             if module is None:
                 raise RuntimeError(f"backend {backend!r} is not built: {_extensions.error(extension)}")
         else:

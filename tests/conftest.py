@@ -1,7 +1,8 @@
 """Test set-up shared by every test module.
 
 * Triton kernels run on CPU tensors under the interpreter when no GPU is present; the variable
-  must be set before triton is imported, hence here, before neuronml_fast is imported.
+  must be set before triton is imported, hence here, before neuronml_fast is imported. Likewise
+  the CUDA C++ kernels run in the CPU emulation (NEURONML_FAST_CUDA_EMULATE=1).
 * Every kernel output buffer is allocated NaN-filled, so an element a kernel forgets to write
   fails the comparison against the reference.
 """
@@ -12,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NEURONML_FAST_CUDA_EMULATE", "1")
 os.environ.setdefault("NEURONML_FAST_POISON", "1")
 
 import pytest  # noqa: E402

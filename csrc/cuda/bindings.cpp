@@ -1,16 +1,38 @@
 // Python bindings of the CUDA kernels: tensor checks (TORCH_CHECK), device guard, current
 // stream, raw pointers into the framework-free launchers, and a check of every launch.
 // Outputs are allocated by the caller (Python) so tests can hand in NaN-poisoned buffers.
+//
+// The same file builds the emulated extension (NEURONML_FAST_CUDA_EMULATION, against csrc/emu):
+// there CPU tensors stand in for device memory and the kernels run synchronously in the emulator.
 #include <torch/extension.h>
 
+#ifdef NEURONML_FAST_CUDA_EMULATION
+#include "emu/cuda_emu.h"
+#include "emu/selftest.h"
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "cuda/masked.h"
 #include "cuda/plastic.h"
 #include "cuda/sensitivity.h"
 
 namespace {
+
+#ifdef NEURONML_FAST_CUDA_EMULATION
+constexpr const char* kKernelDevice = "CPU (CUDA emulation)";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct KernelDeviceGuard {
+  explicit KernelDeviceGuard(const c10::Device&) {}
+};
+cudaStream_t current_stream() { return nullptr; }
+#else
+constexpr const char* kKernelDevice = "CUDA";
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using KernelDeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t current_stream() { return current_stream(); }
+#endif
 
 using neuronml_fast::cuda::DType;
 
@@ -27,7 +49,7 @@ DType to_kernel_dtype(at::ScalarType t, const char* name) {
 at::ScalarType accumulation_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, ": expected a tensor on ", ref.device(), ", got ",
+  TORCH_CHECK(on_kernel_device(t) && t.device() == ref.device(), name, ": expected a tensor on ", ref.device(), ", got ",
               t.device());
 }
 
@@ -51,7 +73,7 @@ void check_vector(const at::Tensor& t, const at::Tensor& ref, const char* name, 
 void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& grad_bias,
                             at::Tensor& sensitivity, at::Tensor& taylor) {
-  TORCH_CHECK(weight.is_cuda(), "weight: expected a CUDA tensor, got device ", weight.device());
+  TORCH_CHECK(on_kernel_device(weight), "weight: expected a ", kKernelDevice, " tensor, got device ", weight.device());
   const DType dtype = to_kernel_dtype(weight.scalar_type(), "weight");
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-d [rows, cols] view, got ", weight.sizes());
   const int64_t rows = weight.size(0), cols = weight.size(1);
@@ -69,12 +91,12 @@ void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_wei
   check_vector(taylor, weight, "taylor (out)", rows, acc);
   TORCH_CHECK(sensitivity.is_contiguous() && taylor.is_contiguous(), "outputs must be contiguous");
 
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const KernelDeviceGuard guard(weight.device());
   check_launch(neuronml_fast::cuda::neuron_sensitivity(
                    dtype, weight.data_ptr(), weight.stride(0), grad_weight.data_ptr(), grad_weight.stride(0),
                    bias ? bias->data_ptr() : nullptr, bias ? bias->stride(0) : 0,
                    grad_bias ? grad_bias->data_ptr() : nullptr, grad_bias ? grad_bias->stride(0) : 0, rows, cols,
-                   sensitivity.data_ptr(), taylor.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                   sensitivity.data_ptr(), taylor.data_ptr(), current_stream()),
                "neuron_sensitivity");
 }
 
@@ -97,7 +119,7 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
 // plan tensors order [T*G, COUT_G] and count [T*G] (int32, on the device).
 ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order, const at::Tensor& count,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.is_cuda(), "input: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(on_kernel_device(x), "input: expected a ", kKernelDevice, " tensor, got device ", x.device());
   to_kernel_dtype(x.scalar_type(), "input");
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "input, weight: expected 5-d task-batched tensors, got ", x.sizes(),
               " and ", weight.sizes());
@@ -140,11 +162,11 @@ void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, cons
     check_contiguous_like(*t, x, name);
     check_shape(*t, {s.T, s.N, s.COUT, s.HO, s.WO}, name);
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_forward(
                    to_kernel_dtype(x.scalar_type(), "input"), s, x.data_ptr(), weight.data_ptr(), mask.data_ptr(),
                    bias ? bias->data_ptr() : nullptr, order.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
-                   out.data_ptr(), pre.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                   out.data_ptr(), pre.data_ptr(), current_stream()),
                "masked_conv_forward");
 }
 
@@ -164,12 +186,12 @@ void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<
   check_shape(mask, {s.T, s.COUT}, "mask");
   check_contiguous_like(grad_input, x, "grad_input");
   check_shape(grad_input, x.sizes(), "grad_input");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_input_grad(
                    to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, weight.data_ptr(), mask.data_ptr(),
                    order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), grad_input.data_ptr(),
-                   c10::cuda::getCurrentCUDAStream().stream()),
+                   current_stream()),
                "masked_conv_input_grad");
 }
 
@@ -202,13 +224,13 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
   if (grad_weight_part) check_part(*grad_weight_part, {splits, s.T, s.COUT, s.CIN_G * s.KH * s.KW}, "grad_weight_part");
   check_part(grad_bias_part, {splits, s.T, s.COUT}, "grad_bias_part");
   check_part(grad_mask_part, {splits, s.T, s.COUT}, "grad_mask_part");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_weight_grad(
                    to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, pre ? pre->data_ptr() : nullptr, x.data_ptr(),
                    mask.data_ptr(), order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), splits, pixels_per_split,
                    grad_weight_part ? grad_weight_part->data_ptr() : nullptr, grad_bias_part.data_ptr(),
-                   grad_mask_part.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                   grad_mask_part.data_ptr(), current_stream()),
                "masked_conv_weight_grad");
 }
 
@@ -225,7 +247,8 @@ const void* optional_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& r
 
 PlasticStep plastic_step(const at::Tensor& weight, const at::Tensor& trace, int64_t t, bool recurrent, int64_t rule,
                          bool per_neuron, bool tanh, bool alpha_scalar, bool has_clip, bool has_bias, bool has_drive) {
-  TORCH_CHECK(weight.is_cuda() && weight.dim() == 2, "weight: expected a 2-d CUDA tensor, got ", weight.sizes());
+  TORCH_CHECK(on_kernel_device(weight) && weight.dim() == 2, "weight: expected a 2-d ", kKernelDevice, " tensor, got ",
+              weight.sizes(), " on ", weight.device());
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
               "weight: expected float32 or float64, got ", weight.scalar_type());
   TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0, 1 or 2, got ", rule);
@@ -250,12 +273,12 @@ void plastic_forward_step(const at::Tensor& x, const at::Tensor& weight, const a
   }
   TORCH_CHECK(t >= 0 && t < x.size(0) && output.size(0) == x.size(0), "t: step ", t, " out of range");
   TORCH_CHECK(pre.numel() == s.B * s.IN && output.numel() == x.size(0) * s.B * s.OUT, "pre, output: wrong sizes");
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const KernelDeviceGuard guard(weight.device());
   check_launch(neuronml_fast::cuda::plastic_forward_step(
                    weight.scalar_type() == at::kDouble, s, x.data_ptr(), weight.data_ptr(), alpha.data_ptr(),
                    eta.data_ptr(), clip.data_ptr(), optional_ptr(bias, weight, "bias"),
                    optional_ptr(drive, weight, "drive"), pre.data_ptr(), optional_ptr(modulation, weight, "modulation"),
-                   trace.data_ptr(), output.data_ptr(), update_only, c10::cuda::getCurrentCUDAStream().stream()),
+                   trace.data_ptr(), output.data_ptr(), update_only, current_stream()),
                "plastic_forward_step");
 }
 
@@ -282,14 +305,14 @@ bool plastic_forward_sequence(const at::Tensor& x, const at::Tensor& weight, con
   TORCH_CHECK(checkpoints.numel() >= ((steps + every - 1) / every) * s.B * s.OUT * s.IN,
               "checkpoints: too small for ", steps, " steps every ", every);
   TORCH_CHECK(!recurrent || s.OUT == s.IN, "weight: a recurrent layer needs OUT == IN, got ", weight.sizes());
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const KernelDeviceGuard guard(weight.device());
   bool launched = false;
   check_launch(neuronml_fast::cuda::plastic_forward_sequence(
                    weight.scalar_type() == at::kDouble, s, steps, every, x.data_ptr(), weight.data_ptr(),
                    alpha.data_ptr(), eta.data_ptr(), optional_ptr(bias, weight, "bias"),
                    optional_ptr(drive, weight, "drive"), optional_ptr(y0, weight, "y0"),
                    optional_ptr(modulation, weight, "modulation"), hebb.data_ptr(), output.data_ptr(),
-                   checkpoints.data_ptr(), &launched, c10::cuda::getCurrentCUDAStream().stream()),
+                   checkpoints.data_ptr(), &launched, current_stream()),
                "plastic_forward_sequence");
   return launched;
 }
@@ -316,20 +339,117 @@ void plastic_backward_step(const at::Tensor& weight, const at::Tensor& alpha, co
                   galpha_part.numel() == (s.alpha_scalar ? s.B * blocks : s.B * s.OUT * s.IN),
               "partial-sum buffers: sizes do not match the step contract");
   TORCH_CHECK(t >= 0 && t < output.size(0), "t: step ", t, " out of range");
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const KernelDeviceGuard guard(weight.device());
   check_launch(neuronml_fast::cuda::plastic_backward_step(
                    weight.scalar_type() == at::kDouble, s, weight.data_ptr(), alpha.data_ptr(), eta.data_ptr(),
                    clip.data_ptr(), pre.data_ptr(), output.data_ptr(), grad_output.data_ptr(), carry.data_ptr(),
                    optional_ptr(modulation, weight, "modulation"), h.data_ptr(), grad_trace.data_ptr(),
                    grad_z.data_ptr(), gpre_part.data_ptr(), galpha_part.data_ptr(), geta_part.data_ptr(),
-                   gmod_rows.data_ptr(), reconstruct, c10::cuda::getCurrentCUDAStream().stream()),
+                   gmod_rows.data_ptr(), reconstruct, current_stream()),
                "plastic_backward_step");
 }
+
+#ifdef NEURONML_FAST_CUDA_EMULATION
+// The emulated device and schedule (csrc/emu/cuda_emu.h); unset values keep their setting.
+void configure_emulation(const c10::optional<std::string>& order, const c10::optional<int64_t>& seed,
+                         const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes) {
+  nf_emu::Config& c = nf_emu::config();
+  if (order) {
+    TORCH_CHECK(*order == "forward" || *order == "reverse" || *order == "random",
+                "order: expected 'forward', 'reverse' or 'random', got '", *order, "'");
+    c.order = *order == "forward" ? nf_emu::Order::kForward
+            : *order == "reverse" ? nf_emu::Order::kReverse
+                                  : nf_emu::Order::kRandom;
+  }
+  if (seed) c.seed = static_cast<uint64_t>(*seed);
+  if (max_grid_yz) {
+    TORCH_CHECK(*max_grid_yz >= 1 && *max_grid_yz <= 65535, "max_grid_yz: expected 1..65535, got ", *max_grid_yz);
+    c.max_grid_yz = *max_grid_yz;
+  }
+  if (optin_shared_bytes) {
+    TORCH_CHECK(*optin_shared_bytes >= c.default_shared_bytes && *optin_shared_bytes <= (1 << 20),
+                "optin_shared_bytes: expected ", c.default_shared_bytes, "..", 1 << 20, ", got ", *optin_shared_bytes);
+    c.optin_shared_bytes = *optin_shared_bytes;
+  }
+}
+
+// One of the emulation's own checks (csrc/emu/selftest.cu), writing into `out` (and `out2`).
+void emulation_selftest(const std::string& name, at::Tensor& out, int64_t arg, bool flag,
+                        const c10::optional<at::Tensor>& out2) {
+  namespace st = nf_emu::selftest;
+  TORCH_CHECK(out.is_cpu() && out.is_contiguous(), "out: expected a contiguous CPU tensor");
+  const auto need = [&](at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK(out.scalar_type() == dtype && out.numel() >= numel, name, ": out: expected ", numel, " ", dtype,
+                " elements, got ", out.numel(), " ", out.scalar_type());
+  };
+  cudaError_t err = cudaErrorInvalidValue;
+  if (name == "warp_ops") {
+    need(at::kInt, 32 * 8);
+    err = st::warp_ops(out.data_ptr<int>());
+  } else if (name == "barrier_race") {
+    need(at::kInt, arg);
+    err = st::barrier_race(flag, static_cast<int>(arg), out.data_ptr<int>());
+  } else if (name == "lane_race" || name == "exited_lanes" || name == "shuffle_against_barrier") {
+    need(at::kInt, 32);
+    err = name == "lane_race" ? st::lane_race(flag, out.data_ptr<int>())
+        : name == "exited_lanes" ? st::exited_lanes(out.data_ptr<int>())
+                                 : st::shuffle_against_barrier(out.data_ptr<int>());
+  } else if (name == "dynamic_shared") {
+    need(at::kFloat, 1);
+    err = st::dynamic_shared(arg, flag, out.data_ptr<float>());
+  } else if (name == "big_static_shared") {
+    need(at::kDouble, 32);
+    err = st::big_static_shared(out.data_ptr<double>());
+  } else if (name == "unwritten_shared") {
+    need(at::kFloat, 64);
+    err = st::unwritten_shared(out.data_ptr<float>());
+  } else if (name == "grid") {
+    need(at::kInt, arg);
+    err = st::grid(static_cast<unsigned>(arg), out.data_ptr<int>());
+  } else if (name == "too_many_threads") {
+    need(at::kInt, 1);
+    err = st::too_many_threads(out.data_ptr<int>());
+  } else if (name == "atomic_sums") {
+    need(at::kFloat, 1);
+    TORCH_CHECK(out2 && out2->scalar_type() == at::kDouble && out2->numel() >= 1, "out2: expected a float64 tensor");
+    err = st::atomic_sums(static_cast<int>(arg), out.data_ptr<float>(), out2->data_ptr<double>());
+  } else {
+    TORCH_CHECK(false, "name: unknown emulation self-test '", name, "'");
+  }
+  check_launch(err, name.c_str());
+}
+
+py::dict emulation_state() {
+  const nf_emu::Config& c = nf_emu::config();
+  const nf_emu::Stats& s = nf_emu::stats();
+  py::dict d;
+  d["order"] = c.order == nf_emu::Order::kForward ? "forward" : c.order == nf_emu::Order::kReverse ? "reverse" : "random";
+  d["seed"] = c.seed;
+  d["max_grid_yz"] = c.max_grid_yz;
+  d["optin_shared_bytes"] = c.optin_shared_bytes;
+  d["launches"] = s.launches;
+  d["failed_launches"] = s.failed_launches;
+  d["blocks"] = s.blocks;
+  d["threads"] = s.threads;
+  d["switches"] = s.switches;
+  return d;
+}
+#endif
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef NEURONML_FAST_CUDA_EMULATION
+  m.doc() = "neuronml_fast CUDA C++ kernels, emulated on the CPU";
+  m.def("configure_emulation", &configure_emulation, "set the emulated schedule and device limits",
+        py::arg("order") = py::none(), py::arg("seed") = py::none(), py::arg("max_grid_yz") = py::none(),
+        py::arg("optin_shared_bytes") = py::none());
+  m.def("emulation_state", &emulation_state, "the emulated schedule, limits and counters");
+  m.def("emulation_selftest", &emulation_selftest, "one of the emulation's own checks", py::arg("name"),
+        py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none());
+#else
   m.doc() = "neuronml_fast CUDA C++ kernels";
+#endif
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));

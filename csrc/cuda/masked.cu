@@ -40,12 +40,12 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 conv_forward_kernel(ConvShape s, const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ mask,
                     const T* __restrict__ bias, const int32_t* __restrict__ order, const int32_t* __restrict__ count,
-                    T* __restrict__ out, T* __restrict__ pre) {
+                    T* __restrict__ out, T* __restrict__ pre, int64_t z0) {
   __shared__ A As[kBK][kBM];
   __shared__ A Bs[kBK][kBN];
   __shared__ int64_t channel[kBN];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t v = blockIdx.z, t = v / s.G, g = v % s.G;
+  const int64_t v = z0 + blockIdx.z, t = v / s.G, g = v % s.G;
   const int64_t pixels = s.N * s.HO * s.WO, K = s.CIN_G * s.KH * s.KW;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int active = count[v];
@@ -111,11 +111,11 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
 conv_input_grad_kernel(ConvShape s, const T* __restrict__ go, const T* __restrict__ gp, const T* __restrict__ w,
                        const T* __restrict__ mask, const int32_t* __restrict__ order,
-                       const int32_t* __restrict__ count, T* __restrict__ gx) {
+                       const int32_t* __restrict__ count, T* __restrict__ gx, int64_t z0) {
   __shared__ A As[kBK][kBM];
   __shared__ A Bs[kBK][kBN];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t v = blockIdx.z, t = v / s.G, g = v % s.G;
+  const int64_t v = z0 + blockIdx.z, t = v / s.G, g = v % s.G;
   const int64_t pixels = s.N * s.H * s.W, taps = s.KH * s.KW;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, c0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int64_t K = static_cast<int64_t>(count[v]) * taps;  // active slots x taps
@@ -172,13 +172,13 @@ __global__ void __launch_bounds__(kThreads)
 conv_weight_grad_kernel(ConvShape s, const T* __restrict__ go, const T* __restrict__ gp, const T* __restrict__ pre,
                         const T* __restrict__ x, const T* __restrict__ mask, const int32_t* __restrict__ order,
                         const int32_t* __restrict__ count, int64_t splits, int64_t per_split, A* __restrict__ gw,
-                        A* __restrict__ gb, A* __restrict__ gm) {
+                        A* __restrict__ gb, A* __restrict__ gm, int64_t z0) {
   __shared__ A As[kBK][kBM];  // gy^T tile: [pixels][slots]
   __shared__ A Bs[kBK][kBN];  // x patches: [pixels][cols]
   __shared__ int64_t channel[kBM];
   __shared__ A slot_mask[kBM];
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int64_t v = blockIdx.z / splits, split = blockIdx.z % splits, t = v / s.G, g = v % s.G;
+  const int64_t z = z0 + blockIdx.z, v = z / splits, split = z % splits, t = v / s.G, g = v % s.G;
   const int64_t taps = s.KH * s.KW, K = s.CIN_G * taps, pixels = s.N * s.HO * s.WO;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBM, c0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int active = count[v];
@@ -245,28 +245,45 @@ conv_weight_grad_kernel(ConvShape s, const T* __restrict__ go, const T* __restri
   }
 }
 
+// Grid z runs over (task, group[, split]), which can exceed the 65535 blocks a grid's y and z hold
+// (4 tasks x 256 depthwise groups x 64 splits): launch it in chunks of the device's limit, each
+// kernel offsetting its blockIdx.z by z0.
+template <typename Launch>
+cudaError_t launch_z_chunks(dim3 grid, int64_t z_total, Launch launch) {
+  if (grid.x == 0 || grid.y == 0 || z_total == 0) return cudaSuccess;
+  int device = 0, max_z = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&max_z, cudaDevAttrMaxGridDimZ, device);
+  for (int64_t z0 = 0; err == cudaSuccess && z0 < z_total; z0 += max_z) {
+    grid.z = static_cast<unsigned>(z_total - z0 < max_z ? z_total - z0 : max_z);
+    launch(grid, z0);
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
 template <typename T>
 cudaError_t forward(const ConvShape& s, const void* x, const void* w, const void* mask, const void* bias,
                     const int32_t* order, const int32_t* count, void* out, void* pre, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const dim3 grid(ceil_div(s.N * s.HO * s.WO, kBM), ceil_div(s.COUT_G, kBN), static_cast<unsigned>(s.T * s.G));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  conv_forward_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-      s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(mask),
-      static_cast<const T*>(bias), order, count, static_cast<T*>(out), static_cast<T*>(pre));
-  return cudaGetLastError();
+  const dim3 grid(ceil_div(s.N * s.HO * s.WO, kBM), ceil_div(s.COUT_G, kBN));
+  return launch_z_chunks(grid, s.T * s.G, [&](dim3 chunk, int64_t z0) {
+    conv_forward_kernel<T, A><<<chunk, kThreads, 0, stream>>>(
+        s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(mask),
+        static_cast<const T*>(bias), order, count, static_cast<T*>(out), static_cast<T*>(pre), z0);
+  });
 }
 
 template <typename T>
 cudaError_t input_grad(const ConvShape& s, const void* go, const void* gp, const void* w, const void* mask,
                        const int32_t* order, const int32_t* count, void* gx, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const dim3 grid(ceil_div(s.N * s.H * s.W, kBM), ceil_div(s.CIN_G, kBN), static_cast<unsigned>(s.T * s.G));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  conv_input_grad_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-      s, static_cast<const T*>(go), static_cast<const T*>(gp), static_cast<const T*>(w),
-      static_cast<const T*>(mask), order, count, static_cast<T*>(gx));
-  return cudaGetLastError();
+  const dim3 grid(ceil_div(s.N * s.H * s.W, kBM), ceil_div(s.CIN_G, kBN));
+  return launch_z_chunks(grid, s.T * s.G, [&](dim3 chunk, int64_t z0) {
+    conv_input_grad_kernel<T, A><<<chunk, kThreads, 0, stream>>>(
+        s, static_cast<const T*>(go), static_cast<const T*>(gp), static_cast<const T*>(w),
+        static_cast<const T*>(mask), order, count, static_cast<T*>(gx), z0);
+  });
 }
 
 template <typename T>
@@ -275,14 +292,13 @@ cudaError_t weight_grad(const ConvShape& s, const void* go, const void* gp, cons
                         int64_t per_split, void* gw, void* gb, void* gm, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const int64_t K = s.CIN_G * s.KH * s.KW;
-  const dim3 grid(ceil_div(s.COUT_G, kBM), gw != nullptr ? ceil_div(K, kBN) : 1,
-                  static_cast<unsigned>(s.T * s.G * splits));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
-  conv_weight_grad_kernel<T, A><<<grid, kThreads, 0, stream>>>(
-      s, static_cast<const T*>(go), static_cast<const T*>(gp), static_cast<const T*>(pre), static_cast<const T*>(x),
-      static_cast<const T*>(mask), order, count, splits, per_split, static_cast<A*>(gw), static_cast<A*>(gb),
-      static_cast<A*>(gm));
-  return cudaGetLastError();
+  const dim3 grid(ceil_div(s.COUT_G, kBM), gw != nullptr ? ceil_div(K, kBN) : 1);
+  return launch_z_chunks(grid, s.T * s.G * splits, [&](dim3 chunk, int64_t z0) {
+    conv_weight_grad_kernel<T, A><<<chunk, kThreads, 0, stream>>>(
+        s, static_cast<const T*>(go), static_cast<const T*>(gp), static_cast<const T*>(pre), static_cast<const T*>(x),
+        static_cast<const T*>(mask), order, count, splits, per_split, static_cast<A*>(gw), static_cast<A*>(gb),
+        static_cast<A*>(gm), z0);
+  });
 }
 
 }  // namespace

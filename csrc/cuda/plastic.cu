@@ -39,7 +39,7 @@ forward_step_kernel(PlasticStep s, const T* __restrict__ x, const T* __restrict_
                     const T* __restrict__ drive, const T* __restrict__ pre, const T* __restrict__ mod,
                     T* __restrict__ trace, T* __restrict__ output, bool update_only) {
   const int lane = threadIdx.x & 31;
-  const int64_t b = blockIdx.y, j = static_cast<int64_t>(blockIdx.x) * kPlasticRowsPerBlock + (threadIdx.x >> 5);
+  const int64_t b = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kPlasticRowsPerBlock + (threadIdx.x >> 5);
   if (j >= s.OUT) return;
   const T eta = *eta_ptr, clip = *clip_ptr;
   const T* p = pre + b * s.IN;
@@ -80,7 +80,7 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
   __shared__ T gz_s[kPlasticRowsPerBlock], y_s[kPlasticRowsPerBlock], m_s[kPlasticRowsPerBlock];
   __shared__ T red_eta[kThreads], red_alpha[kThreads];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t b = blockIdx.y, blk = blockIdx.x, blocks = gridDim.x;
+  const int64_t b = blockIdx.x, blk = blockIdx.y, blocks = gridDim.y;
   const int64_t j0 = blk * kPlasticRowsPerBlock;
   const T eta = *eta_ptr, clip = *clip_ptr;
   const T* p = pre + b * s.IN;
@@ -196,6 +196,7 @@ forward_sequence_kernel(PlasticStep s, int64_t steps, int64_t every, const T* __
     if (t % every == 0) {
       T* ckpt = checkpoints + ((t / every) * s.B + b) * size;
       for (int64_t e = threadIdx.x; e < size; e += blockDim.x) ckpt[e] = h[e];
+      __syncthreads();  // the copy reads rows other warps are about to update
     }
     for (int64_t j = warp; j < s.OUT; j += warps) {
       T* row_h = h + j * s.IN;
@@ -233,6 +234,11 @@ forward_sequence_kernel(PlasticStep s, int64_t steps, int64_t every, const T* __
   for (int64_t e = threadIdx.x; e < size; e += blockDim.x) trace[e] = h[e];
 }
 
+// Sequences on grid x (up to 2^31 - 1), a sequence's blocks of rows on y (65535 blocks: 524k rows).
+dim3 step_grid(const PlasticStep& s) {
+  return dim3(static_cast<unsigned>(s.B), static_cast<unsigned>(ceil_div(s.OUT, kPlasticRowsPerBlock)));
+}
+
 template <typename T>
 size_t sequence_shared_bytes(const PlasticStep& s) {
   return sizeof(T) * static_cast<size_t>(s.OUT * s.IN + s.IN + s.OUT);
@@ -268,7 +274,7 @@ template <typename T>
 cudaError_t forward_step(const PlasticStep& s, const void* x, const void* w, const void* a, const void* eta,
                          const void* clip, const void* bias, const void* drive, const void* pre, const void* mod,
                          void* trace, void* output, bool update_only, cudaStream_t stream) {
-  const dim3 grid(ceil_div(s.OUT, kPlasticRowsPerBlock), static_cast<unsigned>(s.B));
+  const dim3 grid = step_grid(s);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   forward_step_kernel<T><<<grid, kThreads, 0, stream>>>(
       s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(a), static_cast<const T*>(eta),
@@ -283,7 +289,7 @@ cudaError_t backward_step(const PlasticStep& s, const void* w, const void* a, co
                           const void* pre, const void* output, const void* grad_output, const void* carry,
                           const void* mod, void* h, void* gh, void* gz, void* gpre, void* galpha, void* geta,
                           void* gmod, bool reconstruct, cudaStream_t stream) {
-  const dim3 grid(ceil_div(s.OUT, kPlasticRowsPerBlock), static_cast<unsigned>(s.B));
+  const dim3 grid = step_grid(s);
   if (grid.x == 0 || grid.y == 0) return cudaSuccess;
   backward_step_kernel<T><<<grid, kThreads, 0, stream>>>(
       s, static_cast<const T*>(w), static_cast<const T*>(a), static_cast<const T*>(eta), static_cast<const T*>(clip),

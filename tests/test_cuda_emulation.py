@@ -1,0 +1,201 @@
+"""The CUDA emulation (csrc/emu) that runs the CUDA C++ kernels on CPU tensors.
+
+Its own checks (csrc/emu/selftest.cu): the warp intrinsics' results, the races and misuse it must
+expose under every warp order, the launch and shared-memory limits it must enforce; then the CUDA
+kernels' launch geometry against a device whose grid limits are lowered, so that shapes too large
+for a test reach the same code paths.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import neuronml_fast as nf
+from neuronml_fast import _extensions
+from neuronml_fast.ops.masked import masked_conv2d_reference
+from neuronml_fast.ops.plastic import plastic_rnn_reference
+
+pytestmark = pytest.mark.skipif(
+    not _extensions.cuda_emulated() or _extensions.cuda() is None,
+    reason="needs the emulated CUDA extension (NEURONML_FAST_CUDA_EMULATE=1 and a C++ compiler at build time)",
+)
+
+ORDERS = ["forward", "reverse", "random"]
+
+
+@pytest.fixture
+def emulator():
+    module = _extensions.cuda()
+    saved = module.emulation_state()
+    yield module
+    module.configure_emulation(order=saved["order"], seed=saved["seed"], max_grid_yz=saved["max_grid_yz"],
+                               optin_shared_bytes=saved["optin_shared_bytes"])
+
+
+def _ints(n):
+    return torch.full((n,), -7, dtype=torch.int32)
+
+
+def _expected_warp_ops():
+    rows = []
+    values = [lane * 10 for lane in range(32)]
+    ballot = sum(1 << lane for lane in range(32) if lane % 3 == 0)
+    ballot = ballot - (1 << 32) if ballot >= 1 << 31 else ballot  # as the kernel's int
+    for lane in range(32):
+        segment, offset = lane // 8 * 8, lane % 8
+        rows.append([
+            values[3],
+            values[lane - 2] if lane >= 2 else values[lane],
+            values[lane + 5] if lane + 5 < 32 else values[lane],
+            values[lane ^ 1],
+            values[segment + offset + 1] if offset + 1 < 8 else values[lane],
+            ballot,
+            1 + 0,  # some lane is 7; not all lanes are < 31
+            sum(range(32)),
+        ])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_warp_intrinsics(emulator, order):
+    emulator.configure_emulation(order=order)
+    out = _ints(32 * 8)
+    emulator.emulation_selftest("warp_ops", out)
+    torch.testing.assert_close(out.view(32, 8), _expected_warp_ops())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("threads", [64, 256])
+def test_a_missing_block_barrier_is_exposed(emulator, order, threads):
+    emulator.configure_emulation(order=order)
+    expected = (torch.arange(threads, dtype=torch.int32) + 32) % threads
+    out = _ints(threads)
+    emulator.emulation_selftest("barrier_race", out, threads, True)
+    torch.testing.assert_close(out, expected)
+    emulator.emulation_selftest("barrier_race", out, threads, False)
+    assert not torch.equal(out, expected), "a read of another warp's slot before __syncthreads went unnoticed"
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_missing_warp_barrier_is_exposed(emulator, order):
+    emulator.configure_emulation(order=order)
+    expected = (torch.arange(32, dtype=torch.int32) + 1) % 32
+    out = _ints(32)
+    emulator.emulation_selftest("lane_race", out, 0, True)
+    torch.testing.assert_close(out, expected)
+    emulator.emulation_selftest("lane_race", out, 0, False)
+    assert not torch.equal(out, expected), "a read of another lane's slot before __syncwarp went unnoticed"
+
+
+def test_a_shuffle_naming_exited_lanes_fails(emulator):
+    with pytest.raises(RuntimeError, match="exited_lanes launch failed.*lane 16 has exited"):
+        emulator.emulation_selftest("exited_lanes", _ints(32))
+
+
+def test_a_shuffle_against_a_block_barrier_fails(emulator):
+    with pytest.raises(RuntimeError, match="waits at __syncthreads"):
+        emulator.emulation_selftest("shuffle_against_barrier", _ints(32))
+
+
+def test_dynamic_shared_memory_needs_the_opt_in_past_48_kib(emulator):
+    out = torch.zeros(1)
+    emulator.emulation_selftest("dynamic_shared", out, 48 * 1024, False)
+    assert out.item() == 48 * 1024 // 4 - 1
+    with pytest.raises(RuntimeError, match="over the kernel's limit of 49152.*cudaFuncSetAttribute"):
+        emulator.emulation_selftest("dynamic_shared", out, 64 * 1024, False)
+    emulator.emulation_selftest("dynamic_shared", out, 200 * 1024, True)
+    assert out.item() == 200 * 1024 // 4 - 1
+    with pytest.raises(RuntimeError, match="opt-in maximum of 232448"):
+        emulator.emulation_selftest("dynamic_shared", out, 228 * 1024, True)
+
+
+def test_static_shared_memory_is_limited_to_48_kib(emulator):
+    with pytest.raises(RuntimeError, match="static shared memory of 57344 bytes"):
+        emulator.emulation_selftest("big_static_shared", torch.zeros(32, dtype=torch.float64))
+
+
+def test_shared_memory_starts_poisoned(emulator):
+    out = torch.zeros(64)
+    emulator.emulation_selftest("unwritten_shared", out)
+    assert torch.isnan(out).all()
+
+
+def test_launch_limits(emulator):
+    out = _ints(65536)
+    emulator.emulation_selftest("grid", out, 65535)
+    assert out[65534].item() == 65534 and out[65535].item() == -7
+    with pytest.raises(RuntimeError, match=r"grid \(1, 65536, 1\) is outside the device's limits"):
+        emulator.emulation_selftest("grid", out, 65536)
+    with pytest.raises(RuntimeError, match="1025 threads"):
+        emulator.emulation_selftest("too_many_threads", _ints(1))
+    emulator.configure_emulation(max_grid_yz=4)
+    with pytest.raises(RuntimeError, match=r"y and z in \[1, 4\]"):
+        emulator.emulation_selftest("grid", out, 5)
+
+
+def test_atomics(emulator):
+    f, d = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
+    emulator.emulation_selftest("atomic_sums", f, 3, out2=d)
+    assert f.item() == 3 * 256 and d.item() == 3 * 256 * 0.5
+
+
+def test_a_failed_kernel_launch_is_an_error_naming_the_kernel(emulator):
+    emulator.configure_emulation(max_grid_yz=1)  # the plastic step kernels put a sequence's row blocks on y
+    x = torch.randn(3, 2, 16, dtype=torch.float64)
+    weight, alpha = torch.randn(16, 16, dtype=torch.float64), torch.randn(16, 16, dtype=torch.float64)
+    with nf.use_backend("cuda"), pytest.raises(RuntimeError, match="plastic_forward_step launch failed"):
+        nf.plastic_rnn(x, 0.1 * weight, 0.1 * alpha, 0.1, clip=1.0)
+
+
+# ---- the CUDA kernels' launch geometry on a device with small grid limits ----------------------
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_masked_conv_splits_grid_z_past_the_device_limit(emulator, order):
+    # grid z holds (task, group[, pixel split]): 3 tasks x 2 groups (x splits) against a limit of 2.
+    emulator.configure_emulation(order=order, max_grid_yz=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 9, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 2.0, 1.5, 0.0, 1.0]] * 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    kwargs = dict(padding=(1, 1), groups=2)
+    with nf.use_backend("cuda"):
+        out = nf.masked_conv2d(x, weight, mask, bias, **kwargs)
+    expected = masked_conv2d_reference(x, weight, mask, bias, **kwargs)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, weight, mask, bias), upstream)
+    want = torch.autograd.grad(expected, (x, weight, mask, bias), upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_plastic_batch_past_the_grid_y_limit(emulator, order):
+    # The step kernels (clip forces them) once put the batch on grid y: 5 sequences against a limit of 2.
+    emulator.configure_emulation(order=order, max_grid_yz=2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (0.2 * torch.randn(16, 16, generator=gen, dtype=torch.float64)).requires_grad_()
+    alpha = (0.2 * torch.randn(16, 16, generator=gen, dtype=torch.float64)).requires_grad_()
+    eta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    with nf.use_backend("cuda"):
+        out, hebb = nf.plastic_rnn(x, weight, alpha, eta, clip=0.5)
+    want_out, want_hebb = plastic_rnn_reference(x, weight, alpha, eta, clip=0.5)
+    torch.testing.assert_close(out, want_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(hebb, want_hebb, atol=1e-10, rtol=1e-10)
+    leaves = (x, weight, alpha, eta)
+    got = torch.autograd.grad(out.sum() + hebb.sum(), leaves)
+    want = torch.autograd.grad(want_out.sum() + want_hebb.sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_the_report_names_the_emulated_backend():
+    env = {**__import__("os").environ, "NEURONML_FAST_CUDA_EMULATE": "1"}
+    report = subprocess.run([sys.executable, "-m", "neuronml_fast"], capture_output=True, text=True, env=env,
+                            check=True).stdout
+    assert "cuda       available  (emulated (NEURONML_FAST_CUDA_EMULATE=1)" in report
