@@ -43,9 +43,14 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)
 env: setup
 	$(PY) -m neuronml_fast
 
+# The emulated CUDA kernels run in the main pass in random warp order, then again in forward and
+# reverse order (a missing barrier fails in at least one of them).
 test: setup
 	$(PY) -m neuronml_fast
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+	for order in forward reverse; do \
+	  NEURONML_FAST_CUDA_EMULATE_ORDER=$$order $(PY) -m pytest tests -q -k "cuda and not emulation" $(PYTEST_ARGS) || exit 1; \
+	done
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

@@ -16,7 +16,8 @@ Environment switches:
   NEURONML_FAST_CPU_EXT=0|1    skip / require the CPU extension (default: build if a compiler exists)
   NEURONML_FAST_CUDA_EXT=0|1   skip / require the CUDA extension (default: build if nvcc + CUDA torch)
   NEURONML_FAST_CUDA_EMULATED_EXT=0|1  skip / require the emulated CUDA extension (default: build)
-  TORCH_CUDA_ARCH_LIST         GPU archs (default "8.0;9.0" when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST         GPU archs (default "8.0;9.0+PTX" when no GPU is visible: machine code
+                               for A100 and H100/H200, and PTX that newer GPUs compile at load)
   NEURONML_FAST_MARCH          -march for the CPU kernels (default "native")
   MAX_JOBS                     parallel compile jobs (ninja)
 """
@@ -29,7 +30,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _switch(name):

@@ -186,13 +186,20 @@ def ops():
     return dict(_ops)
 
 
+def _built_for_gpu(backend):
+    """Whether a GPU backend would run on a CUDA device, whatever it runs on here (the
+    interpreter and the emulation run on CPU tensors)."""
+    if backend == "triton":
+        return importlib.util.find_spec("triton") is not None
+    return torch.version.cuda is not None and _extensions.load("_C_cuda") is not None
+
+
 def _can_run(entry, backend, device_type, dtype, assume_device=False):
     if backend not in entry.dtypes or dtype not in entry.dtypes[backend]:
         return False
-    backend_status = status(backend)
-    if assume_device and backend_status.state == "built (no device)":
-        return True
-    return device_type in backend_status.devices
+    if assume_device and device_type == "cuda" and backend in ("triton", "cuda"):
+        return _built_for_gpu(backend)
+    return device_type in status(backend).devices
 
 
 def resolve(op, device_type, dtype, requested=None):

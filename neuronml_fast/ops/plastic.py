@@ -111,6 +111,10 @@ for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
     })
 
 
+def _eta_number(eta):
+    return float(eta) if isinstance(eta, (int, float)) and not isinstance(eta, bool) else None
+
+
 def _as_eta(eta, like):
     if isinstance(eta, (int, float)) and not isinstance(eta, bool):
         return torch.tensor(float(eta), dtype=like.dtype, device=like.device)
@@ -139,10 +143,6 @@ def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activ
     if alpha.dim() != 0 and alpha.shape != weight.shape:
         raise ValueError(f"alpha: expected a 0-d tensor or shape {list(weight.shape)}, got {list(alpha.shape)}")
     _checks.like("eta", eta, "input", input, shape=())
-    if modulation is None and not torch.compiler.is_compiling():
-        value = float(eta.detach())
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"eta: expected 0 <= eta < 1 for rule {rule!r}, got {value}")
     if hebb is not None:
         _checks.like("hebb", hebb, "input", input, shape=(B, out_features, in_features))
     if bias is not None:
@@ -238,10 +238,35 @@ plastic_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public functions ----------------------------------------------------------------------
 
 
-def _checkpoint_every(input, eta, clip, modulation, activation):
-    from ..cpu.plastic import checkpoint_every
+_GPU_BACKENDS = ("triton", "cuda")
 
-    value = None if torch.compiler.is_compiling() else eta.detach()
+
+def _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation, backend):
+    """Checks eta's domain and returns the checkpoint interval, reading eta on the host only where
+    that costs nothing or the interval needs it.
+
+    The GPU backends keep the launch path free of device-to-host syncs: eta is read only when the
+    trace reconstruction's checkpoint interval depends on it (hebb and oja under tanh, no clip, a
+    device tensor), once, and that read also serves the domain check. Elsewhere (modulated rule,
+    recomputed segments, a Python number) nothing is read and a device tensor's domain is checked on
+    the device: an error raised there, at the next synchronization, names eta all the same.
+    """
+    from ..cpu.plastic import checkpoint_every
+    from .._plastic_driver import recomputes
+
+    uses_eta = modulation is None
+    needs_value = uses_eta and not recomputes(clip, activation)
+    compiling = torch.compiler.is_compiling()
+    if number is not None:
+        value = number
+    elif compiling or (backend in _GPU_BACKENDS and not needs_value):
+        value = None
+    else:
+        value = float(eta.detach())
+    if uses_eta and value is not None and not 0.0 <= value < 1.0:
+        raise ValueError(f"eta: expected 0 <= eta < 1 for rule {rule!r}, got {value}")
+    if uses_eta and value is None and not compiling:
+        torch._assert_async((eta.detach() >= 0) & (eta.detach() < 1), f"eta: expected 0 <= eta < 1 for rule {rule!r}")
     return checkpoint_every(input.shape[0], value, clip, modulation is not None, activation)
 
 
@@ -253,13 +278,13 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     number), ``hebb [B, out, in]`` (zeros by default), ``drive [T, B, out]``. Returns
     ``(output [T, B, out], hebb [B, out, in])``.
     """
-    eta = _as_eta(eta, input)
+    number, eta = _eta_number(eta), _as_eta(eta, input)
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
     backend = backends.resolve(OP, input.device.type, input.dtype)
+    every = _eta_and_checkpoints(input, eta, number, None, None, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
-    every = _checkpoint_every(input, eta, None, None, activation)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
                                  activation, every, backend)
     return output, hebb
@@ -273,14 +298,14 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     ``[T, B]`` or ``[T, B, N]`` (backpropamine: replaces the rule by ``H + M post pre``), ``clip``
     an optional bound on the trace. Returns ``(output [T, B, N], hebb [B, N, N])``.
     """
-    eta = _as_eta(eta, input)
+    number, eta = _eta_number(eta), _as_eta(eta, input)
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=True, rule=rule, activation=activation, y0=y0,
                       modulation=modulation, clip=clip)
     backend = backends.resolve(OP, input.device.type, input.dtype)
+    clip = None if clip is None else float(clip)
+    every = _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation, backend)
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation)
-    clip = None if clip is None else float(clip)
-    every = _checkpoint_every(input, eta, clip, modulation, activation)
     output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
                                  activation, every, backend)
     return output, hebb
