@@ -41,6 +41,16 @@ def interpreted(backend, device):
     return backend == "triton" and device == "cpu"
 
 
+def emulated_gpu(backend, device):
+    """True when a GPU backend runs on CPU tensors: Triton interpreted, CUDA emulated (both slow)."""
+    return backend in ("triton", "cuda") and device == "cpu"
+
+
+def gpu_backends():
+    """(backend, device) pairs of the GPU kernel backends that can run here, emulated ones included."""
+    return [p for p in kernel_backends() if p.values[0] in ("triton", "cuda")]
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     previous = nf.get_backend()

@@ -12,7 +12,7 @@ from neuronml_fast.meta import MAML, MLP, Conv4, NeuronML, PlasticHead, Sinusoid
 from neuronml_fast.meta import cli, functorch_maml
 from neuronml_fast.meta.learners import frugality, plasticity, sensitivity_disagreement
 
-from conftest import interpreted, kernel_backends
+from conftest import emulated_gpu, kernel_backends
 from test_meta_tasks import _tiny_omniglot
 
 WAYS = 3
@@ -67,8 +67,8 @@ def _both(make, batch, backend, **options):
 def test_fused_meta_gradients_match_the_reference_loop(backend, device, first_order, make):
     if device != "cpu":
         pytest.skip("covered on the CPU; the GPU run uses the same code path")
-    if interpreted(backend, device) and (make is not MAML or first_order):
-        pytest.skip("the Triton interpreter is slow: one configuration is enough")
+    if emulated_gpu(backend, device) and (make is not MAML or first_order):
+        pytest.skip("the Triton interpreter and the CUDA emulation are slow: one configuration is enough")
     batch = _episode()
     (fused, fused_stats), (reference, reference_stats) = _both(make, batch, backend, first_order=first_order,
                                                                inner_steps=2)

@@ -9,7 +9,7 @@ import neuronml_fast as nf
 from neuronml_fast import _extensions
 from neuronml_fast.ops.sensitivity import neuron_sensitivity_op, neuron_sensitivity_reference
 
-from conftest import kernel_backends
+from conftest import gpu_backends, kernel_backends
 
 BACKENDS = kernel_backends()
 
@@ -176,12 +176,10 @@ def test_sixteen_bit_inputs_give_float32_sensitivity():
     torch.testing.assert_close(out, neuron_sensitivity_reference(*[a.float() for a in (w, g, b, gb)]))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend,device", gpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_on_gpu_accumulates_in_float32(backend, dtype):
-    args = _inputs((256, 64, 3, 3), dtype=dtype, device="cuda")
+def test_half_precision_on_gpu_accumulates_in_float32(backend, device, dtype):
+    args = _inputs((256, 64, 3, 3), dtype=dtype, device=device)
     out = _run(backend, *args)
     expected = neuron_sensitivity_reference(*[a.double() for a in args])
     assert out.dtype == torch.float32
