@@ -1,5 +1,11 @@
-"""`python -m neuronml_fast`: what this machine has, and which backend runs which op."""
+"""`python -m neuronml_fast`: what this machine has, and which backend runs which op.
 
+`python -m neuronml_fast check [--backend B] [--device D] [--dtype T] [--quick]` runs every
+usable backend against the float64 reference (`neuronml_fast.selfcheck`) and exits non-zero on
+any mismatch or error.
+"""
+
+import argparse
 import importlib.util
 import os
 import platform
@@ -98,6 +104,20 @@ def _cpu_kernel_notes():
             "large CPU outputs: the package's buffer pool (neuronml_fast.cpu.pool_stats)"]
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "check":
+        from neuronml_fast import selfcheck
+
+        return selfcheck.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m neuronml_fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", choices=("report", "check"), default="report",
+                        help="report (default): the environment and backend table; check: the self-check")
+    parser.parse_args(argv)
     print(report())
-    sys.exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
