@@ -97,17 +97,26 @@ def _emulated_cuda_extension(cpp_extension):
     )
 
 
+EXTENSION_SWITCHES = ("NEURONML_FAST_CPU_EXT", "NEURONML_FAST_CUDA_EXT", "NEURONML_FAST_CUDA_EMULATED_EXT")
+
+
 def _extensions():
+    want_cpu, want_cuda, want_emulated = (_switch(name) for name in EXTENSION_SWITCHES)
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _note("torch is not importable; install torch first and build with --no-build-isolation. "
-              "Installing the pure-Python package (reference + Triton backends) only.")
-        return [], {}
+        if want_cpu is False and want_cuda is False and want_emulated is False:
+            _note("all extensions switched off: installing the pure-Python package (reference + Triton backends)")
+            return [], {}
+        # pip's default isolated build has no torch: installing without the extensions would
+        # silently replace a working compiled install by a reference-only one.
+        raise SystemExit(
+            "neuronml_fast setup: torch is not importable in the build environment, so the C++/CUDA "
+            "extensions cannot be built against the torch that will run them. Install torch first, then "
+            "build with `pip install --no-build-isolation .` (or set " + "=0 ".join(EXTENSION_SWITCHES)
+            + "=0 for a reference/Triton-only install).")
 
-    want_cpu, want_cuda = _switch("NEURONML_FAST_CPU_EXT"), _switch("NEURONML_FAST_CUDA_EXT")
-    want_emulated = _switch("NEURONML_FAST_CUDA_EMULATED_EXT")
     if not _has_cxx_compiler():
         if want_cpu or want_cuda or want_emulated:
             raise SystemExit("neuronml_fast setup: a compiled extension was required but no C++ compiler was found")

@@ -6,6 +6,8 @@ plain-PyTorch reference (backend "reference") and up to three kernel backends ("
 runs where on this machine.
 """
 
+import warnings
+
 from . import backends, nn
 from .backends import get_backend, set_backend, use_backend
 from .ops.batch_norm import batch_norm_rows
@@ -17,7 +19,24 @@ __version__ = "0.1.0"
 
 backends.refresh()  # probe once, outside any torch.compile trace
 
+
+class BackendWarning(UserWarning):
+    """A compiled backend that ``auto`` would use here did not load: its ops run the reference."""
+
+
+def _warn_missing_backends():
+    missing = backends.missing_compiled_backends()
+    if missing:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in missing.items())
+        warnings.warn(f"neuronml_fast runs the reference where the compiled backends would run ({reasons}). "
+                      "Build them against this torch with `pip install --no-build-isolation .`; "
+                      "`python -m neuronml_fast` shows what runs where.", BackendWarning, stacklevel=3)
+
+
+_warn_missing_backends()
+
 __all__ = [
+    "BackendWarning",
     "backends",
     "batch_norm_rows",
     "get_backend",

@@ -128,6 +128,14 @@ def status(name=None):
     return _status[_check_backend_name(name, allow_auto=False)]
 
 
+def missing_compiled_backends():
+    """{backend: reason} for the compiled backends that ``auto`` would run on this machine's devices
+    but that did not load (not built, or built against another torch)."""
+    wanted = {"cpu": True, "cuda": torch.cuda.is_available() and not _extensions.cuda_emulated()}
+    return {name: status(name).state for name, want in wanted.items()
+            if want and status(name).state.startswith("not built")}
+
+
 def available():
     """Backends that can run on this machine now (SPEC section 1)."""
     return [name for name in BACKENDS if status(name).usable]

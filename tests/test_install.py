@@ -1,0 +1,51 @@
+"""An install cannot silently degrade: a build without torch fails with the instruction instead of
+installing a reference-only package, and an import that finds a compiled backend missing says so
+in one warning line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from neuronml_fast import _extensions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWITCHES = ("NEURONML_FAST_CPU_EXT", "NEURONML_FAST_CUDA_EXT", "NEURONML_FAST_CUDA_EMULATED_EXT")
+
+
+def _setup_without_torch(tmp_path, **switches):
+    (tmp_path / "torch.py").write_text('raise ImportError("no torch in this build environment")\n')
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
+    env.update(PYTHONPATH=str(tmp_path), **switches)
+    return subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_build_without_torch_fails_with_the_instruction(tmp_path):
+    out = _setup_without_torch(tmp_path)
+    assert out.returncode != 0
+    assert "pip install --no-build-isolation ." in out.stderr + out.stdout
+
+
+def test_a_pure_python_build_must_be_asked_for(tmp_path):
+    out = _setup_without_torch(tmp_path, **{name: "0" for name in SWITCHES})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "neuronml_fast"
+
+
+def _import_warnings(code):
+    out = subprocess.run([sys.executable, "-c", code + "\nimport neuronml_fast"], capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stderr.splitlines() if "BackendWarning" in line]
+
+
+def test_a_missing_cpu_extension_is_one_warning_line_at_import():
+    lines = _import_warnings("import sys; sys.modules['neuronml_fast._C_cpu'] = None")
+    assert len(lines) == 1 and "cpu: not built" in lines[0] and "--no-build-isolation" in lines[0]
+
+
+@pytest.mark.skipif(_extensions.cpu() is None, reason="the CPU extension is not built here")
+def test_a_complete_install_imports_without_warnings():
+    assert _import_warnings("") == []
