@@ -24,7 +24,9 @@ Environment switches:
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -100,6 +102,25 @@ def _emulated_cuda_extension(cpp_extension):
 EXTENSION_SWITCHES = ("NEURONML_FAST_CPU_EXT", "NEURONML_FAST_CUDA_EXT", "NEURONML_FAST_CUDA_EMULATED_EXT")
 
 
+def _nvcc_release(cuda_home):
+    """nvcc's CUDA release as "major.minor", or None when it cannot be read."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _cuda_major_mismatch(torch, cuda_home):
+    """Why nvcc cannot build for this torch (another CUDA major version), or None."""
+    release = _nvcc_release(cuda_home)
+    if release is None or release.split(".")[0] == torch.version.cuda.split(".")[0]:
+        return None
+    return f"nvcc is CUDA {release} but torch was built with CUDA {torch.version.cuda} (set CUDA_HOME to a matching toolkit)"
+
+
 def _extensions():
     want_cpu, want_cuda, want_emulated = (_switch(name) for name in EXTENSION_SWITCHES)
     try:
@@ -148,8 +169,10 @@ def _extensions():
     cuda_home = _find_cuda_home()
     if want_cuda is False:
         _note("NEURONML_FAST_CUDA_EXT=0: skipping the CUDA extension")
-    elif torch.version.cuda is None or cuda_home is None:
-        reason = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)"
+    elif torch.version.cuda is None or cuda_home is None or _cuda_major_mismatch(torch, cuda_home):
+        reason = ("torch is a CPU-only build" if torch.version.cuda is None
+                  else "nvcc not found (set CUDA_HOME)" if cuda_home is None
+                  else _cuda_major_mismatch(torch, cuda_home))
         if want_cuda:
             raise SystemExit(f"neuronml_fast setup: NEURONML_FAST_CUDA_EXT=1 but {reason}")
         _note(f"skipping the CUDA extension: {reason}")
@@ -165,19 +188,61 @@ def _extensions():
             extra_compile_args={"cxx": ["-O3"],
                                 "nvcc": ["-O3", "-lineinfo"]},
         ))
-    return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildAndRecord(build_ext):
+        def run(self):
+            _write_build_info(self.extensions)
+            super().run()
+
+    return extensions, {"build_ext": BuildAndRecord}
+
+
+def _write_build_info(ext_modules):
+    """neuronml_fast/_build_info.py: the torch the extensions are compiled against, for
+    `python -m neuronml_fast` (an extension built against another torch does not load)."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    info = {"torch": torch.__version__ if torch else None, "torch_cuda": torch.version.cuda if torch else None,
+            "extensions": sorted(e.name.rsplit(".", 1)[1] for e in ext_modules),
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST"), "march": os.environ.get("NEURONML_FAST_MARCH", "native")}
+    text = '"""Written by setup.py at build time."""\n\nBUILD = ' + repr(info) + "\n"
+    path = os.path.join(ROOT, "neuronml_fast", "_build_info.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
 
 
 ext_modules, cmdclass = _extensions()
 
+def _version():
+    """The one place the version is written: neuronml_fast/__init__.py."""
+    with open(os.path.join(ROOT, "neuronml_fast", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 setup(
     name="neuronml_fast",
-    version="0.1.0",
+    version=_version(),
     description="Fused Triton and CUDA C++ kernels for brain-inspired meta-learning (NeuronML, differentiable plasticity)",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    python_requires=">=3.10",
     packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.nn", "neuronml_fast.cpu", "neuronml_fast.cuda", "neuronml_fast.meta", "neuronml_fast.kernels"],
     # The Triton kernels live in the top-level kernels/ folder but ship as neuronml_fast.kernels.
     package_dir={"neuronml_fast": "neuronml_fast", "neuronml_fast.kernels": "kernels"},
@@ -186,7 +251,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest", "hypothesis", "expecttest"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        "meta": ["pillow"],
+        "meta": ["pillow", "matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -42,6 +42,21 @@ def _triton_version():
     return triton.__version__
 
 
+def _build_line():
+    try:
+        from neuronml_fast._build_info import BUILD
+    except ImportError:
+        return "unknown (no build record: not installed through setup.py)"
+    if BUILD["torch"] is None:
+        return "no torch (pure-Python install)"
+    line = f"torch {BUILD['torch']} (CUDA {BUILD['torch_cuda'] or 'none'}), -march={BUILD['march']}"
+    if BUILD["cuda_archs"]:
+        line += f", GPU archs {BUILD['cuda_archs']}"
+    if BUILD["torch"] != torch.__version__:
+        line += f"  <- NOT this torch ({torch.__version__}): rebuild with pip install --no-build-isolation ."
+    return line
+
+
 def environment():
     cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
     nvcc = shutil.which("nvcc") or (os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None)
@@ -52,6 +67,7 @@ def environment():
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda or "none (CPU-only build)",
+        "extensions built with": _build_line(),
         "triton": _triton_version(),
         "nvcc": (_version_line([nvcc, "--version"], last=True) if nvcc and os.path.exists(nvcc) else None) or "not found",
         "C++ compiler": (_version_line([cxx, "--version"]) if cxx else None) or "not found",

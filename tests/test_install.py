@@ -49,3 +49,34 @@ def test_a_missing_cpu_extension_is_one_warning_line_at_import():
 @pytest.mark.skipif(_extensions.cpu() is None, reason="the CPU extension is not built here")
 def test_a_complete_install_imports_without_warnings():
     assert _import_warnings("") == []
+
+
+def test_the_sdist_holds_everything_a_build_needs(tmp_path):
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path), "--formats=gztar"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for needed in ("csrc/cuda/common.cuh", "csrc/cuda/masked.h", "csrc/cpu/transpose.h", "csrc/emu/cuda_emu.h",
+                   "csrc/emu/include/cuda_runtime.h", "csrc/emu/translate.py", "kernels/masked.py", "LICENSE",
+                   "docs/SPEC.md", "setup.py", "pyproject.toml"):
+        assert needed in names, f"{needed} is missing from the sdist"
+
+
+def test_the_version_has_one_source():
+    import neuronml_fast
+
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == neuronml_fast.__version__
+
+
+def test_the_repository_contract_is_in_step_with_the_shared_one():
+    shared = os.path.join(ROOT, "..", "shared", "SPEC.md")
+    if not os.path.exists(shared):
+        pytest.skip("no ../shared/SPEC.md beside this checkout")
+    with open(shared) as a, open(os.path.join(ROOT, "docs", "SPEC.md")) as b:
+        assert a.read() == b.read(), "docs/SPEC.md differs from ../shared/SPEC.md: copy the contract over"
