@@ -80,3 +80,24 @@ def test_the_repository_contract_is_in_step_with_the_shared_one():
         pytest.skip("no ../shared/SPEC.md beside this checkout")
     with open(shared) as a, open(os.path.join(ROOT, "docs", "SPEC.md")) as b:
         assert a.read() == b.read(), "docs/SPEC.md differs from ../shared/SPEC.md: copy the contract over"
+
+
+@pytest.mark.skipif(__import__("torch").version.cuda is None, reason="a CPU-only torch builds no CUDA extension")
+def test_an_nvcc_of_another_cuda_major_skips_only_the_cuda_extension(tmp_path):
+    import torch
+
+    other = int(torch.version.cuda.split(".")[0]) - 1
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.4, V{other}.4.99'\n")
+    nvcc.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
+    env["CUDA_HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"skipping the CUDA extension: nvcc is CUDA {other}.4 but torch was built with CUDA" in out.stderr
+    env["NEURONML_FAST_CUDA_EXT"] = "1"
+    out = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and f"nvcc is CUDA {other}.4" in out.stderr
