@@ -427,11 +427,11 @@ py::dict emulation_state() {
   d["seed"] = c.seed;
   d["max_grid_yz"] = c.max_grid_yz;
   d["optin_shared_bytes"] = c.optin_shared_bytes;
-  d["launches"] = s.launches;
-  d["failed_launches"] = s.failed_launches;
-  d["blocks"] = s.blocks;
-  d["threads"] = s.threads;
-  d["switches"] = s.switches;
+  d["launches"] = s.launches.load();
+  d["failed_launches"] = s.failed_launches.load();
+  d["blocks"] = s.blocks.load();
+  d["threads"] = s.threads.load();
+  d["switches"] = s.switches.load();
   return d;
 }
 #endif

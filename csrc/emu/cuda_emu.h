@@ -108,8 +108,8 @@ struct Config {
 
 Config& config();
 
-struct Stats {
-  uint64_t launches = 0, blocks = 0, threads = 0, switches = 0, failed_launches = 0;
+struct Stats {  // counters over every host thread that launches
+  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, switches{0}, failed_launches{0};
 };
 Stats& stats();
 

@@ -550,7 +550,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_
   worker.threads.assign(threads, Thread{});
 
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
-  const uint64_t salt = stats().launches * 0x2545f4914f6cdd1dull;
+  const uint64_t salt = stats().launches.load() * 0x2545f4914f6cdd1dull;
   std::vector<uint64_t> order;
   if (config().order == Order::kRandom && blocks > 1) {
     order.resize(blocks);
