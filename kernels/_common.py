@@ -1,9 +1,36 @@
 """Helpers shared by the Triton launchers."""
 
+import contextlib
+
 import torch
 import triton.language as tl
+
+# CUDA launch limits: grid x up to 2^31 - 1 blocks, y and z up to 65535.
+MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 def accumulation_tl_dtype(dtype):
     """float64 accumulation for float64 inputs, float32 for everything else (SPEC conventions)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def on_device(device):
+    """The CUDA device of `device` made current (Triton launches on the current device), or nothing
+    for a CPU tensor under the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_grid(grid, what):
+    for axis, (size, limit) in enumerate(zip(grid, MAX_GRID)):
+        if size > limit:
+            raise ValueError(f"{what}: {size} blocks on grid axis {'xyz'[axis]}, over the CUDA limit of {limit}; "
+                             f"the problem is too large for one launch")
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on the device of its first tensor argument. Every Triton
+    launch goes through here."""
+    check_grid(grid, kernel.__name__)
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with on_device(device):
+        kernel[grid](*args, **kwargs)

@@ -6,8 +6,11 @@ reference, the custom ops and the autograd live in ``neuronml_fast/ops/masked.py
 
 Design:
 
-* Implicit-GEMM convolution, NCHW, one launch for all tasks: grid axis 2 runs over
-  ``v = task * groups + group``, so every task (and group) uses its own weights, bias and mask.
+* Implicit-GEMM convolution, NCHW, one launch for all tasks: the programs run over (block of
+  pixels, block of channels, ``v = task * groups + group``), so every task (and group) uses its own
+  weights, bias and mask. The grid is 1-D (`_tile_ids` unflattens it): its x axis takes 2^31 - 1
+  blocks where y and z stop at 65535, which tasks x groups x splits or the pixel blocks of a large
+  problem exceed.
 * Pruning without host synchronization: per (task, group) the channels are ordered active
   first (``order``) and counted (``count``) on the device. A program whose block of slots lies
   past ``count`` computes nothing (compute follows the active fraction) but still writes its
@@ -18,10 +21,12 @@ Design:
   the same tiles, instead of a separate pass.
 * A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.
 * Accumulation in float32 (float64 for float64 inputs); ``tl.dot`` in IEEE float32 (no TF32)
-  so that results match the reference to rounding.
+  so that results match the reference to rounding. The GEMM operands stay in the input dtype
+  (gy is rounded to it, as an fp16/bf16 autograd would): 16-bit dots run on tensor cores.
 """
 
 import functools
+import math
 
 import torch
 import triton
@@ -29,7 +34,10 @@ import triton.language as tl
 
 from neuronml_fast import _alloc, _conv_plan
 
-from ._common import accumulation_tl_dtype
+from ._common import accumulation_tl_dtype, launch
+
+# Pixels of one task the kernels index in 32 bits (with a block of headroom).
+MAX_PIXELS = 2**31 - 1 - 1024
 
 
 @triton.jit
@@ -37,6 +45,14 @@ def _dot(a, b, acc, USE_DOT: tl.constexpr):
     if USE_DOT:
         return tl.dot(a, b, acc, input_precision="ieee")
     return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
+
+
+@triton.jit
+def _tile_ids(M_BLOCKS, N_BLOCKS):
+    """(block along M, block along N, rest) of this program in the flat grid, M fastest."""
+    pid = tl.program_id(0)
+    rest = pid // M_BLOCKS
+    return pid % M_BLOCKS, rest % N_BLOCKS, rest // N_BLOCKS
 
 
 @triton.jit
@@ -58,7 +74,7 @@ def _conv_forward_kernel(
     ACC: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n, v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, v = _tile_ids(tl.cdiv(N * HO * WO, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N))
     t, g = v // G, v % G
     channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_n * BLOCK_N, COUT_G, BLOCK_N)
     oc = g * COUT_G + channel  # output channel
@@ -111,7 +127,7 @@ def _conv_input_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grad_input[pixel, ci] = sum over active slots j and taps (kh, kw) of gy[out pixel, j] * w[j, ci, kh, kw]
-    pid_m, pid_n, v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, v = _tile_ids(tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N))
     t, g = v // G, v % G
     count = tl.load(count_ptr + v)
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel over (n, h, w)
@@ -128,7 +144,9 @@ def _conv_input_grad_kernel(
         oc = g * COUT_G + tl.load(order_ptr + v * COUT_G + slots, mask=slot_ok, other=0)
         mval = tl.load(mask_ptr + t * COUT + oc, mask=slot_ok, other=0.0).to(ACC)
         w_row = (t * COUT + oc).to(tl.int64) * CIN_G
-        for r in tl.static_range(KH * KW):
+        # A runtime loop over the taps: unrolled (49 taps for 7x7), the software pipeliner takes
+        # minutes to compile the kernel.
+        for r in range(KH * KW):
             hn = h + PAD_H - (r // KW) * DIL_H
             wn = w + PAD_W - (r % KW) * DIL_W
             ho, wo = hn // STRIDE_H, wn // STRIDE_W
@@ -136,8 +154,8 @@ def _conv_input_grad_kernel(
             offset = (go_base[:, None] + oc[None, :]) * (HO * WO) + (ho * WO + wo)[:, None]
             gy = _load_gy(go_ptr, gp_ptr, offset, hit[:, None] & slot_ok[None, :], mval[None, :], HAS_GP, ACC)
             wt = tl.load(w_ptr + (w_row[:, None] + ci[None, :]) * (KH * KW) + r,
-                         mask=slot_ok[:, None] & ci_ok[None, :], other=0.0).to(ACC)
-            acc = _dot(gy, wt, acc, USE_DOT)
+                         mask=slot_ok[:, None] & ci_ok[None, :], other=0.0)
+            acc = _dot(gy.to(wt.dtype), wt, acc, USE_DOT)
     offset = ((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * (H * W) + q[:, None]
     tl.store(gx_ptr + offset, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
 
@@ -152,15 +170,18 @@ def _conv_weight_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grad_weight[j, (ci, kh, kw)] = sum over output pixels of gy[pixel, j] * x[patch(pixel), ci, kh, kw],
-    # split over pixels (axis 2 = v * SPLITS + split) into partial sums [SPLITS, T, C_out, ...];
-    # the first column block also reduces grad_bias = sum gy and grad_mask = sum grad_out * pre
-    # from the same gy tiles.
-    pid_m, pid_n, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # split over pixels (the slowest grid dimension is v * SPLITS + split) into partial sums
+    # [SPLITS, T, C_out, ...]; the first column block also reduces grad_bias = sum gy and
+    # grad_mask = sum grad_out * pre from the same gy tiles.
+    K = CIN_G * KH * KW
+    col_blocks = 1
+    if COMPUTE_GW:
+        col_blocks = tl.cdiv(K, BLOCK_N)
+    pid_m, pid_n, pid_z = _tile_ids(tl.cdiv(COUT_G, BLOCK_M), col_blocks)
     v, split = pid_z // SPLITS, pid_z % SPLITS
     t, g = v // G, v % G
     channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_m * BLOCK_M, COUT_G, BLOCK_M)
     oc = g * COUT_G + channel
-    K = CIN_G * KH * KW
     col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = col < K
     ci, r = col // (KH * KW), col % (KH * KW)
@@ -185,8 +206,8 @@ def _conv_weight_grad_kernel(
                 wi = wo[:, None] * STRIDE_W - PAD_W + (r % KW)[None, :] * DIL_W
                 x_ok = pix_ok[:, None] & col_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
                 x_off = (((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * H + hi) * W + wi
-                xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0).to(ACC)  # [pixels, cols]
-                acc = _dot(gy, xt, acc, USE_DOT)
+                xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)  # [pixels, cols]
+                acc = _dot(gy.to(xt.dtype), xt, acc, USE_DOT)
             if reduce_here:
                 sum_gy += tl.sum(gy, axis=1)
                 if HAS_PRE:
@@ -211,19 +232,48 @@ def _new(shape, like, dtype=None):
 
 
 def _config(dtype):
-    """Tile sizes and whether tl.dot applies (float64 takes the FMA path)."""
-    use_dot = dtype != torch.float64
-    if use_dot and dtype != torch.float32:
-        return dict(USE_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-    return dict(USE_DOT=use_dot, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
+    """Tile sizes, warps and whether tl.dot applies (float64 takes the FMA path). Sized so that no
+    kernel spills registers on sm_80/sm_90 (bench/results/triton-aot.md): 16-bit 64 x 64 tiles on
+    4 warps spill in the backward kernels, and the FMA path's [M, K, N] product limits float64 to
+    K = 8."""
+    if dtype == torch.float64:
+        return dict(USE_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
+    if dtype == torch.float32:
+        return dict(USE_DOT=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
+    return dict(USE_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
 
 
 def _geometry(x, weight, stride, padding, dilation, groups):
     T, N, CIN, H, W = x.shape
     COUT, CIN_G, KH, KW = weight.shape[1:]
     HO, WO = _conv_plan.output_hw(x, weight, stride, padding, dilation)
+    if max(N * H * W, N * HO * WO) > MAX_PIXELS:
+        raise ValueError(f"masked conv2d: {N} images of {H}x{W} pixels per task, over the {MAX_PIXELS} the "
+                         "kernels index in 32 bits; split the batch")
     return dict(T=T, N=N, CIN=CIN, H=H, W=W, COUT=COUT, CIN_G=CIN_G, COUT_G=COUT // groups, G=groups, KH=KH, KW=KW,
                 HO=HO, WO=WO)
+
+
+def flat_grid(*blocks):
+    """The 1-D grid of a kernel whose programs run over the product of these block counts
+    (unflattened in the kernel by `_tile_ids`, first count fastest)."""
+    return (math.prod(blocks),)
+
+
+def forward_grid(geo, cfg):
+    return flat_grid(triton.cdiv(geo["N"] * geo["HO"] * geo["WO"], cfg["BLOCK_M"]),
+                     triton.cdiv(geo["COUT_G"], cfg["BLOCK_N"]), geo["T"] * geo["G"])
+
+
+def input_grad_grid(geo, cfg):
+    return flat_grid(triton.cdiv(geo["N"] * geo["H"] * geo["W"], cfg["BLOCK_M"]),
+                     triton.cdiv(geo["CIN_G"], cfg["BLOCK_N"]), geo["T"] * geo["G"])
+
+
+def weight_grad_grid(geo, cfg, splits, need_weight_grad):
+    columns = geo["CIN_G"] * geo["KH"] * geo["KW"]
+    return flat_grid(triton.cdiv(geo["COUT_G"], cfg["BLOCK_M"]),
+                     triton.cdiv(columns, cfg["BLOCK_N"]) if need_weight_grad else 1, geo["T"] * geo["G"] * splits)
 
 
 def _conv_args(geo, stride, padding, dilation):
@@ -241,9 +291,8 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
         return out, pre
     order, count = _conv_plan.compaction(mask, groups, skip_zero)
     cfg = _config(x.dtype)
-    grid = (triton.cdiv(geo["N"] * geo["HO"] * geo["WO"], cfg["BLOCK_M"]), triton.cdiv(geo["COUT_G"], cfg["BLOCK_N"]),
-            geo["T"] * groups)
-    _conv_forward_kernel[grid](
+    launch(
+        _conv_forward_kernel, forward_grid(geo, cfg),
         x, weight, mask, bias if bias is not None else mask, order, count, out, pre,
         *_conv_args(geo, stride, padding, dilation),
         KH=geo["KH"], KW=geo["KW"], HAS_BIAS=bias is not None, WRITE_PRE=True,
@@ -269,9 +318,8 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     if need_input_grad:
         grad_input = _new(x.shape, x)
         if grad_input.numel():
-            grid = (triton.cdiv(geo["N"] * geo["H"] * geo["W"], cfg["BLOCK_M"]),
-                    triton.cdiv(geo["CIN_G"], cfg["BLOCK_N"]), T * groups)
-            _conv_input_grad_kernel[grid](
+            launch(
+                _conv_input_grad_kernel, input_grad_grid(geo, cfg),
                 grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, order, count, grad_input,
                 *conv_args, KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, ACC=acc, **cfg)
 
@@ -281,9 +329,8 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     gw_part = _new((splits, T, COUT, K) if need_weight_grad else (1,), x, acc_dtype)
     gb_part, gm_part = _new((splits, T, COUT), x, acc_dtype), _new((splits, T, COUT), x, acc_dtype)
     if T * COUT:
-        grid = (triton.cdiv(geo["COUT_G"], cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_N"]) if need_weight_grad else 1,
-                T * groups * splits)
-        _conv_weight_grad_kernel[grid](
+        launch(
+            _conv_weight_grad_kernel, weight_grad_grid(geo, cfg, splits, need_weight_grad),
             grad_out, grad_pre if grad_pre is not None else grad_out, pre if pre is not None else grad_out, x, mask,
             order, count, gw_part, gb_part, gm_part, T, *conv_args[:10], splits, per_split, *conv_args[10:],
             KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, HAS_PRE=pre is not None,

@@ -5,14 +5,20 @@ launchers (`plastic_forward`, `plastic_backward`). Same algorithm and memory con
 C++ CPU backend (csrc/cpu/plastic.cpp); the reference, custom op and autograd live in
 ``neuronml_fast/ops/plastic.py``.
 
-* Small layers (N <= 128, no clip): one launch per sequence batch. Each program owns one
-  sequence and keeps its whole trace, weight and alpha in registers for all T steps.
+* Small layers (N <= 128, no clip, a tile of at most 64 KiB: N <= 64 in float64): one launch
+  per sequence batch. Each program owns one sequence and keeps its whole trace, weight and alpha
+  in registers for all T steps.
 * Larger layers: one launch per step over (sequence, block of rows); a row's pre-activation and
   its trace update happen in the same program, one pass over the trace. Launches are queued
   back to back: no host synchronization per step.
 * Backward: one launch per step, in reverse, reconstructing each trace from the next (exact
   checkpoints bound the rounding growth, see neuronml_fast/cpu/plastic.py); under clip the
   segments are recomputed forward from their checkpoints.
+* Offsets: across sequences and steps in 64 bits (a trace or checkpoint buffer of B x OUT x IN,
+  an output of T x B x OUT, passes 2^31 elements long before memory runs out); within one
+  sequence's [OUT, IN] matrix in 32 bits, which the launchers guarantee (`MAX_MATRIX`).
+* The step index ``t`` is not specialized: a specialization per value class (t = 1, t divisible
+  by 16, other) would compile every step kernel three times.
 """
 
 import functools
@@ -22,9 +28,13 @@ import triton.language as tl
 
 from neuronml_fast import _plastic_driver
 
-from ._common import accumulation_tl_dtype
+from ._common import accumulation_tl_dtype, launch
 
 SEQUENCE_KERNEL_MAX_N = 128
+# One [OUT, IN] tile of the sequence kernel; it holds three (weight, alpha, trace) in registers,
+# which at 128 x 128 float32 nearly fill a register file (float64 at that size spills kilobytes).
+SEQUENCE_KERNEL_MAX_TILE_BYTES = 128 * 128 * 4
+MAX_MATRIX = 2**31 - 1  # elements of one sequence's [OUT, IN] trace, indexed in 32 bits
 
 
 @triton.jit
@@ -48,10 +58,11 @@ def _update(h, p, y, eta, m, clip, RULE: tl.constexpr, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _modulation(mod_ptr, t, b, B, OUT, rows, ok, PER_NEURON: tl.constexpr, ACC: tl.constexpr):
+def _modulation(mod_ptr, t, seq, B, OUT, rows, ok, PER_NEURON: tl.constexpr, ACC: tl.constexpr):
+    """M of step t for sequence seq (int64), per row or one scalar broadcast to the rows."""
     if PER_NEURON:
-        return tl.load(mod_ptr + (t * B + b) * OUT + rows, mask=ok, other=0.0).to(ACC)
-    return tl.zeros_like(rows).to(ACC) + tl.load(mod_ptr + t * B + b).to(ACC)
+        return tl.load(mod_ptr + (t * B + seq) * OUT + rows, mask=ok, other=0.0).to(ACC)
+    return tl.zeros_like(rows).to(ACC) + tl.load(mod_ptr + (t * B + seq)).to(ACC)
 
 
 @triton.jit
@@ -76,7 +87,7 @@ def _forward_sequence_kernel(
     ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
     HAS_Y0: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_O)
     cols = tl.arange(0, BLOCK_I)
     row_ok, col_ok = rows < OUT, cols < IN
@@ -89,33 +100,33 @@ def _forward_sequence_kernel(
         a = tl.load(alpha_ptr + tile, mask=tile_ok, other=0.0).to(ACC)
     eta = tl.load(eta_ptr).to(ACC)
     clip = tl.load(clip_ptr).to(ACC)  # a tensor: a Python float would arrive as float32
-    trace = b.to(tl.int64) * OUT * IN
+    trace = seq * OUT * IN
     h = tl.load(hebb_ptr + trace + tile, mask=tile_ok, other=0.0).to(ACC)
     if RECURRENT:
         if HAS_Y0:
-            p = tl.load(y0_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)
+            p = tl.load(y0_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
         else:
             p = tl.zeros([BLOCK_I], dtype=ACC)
     for t in range(T):
         if t % EVERY == 0:
-            tl.store(ckpt_ptr + (t // EVERY) * B * OUT * IN + trace + tile, h, mask=tile_ok)
-        row = (t * B + b) * OUT + rows
+            tl.store(ckpt_ptr + ((t // EVERY) * B + seq) * OUT * IN + tile, h, mask=tile_ok)
+        row = (t * B + seq) * OUT + rows
         if not RECURRENT:
-            p = tl.load(x_ptr + (t * B + b) * IN + cols, mask=col_ok, other=0.0).to(ACC)
+            p = tl.load(x_ptr + (t * B + seq) * IN + cols, mask=col_ok, other=0.0).to(ACC)
         z = tl.sum((w + a * h) * p[None, :], axis=1)
         y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         y = tl.where(row_ok, y, 0.0)
         tl.store(out_ptr + row, y, mask=row_ok)
         m = y
         if RULE == 2:
-            m = _modulation(mod_ptr, t, b, B, OUT, rows, row_ok, PER_NEURON, ACC)
+            m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
         h = tl.where(tile_ok, _update(h, p, y, eta, m, clip, RULE, HAS_CLIP), 0.0)
         if RECURRENT:
             p = tl.reshape(y, [BLOCK_I])  # this step's post is the next step's pre
     tl.store(hebb_ptr + trace + tile, h, mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _forward_step_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, pre_ptr, mod_ptr, hebb_ptr, out_ptr,
     t, B, OUT, IN, clip_ptr,
@@ -125,13 +136,13 @@ def _forward_step_kernel(
 ):
     # One step for a block of rows of one sequence: z, y, then the rows' trace update. With
     # UPDATE_ONLY the post activity is read from out_ptr (recomputing a clip segment).
-    b, pid = tl.program_id(0), tl.program_id(1)
+    seq, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     row_ok = rows < OUT
-    trace = b.to(tl.int64) * OUT * IN
+    trace = seq * OUT * IN
     eta = tl.load(eta_ptr).to(ACC)
     clip = tl.load(clip_ptr).to(ACC)
-    row = (t * B + b) * OUT + rows
+    row = (t * B + seq) * OUT + rows
     if UPDATE_ONLY:
         y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
     else:
@@ -144,24 +155,24 @@ def _forward_step_kernel(
             w = tl.load(w_ptr + tile, mask=ok, other=0.0).to(ACC)
             a = tl.load(alpha_ptr).to(ACC) if ALPHA_SCALAR else tl.load(alpha_ptr + tile, mask=ok, other=0.0).to(ACC)
             h = tl.load(hebb_ptr + trace + tile, mask=ok, other=0.0).to(ACC)
-            p = tl.load(pre_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)
+            p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
             z += tl.sum((w + a * h) * p[None, :], axis=1)
         y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         tl.store(out_ptr + row, y, mask=row_ok)
     m = y
     if RULE == 2:
-        m = _modulation(mod_ptr, t, b, B, OUT, rows, row_ok, PER_NEURON, ACC)
+        m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
     for c0 in range(0, IN, BLOCK_I):
         cols = c0 + tl.arange(0, BLOCK_I)
         col_ok = cols < IN
         ok = row_ok[:, None] & col_ok[None, :]
         tile = rows[:, None] * IN + cols[None, :]
         h = tl.load(hebb_ptr + trace + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)
+        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
         tl.store(hebb_ptr + trace + tile, _update(h, p, y, eta, m, clip, RULE, HAS_CLIP), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _backward_step_kernel(
     w_ptr, alpha_ptr, eta_ptr, pre_ptr, out_ptr, gout_ptr, carry_ptr, mod_ptr, hebb_ptr, ghebb_ptr,
     gz_ptr, gpre_part_ptr, galpha_part_ptr, geta_part_ptr, gmod_part_ptr,
@@ -173,18 +184,18 @@ def _backward_step_kernel(
     # Step t in reverse for a block of rows of one sequence. hebb holds H_{t+1} (RECONSTRUCT) or
     # H_t (clip: recomputed) and leaves holding H_t; ghebb holds dL/dH_{t+1} -> dL/dH_t. Partial
     # sums go to buffers owned by this program: deterministic, no atomics.
-    b, pid = tl.program_id(0), tl.program_id(1)
+    seq, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n_blocks = tl.num_programs(1)
     rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     row_ok = rows < OUT
-    trace = b.to(tl.int64) * OUT * IN
+    trace = seq * OUT * IN
     eta = tl.load(eta_ptr).to(ACC)
     clip = tl.load(clip_ptr).to(ACC)
-    row = (t * B + b) * OUT + rows
+    row = (t * B + seq) * OUT + rows
     y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
     m = y * 0.0
     if RULE == 2:
-        m = _modulation(mod_ptr, t, b, B, OUT, rows, row_ok, PER_NEURON, ACC)
+        m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
     # First pass: H_t, the clip mask on dL/dH', the rule's share of dL/dy (and dL/dM).
     dy = tl.zeros([BLOCK_O], dtype=ACC)
     dm = tl.zeros([BLOCK_O], dtype=ACC)
@@ -194,7 +205,7 @@ def _backward_step_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         tile = trace + rows[:, None] * IN + cols[None, :]
         h = tl.load(hebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         g = tl.load(ghebb_ptr + tile, mask=ok, other=0.0).to(ACC)
         yy = y[:, None]
         if RECONSTRUCT:
@@ -218,12 +229,12 @@ def _backward_step_kernel(
             dm += tl.sum(g * yy * p, axis=1)
     gy = tl.load(gout_ptr + row, mask=row_ok, other=0.0).to(ACC) + dy
     if RECURRENT:
-        gy += tl.load(carry_ptr + b * OUT + rows, mask=row_ok, other=0.0).to(ACC)
+        gy += tl.load(carry_ptr + seq * OUT + rows, mask=row_ok, other=0.0).to(ACC)
     gz = gy * (1.0 - y * y) if TANH else gy
     gz = tl.where(row_ok, gz, 0.0)
     tl.store(gz_ptr + row, gz, mask=row_ok)
     if RULE == 2:
-        tl.store(gmod_part_ptr + b * OUT + rows, dm, mask=row_ok)
+        tl.store(gmod_part_ptr + seq * OUT + rows, dm, mask=row_ok)
     # Second pass: dL/dH_t, alpha, eta and the presynaptic gradient.
     geta = tl.zeros([BLOCK_O], dtype=ACC)
     ga_scalar = tl.zeros([BLOCK_O], dtype=ACC)
@@ -235,7 +246,7 @@ def _backward_step_kernel(
         tile = trace + local
         h = tl.load(hebb_ptr + tile, mask=ok, other=0.0).to(ACC)
         g = tl.load(ghebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + b * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
         w = tl.load(w_ptr + local, mask=ok, other=0.0).to(ACC)
         a = tl.load(alpha_ptr).to(ACC) if ALPHA_SCALAR else tl.load(alpha_ptr + local, mask=ok, other=0.0).to(ACC)
         yy = y[:, None]
@@ -257,9 +268,9 @@ def _backward_step_kernel(
             d_h = 1.0
             d_p = m[:, None] * yy
         gp = tl.sum((w + a * h) * gz[:, None] + g * d_p, axis=0)
-        tl.store(gpre_part_ptr + (pid * B + b) * IN + cols, gp, mask=col_ok)
+        tl.store(gpre_part_ptr + (pid * B + seq) * IN + cols, gp, mask=col_ok)
         tl.store(ghebb_ptr + tile, g * d_h + a * hz, mask=ok)
-    slot = b * n_blocks + pid
+    slot = seq * n_blocks + pid
     tl.store(geta_part_ptr + slot, tl.load(geta_part_ptr + slot) + tl.sum(geta, axis=0))
     if ALPHA_SCALAR:
         tl.store(galpha_part_ptr + slot, tl.load(galpha_part_ptr + slot) + tl.sum(ga_scalar, axis=0))
@@ -274,44 +285,65 @@ class TritonSteps:
         return min(32, triton.next_power_of_2(max(out_features, 1)))
 
     @staticmethod
-    def _cols(in_features):
-        return min(64, triton.next_power_of_2(max(in_features, 1)))
+    def _cols(p):
+        """Columns per tile of the step kernels: 64, or 32 for float64, whose tiles take twice the
+        registers (64 columns of float64 spill in the backward step)."""
+        widest = 32 if p.x.dtype.itemsize == 8 else 64
+        return min(widest, triton.next_power_of_2(max(p.in_features, 1)))
 
     @staticmethod
     def _flags(p):
+        _check_matrix(p)
         return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, TANH=p.tanh,
                     ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip, ACC=accumulation_tl_dtype(p.x.dtype))
 
     def sequence_forward(self, p, trace, checkpoints, every):
-        if max(p.out_features, p.in_features) > SEQUENCE_KERNEL_MAX_N or p.has_clip:
-            return False
         block_o, block_i = triton.next_power_of_2(p.out_features), triton.next_power_of_2(p.in_features)
         if p.recurrent:
             block_o = block_i = max(block_o, block_i)
+        tile_bytes = block_o * block_i * p.acc.itemsize
+        if max(p.out_features, p.in_features) > SEQUENCE_KERNEL_MAX_N or tile_bytes > SEQUENCE_KERNEL_MAX_TILE_BYTES \
+                or p.has_clip:
+            return False
         x = p.x
-        _forward_sequence_kernel[(p.B,)](
-            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), _or(p.y0, x), _or(p.modulation, x),
-            trace, p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip, every,
+        launch(
+            _forward_sequence_kernel, (p.B,),
+            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), _or(p.y0, x), _or(p.modulation, x), trace,
+            p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip, every,
             HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
-            BLOCK_O=block_o, BLOCK_I=block_i, **self._flags(p))
+            BLOCK_O=block_o, BLOCK_I=block_i, num_warps=_sequence_warps(tile_bytes), **self._flags(p))
         return True
 
     def forward_step(self, p, t, pre, trace, update_only):
         block_o = self.rows_per_block(p.out_features, p.in_features)
         x = p.x
-        _forward_step_kernel[(p.B, triton.cdiv(p.out_features, block_o))](
-            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), pre, _or(p.modulation, x), trace,
-            p.output, t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
+        launch(
+            _forward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
+            x, p.weight, p.alpha, p.eta, _or(p.bias, x), _or(p.drive, x), pre, _or(p.modulation, x), trace, p.output,
+            t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
             HAS_DRIVE=p.drive is not None, UPDATE_ONLY=update_only, BLOCK_O=block_o,
-            BLOCK_I=self._cols(p.in_features), **self._flags(p))
+            BLOCK_I=self._cols(p), **self._flags(p))
 
     def backward_step(self, p, t, pre, h, carry, reconstruct, grad_trace, grad_z, gpre_part, galpha_part, geta_part,
                       gmod_rows):
         block_o = self.rows_per_block(p.out_features, p.in_features)
-        _backward_step_kernel[(p.B, triton.cdiv(p.out_features, block_o))](
+        launch(
+            _backward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
             p.weight, p.alpha, p.eta, pre, p.output, p.grad_output, carry, _or(p.modulation, p.x), h, grad_trace,
             grad_z, gpre_part, galpha_part, geta_part, gmod_rows, t, p.B, p.out_features, p.in_features, p.clip,
-            RECONSTRUCT=reconstruct, BLOCK_O=block_o, BLOCK_I=self._cols(p.in_features), **self._flags(p))
+            RECONSTRUCT=reconstruct, BLOCK_O=block_o, BLOCK_I=self._cols(p), **self._flags(p))
+
+
+def _sequence_warps(tile_bytes):
+    """The sequence kernel keeps weight, alpha and trace tiles in registers for all T steps: at
+    most 32 registers of each per thread (a 128 x 128 float32 layer on 4 warps spills kilobytes)."""
+    return max(4, min(16, tile_bytes // (32 * 32 * 4)))
+
+
+def _check_matrix(p):
+    if p.out_features * p.in_features > MAX_MATRIX:
+        raise ValueError(f"plastic layer: a {p.out_features} x {p.in_features} weight has over {MAX_MATRIX} elements, "
+                         "more than the Triton kernels index in 32 bits")
 
 
 def _or(t, fallback):

@@ -8,7 +8,7 @@ rule, the custom-op registration and the eager reference live in
 import triton
 import triton.language as tl
 
-from ._common import accumulation_tl_dtype
+from ._common import accumulation_tl_dtype, launch
 
 
 @triton.jit
@@ -51,8 +51,8 @@ def neuron_sensitivity_out(weight, grad_weight, bias, grad_bias, sensitivity, ta
         return
     block_rows, block_cols = _tile(rows, cols)
     has_bias = bias is not None
-    _neuron_sensitivity_kernel[(triton.cdiv(rows, block_rows),)](
-        weight, grad_weight,
+    launch(
+        _neuron_sensitivity_kernel, (triton.cdiv(rows, block_rows),), weight, grad_weight,
         bias if has_bias else weight, grad_bias if has_bias else weight,  # unused when HAS_BIAS is False
         sensitivity, taylor,
         rows, cols, weight.stride(0), grad_weight.stride(0),

@@ -1,0 +1,138 @@
+"""The Triton AOT check (bench/triton_aot.py): what a GPU launch of each kernel would compile, compiled
+for sm_80 and sm_90 without a GPU. The `aot` tests compile (ptxas, minutes on 2 cores for the full
+default list): deselect them with `-m "not aot"`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import triton_aot
+
+from neuronml_fast.kernels._common import MAX_GRID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tensors of the plastic kernels that grow with steps or sequences: their addresses need 64 bits.
+PLASTIC_LARGE = {
+    "_forward_sequence_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "out_ptr", "ckpt_ptr"},
+    "_forward_step_kernel": {"x_ptr", "drive_ptr", "pre_ptr", "mod_ptr", "hebb_ptr", "out_ptr"},
+    "_backward_step_kernel": {"pre_ptr", "out_ptr", "gout_ptr", "carry_ptr", "mod_ptr", "hebb_ptr", "ghebb_ptr",
+                              "gz_ptr", "gpre_part_ptr", "galpha_part_ptr", "geta_part_ptr", "gmod_part_ptr"},
+}
+
+
+def _aot(*args, timeout=900):
+    """Runs `python -m bench.triton_aot` in a process without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench.triton_aot", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _report(tmp_path, *args):
+    run = _aot("--report-dir", str(tmp_path), *args)
+    report_file = tmp_path / "triton-aot.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    return run, report
+
+
+# ---- capture (no compile) -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def captured():
+    run = _aot("--list", "--cases", "conv-f16-k7", "rnn-f32-large-hebb", "sensitivity-f32-conv", timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def _specs_of(captured, kernel):
+    return [s for s in captured["specs"].values() if s["kernel"].endswith(":" + kernel)]
+
+
+def test_capture_records_what_the_launchers_launch(captured):
+    kernels = {s["kernel"].split(":")[1] for s in captured["specs"].values()}
+    assert kernels == {"_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel",
+                       "_forward_step_kernel", "_backward_step_kernel", "_neuron_sensitivity_kernel"}
+    (grad,) = _specs_of(captured, "_conv_input_grad_kernel")
+    assert grad["dtype"] == "fp16" and grad["signature"]["go_ptr"] == "*fp16"
+    assert grad["constexprs"]["KH"] == grad["constexprs"]["KW"] == 7
+    assert grad["constexprs"]["ACC"] == {"dtype": "fp32"} and grad["constexprs"]["USE_DOT"] is True
+    assert grad["attrs"]["go_ptr"] == [["tt.divisibility", 16]]  # what a GPU launch specializes on
+    assert grad["options"]["num_warps"] == 8
+    for name, grid, _ in captured["launches"]:
+        assert all(size <= limit for size, limit in zip(grid, MAX_GRID)), (name, grid)
+
+
+def test_step_kernels_compile_once_for_every_step(captured):
+    # Three steps (t = 0, 1, 2) would be three specializations if t were specialized.
+    for kernel in ("_forward_step_kernel", "_backward_step_kernel"):
+        (spec,) = _specs_of(captured, kernel)
+        assert spec["signature"]["t"] == "i32" and "t" not in spec["attrs"] and "t" not in spec["constexprs"]
+
+
+def test_pointer_offset_widths_from_ttir():
+    ttir = """
+  tt.func public @k(%a_ptr: !tt.ptr<f32> loc("a"), %b_ptr: !tt.ptr<f32> loc("b"), %c_ptr: !tt.ptr<f32>, %n: i32) {
+    %0 = tt.addptr %a_ptr, %n : !tt.ptr<f32>, i32 loc(#loc1)
+    %big = arith.extsi %n : i32 to i64 loc(#loc2)
+    %1 = tt.addptr %b_ptr, %big : !tt.ptr<f32>, i64 loc(#loc3)
+    %2 = tt.splat %1 : !tt.ptr<f32> -> tensor<16x!tt.ptr<f32>> loc(#loc4)
+    %r = tt.make_range {end = 16 : i32, start = 0 : i32} : tensor<16xi32> loc(#loc5)
+    %3 = tt.addptr %2, %r : tensor<16x!tt.ptr<f32>>, tensor<16xi32> loc(#loc6)
+    %4 = tt.splat %c_ptr : !tt.ptr<f32> -> tensor<16x!tt.ptr<f32>> loc(#loc7)
+    %5 = tt.addptr %4, %r : tensor<16x!tt.ptr<f32>>, tensor<16xi32> loc(#loc8)
+"""
+    # a: 32-bit; b: a 64-bit base, then a 32-bit offset within it; c: 32-bit through a splat.
+    assert triton_aot.pointer_offset_widths(ttir) == {"a_ptr": "i32", "b_ptr": "i64", "c_ptr": "i32"}
+
+
+def test_report_failures_and_tensor_core_detection():
+    ok = {"ok": True, "arch": 80, "shared": triton_aot.SHARED_LIMIT[80]}
+    assert triton_aot.failures_of(ok) == []
+    assert "over the sm_80 per-block limit" in triton_aot.failures_of({**ok, "shared": ok["shared"] + 1})[0]
+    assert triton_aot.failures_of({"ok": False, "error": "compile exceeded 120 s"}) == ["compile exceeded 120 s"]
+    assert triton_aot.tensor_core_instructions("wgmma.mma_async.sync.aligned.m64n64k16") == ["wgmma"]
+    assert triton_aot.tensor_core_instructions("mma.sync.aligned.m16n8k16.row.col") == ["mma"]
+    assert triton_aot.tensor_core_instructions("fma.rn.f32") == []
+
+
+# ---- compiles (ptxas) ---------------------------------------------------------------------------
+
+
+@pytest.mark.aot
+def test_default_aot_check_passes(tmp_path):
+    run, report = _report(tmp_path)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    assert report["summary"]["failures"] == 0
+    assert report["summary"]["dot_kernels_without_tensor_cores"] == 0
+    # Only the sequence kernel's largest tile spills: three 128 x 128 float32 tiles (weight, alpha,
+    # trace) nearly fill the register file, and a few hundred bytes per thread beat T launches.
+    spilling = {(r["kernel"], r["constexprs"]) for r in report["results"] if r.get("spill_bytes")}
+    assert all(k == "_forward_sequence_kernel" and "BLOCK_O=128 BLOCK_I=128" in c for k, c in spilling), spilling
+
+
+@pytest.mark.aot
+def test_seven_by_seven_conv_compiles_within_the_bound(tmp_path):
+    # 49 unrolled taps keep the software pipeliner busy for minutes (over 300 s): the kernels must
+    # loop over the taps at run time.
+    run, report = _report(tmp_path, "--cases", "k7", "--only", "conv", "--timeout", "120")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    rows = [r for r in report["results"] if "KH=7 KW=7" in r["constexprs"]]
+    assert {(r["kernel"], r["dtype"], r["arch"]) for r in rows} >= {
+        ("_conv_input_grad_kernel", dtype, arch) for dtype in ("fp16", "bf16", "fp32", "fp64") for arch in (80, 90)}
+    assert all(r["ok"] and not r["failures"] for r in rows)
+
+
+@pytest.mark.aot
+def test_plastic_address_arithmetic_is_64_bit_across_steps_and_sequences(tmp_path):
+    run, report = _report(tmp_path, "--cases", "rnn-f32", "linear-plastic-f32", "--only", "plastic", "--arch", "90")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    seen = set()
+    for row in report["results"]:
+        narrow = set(row["pointers_32bit"])
+        assert not narrow & PLASTIC_LARGE[row["kernel"]], (row["kernel"], row["constexprs"], narrow)
+        seen.add(row["kernel"])
+    assert seen == set(PLASTIC_LARGE)
