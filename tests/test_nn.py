@@ -1,5 +1,7 @@
 """Layers: MaskedConv2d, MaskedLinear, MaskedBatchNorm2d, NeuronGate, convert."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -154,3 +156,87 @@ def test_masked_batchnorm_keeps_pruned_neurons_silent():
     assert mask.grad[1] == 0 and mask.grad[2] != 0
     plain = nn.BatchNorm2d(4).double()
     torch.testing.assert_close(bn(conv(x, torch.ones(4, dtype=torch.float64)), None), plain(conv(x)))
+
+
+def _conv_bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+                          nn.BatchNorm1d(3))
+    with torch.no_grad():  # a trained model's batch norms: nonzero shifts and running statistics
+        for bn in (model[1], model[4], model[8]):
+            bn.bias.uniform_(0.5, 1.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.running_mean.uniform_(-1.0, 1.0)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _outputs_by_mode(model, x):
+    """(train-mode output, eval-mode output); the train-mode call updates running statistics."""
+    model.train()
+    train = model(x)
+    model.eval()
+    return train, model(x)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_keeps_a_pruned_channel_exactly_zero_after_batch_norm(mode):
+    original = _conv_bn_model()
+    model = nf.nn.convert(copy.deepcopy(original))
+    assert isinstance(model[1], nf.nn.MaskedBatchNorm2d) and model[1].mask_source is model[0]
+    assert isinstance(model[8], nf.nn.MaskedBatchNorm1d) and model[8].mask_source is model[7]
+    assert set(model.state_dict()) == set(original.state_dict()) | {"0.mask", "3.mask", "7.mask"}
+    duplicate = copy.deepcopy(model)
+    assert duplicate[1].mask_source is duplicate[0]
+    model[0].mask[1] = 0.0
+    model[7].mask[2] = 0.0
+    model.train(mode == "train")
+    running = model[1].running_mean.clone()
+    x = torch.randn(6, 3, 6, 6)
+    block = model[:3](x)  # conv -> BN -> ReLU
+    assert torch.equal(block[:, 1], torch.zeros_like(block[:, 1]))
+    assert (block[:, 0] != 0).any()
+    out = model(x)
+    assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+    assert model[1].running_mean[1] == running[1]
+    out.square().sum().backward()
+    assert model[1].weight.grad[1] == 0 and model[1].bias.grad[1] == 0
+    assert torch.equal(model[0].weight.grad[1], torch.zeros_like(model[0].weight.grad[1]))
+
+
+def test_convert_links_only_a_batch_norm_right_after_a_matching_layer():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(2, affine=False),
+                          nn.Sequential(nn.BatchNorm2d(4)))
+    bn = model[0]
+    params = [p for p in bn.parameters()] + [b for b in bn.buffers()]
+    nf.nn.convert(model)
+    assert model[0] is bn and all(a is b for a, b in zip(params, [*bn.parameters(), *bn.buffers()]))
+    for index in (3, 5):  # after a ReLU; after a conv with 4, not 2, output channels
+        assert type(model[index]) is nn.BatchNorm2d
+    assert type(model[6][0]) is nn.BatchNorm2d  # another container: not a sibling
+    converted = nf.nn.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match=r"layer: expected a masked layer with 4 neurons \(num_features\), got 3"):
+        converted[1].follow(nf.nn.MaskedLinear(2, 3))
+    with pytest.raises(TypeError, match="layer: expected a MaskedConv2d, MaskedLinear or None, got Conv2d"):
+        converted[1].follow(nn.Conv2d(3, 4, 1))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_convert_leaves_train_and_eval_outputs_unchanged_at_initialization(gate):
+    model = _conv_bn_model()
+    original = copy.deepcopy(model)
+    x = torch.randn(6, 3, 6, 6)
+    want = _outputs_by_mode(original, x)
+    nf.nn.convert(model, gate=gate)
+    got = _outputs_by_mode(model, x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    for name, buffer in original.named_buffers():  # the same running statistics
+        torch.testing.assert_close(dict(model.named_buffers())[name], buffer)
+    if gate:
+        assert torch.equal(model[0].current_mask(), torch.ones(4))  # a hard gate, exactly 1, train mode too
+        model.train()
+        model(x).square().sum().backward()
+        assert model[0].gate.logits.grad.abs().sum() > 0  # straight through: the gate learns

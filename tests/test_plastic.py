@@ -257,7 +257,7 @@ def test_plastic_layers_carry_state_across_calls():
     torch.testing.assert_close(h_split, h_whole)
     torch.testing.assert_close(y_split, y_whole)
     (whole.sum() + h_whole.sum()).backward()
-    assert rnn.eta.grad is not None and rnn.alpha.grad is not None
+    assert rnn.eta_logit.grad is not None and rnn.alpha.grad is not None
 
     layer = nf.nn.PlasticLinear(3, 4, alpha="scalar").double()
     out, hebb = layer(torch.randn(5, 2, 3, dtype=F64))
@@ -286,7 +286,7 @@ def test_plastic_rnn_learns_pattern_completion_where_a_fixed_network_cannot():
         rnn = nf.nn.PlasticRNN(N, eta=0.3).double()
         if not plastic:
             rnn.alpha.requires_grad_(False).zero_()
-            rnn.eta.requires_grad_(False)
+            rnn.eta_logit.requires_grad_(False)
         opt = torch.optim.Adam([p for p in rnn.parameters() if p.requires_grad], lr=3e-2)
         for _ in range(400):
             x, target = episode()
@@ -304,3 +304,68 @@ def test_plastic_rnn_learns_pattern_completion_where_a_fixed_network_cannot():
     # Chance (output 0) is an error of 1.0; the fixed network stays near it (measured 0.80),
     # the plastic one completes most of the erased half (measured 0.53).
     assert plastic_error < 0.65 and plastic_error < 0.75 * fixed_error, (plastic_error, fixed_error)
+
+
+# ---- the layers' learned eta ------------------------------------------------------------------
+
+
+def _plastic_layer(kind, size=8, **kwargs):
+    return nf.nn.PlasticRNN(size, **kwargs) if kind == "rnn" else nf.nn.PlasticLinear(size, size, **kwargs)
+
+
+def _trace(kind, state):
+    return state[1] if kind == "rnn" else state
+
+
+@pytest.mark.parametrize("kind", ["rnn", "linear"])
+def test_plastic_layers_keep_eta_valid_under_adam(kind):
+    # A loss on the trace's size pushes eta down (a smaller eta, a smaller trace): Adam at lr 1e-2
+    # takes an unconstrained eta from 0.01 below 0 within a few steps, and the op rejects it.
+    torch.manual_seed(0)
+    layer = _plastic_layer(kind)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(5, 4, 8)
+    for _ in range(80):
+        out, state = layer(x)
+        loss = _trace(kind, state).square().sum() + out.square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert 0.0 <= layer.eta.item() < 1.0
+    assert layer.eta.item() < 0.01  # trained: eta went down from 0.01, and stayed in [0, 1)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plastic_layers_eta_stays_below_one_where_the_sigmoid_rounds_to_one(kind, dtype):
+    layer = _plastic_layer(kind, 4).to(dtype)
+    with torch.no_grad():
+        layer.eta_logit.fill_(60.0)  # sigmoid(60) is 1.0 in float32 and float64
+    assert layer.eta.item() < 1.0
+    out, state = layer(torch.randn(3, 2, 4, dtype=dtype))
+    (out.sum() + _trace(kind, state).sum()).backward()
+    assert torch.isfinite(layer.eta_logit.grad)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "linear"])
+def test_plastic_layers_eta_parameterization_and_state_dict(kind):
+    layer = _plastic_layer(kind, 4, eta=0.3, dtype=F64)
+    assert layer.eta.item() == pytest.approx(0.3, rel=1e-12)
+    assert "eta_logit" in dict(layer.named_parameters()) and "eta" not in dict(layer.named_parameters())
+    state = layer.state_dict()
+    assert "eta_logit" in state and "eta" not in state
+    other = _plastic_layer(kind, 4).double()
+    other.load_state_dict(state)
+    assert other.eta.item() == pytest.approx(0.3, rel=1e-12)
+    # A state_dict that stores eta itself (the effective value) loads too.
+    legacy = {k: v for k, v in state.items() if k != "eta_logit"}
+    legacy["eta"] = torch.tensor(0.05, dtype=F64)
+    other.load_state_dict(legacy)
+    assert other.eta.item() == pytest.approx(0.05, rel=1e-12)
+    with pytest.raises(ValueError, match=r"eta: expected 0 <= eta < 1 in the state_dict, got 1.5"):
+        other.load_state_dict({**legacy, "eta": torch.tensor(1.5, dtype=F64)})
+    # eta = 0 is a fixed point of every parameterization onto [0, 1): the layer keeps it frozen.
+    frozen = _plastic_layer(kind, 4, eta=0.0)
+    assert frozen.eta.item() == 0.0 and not frozen.eta_logit.requires_grad
+    with pytest.raises(ValueError, match="eta: expected 0 <= eta < 1, got 1.0"):
+        _plastic_layer(kind, 4, eta=1.0)

@@ -1,6 +1,7 @@
 """Layers: drop-in masked twins of nn.Conv2d / nn.Linear, the NeuronGate, and `convert`."""
 
-from .masked import MaskedBatchNorm2d, MaskedConv2d, MaskedLinear, NeuronGate, convert
+from .masked import MaskedBatchNorm1d, MaskedBatchNorm2d, MaskedConv2d, MaskedLinear, NeuronGate, convert
 from .plastic import PlasticLinear, PlasticRNN
 
-__all__ = ["MaskedBatchNorm2d", "MaskedConv2d", "MaskedLinear", "NeuronGate", "PlasticLinear", "PlasticRNN", "convert"]
+__all__ = ["MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedConv2d", "MaskedLinear", "NeuronGate", "PlasticLinear",
+           "PlasticRNN", "convert"]

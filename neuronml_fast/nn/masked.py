@@ -1,4 +1,4 @@
-"""Drop-in structure-gated layers: MaskedConv2d, MaskedLinear, MaskedBatchNorm2d, NeuronGate, convert.
+"""Drop-in structure-gated layers: MaskedConv2d, MaskedLinear, MaskedBatchNorm1d/2d, NeuronGate, convert.
 
 Where the mask comes from, first match wins: the ``mask=`` argument of ``forward``, the layer's
 ``gate`` (a `NeuronGate`), or its ``mask`` buffer (ones at construction, so a fresh layer
@@ -88,7 +88,8 @@ class _MaskedMixin:
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.register_buffer("mask", torch.ones(num_neurons, **factory))
         if gate is True:
-            gate = NeuronGate(num_neurons)
+            # Hard: exactly 1 at initialization, so a fresh gated layer computes what the plain one does.
+            gate = NeuronGate(num_neurons, mode="hard").to(**factory)
         if gate is not None and not isinstance(gate, NeuronGate):
             raise TypeError(f"gate: expected a NeuronGate, True or None, got {type(gate).__name__}")
         self.gate = gate
@@ -150,8 +151,8 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose output channels are gated by a structure mask (SPEC section 2).
 
     Same constructor arguments and state_dict keys as nn.Conv2d (``padding_mode`` other than
-    ``"zeros"`` is pre-padded in PyTorch), plus ``gate`` (a NeuronGate or True),
-    ``skip_zero`` and ``track_sensitivity``.
+    ``"zeros"`` is pre-padded in PyTorch), plus ``gate`` (a NeuronGate, or True for a hard
+    NeuronGate whose mask starts at exactly 1), ``skip_zero`` and ``track_sensitivity``.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -175,7 +176,11 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
 
 
 class MaskedLinear(_MaskedMixin, nn.Linear):
-    """nn.Linear whose output features are gated by a structure mask (SPEC section 2)."""
+    """nn.Linear whose output features are gated by a structure mask (SPEC section 2).
+
+    Same constructor arguments and state_dict keys as nn.Linear, plus ``gate``, ``skip_zero`` and
+    ``track_sensitivity`` as in `MaskedConv2d`.
+    """
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, gate=None,
                  skip_zero=True, track_sensitivity=False):
@@ -187,17 +192,40 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return masked_linear(input, self.weight, mask, self.bias, skip_zero=self.skip_zero)
 
 
-class MaskedBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that keeps pruned neurons silent: ``mask[c] * BN(x)[c]``.
+class _MaskedBatchNorm:
+    """BatchNorm that keeps pruned neurons silent: ``mask[c] * BN(x)[c]``.
 
     Design: in a conv -> BN -> ReLU block the mask is applied *after* the normalization. A
     mask before BN would be normalized away (BN is invariant to a per-channel scale), and a
     pruned channel of exact zeros would come out of BN as ``beta``. Here pruned channels are
     exact zeros with zero gradients, and their running statistics are left untouched. Give
     the conv the same mask (it then skips the pruned neurons' compute).
+
+    Mask source: the ``mask=`` argument of ``forward``, else the current mask of the layer set
+    with ``follow(layer)`` (what `convert` sets up), else none (plain BatchNorm). The followed
+    layer is a reference, not a submodule: its parameters stay out of this module's state_dict.
     """
 
+    _mask_source = None
+
+    @property
+    def mask_source(self):
+        """The masked layer whose mask this norm applies when ``forward`` gets none (or None)."""
+        return self._mask_source
+
+    def follow(self, layer):
+        """Apply ``layer``'s current mask (a MaskedConv2d or MaskedLinear; None: no mask). Returns self."""
+        if layer is not None and not isinstance(layer, _MaskedMixin):
+            raise TypeError(f"layer: expected a MaskedConv2d, MaskedLinear or None, got {type(layer).__name__}")
+        if layer is not None and layer.mask.numel() != self.num_features:
+            raise ValueError(f"layer: expected a masked layer with {self.num_features} neurons (num_features), "
+                             f"got {layer.mask.numel()}")
+        object.__setattr__(self, "_mask_source", layer)  # bypasses nn.Module: not a submodule
+        return self
+
     def forward(self, input, mask=None):
+        if mask is None and self._mask_source is not None:
+            mask = self._mask_source.current_mask()
         if mask is None:
             return super().forward(input)
         keep = mask != 0
@@ -214,40 +242,82 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(torch.where(keep, mean, self.running_mean))
                 self.running_var.copy_(torch.where(keep, var, self.running_var))
-        keep = keep.view(1, -1, 1, 1)
-        return torch.where(keep, mask.view(1, -1, 1, 1), 0) * torch.where(keep, out, 0)
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        keep = keep.view(shape)
+        return torch.where(keep, mask.view(shape), 0) * torch.where(keep, out, 0)
+
+
+class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
+    __doc__ = _MaskedBatchNorm.__doc__
+
+
+class MaskedBatchNorm1d(_MaskedBatchNorm, nn.BatchNorm1d):
+    __doc__ = _MaskedBatchNorm.__doc__.replace("conv -> BN -> ReLU", "linear -> BN -> ReLU")
 
 
 def convert(module, *, gate=False, skip_zero=True, track_sensitivity=False):
-    """Swap every nn.Conv2d / nn.Linear inside ``module`` (in place) for its masked twin.
+    """Swap every nn.Conv2d / nn.Linear inside ``module`` (in place) for its masked twin, and every
+    BatchNorm that normalizes one of them for a masked BatchNorm that applies its mask.
 
-    The parameters are the same objects (an optimizer built before still updates them), and
-    the output is unchanged while all masks are 1. ``gate=True`` attaches a soft NeuronGate to
-    each swapped layer. Returns ``module`` (or its replacement when ``module`` itself is a
-    Conv2d / Linear).
+    The parameters and buffers are the same objects (an optimizer built before still updates
+    them), and the output is unchanged while all masks are 1, in train and eval mode.
+
+    * BatchNorm: an nn.BatchNorm2d (nn.BatchNorm1d) registered right after an nn.Conv2d
+      (nn.Linear) in the same parent, with as many features as it has neurons (the conv -> BN
+      order of nn.Sequential blocks and torchvision's models), becomes a `MaskedBatchNorm2d`
+      (`MaskedBatchNorm1d`) that follows that layer's mask: a pruned neuron is then an exact zero
+      after its BatchNorm too, instead of BN's shift ``beta``. Other BatchNorms stay as they are;
+      link one by hand with ``MaskedBatchNorm2d.follow(layer)``.
+    * ``gate=True`` attaches a hard (straight-through) `NeuronGate` to each swapped layer: its
+      mask is exactly 1 at initialization, so the output is unchanged in train mode too (a soft
+      gate would start at sigmoid(3) = 0.95), and its logits learn through the sigmoid. With
+      ``skip_zero=True`` a neuron whose gate reaches 0 gets no gradient from the loss and stays
+      pruned; pass ``skip_zero=False`` to let pruned neurons come back.
+
+    Returns ``module`` (or its replacement when ``module`` itself is a Conv2d / Linear).
     """
     replacement = _masked_twin(module, gate, skip_zero, track_sensitivity)
     if replacement is not None:
         return replacement
-    for name, child in module.named_children():
-        setattr(module, name, convert(child, gate=gate, skip_zero=skip_zero, track_sensitivity=track_sensitivity))
+    previous = None
+    for name, child in list(module.named_children()):
+        child = convert(child, gate=gate, skip_zero=skip_zero, track_sensitivity=track_sensitivity)
+        child = _norm_following(child, previous)
+        setattr(module, name, child)
+        previous = child
     return module
 
 
 def _masked_twin(module, gate, skip_zero, track_sensitivity):
-    options = dict(skip_zero=skip_zero, track_sensitivity=track_sensitivity)
-    factory = dict(device=module.weight.device, dtype=module.weight.dtype) if hasattr(module, "weight") else {}
+    if type(module) not in (nn.Conv2d, nn.Linear):
+        return None
+    options = dict(gate=gate or None, skip_zero=skip_zero, track_sensitivity=track_sensitivity,
+                   device=module.weight.device, dtype=module.weight.dtype)
     if type(module) is nn.Conv2d:
         twin = MaskedConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                             module.padding, module.dilation, module.groups, module.bias is not None,
-                            module.padding_mode, **factory, **options)
-    elif type(module) is nn.Linear:
-        twin = MaskedLinear(module.in_features, module.out_features, module.bias is not None, **factory, **options)
+                            module.padding_mode, **options)
     else:
-        return None
+        twin = MaskedLinear(module.in_features, module.out_features, module.bias is not None, **options)
     twin.weight = module.weight
     twin.bias = module.bias
-    if gate:
-        twin.gate = NeuronGate(twin.mask.numel()).to(module.weight.device)
     twin.train(module.training)
     return twin
+
+
+# The BatchNorm that normalizes each masked layer's output, and its masked twin.
+_MASKED_NORMS = {nn.BatchNorm2d: (MaskedConv2d, MaskedBatchNorm2d), nn.BatchNorm1d: (MaskedLinear, MaskedBatchNorm1d)}
+
+
+def _norm_following(module, previous):
+    """``module``, or its masked twin following ``previous`` where ``module`` is the BatchNorm of
+    ``previous``'s output (see `convert`)."""
+    layer_type, twin_type = _MASKED_NORMS.get(type(module), (None, None))
+    if layer_type is None or not isinstance(previous, layer_type) or previous.mask.numel() != module.num_features:
+        return module
+    twin = twin_type(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                     device="meta")
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        setattr(twin, name, tensor)
+    twin.train(module.training)
+    return twin.follow(previous)

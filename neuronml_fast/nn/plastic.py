@@ -2,6 +2,10 @@
 
 Each connection is ``weight + alpha * hebb``; ``hebb`` is per sequence and is returned, so it
 (and the recurrent state) can be carried across calls: ``out, state = rnn(x, state)``.
+
+The trace's learning rate ``eta`` must lie in [0, 1) (the rules decay the trace by ``1 - eta``).
+The layers learn it as ``eta = sigmoid(eta_logit)``, so no optimizer step can take it out of that
+domain; ``layer.eta`` is the effective value and the state_dict stores ``eta_logit``.
 """
 
 import math
@@ -22,7 +26,41 @@ def _plastic_parameters(module, out_features, in_features, alpha, eta, device, d
     module.weight = nn.Parameter(0.01 * torch.randn(out_features, in_features, **factory))
     shape = (out_features, in_features) if alpha == "per_connection" else ()
     module.alpha = nn.Parameter(0.01 * torch.randn(shape, **factory))
-    module.eta = nn.Parameter(torch.tensor(float(eta), **factory))
+    # eta = 0 is a fixed point of any smooth map onto [0, 1) (its gradient vanishes there): its
+    # logit, -inf, is kept out of training, where weight decay would turn it into nan.
+    module.eta_logit = nn.Parameter(torch.tensor(_logit(eta), **factory), requires_grad=eta > 0)
+
+
+def _logit(eta):
+    """The eta_logit whose sigmoid is ``eta`` (a number in [0, 1))."""
+    return math.log(eta) - math.log1p(-eta) if eta > 0 else -math.inf
+
+
+class _LearnedEta:
+    """``eta = sigmoid(eta_logit)``: a trace learning rate in [0, 1) whatever the optimizer does."""
+
+    @property
+    def eta(self):
+        """The effective eta, a 0-d tensor in [0, 1) that carries the gradient to ``eta_logit``."""
+        eta = torch.sigmoid(self.eta_logit)
+        # The sigmoid of a large logit rounds to exactly 1, outside the ops' domain: the largest
+        # number below 1 of the dtype takes its place.
+        return eta.clamp(max=1.0 - torch.finfo(eta.dtype).eps / 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state_dict that stores eta itself (the effective value) loads as its logit.
+        key = prefix + "eta"
+        if key in state_dict and prefix + "eta_logit" not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[prefix + "eta_logit"] = _logit_of_loaded(state_dict.pop(key))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _logit_of_loaded(eta):
+    value = float(eta)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"eta: expected 0 <= eta < 1 in the state_dict, got {value}")
+    return torch.tensor(_logit(value), dtype=eta.dtype, device=eta.device)
 
 
 def _check_options(rule, activation):
@@ -32,10 +70,15 @@ def _check_options(rule, activation):
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
-class PlasticLinear(nn.Module):
+class PlasticLinear(_LearnedEta, nn.Module):
     """``y_t = act((weight + alpha * H_t) x_t + bias + drive_t)`` over a sequence ``[T, B, in]``.
 
     ``forward(input, hebb=None, drive=None) -> (output [T, B, out], hebb [B, out, in])``.
+
+    The trace learning rate is learned as ``eta = sigmoid(eta_logit)``, so training can never take
+    it out of the domain [0, 1) the rules require; the constructor's ``eta`` is its initial value.
+    ``layer.eta`` reads the effective value; the parameter and state_dict entry is ``eta_logit``.
+    ``eta=0`` keeps the layer at eta = 0 (``eta_logit`` is -inf and does not require grad).
     """
 
     def __init__(self, in_features, out_features, bias=True, rule="hebb", activation="tanh",
@@ -56,11 +99,13 @@ class PlasticLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, rule={self.rule!r}, activation={self.activation!r}"
 
 
-class PlasticRNN(nn.Module):
+class PlasticRNN(_LearnedEta, nn.Module):
     """Recurrent plastic layer: ``y_t = act((weight + alpha * H_t) y_{t-1} + input_t)``.
 
     ``forward(input [T, B, N], state=None, modulation=None) -> (output [T, B, N], (y_T, hebb))``;
     ``state`` is the ``(y, hebb)`` pair a previous call returned (zeros by default).
+
+    ``eta`` is learned as ``eta = sigmoid(eta_logit)``, always in [0, 1), as in `PlasticLinear`.
     """
 
     def __init__(self, size, rule="hebb", activation="tanh", alpha="per_connection", eta=0.01, clip=None,

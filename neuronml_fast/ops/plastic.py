@@ -203,11 +203,11 @@ def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output,
       recurrent, rule, activation, checkpoint_every, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
-    empty = input.new_empty((0,))
+    absent = lambda: input.new_empty((0,))  # noqa: E731  (one each: outputs may not alias each other)
     return (input.new_empty(input.shape), weight.new_empty(weight.shape), alpha.new_empty(alpha.shape),
             eta.new_empty(()), input.new_empty((B, out_features, in_features)), input.new_empty((out_features,)),
-            input.new_empty((T, B, out_features)), input.new_empty((B, out_features)) if recurrent else empty,
-            empty if modulation is None else modulation.new_empty(modulation.shape))
+            input.new_empty((T, B, out_features)), input.new_empty((B, out_features)) if recurrent else absent(),
+            absent() if modulation is None else modulation.new_empty(modulation.shape))
 
 
 def _setup_context(ctx, inputs, output):
