@@ -4,9 +4,10 @@ Where the mask comes from, first match wins: the ``mask=`` argument of ``forward
 ``gate`` (a `NeuronGate`), or its ``mask`` buffer (ones at construction, so a fresh layer
 computes exactly what nn.Conv2d / nn.Linear computes).
 
-state_dict: the same keys as nn.Conv2d / nn.Linear, plus ``mask`` (and ``gate.logits`` when a
-gate is attached). A plain nn.Conv2d / nn.Linear state_dict loads with ``strict=True``: a
-missing ``mask`` means "all neurons active".
+state_dict: the same keys as nn.Conv2d / nn.Linear, plus ``mask`` (and, when a gate is attached,
+``gate.logits`` and ``gate._extra_state``: the gate's mode, k, temperature and threshold). A plain
+nn.Conv2d / nn.Linear state_dict loads with ``strict=True``: a missing ``mask`` means "all neurons
+active". A gated state_dict loaded into a layer without a gate attaches one.
 """
 
 import torch
@@ -27,7 +28,8 @@ class NeuronGate(nn.Module):
         straight-through gradient (the backward sees the sigmoid).
       * ``"topk"``: the ``k`` neurons with the largest logits are 1, the rest 0, straight-through.
 
-    Hard masks are exactly 0/1, so the masked layers skip the zeros. Note that with
+    The configuration (mode, k, temperature, threshold, hard_at_eval) is saved in the state_dict
+    with the logits. Hard masks are exactly 0/1, so the masked layers skip the zeros. Note that with
     ``skip_zero=True`` a pruned neuron's mask gradient is exactly 0 (SPEC section 2): a
     straight-through gate then cannot revive it. Train with ``skip_zero=False`` (true
     gradients everywhere) or a soft gate when pruned neurons must be able to come back.
@@ -38,6 +40,10 @@ class NeuronGate(nn.Module):
     def __init__(self, num_neurons, mode="soft", temperature=1.0, threshold=0.5, k=None, init_logit=3.0,
                  hard_at_eval=True):
         super().__init__()
+        self._configure(num_neurons, mode, temperature, threshold, k, hard_at_eval)
+        self.logits = nn.Parameter(torch.full((num_neurons,), float(init_logit)))
+
+    def _configure(self, num_neurons, mode, temperature, threshold, k, hard_at_eval):
         if mode not in self.MODES:
             raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
         if not temperature > 0:
@@ -47,8 +53,28 @@ class NeuronGate(nn.Module):
         if mode == "topk" and (k is None or not 0 <= k <= num_neurons):
             raise ValueError(f"k: expected an int in [0, {num_neurons}] for mode 'topk', got {k!r}")
         self.mode, self.temperature, self.threshold, self.k, self.hard_at_eval = (
-            mode, float(temperature), float(threshold), k, hard_at_eval)
-        self.logits = nn.Parameter(torch.full((num_neurons,), float(init_logit)))
+            mode, float(temperature), float(threshold), k, bool(hard_at_eval))
+
+    # The configuration travels in the state_dict (key ``_extra_state``), so loading a saved
+    # gated model restores its mode, k, temperature and threshold, not only its logits.
+    def get_extra_state(self):
+        return {"mode": self.mode, "temperature": self.temperature, "threshold": self.threshold, "k": self.k,
+                "hard_at_eval": self.hard_at_eval}
+
+    def set_extra_state(self, state):
+        if not isinstance(state, dict) or set(state) != set(self.get_extra_state()):
+            raise ValueError(f"gate configuration: expected a dict with keys {sorted(self.get_extra_state())}, "
+                             f"got {state!r}")
+        self._configure(self.logits.shape[-1], **state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state_dict saved without the configuration (only logits) keeps this gate's own.
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            state_dict = {**state_dict, key: self.get_extra_state()}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def probabilities(self, shift=None):
         """``sigmoid((logits + shift) / temperature)``; ``shift [..., C]`` conditions the mask (e.g. per task)."""
@@ -143,6 +169,12 @@ class _MaskedMixin:
         if key not in state_dict:
             state_dict = dict(state_dict)
             state_dict[key] = torch.ones_like(self.mask)
+        # A gated layer's state_dict rebuilds its gate in a layer converted without one, so a
+        # saved model reloads with the same behaviour (the gate's configuration loads with it).
+        if self.gate is None and prefix + "gate.logits" in state_dict:
+            self.gate = NeuronGate(self.mask.numel(), mode="hard").to(device=self.weight.device,
+                                                                      dtype=self.weight.dtype)
+            self.gate.train(self.training)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
