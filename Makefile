@@ -23,7 +23,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.package-built
 BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.py csrc/*/*/*.h)
 
-.PHONY: setup test bench env clean gpu-check
+.PHONY: setup test test-quick bench env clean gpu-check
 
 setup: $(BUILD_STAMP)
 
@@ -51,6 +51,10 @@ test: setup
 	for order in forward reverse; do \
 	  NEURONML_FAST_CUDA_EMULATE_ORDER=$$order $(PY) -m pytest tests -q -k "cuda and not emulation" $(PYTEST_ARGS) || exit 1; \
 	done
+
+# The quick run: everything but the emulated GPU backends (CI runs `make test`).
+test-quick: setup
+	$(PY) -m pytest tests -m "not emulated" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

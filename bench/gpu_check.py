@@ -21,7 +21,7 @@ minutes); a failing step does not stop the next. Steps:
 Without a GPU the GPU steps (build, tests, sanitizers, bench) are reported as skipped and the
 run fails, unless ``--no-gpu-ok`` (to check this script's plumbing on a CPU machine).
 
-Writes under the output folder (default bench/results/gpu-check/): gpu-check.log (everything),
+Writes under the output folder (default bench/out/gpu-check/): gpu-check.log (everything),
 <step>.log per step, gpu-check.json and gpu-check.md (the summary), check.json (the self-check
 rows), pytest.xml, and the bench's gpu.md, gpu.json, gpu.csv and plots. Exit status 1 if any step
 failed or timed out.
@@ -39,7 +39,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu-check")
+DEFAULT_OUT = os.path.join(ROOT, "bench", "out", "gpu-check")
 # The open-ended step (the test suite, its Triton compiles) last: the others have fixed costs, and
 # what the budget leaves goes to it.
 STEPS = ("env", "build", "report", "check", "memcheck", "racecheck", "bench", "tests")
@@ -285,7 +285,7 @@ def write_summary(out, steps, gpu, seconds, budget_s):
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder for logs and results (default bench/results/gpu-check)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for logs and results (default bench/out/gpu-check)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (default 450)")
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile jobs")

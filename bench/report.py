@@ -1,4 +1,4 @@
-"""Terminal table, JSON and CSV under bench/results/, and PNG plots."""
+"""Terminal table, JSON and CSV in the results folder, and PNG plots."""
 
 import csv
 import datetime
@@ -11,6 +11,11 @@ import subprocess
 import torch
 
 import neuronml_fast as nf
+
+from .ceilings import METHOD as ROOFLINE_METHOD
+
+ABOVE_CEILING_NOTE = ("* ran faster than its ceiling probes (raw fraction in the JSON, `roofline_above_ceiling`): "
+                      "the probes underestimate what this case can reach, so 100 % is a floor, not a measurement.")
 
 
 def metadata(device, ceilings):
@@ -41,11 +46,19 @@ def metadata(device, ceilings):
         "neuronml_fast": nf.__version__,
         "ceilings": {"copy_gbps": ceilings.copy_gbps, "read_gbps": ceilings.read_gbps,
                      "matmul_tflops": ceilings.matmul_tflops},
+        # How the roofline column was computed; results files without this key used the
+        # whole-machine ceilings above, measured once at the start of the run.
+        "roofline": ROOFLINE_METHOD,
     }
 
 
 def _fmt(x, digits=2, suffix=""):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}{suffix}"
+
+
+def _roofline_cell(row):
+    cell = _fmt(100 * row.roofline_fraction, 1, "%")
+    return cell + "*" if "roofline_above_ceiling" in row.extra else cell
 
 
 def table(rows):
@@ -57,9 +70,11 @@ def table(rows):
         lines.append(
             f"| {r.case} | {r.variant} | {_fmt(r.speedup_vs_eager, 2, 'x')} | {_fmt(r.speedup_vs_compile, 2, 'x')} "
             f"| {_fmt(r.median_ms, 3)} | {_fmt(r.q1_ms, 3)}-{_fmt(r.q3_ms, 3)} "
-            f"| {_fmt(100 * r.roofline_fraction, 1, '%')} |"
+            f"| {_roofline_cell(r)} |"
             + (f" {_fmt(r.extra.get('do_bench_ms', float('nan')), 3)} |" if cross else "")
         )
+    if any("roofline_above_ceiling" in r.extra for r in rows):
+        lines += ["", ABOVE_CEILING_NOTE]
     return "\n".join(lines)
 
 
@@ -75,15 +90,16 @@ def write(rows, meta, out_dir, tag, extra=None):
         writer = csv.writer(f)
         fields = ["case", "variant", "median_ms", "q1_ms", "q3_ms", "speedup_vs_eager", "speedup_vs_compile",
                   "roofline_fraction"]
-        writer.writerow(fields + ["device", "git_commit"])
+        writer.writerow(fields + ["roofline_above_ceiling", "device", "git_commit"])
         for r in rows:
-            writer.writerow([getattr(r, k) for k in fields] + [meta["device_name"], meta["git_commit"]])
+            writer.writerow([getattr(r, k) for k in fields] + [r.extra.get("roofline_above_ceiling", ""),
+                                                               meta["device_name"], meta["git_commit"]])
     with open(base + ".md", "w") as f:
         f.write(f"{meta['device_name']} ({meta['device']}), torch {meta['torch']}, commit {meta['git_commit']}, "
                 f"{meta['date'][:10]}; copy {meta['ceilings']['copy_gbps']:.1f} GB/s, "
                 f"read {meta['ceilings']['read_gbps']:.1f} GB/s, matmul "
                 + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in meta["ceilings"]["matmul_tflops"].items())
-                + "\n\n" + table(rows) + "\n")
+                + f" at the start; roofline: {meta['roofline']}\n\n" + table(rows) + "\n")
         if "plastic_memory" in extra:
             f.write("\n" + memory_table(extra["plastic_memory"]) + "\n")
     return [base + ext for ext in (".json", ".csv", ".md")]

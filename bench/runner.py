@@ -6,6 +6,7 @@ import torch
 
 import neuronml_fast as nf
 
+from . import ceilings as ceilings_mod
 from .timing import interleaved
 
 KERNEL_BACKENDS = ("cpu", "triton", "cuda")
@@ -51,7 +52,7 @@ class Row:
     q3_ms: float
     speedup_vs_eager: float
     speedup_vs_compile: float
-    roofline_fraction: float
+    roofline_fraction: float  # <= 1; extra["roofline_above_ceiling"] holds the raw value when it was above
     extra: dict = dataclasses.field(default_factory=dict)
 
 
@@ -67,22 +68,32 @@ def do_bench_ms(fn):
     return do_bench(lambda: fn(next(counter)), return_mode="median")
 
 
-def run_case(case, device, ceilings, rounds=7, with_compile=True):
+def run_case(case, device, rounds=7, with_compile=True, quick=True):
+    """Rows of one case; its ceilings are probed in the same interleaved rounds as its variants."""
     setup, variants = build_variants(case, device, with_compile)
-    timings = interleaved(variants, device, rounds=rounds)
+    probes, to_ceilings = ceilings_mod.probes(device, setup.working_set, setup.dtype, quick)
+    timings = interleaved({**variants, **probes}, device, rounds=rounds)
+    ceilings = to_ceilings({name: timings.pop(name) for name in probes})
     cross_check = {}
     if torch.device(device).type == "cuda" and "cuda" in nf.backends.status("triton").devices:
         cross_check = {name: do_bench_ms(fn) for name, fn in variants.items()}
     roofline = ceilings.roofline_s(setup.flops, setup.nbytes, setup.dtype)
+    ceiling = {"copy_gbps": ceilings.copy_gbps, "read_gbps": ceilings.read_gbps,
+               "matmul_tflops": ceilings.matmul_tflops[setup.dtype], "probe_bytes": ceilings.probe_bytes}
     eager, compiled = timings["eager"].median_s, timings.get("compile")
     rows = []
     for name, t in timings.items():
+        fraction, above = ceilings_mod.roofline_fraction(roofline, t.median_s)
+        extra = {"ceiling": ceiling}
+        if above is not None:
+            extra["roofline_above_ceiling"] = above
+        if name in cross_check:
+            extra["do_bench_ms"] = cross_check[name]
         rows.append(Row(
             case=case.id, family=case.family, params=case.params, variant=name,
             median_ms=t.median_s * 1e3, q1_ms=t.q1_s * 1e3, q3_ms=t.q3_s * 1e3,
             speedup_vs_eager=eager / t.median_s,
             speedup_vs_compile=(compiled.median_s / t.median_s) if compiled else float("nan"),
-            roofline_fraction=roofline / t.median_s if roofline else float("nan"),
-            extra={"do_bench_ms": cross_check[name]} if name in cross_check else {},
+            roofline_fraction=fraction, extra=extra,
         ))
     return rows

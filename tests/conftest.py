@@ -18,6 +18,9 @@ os.environ.setdefault("NEURONML_FAST_POISON", "1")
 
 import pytest  # noqa: E402
 
+# Marks the tests that run an emulated GPU backend on CPU tensors (`pytest -m "not emulated"`).
+pytest_plugins = ["plugins.markers"]
+
 import neuronml_fast as nf  # noqa: E402
 
 from hypothesis import settings  # noqa: E402

@@ -1,12 +1,26 @@
-"""The benchmark report: the markdown table, with the do_bench column only where a GPU run has it."""
+"""The benchmark: the markdown table (the do_bench column only where a GPU run has it), where a run
+writes its results, and roofline fractions that cannot read above 100 %."""
 
-from bench.report import table
-from bench.runner import Row
+import json
+import math
+import os
+import shutil
+import subprocess
+
+import torch
+
+import bench.__main__ as bench_main
+from bench import report as bench_report
+from bench.cases import Case, Setup
+from bench.ceilings import METHOD as ROOFLINE_METHOD
+from bench.ceilings import Ceilings, roofline_fraction
+from bench.report import ABOVE_CEILING_NOTE, table
+from bench.runner import Row, run_case
 
 
-def _row(variant, extra=None):
+def _row(variant, extra=None, fraction=0.25):
     return Row(case="f/case", family="f", params={}, variant=variant, median_ms=2.0, q1_ms=1.9, q3_ms=2.1,
-               speedup_vs_eager=1.5, speedup_vs_compile=float("nan"), roofline_fraction=0.25, extra=extra or {})
+               speedup_vs_eager=1.5, speedup_vs_compile=float("nan"), roofline_fraction=fraction, extra=extra or {})
 
 
 def test_table_lists_speedups_and_spreads():
@@ -19,3 +33,81 @@ def test_table_adds_the_do_bench_cross_check_when_present():
     text = table([_row("eager", {"do_bench_ms": 2.25}), _row("cuda")])
     assert text.splitlines()[0].endswith("do_bench ms |")
     assert "| 2.250 |" in text and text.splitlines()[-1].endswith("| - |")
+
+
+# ---- where results go ---------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_default_run_writes_to_an_untracked_folder():
+    out = os.path.relpath(bench_main.parse([]).out, REPO)
+    assert out == os.path.join("bench", "out")
+    if shutil.which("git") and os.path.isdir(os.path.join(REPO, ".git")):
+        ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(out, "cpu.json")], cwd=REPO)
+        assert ignored.returncode == 0, f"{out} must be in .gitignore"
+    assert os.path.relpath(bench_main.parse(["--out", "bench/results"]).out) == os.path.join("bench", "results")
+
+
+def test_a_run_writes_only_into_its_out_folder(tmp_path, capsys):
+    committed = os.path.join(REPO, "bench", "results")
+
+    def committed_cpu_results():  # what a CPU run would overwrite there
+        return {name: os.path.getmtime(os.path.join(committed, name)) for name in os.listdir(committed)
+                if name.startswith("cpu")}
+
+    before = committed_cpu_results()
+    assert bench_main.main(["--cases", "head 5x1600", "--no-compile", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert {"cpu.json", "cpu.csv", "cpu.md"} <= set(os.listdir(tmp_path))
+    assert committed_cpu_results() == before
+    results = json.load(open(tmp_path / "cpu.json"))
+    assert results["meta"]["roofline"] == ROOFLINE_METHOD
+    assert all(r["roofline_fraction"] <= 1 for r in results["results"])
+
+
+# ---- roofline ---------------------------------------------------------------------------------
+
+
+def test_roofline_fraction_is_at_most_one_and_flags_what_ran_past_the_ceiling():
+    assert roofline_fraction(1.0, 4.0) == (0.25, None)
+    assert roofline_fraction(1.24, 1.0) == (1.0, 1.24)
+    fraction, above = roofline_fraction(0.0, 1.0)
+    assert math.isnan(fraction) and above is None
+    text = table([_row("eager", {"roofline_above_ceiling": 1.24}, fraction=1.0), _row("cpu")])
+    assert "| f/case | eager | 1.50x | - | 2.000 | 1.900-2.100 | 100.0%* |" in text
+    assert "| f/case | cpu | 1.50x | - | 2.000 | 1.900-2.100 | 25.0% |" in text
+    assert text.splitlines()[-1] == ABOVE_CEILING_NOTE
+
+
+def _case(flops, nbytes, resident_bytes=None):
+    def build(device):
+        x = torch.ones(256, device=device)
+        return Setup(torch.neg, torch.neg, [(x,)], flops=flops, nbytes=nbytes, resident_bytes=resident_bytes)
+
+    return Case("probe", "tiny", build, {})
+
+
+def test_a_case_faster_than_its_ceiling_reads_100_percent_flagged():
+    rows = run_case(_case(flops=1e15, nbytes=0), "cpu", rounds=1, with_compile=False)
+    assert rows and all(r.roofline_fraction == 1.0 for r in rows)
+    assert all(r.extra["roofline_above_ceiling"] > 1 for r in rows)
+
+
+def test_the_bandwidth_ceiling_is_probed_on_the_case_working_set():
+    rows = run_case(_case(flops=0, nbytes=1 << 20), "cpu", rounds=1, with_compile=False)
+    assert rows[0].extra["ceiling"]["probe_bytes"] == 1 << 20  # cache-resident case, cache-resident probe
+    rows = run_case(_case(flops=0, nbytes=1 << 30, resident_bytes=4 << 20), "cpu", rounds=1, with_compile=False)
+    assert rows[0].extra["ceiling"]["probe_bytes"] == 4 << 20
+    assert all(0 < r.roofline_fraction <= 1 for r in rows)
+
+
+def test_committed_results_keep_their_own_roofline_method():
+    # Results written with whole-run ceilings carry no "roofline" key, so no reader takes their
+    # roofline column for the per-case one.
+    committed = json.load(open(os.path.join(REPO, "bench", "results", "cpu.json")))
+    assert "roofline" not in committed["meta"]
+    assert bench_report.metadata("cpu", measure_stub())["roofline"] == ROOFLINE_METHOD
+
+
+def measure_stub():
+    return Ceilings("cpu", copy_gbps=10.0, read_gbps=12.0, matmul_tflops={"float32": 0.1})

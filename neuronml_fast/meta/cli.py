@@ -1,11 +1,17 @@
 """``python -m neuronml_fast.meta train|compare``: meta-train and evaluate; time the backends side by side.
 
 train:   a progress bar, periodic evaluation on held-out tasks, a checkpoint every
-         ``--checkpoint-every`` iterations (``--resume`` continues from it), and at the end
+         ``--checkpoint-every`` iterations (``--resume`` continues from it; a folder that holds a
+         run is continued with ``--resume`` or replaced with ``--overwrite``, never silently), and at the end
          ``DIR/results.json`` (test_accuracy over ``--test-tasks`` evaluation tasks with its ci95,
          active_fraction, sec_per_iter, ...), ``DIR/curve.csv`` and ``DIR/curve.png``.
 compare: meta-iterations of the reference loop, the fused task-batched layers and torch.func
-         vmap (MAML only), interleaved in one process; prints medians and ratios.
+         vmap (MAML only), interleaved in one process; a line per learner and repeat on stderr,
+         then medians and ratios.
+
+--backend takes the package's backend names: ``reference`` runs the plain PyTorch learner (tasks
+in a loop), ``auto``, ``cpu``, ``triton`` and ``cuda`` the fused learner (tasks batched) with the
+package's ops on that backend.
 """
 
 import argparse
@@ -17,7 +23,11 @@ import subprocess
 import sys
 import time
 
+import warnings
+
 import torch
+
+from .. import backends as package_backends
 
 from .learners import MAML, PlasticHead, NeuronML, ci95
 from .models import MLP, Conv4
@@ -29,62 +39,181 @@ DATASETS = ("omniglot", "sinusoid")
 
 # ---- arguments ----------------------------------------------------------------------------
 
+# The package's backend names: "reference" runs the plain PyTorch learner (tasks in a loop), the
+# others the fused learner (tasks batched) with the package's ops on that backend.
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+DEPRECATED_BACKENDS = {"fused": "auto"}  # the learner's own name, from before the CLI used the package's
+RUN_FILES = ("results.json", "checkpoint.pt", "curve.csv", "curve.png")
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, except where there is none to show (a flag, or a
+    default that depends on --dataset and is spelled out in the help)."""
+
+    def _get_help_string(self, action):
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if no_default or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(kind, expected, accept):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # what argparse names in "invalid <type> value"
+    return parse
+
+
+_positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
+_nonnegative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+_positive_float = _number(float, "a number > 0", lambda v: v > 0 and v != float("inf"))
+_nonnegative_float = _number(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
+_fraction = _number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _add_common(parser):
-    parser.add_argument("--algo", choices=ALGOS, default="maml")
-    parser.add_argument("--dataset", choices=DATASETS, default="omniglot")
+    parser.add_argument("--algo", choices=ALGOS, default="maml", help="meta-learner: MAML, NeuronML "
+                        "(MAML with a learned frugal structure) or a plastic output layer")
+    parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="task distribution")
     parser.add_argument("--data-root", default=None, help="folder holding images_background(.zip) and "
-                        "images_evaluation(.zip) (Omniglot)")
-    parser.add_argument("--ways", type=_positive_int, default=5)
-    parser.add_argument("--shots", type=_positive_int, default=None, help="default: 1 (Omniglot), 10 (sinusoid)")
+                        "images_evaluation(.zip); required for Omniglot")
+    parser.add_argument("--ways", type=_positive_int, default=5, help="classes per task (Omniglot)")
+    parser.add_argument("--shots", type=_positive_int, default=None,
+                        help="support examples per class (Omniglot) or per task (sinusoid); "
+                        "default: 1 (Omniglot), 10 (sinusoid)")
     parser.add_argument("--queries", type=_positive_int, default=None,
-                        help="query examples per class (Omniglot, default 15) or per task (sinusoid, default 10)")
-    parser.add_argument("--meta-batch", type=_positive_int, default=None, help="default: 32 (Omniglot), 25 (sinusoid)")
-    parser.add_argument("--inner-lr", type=float, default=None, help="default: 0.4 (Omniglot), 0.01 (sinusoid)")
-    parser.add_argument("--inner-steps", type=int, default=1)
+                        help="query examples per class (Omniglot) or per task (sinusoid); "
+                        "default: 15 (Omniglot), 10 (sinusoid)")
+    parser.add_argument("--meta-batch", type=_positive_int, default=None,
+                        help="tasks per meta-iteration; default: 32 (Omniglot), 25 (sinusoid)")
+    parser.add_argument("--inner-lr", type=_positive_float, default=None,
+                        help="inner-loop SGD step size; default: 0.4 (Omniglot), 0.01 (sinusoid)")
+    parser.add_argument("--inner-steps", type=_nonnegative_int, default=1, help="inner-loop SGD steps in training")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
-    parser.add_argument("--downsample", choices=("stride", "pool"), default="stride", help="Conv4 variant")
-    parser.add_argument("--target-active", type=float, default=0.5, help="NeuronML: frugality target")
-    parser.add_argument("--lambda-frugality", type=float, default=1.0)
-    parser.add_argument("--lambda-plasticity", type=float, default=0.1)
-    parser.add_argument("--lambda-sensitivity", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--downsample", choices=("stride", "pool"), default="stride",
+                        help="Conv4 variant: stride-2 convs (Finn et al.'s Omniglot model) or max-pooling")
+    parser.add_argument("--target-active", type=_fraction, default=0.5,
+                        help="NeuronML: fraction of neurons the frugality term holds active")
+    parser.add_argument("--lambda-frugality", type=_nonnegative_float, default=1.0,
+                        help="NeuronML: weight of the frugality term")
+    parser.add_argument("--lambda-plasticity", type=_nonnegative_float, default=0.1,
+                        help="NeuronML: weight of the plasticity term (tasks use different neurons)")
+    parser.add_argument("--lambda-sensitivity", type=_nonnegative_float, default=0.1,
+                        help="NeuronML: weight of the sensitivity term (active neurons are the important ones)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model and the task samplers")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m neuronml_fast.meta", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="meta-train, evaluate, write DIR/results.json")
+    train = commands.add_parser("train", help="meta-train, evaluate, write DIR/results.json",
+                                description="Meta-train, evaluate on held-out tasks, write DIR/results.json, "
+                                "curve.csv and curve.png.", formatter_class=_HelpFormatter)
     _add_common(train)
-    train.add_argument("--backend", choices=("reference", "fused"), default="fused")
-    train.add_argument("--iterations", type=_positive_int, default=1000)
-    train.add_argument("--time-limit", type=float, default=None, help="stop meta-training after this many minutes")
-    train.add_argument("--meta-lr", type=float, default=1e-3)
-    train.add_argument("--eval-inner-steps", type=int, default=None, help="inner steps at evaluation "
+    train.add_argument("--backend", choices=BACKENDS + tuple(DEPRECATED_BACKENDS), default="auto",
+                       help="reference: the plain PyTorch learner, tasks in a loop; auto, cpu, triton, cuda: the "
+                       "fused learner, tasks batched, on that backend of the package (fused: deprecated "
+                       "name of auto)")
+    train.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations")
+    train.add_argument("--time-limit", type=_positive_float, default=None,
+                       help="stop meta-training after this many minutes")
+    train.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="Adam learning rate of the meta-update")
+    train.add_argument("--eval-inner-steps", type=_nonnegative_int, default=None, help="inner steps at evaluation "
                        "(default: 3 for Omniglot as in Finn et al., else --inner-steps)")
-    train.add_argument("--eval-every", type=int, default=100, help="0: only at the end")
+    train.add_argument("--eval-every", type=_nonnegative_int, default=100,
+                       help="meta-iterations between evaluations on held-out tasks; 0: only at the end")
     train.add_argument("--eval-tasks", type=_positive_int, default=100, help="tasks per periodic evaluation")
     train.add_argument("--test-tasks", type=_positive_int, default=600, help="evaluation tasks for the final test")
-    train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if it exists")
-    train.add_argument("--out", required=True, help="output folder")
-    compare = commands.add_parser("compare", help="time meta-iterations of reference, fused and torch.func vmap")
+    train.add_argument("--checkpoint-every", type=_nonnegative_int, default=100,
+                       help="meta-iterations between checkpoints; 0: only at the end")
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/checkpoint.pt")
+    existing.add_argument("--overwrite", action="store_true", help="replace a previous run in DIR")
+    train.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder; one that holds a run needs --resume or --overwrite")
+    compare = commands.add_parser("compare", help="time meta-iterations of reference, fused and torch.func vmap",
+                                  description="Time meta-iterations of the reference learner, the fused learner "
+                                  "and torch.func vmap (MAML), interleaved; print medians and ratios.",
+                                  formatter_class=_HelpFormatter)
     _add_common(compare)
-    compare.add_argument("--repeats", type=_positive_int, default=5)
-    compare.add_argument("--warmup", type=int, default=1)
+    compare.add_argument("--backend", choices=tuple(b for b in BACKENDS if b != "reference")
+                         + tuple(DEPRECATED_BACKENDS), default="auto",
+                         help="the package backend the fused learner runs on (fused: deprecated name of auto)")
+    compare.add_argument("--repeats", type=_positive_int, default=5, help="timed meta-iterations per learner")
+    compare.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed meta-iterations per learner first")
     compare.add_argument("--synthetic", action="store_true", help="random images instead of Omniglot")
     compare.add_argument("--json", default=None, help="also write the timings to this file")
+    parser.commands = {"train": train, "compare": compare}  # errors found after parsing show their usage
     return parser
+
+
+def _check_device(parser, args):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"--device: expected cpu here (torch sees no CUDA device), got {args.device!r}")
+        if device.index is not None and device.index >= count:
+            parser.error(f"--device: expected cuda:0..cuda:{count - 1} ({count} CUDA device(s) here), "
+                         f"got {args.device!r}")
+
+
+def _check_backend(parser, args):
+    if args.backend in DEPRECATED_BACKENDS:
+        replacement = DEPRECATED_BACKENDS[args.backend]
+        warnings.warn(f"--backend {args.backend} is deprecated: it means --backend {replacement} (the fused "
+                      f"learner on the package's {replacement} backend)", FutureWarning, stacklevel=2)
+        args.backend = replacement
+    if args.backend in ("auto", "reference"):
+        return
+    device_type = torch.device(args.device).type
+    status = package_backends.status(args.backend)
+    if device_type not in status.devices:
+        usable = [b for b in BACKENDS if b in ("auto", "reference") or device_type in package_backends.status(b).devices]
+        parser.error(f"--backend: expected a backend that runs on {device_type} here ({', '.join(usable)}), "
+                     f"got {args.backend!r} ({status.state}; {status.detail})")
+
+
+def _check_out(parser, args):
+    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently mixed."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
+    if not found:
+        return
+    if args.resume and "checkpoint.pt" not in found:
+        parser.error(f"--resume: expected {os.path.join(args.out, 'checkpoint.pt')} to continue from, got a folder "
+                     f"holding {', '.join(found)} without it (--overwrite replaces that run)")
+    if not args.resume and not args.overwrite:
+        parser.error(f"--out: expected a folder without a previous run, got {args.out!r} holding "
+                     f"{', '.join(found)} (--resume continues that run, --overwrite replaces it)")
+
+
+def _check(parser, args):
+    _check_device(parser, args)
+    _check_backend(parser, args)
+    if args.algo == "plastic" and args.dataset != "omniglot":
+        parser.error(f"--algo plastic: expected --dataset omniglot (the plastic head is a classifier), "
+                     f"got --dataset {args.dataset}")
+    needs_archives = args.dataset == "omniglot" and not getattr(args, "synthetic", False)
+    if needs_archives and args.data_root is None:
+        parser.error("--data-root: expected the folder holding images_background.zip and images_evaluation.zip "
+                     "(required for --dataset omniglot), got none")
+    if args.command == "train":
+        _check_out(parser, args)
 
 
 def _defaults(args):
@@ -93,10 +222,6 @@ def _defaults(args):
     args.queries = args.queries or (15 if omniglot else 10)
     args.meta_batch = args.meta_batch or (32 if omniglot else 25)
     args.inner_lr = args.inner_lr if args.inner_lr is not None else (0.4 if omniglot else 0.01)
-    if args.inner_steps < 0:
-        raise SystemExit(f"--inner-steps: expected an int >= 0, got {args.inner_steps}")
-    if args.algo == "plastic" and not omniglot:
-        raise SystemExit("--algo plastic: the plastic head is a classifier; use --dataset omniglot")
     if getattr(args, "eval_inner_steps", None) is None and args.command == "train":
         args.eval_inner_steps = max(args.inner_steps, 3) if omniglot else args.inner_steps
     if args.threads:
@@ -131,11 +256,49 @@ class _Sampler:
         self.tasks.generator.set_state(state)
 
 
-def _omniglot(args, split):
-    if args.data_root is None:
-        raise SystemExit("--data-root: required for --dataset omniglot (the folder with images_background.zip "
-                         "and images_evaluation.zip)")
-    return Omniglot(args.data_root, split)
+# Names in the errors of the loader and sampler, as the CLI spells them.
+_OPTION_NAMES = {"data_root": "--data-root", "ways": "--ways", "shots, queries": "--shots, --queries"}
+
+
+def _usage_message(error):
+    text = str(error).strip("'\"")
+    for name, option in _OPTION_NAMES.items():
+        if text.startswith(name + ":"):
+            return option + text[len(name):]
+    return f"--data-root: {text}"
+
+
+def check_data_root(parser, args, splits):
+    """Every archive a run needs is there before minutes are spent decoding the first one."""
+    root = args.data_root
+    if not splits:
+        return
+    if not os.path.isdir(root):
+        parser.error(f"--data-root: expected a folder holding the Omniglot archives, got {root!r} (no such folder)")
+    for split in splits:
+        names = (f"images_{split}.zip", f"images_{split}")
+        if not any(os.path.exists(os.path.join(root, name)) for name in names):
+            held = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
+            parser.error(f"--data-root: expected a folder holding {names[0]} or {names[1]}/, got {root!r} "
+                         f"(it holds {held})")
+
+
+def load_omniglot(parser, args, splits):
+    """{split: Omniglot}, checked against --ways/--shots/--queries; bad values are usage errors."""
+    data = {}
+    for split in splits:
+        print(f"loading Omniglot {split} from {args.data_root}", file=sys.stderr, flush=True)
+        try:
+            data[split] = Omniglot(args.data_root, split)
+            NWayKShot(data[split], args.ways, args.shots, args.queries)
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(_usage_message(error))
+    return data
+
+
+def learner_kind(backend):
+    """The meta-learner a CLI backend runs: the plain PyTorch loop or the fused, task-batched one."""
+    return "reference" if backend == "reference" else "fused"
 
 
 def build_learner(args, backend):
@@ -145,6 +308,7 @@ def build_learner(args, backend):
         model, kind = MLP().to(device), "regression"
     else:
         model, kind = Conv4(args.ways, downsample=args.downsample).to(device), "classification"
+    backend = learner_kind(backend)
     if args.algo == "plastic":
         return PlasticHead(model, args.ways, backend=backend)
     options = dict(kind=kind, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=args.first_order,
@@ -188,11 +352,44 @@ def _progress(total, initial):
     return tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True, file=sys.stderr)
 
 
-def train(args):
+def _clear_run(out):
+    """--overwrite: the previous run's files go first, so none of them outlives the new run."""
+    for name in RUN_FILES:
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def run_config(args):
+    """The settings of this run that apply to its task and algorithm, as results.json records them."""
+    config = {"algo": args.algo, "dataset": args.dataset, "backend": args.backend,
+              "learner": learner_kind(args.backend)}
+    if args.dataset == "omniglot":
+        config.update(ways=args.ways, shots=args.shots, queries=args.queries, downsample=args.downsample)
+    else:  # a sinusoid task is a regression: shots and queries are points per task, there are no classes
+        config.update(shots=args.shots, queries=args.queries)
+    config.update(meta_batch=args.meta_batch, meta_lr=args.meta_lr)
+    if args.algo in ("maml", "neuronml"):
+        config.update(inner_lr=args.inner_lr, inner_steps=args.inner_steps, eval_inner_steps=args.eval_inner_steps,
+                      first_order=args.first_order)
+    if args.algo == "neuronml":
+        config.update(target_active=args.target_active, lambda_frugality=args.lambda_frugality,
+                      lambda_plasticity=args.lambda_plasticity, lambda_sensitivity=args.lambda_sensitivity)
+    return config
+
+
+def train(args, data=None):
+    """Meta-train on ``data`` ({split: Omniglot}; None for sinusoids) and write the run to ``args.out``."""
+    with package_backends.use_backend(args.backend):  # "reference" or the fused learner's backend
+        return _train(args, data or {})
+
+
+def _train(args, data):
+    if args.overwrite:
+        _clear_run(args.out)
     os.makedirs(args.out, exist_ok=True)
     regression = args.dataset == "sinusoid"
-    background = None if regression else _omniglot(args, "background")
-    evaluation = None if regression else _omniglot(args, "evaluation")
+    background, evaluation = data.get("background"), data.get("evaluation")
     train_tasks = _Sampler(args, args.seed, background)
     val_tasks = _Sampler(args, args.seed + 1, evaluation)
     learner = build_learner(args, args.backend)
@@ -246,17 +443,13 @@ def train(args):
     began = time.perf_counter()
     scores, active = evaluate(learner, test_tasks, args.test_tasks, args.meta_batch, args.eval_inner_steps)
     results = {
-        "algo": args.algo, "dataset": args.dataset, "backend": args.backend, "ways": args.ways, "shots": args.shots,
-        "queries": args.queries, "meta_batch": args.meta_batch, "inner_steps": args.inner_steps,
-        "eval_inner_steps": args.eval_inner_steps, "first_order": args.first_order, "iterations": iteration,
-        f"test_{metric}": float(scores.mean()), "ci95": ci95(scores), "test_tasks": args.test_tasks,
+        **run_config(args), "iterations": iteration, f"test_{metric}": float(scores.mean()), "ci95": ci95(scores),
+        "test_tasks": args.test_tasks,
         "active_fraction": active, "sec_per_iter": elapsed / max(iteration, 1), "train_seconds": elapsed,
         "eval_seconds": time.perf_counter() - began, "seed": args.seed, "device": _device_name(args.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": _git_commit(),
-        "command": "python -m neuronml_fast.meta " + " ".join(sys.argv[1:]),
+        "command": "python -m neuronml_fast.meta " + " ".join(args.argv),
     }
-    if regression:
-        results["test_accuracy"] = None  # regression: see test_mse
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _write_curve(curve, args.out, metric)
@@ -303,34 +496,42 @@ def _write_curve(curve, out, metric):
 # ---- compare ----------------------------------------------------------------------------
 
 
-def compare(args):
+def _say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def compare(args, data=None):
+    """Time meta-iterations of each learner, interleaved; a line per learner and repeat on stderr."""
     from . import functorch_maml
 
+    data = data or {}
     if args.dataset == "omniglot" and not args.synthetic:
-        batch = _Sampler(args, args.seed, _omniglot(args, "background")).sample(args.meta_batch)
+        batch = _Sampler(args, args.seed, data["background"]).sample(args.meta_batch)
     elif args.dataset == "omniglot":
         episodes = random_episodes(args.meta_batch, args.ways, args.shots, args.queries, seed=args.seed)
         batch = tuple(part.to(args.device) for part in episodes)
     else:
         batch = _Sampler(args, args.seed).sample(args.meta_batch)
-    runners = {}
-    for backend in ("reference", "fused"):
-        learner = build_learner(args, backend)
-        runners[backend] = (learner, learner.meta_backward)
-    if functorch_maml.available(runners["reference"][0]):
-        learner = build_learner(args, "reference")
-        runners["torch.func vmap"] = (learner, lambda b, learner=learner: functorch_maml.meta_backward(learner, b))
+    runners = _compare_runners(args, functorch_maml)
+    _say(f"timing {', '.join(runners)}: {args.warmup} warm-up and {args.repeats} timed meta-iteration(s) each, "
+         f"interleaved")
     times = {name: [] for name in runners}
     synchronize = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
-    for repeat in range(args.warmup + args.repeats):
-        for name, (learner, step) in runners.items():  # interleaved: drift hits every backend alike
+    total = args.warmup + args.repeats
+    for repeat in range(total):
+        stage = f"warm-up {repeat + 1}/{args.warmup}" if repeat < args.warmup else \
+            f"repeat {repeat - args.warmup + 1}/{args.repeats}"
+        for name, (learner, step, backend) in runners.items():  # interleaved: drift hits every backend alike
             learner.module.zero_grad(set_to_none=True)
             synchronize()
             began = time.perf_counter()
-            step(batch)
+            with package_backends.use_backend(backend):
+                step(batch)
             synchronize()
+            seconds = time.perf_counter() - began
             if repeat >= args.warmup:
-                times[name].append(time.perf_counter() - began)
+                times[name].append(seconds)
+            _say(f"  {stage}: {name} {seconds:.3f} s")
     medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     base = medians["reference"]
     print(f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
@@ -345,9 +546,39 @@ def compare(args):
     return medians
 
 
+def _compare_runners(args, functorch_maml):
+    """{name: (learner, step(batch), package backend to run it on)}."""
+    reference = build_learner(args, "reference")
+    fused = build_learner(args, args.backend)
+    runners = {"reference": (reference, reference.meta_backward, "reference"),
+               "fused": (fused, fused.meta_backward, args.backend)}
+    if functorch_maml.available(reference):
+        learner = build_learner(args, "reference")
+        runners["torch.func vmap"] = (learner, lambda b, learner=learner: functorch_maml.meta_backward(learner, b),
+                                      "reference")
+    return runners
+
+
+def _splits_needed(args):
+    if args.dataset != "omniglot":
+        return ()
+    if args.command == "train":
+        return ("background", "evaluation")
+    return () if args.synthetic else ("background",)
+
+
 def main(argv=None):
     from .._memory import keep_freed_memory
 
-    args = _defaults(build_parser().parse_args(argv))
+    root = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = root.parse_args(argv)
+    args.argv = argv  # results.json records the command that made it, also when called in-process
+    parser = root.commands[args.command]
+    _check(parser, args)
+    _defaults(args)
+    splits = _splits_needed(args)
+    check_data_root(parser, args, splits)
+    data = load_omniglot(parser, args, splits)
     keep_freed_memory()  # same allocator settings for every backend compared (see neuronml_fast/_memory.py)
-    return train(args) if args.command == "train" else compare(args)
+    return train(args, data) if args.command == "train" else compare(args, data)
