@@ -100,6 +100,13 @@ def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
     return grad_bias, grad_mask
 
 
+def _not_requested(x):
+    """The empty tensor that stands for a gradient the caller did not ask for. A new one for each
+    such gradient: a custom op's outputs may not alias each other (one shared empty tensor for
+    both the input and the weight gradient fails torch.library's aliasing check)."""
+    return x.new_empty((0,))
+
+
 def _new_compact(comp, shape, dtype):
     # Slots that hold no channel must be zero for the dense core; the prologue writes the rest.
     return (_alloc.empty if comp.complete else _alloc.zeros)(shape, dtype=dtype, device="cpu")
@@ -212,7 +219,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     _extensions.cpu().masked_backward_prologue_cl(
         as_rows(grad_out), as_rows(grad_pre), as_rows(pre), comp.slot, mask.contiguous(),
         gy.view(N, Ho * Wo, T, A).permute(2, 0, 1, 3), grad_bias, grad_mask)
-    grad_input = grad_weight = x.new_empty((0,))
+    grad_input, grad_weight = _not_requested(x), _not_requested(x)
     if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
         if need_input_grad:
             zeros = lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device)  # noqa: E731
@@ -338,7 +345,7 @@ def linear_backward(grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_in
     A = comp.width
     gy = _new_compact(comp, (T, N, A), grad_out.dtype)
     grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy)
-    grad_input = grad_weight = x.new_empty((0,))
+    grad_input, grad_weight = _not_requested(x), _not_requested(x)
     w = _compact_rows(weight, comp)
     if need_input_grad:
         grad_input = torch.bmm(gy, w)
