@@ -3,7 +3,8 @@
 A case builds its inputs on a device and names three things: the eager PyTorch baseline
 (`reference`), the neuronml_fast call (`fused`, run under each kernel backend), and how one
 iteration runs them (`step`: forward, or forward+backward). The runner adds the torch.compile
-baseline and the backends. `flops` and `nbytes` give the case's roofline.
+baseline and the backends. `flops` and `nbytes` give the case's roofline; its working set
+(`Setup.working_set`) sizes the bandwidth ceiling it is compared with (see ceilings.py).
 """
 
 import dataclasses
@@ -26,6 +27,15 @@ class Setup:
     dtype: str = "float32"
     step: Callable = None  # step(fn, inputs) -> Any; default: fn(*inputs)
     extras: dict = dataclasses.field(default_factory=dict)  # more baselines: {name: fn}, run like reference
+    # Bytes an iteration keeps coming back to, where that differs from the traffic over all input
+    # copies (a recurrent state re-read every step); sizes the bandwidth ceiling's probe.
+    resident_bytes: float = None
+
+    @property
+    def working_set(self):
+        if self.resident_bytes is not None:
+            return self.resident_bytes
+        return self.nbytes * len(self.inputs)
 
     def run(self, fn, i):
         inputs = self.inputs[i % len(self.inputs)]
@@ -96,10 +106,12 @@ def _fused_masked_conv(x, w, b, m):
     return nf.masked_conv2d(x, w, m, b, 1, 1)
 
 
-def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, full_only=False):
+def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, channels_last=False, full_only=False):
     def build(device):
         t = () if tasks is None else (tasks,)
         x = torch.randn(*t, n, c, hw, hw, device=device)
+        if channels_last:  # eager and fused alike get the channels_last input
+            x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randn(*t, c, c, 3, 3, device=device) * 0.05
         b = torch.randn(*t, c, device=device)
         m = _mask(c, active, tasks).to(device)
@@ -111,7 +123,8 @@ def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, full_on
         return Setup(_eager_masked_conv, _fused_masked_conv, [(x, w, b, m)], flops=flops, nbytes=nbytes,
                      step=forward_backward if backward else forward_only)
 
-    params = {"n": n, "c": c, "hw": hw, "active": active, "tasks": tasks, "backward": backward}
+    params = {"n": n, "c": c, "hw": hw, "active": active, "tasks": tasks, "backward": backward,
+              "layout": "channels_last" if channels_last else "contiguous"}
     return Case("masked_conv2d", name, build, params, full_only, compile_baseline=tasks is None)
 
 
@@ -162,8 +175,10 @@ def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_onl
 
         trace = batch * n * n
         # Lower bound of the traffic: the trace read and written once per step.
+        # The trace stays in cache from step to step when it fits, so its size sets the ceiling.
+        resident = 4 * (trace + 2 * n * n + 2 * batch * n)
         return Setup(eager, fused, [(x, w, a, eta)], flops=steps * trace * 30, nbytes=steps * trace * 4 * 2,
-                     step=forward_backward)
+                     step=forward_backward, resident_bytes=resident)
 
     params = {"batch": batch, "n": n, "steps": steps, "rule": rule, "modulation": modulation}
     # torch.compile of the eager reference unrolls T steps: minutes of compilation, so no baseline.
@@ -229,6 +244,10 @@ CASES = [
     _sensitivity_case("linear 16384x4096", (16384, 4096), full_only=True),
     *[_masked_conv_case(f"conv4 fwd+bwd active={a:.0%}", **CONV4, active=a) for a in (1.0, 0.75, 0.5, 0.25)],
     *[_masked_conv_case(f"conv4 fwd active={a:.0%}", **CONV4, active=a, backward=False) for a in (1.0, 0.5)],
+    # The cases above take a contiguous (NCHW) input, as a classic model's first layer does; these a
+    # channels_last one (the output then is channels_last too: PyTorch's conv2d layout rule).
+    _masked_conv_case("conv4 channels_last fwd+bwd active=25%", **CONV4, active=0.25, channels_last=True),
+    _masked_conv_case("conv4 channels_last fwd active=100%", **CONV4, active=1.0, backward=False, channels_last=True),
     *[_masked_conv_case(f"32 tasks x 16 img fwd+bwd active={a:.0%}", n=16, c=64, hw=14, active=a, tasks=32)
       for a in (1.0, 0.5)],
     *[_masked_linear_case(f"256x1024 fwd+bwd active={a:.0%}", n=256, d=1024, active=a) for a in (1.0, 0.5)],
