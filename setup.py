@@ -18,7 +18,10 @@ Environment switches:
   NEURONML_FAST_CUDA_EMULATED_EXT=0|1  skip / require the emulated CUDA extension (default: build)
   TORCH_CUDA_ARCH_LIST         GPU archs (default "8.0;9.0+PTX" when no GPU is visible: machine code
                                for A100 and H100/H200, and PTX that newer GPUs compile at load)
-  NEURONML_FAST_MARCH          -march for the CPU kernels (default "native")
+  NEURONML_FAST_MARCH          -march for the CPU kernels (default: none, the compiler's portable
+                               baseline; the AVX2/FMA kernels are chosen at run time). "native"
+                               tunes the whole extension for the build machine, which then must
+                               be the machine that runs it
   MAX_JOBS                     parallel compile jobs (ninja)
 """
 
@@ -147,9 +150,11 @@ def _extensions():
 
     extensions = []
     openmp = ["-fopenmp"]
-    # The package is built from source where it runs, so tune for this CPU unless told otherwise.
-    march = os.environ.get("NEURONML_FAST_MARCH", "native")
-    cxx_flags = ["-O3", f"-march={march}", *openmp]
+    # A built wheel runs on other machines under a generic platform tag: compile for the
+    # architecture's baseline; the AVX2/FMA kernels carry their own target and are chosen at run
+    # time (csrc/cpu/isa.h).
+    march = os.environ.get("NEURONML_FAST_MARCH", "").strip()
+    cxx_flags = ["-O3", *([f"-march={march}"] if march else []), *openmp]
     if want_cpu is not False:
         extensions.append(cpp_extension.CppExtension(
             "neuronml_fast._C_cpu",
@@ -207,7 +212,7 @@ def _write_build_info(ext_modules):
         torch = None
     info = {"torch": torch.__version__ if torch else None, "torch_cuda": torch.version.cuda if torch else None,
             "extensions": sorted(e.name.rsplit(".", 1)[1] for e in ext_modules),
-            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST"), "march": os.environ.get("NEURONML_FAST_MARCH", "native")}
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST"), "march": os.environ.get("NEURONML_FAST_MARCH", "").strip() or "baseline"}
     text = '"""Written by setup.py at build time."""\n\nBUILD = ' + repr(info) + "\n"
     path = os.path.join(ROOT, "neuronml_fast", "_build_info.py")
     if not os.path.exists(path) or open(path).read() != text:

@@ -49,7 +49,9 @@ def _build_line():
         return "unknown (no build record: not installed through setup.py)"
     if BUILD["torch"] is None:
         return "no torch (pure-Python install)"
-    line = f"torch {BUILD['torch']} (CUDA {BUILD['torch_cuda'] or 'none'}), -march={BUILD['march']}"
+    march = ("portable baseline, AVX2/FMA chosen at run time" if BUILD["march"] == "baseline"
+             else f"-march={BUILD['march']}")
+    line = f"torch {BUILD['torch']} (CUDA {BUILD['torch_cuda'] or 'none'}), {march}"
     if BUILD["cuda_archs"]:
         line += f", GPU archs {BUILD['cuda_archs']}"
     if BUILD["torch"] != torch.__version__:
@@ -107,10 +109,14 @@ def _cpu_kernel_notes():
     cpu = _extensions.load("_C_cpu")
     if cpu is None:
         return ["(not built)"]
-    own = "own AVX2 kernels" if cpu.conv_grad_available() else "oneDNN (this build has no AVX2/FMA kernels)"
-    avx2 = cpu.conv_grad_available()  # the same build flags decide the vector paths below
+    own = "own AVX2 kernels" if cpu.conv_grad_available() else "oneDNN (AVX2/FMA kernels not in use here)"
+    avx2 = cpu.vector_isa() == "avx2"  # chosen at run time; the same choice decides the vector paths below
     loops = "8 channels per AVX2 permute for float32 with C % 8 == 0, else per channel" if avx2 else "per channel"
-    return ["masked_conv2d forward: oneDNN (NHWC) on the active neurons",
+    isa = (f"vector kernels: {cpu.vector_isa()} (chosen at run time; NEURONML_FAST_CPU_ISA=baseline forces the "
+           "portable loops)" + ("; the whole extension was compiled for this machine (-march)" if cpu.compiled_with_avx
+                                else ""))
+    return [isa,
+            "masked_conv2d forward: oneDNN (NHWC) on the active neurons",
             f"masked_conv2d input and weight gradients: {own} for float32 with C_in % 16 == 0 and groups == 1, "
             "else oneDNN",
             "masked_linear: ATen bmm on the active neurons",

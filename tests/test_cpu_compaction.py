@@ -78,16 +78,18 @@ def _expand(compact, slot):
     return torch.where(slot[:, None, None, :] >= 0, gathered, 0)
 
 
-# The channels-last epilogue and prologue the CPU masked conv uses: float32 with C % 8 == 0 takes
-# the 8-channel permute blocks, the rest the per-channel loops. Compacted tasks (some incomplete:
-# their padding slots must stay zero) and uncompacted ones with pruned channels (allow=False).
-@settings(max_examples=60, deadline=None)
+# The epilogue and prologue the CPU masked conv uses: float32 with C % 8 == 0 takes the 8-channel
+# permute blocks, the rest the per-channel loops. Compacted tasks (some incomplete: their padding
+# slots must stay zero) and uncompacted ones with pruned channels (allow=False). Full tensors
+# channels last, or channels first (contiguous NCHW outputs: 8 x 8 transposes from 8 pixels on,
+# bands ending in a tile that overlaps the one before).
+@settings(max_examples=80, deadline=None)
 @given(tasks=st.integers(1, 3), n=st.integers(1, 3), blocks=st.integers(1, 5), extra=st.sampled_from([0, 0, 3]),
-       s=st.integers(1, 4), zeros=st.floats(0, 1), allow=st.booleans(), with_bias=st.booleans(),
-       with_grad_pre=st.booleans(), with_pre=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
-       seed=st.integers(0, 2**16))
-def test_channels_last_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros, allow, with_bias,
-                                                             with_grad_pre, with_pre, dtype, seed):
+       s=st.sampled_from([1, 3, 4, 8, 13, 16, 21, 300]), zeros=st.floats(0, 1), allow=st.booleans(),
+       with_bias=st.booleans(), with_grad_pre=st.booleans(), with_pre=st.booleans(), channels_first=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros, allow, with_bias, with_grad_pre,
+                                              with_pre, channels_first, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     c = 8 * blocks + extra
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
@@ -96,14 +98,20 @@ def test_channels_last_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, e
     comp = cpu_masked.compaction(mask, True, allow)
     slot = comp.slot
     y, bias = rand(tasks, n, s, comp.width), rand(tasks, c) if with_bias else None
-    nan = lambda: torch.full((tasks, n, s, c), float("nan"), dtype=dtype)  # noqa: E731
+
+    def full(fill):  # a [tasks, n, s, c] view in the layout under test
+        if channels_first:
+            return fill((tasks, n, c, s)).transpose(2, 3)
+        return fill((tasks, n, s, c))
+
+    nan = lambda: full(lambda shape: torch.full(shape, float("nan"), dtype=dtype))  # noqa: E731
     out, pre = nan(), nan()
     ext.masked_forward_epilogue_cl(y, slot, mask, bias, out, pre)
     want_pre = _expand(y, slot) + (0 if bias is None else torch.where(slot >= 0, bias, 0)[:, None, None, :])
     assert torch.equal(pre, want_pre)
     assert torch.equal(out, want_pre * mask[:, None, None, :])
 
-    grad_out, grad_pre = rand(tasks, n, s, c), rand(tasks, n, s, c) if with_grad_pre else None
+    grad_out, grad_pre = full(lambda shape: rand(*shape)), full(lambda shape: rand(*shape)) if with_grad_pre else None
     gy = torch.zeros(tasks, n, s, comp.width, dtype=dtype)  # the contract: pre-zeroed
     grad_bias, grad_mask = torch.full((tasks, c), float("nan"), dtype=dtype), torch.full((tasks, c), float("nan"), dtype=dtype)
     ext.masked_backward_prologue_cl(grad_out, grad_pre, pre if with_pre else None, slot, mask, gy, grad_bias, grad_mask)
@@ -149,7 +157,10 @@ def test_conv_weight_compaction_and_expansion(tasks, channels, c_in, k, zeros, c
 
 def test_conv_launcher_bad_arguments():
     x, w = torch.randn(1, 2, 16, 5, 5), torch.randn(1, 8, 16, 3, 3)
-    forward = lambda m, b=None, w=w: ext.masked_conv2d_forward(x, w, m, b, [1, 1], [1, 1], [1, 1], 1, True, False)  # noqa: E731
+    def forward(m, b=None, w=w):
+        return ext.masked_conv2d_forward(x, w, m, b, [1, 1], [1, 1], [1, 1], 1, skip_zero=True, contiguous=False,
+                                         poison=False)
+
     with pytest.raises(RuntimeError, match="mask: expected shape \\[1, 8\\], got \\[8\\]"):
         forward(torch.ones(8))
     with pytest.raises(RuntimeError, match="bias: expected shape \\[1, 8\\], got \\[8\\]"):

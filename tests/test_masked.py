@@ -268,7 +268,7 @@ def test_second_order_maml_step_matches_reference(backend, device):
 def test_opcheck(backend, device):
     make, p = _problem("conv", tasks=2)
     (x, w, m, b), kwargs = make(p, device, dtype=torch.float32)
-    conv_args = (x, w, m, b, [1, 1], [1, 1], [1, 1], 1, False, True, backend)
+    conv_args = (x, w, m, b, [1, 1], [1, 1], [1, 1], 1, False, False, True, backend)
     torch.library.opcheck(masked.masked_conv2d_op, conv_args)
     out, pre = masked.masked_conv2d_op(*conv_args)
     go = torch.randn_like(out).requires_grad_()

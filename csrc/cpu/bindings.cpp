@@ -8,6 +8,7 @@
 #include "cpu/batch_norm.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/conv_grad.h"
+#include "cpu/isa.h"
 #include "cpu/layout.h"
 #include "cpu/masked.h"
 #include "cpu/plastic.h"
@@ -82,20 +83,37 @@ void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
     TORCH_CHECK(s[i] >= -1 && s[i] < slots, "slot: entries must lie in [-1, ", slots, "), got ", s[i]);
 }
 
-// Channels-last variants: full tensors are [T, N, S, C] views with contiguous channels and
-// identical strides; the compact tensor is a [T, N, S, J] view with contiguous slots.
-using neuronml_fast::cpu::ChannelsLastLayout;
+// Full tensors are [T, N, S, C] views with identical strides and contiguous channels (channels
+// last) or contiguous pixels (channels first: a [T, N, C, H, W] contiguous tensor); the compact
+// tensor is a [T, N, S, J] view with contiguous slots.
+using neuronml_fast::cpu::MaskedLayout;
 
-void check_channels_last(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
   check_cpu_float(t, name);
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), name, ": expected shape ", ref.sizes(),
               " and strides ", ref.strides(), ", got ", t.sizes(), " and ", t.strides());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, name, ": expected contiguous channels");
 }
 
-ChannelsLastLayout channels_last_layout(const at::Tensor& full, const at::Tensor& compact, const char* name,
-                                        at::ScalarType dtype) {
+// The channel stride of a full [T, N, S, C] view: 1 (channels last), or that of a view whose pixels
+// are contiguous.
+int64_t channel_stride(const at::Tensor& full, const char* name) {
+  if (full.size(3) <= 1 || full.stride(3) == 1) return 1;
+  TORCH_CHECK(full.size(2) <= 1 || full.stride(2) == 1, name,
+              ": expected contiguous channels or contiguous pixels, got strides ", full.strides());
+  return full.stride(3);
+}
+
+// Whether every element of the view lies inside the storage handed in.
+bool inside_storage(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  int64_t last = t.storage_offset();
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last < static_cast<int64_t>(t.storage().nbytes() / t.element_size());
+}
+
+MaskedLayout masked_layout(const at::Tensor& full, const char* full_name, const at::Tensor& compact,
+                           const char* name, at::ScalarType dtype) {
   TORCH_CHECK(full.dim() == 4, "expected a [T, N, S, C] view, got ", full.sizes());
   const int64_t T = full.size(0), N = full.size(1), S = full.size(2), C = full.size(3);
   check_cpu_float(compact, name);
@@ -104,29 +122,23 @@ ChannelsLastLayout channels_last_layout(const at::Tensor& full, const at::Tensor
               ": expected a [T, N, S, slots] view with T=", T, " N=", N, " S=", S, ", got ", compact.sizes());
   TORCH_CHECK(compact.size(3) <= 1 || compact.stride(3) == 1, name, ": expected contiguous slots");
   TORCH_CHECK(compact.size(3) <= C, name, ": more slots (", compact.size(3), ") than channels (", C, ")");
-  // Every (t, n, s) row of C channels must lie inside the storage handed in.
-  for (const at::Tensor* t : {&full, &compact}) {
-    TORCH_CHECK(t->numel() == 0 || t->storage_offset() + (T - 1) * t->stride(0) + (N - 1) * t->stride(1) +
-                                           (S - 1) * t->stride(2) + t->size(3) <=
-                                       static_cast<int64_t>(t->storage().nbytes() / t->element_size()),
-                "tensor view exceeds its storage");
-  }
-  return ChannelsLastLayout{T, N, C, S, compact.stride(0), compact.stride(1), compact.stride(2),
-                            full.stride(0), full.stride(1), full.stride(2)};
+  TORCH_CHECK(inside_storage(full) && inside_storage(compact), "tensor view exceeds its storage");
+  return MaskedLayout{T, N, C, S, compact.stride(0), compact.stride(1), compact.stride(2),
+                      full.stride(0), full.stride(1), full.stride(2), channel_stride(full, full_name)};
 }
 
 // y: compact [T, N, S, J]; out, pre: [T, N, S, C] views (same strides); mask, bias: [T, C].
 void masked_forward_epilogue_cl(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& mask,
                                 const c10::optional<at::Tensor>& bias, at::Tensor& out, at::Tensor& pre) {
   const auto dtype = out.scalar_type();
-  const ChannelsLastLayout L = channels_last_layout(out, y, "y", dtype);
-  check_channels_last(out, "out", out, dtype);
-  check_channels_last(pre, "pre", out, dtype);
+  const MaskedLayout L = masked_layout(out, "out", y, "y", dtype);
+  check_like(out, "out", out, dtype);
+  check_like(pre, "pre", out, dtype);
   check_full(mask, "mask", {L.T, L.C}, dtype);
   if (bias) check_full(*bias, "bias", {L.T, L.C}, dtype);
   check_slots(slot, L.T, L.C, y.size(3));
   AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue_cl", [&] {
-    neuronml_fast::cpu::masked_forward_epilogue_cl<scalar_t>(
+    neuronml_fast::cpu::masked_forward_epilogue<scalar_t>(
         L, y.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
         bias ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>());
   });
@@ -138,16 +150,16 @@ void masked_backward_prologue_cl(const at::Tensor& grad_out, const c10::optional
                                  const c10::optional<at::Tensor>& pre, const at::Tensor& slot, const at::Tensor& mask,
                                  at::Tensor& gy, at::Tensor& grad_bias, at::Tensor& grad_mask) {
   const auto dtype = grad_out.scalar_type();
-  const ChannelsLastLayout L = channels_last_layout(grad_out, gy, "gy", dtype);
-  check_channels_last(grad_out, "grad_out", grad_out, dtype);
-  if (grad_pre) check_channels_last(*grad_pre, "grad_pre", grad_out, dtype);
-  if (pre) check_channels_last(*pre, "pre", grad_out, dtype);
+  const MaskedLayout L = masked_layout(grad_out, "grad_out", gy, "gy", dtype);
+  check_like(grad_out, "grad_out", grad_out, dtype);
+  if (grad_pre) check_like(*grad_pre, "grad_pre", grad_out, dtype);
+  if (pre) check_like(*pre, "pre", grad_out, dtype);
   check_full(mask, "mask", {L.T, L.C}, dtype);
   check_full(grad_bias, "grad_bias", {L.T, L.C}, dtype);
   check_full(grad_mask, "grad_mask", {L.T, L.C}, dtype);
   check_slots(slot, L.T, L.C, gy.size(3));
   AT_DISPATCH_FLOATING_TYPES(dtype, "masked_backward_prologue_cl", [&] {
-    neuronml_fast::cpu::masked_backward_prologue_cl<scalar_t>(
+    neuronml_fast::cpu::masked_backward_prologue<scalar_t>(
         L, grad_out.data_ptr<scalar_t>(), grad_pre ? grad_pre->data_ptr<scalar_t>() : nullptr,
         pre ? pre->data_ptr<scalar_t>() : nullptr, slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
         gy.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(), grad_mask.data_ptr<scalar_t>());
@@ -261,7 +273,8 @@ void scatter_rows_out(const at::Tensor& compact, const at::Tensor& slot, at::Ten
 using neuronml_fast::cpu::ConvGradShape;
 
 void check_conv_grad_tensors(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
-  TORCH_CHECK(neuronml_fast::cpu::conv2d_grad_available(), "this build has no AVX2/FMA convolution-gradient kernel");
+  TORCH_CHECK(neuronml_fast::cpu::conv2d_grad_available(),
+              "the AVX2/FMA convolution-gradient kernels are not in use here (see vector_isa())");
   for (auto [t, name] : tensors) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, name,
                 ": expected a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
@@ -293,7 +306,7 @@ ConvGradShape conv_grad_shape(const at::Tensor& gy, at::IntArrayRef x_sizes, con
 }
 
 // gy [N, H_out, W_out, T*A], x [N, H, W, T*C] (grouped NHWC storage), grad_weight [T, A, kH, kW, C]:
-// contiguous float32. Throws if this build has no AVX2/FMA kernel (check conv_grad_available).
+// contiguous float32. Throws where the AVX2/FMA kernels are not in use (check conv_grad_available).
 void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
                             std::vector<int64_t> stride, std::vector<int64_t> padding,
                             std::vector<int64_t> dilation) {
@@ -565,13 +578,23 @@ at::Tensor expand_weight_grad(const at::Tensor& grad, const at::Tensor& slot, bo
   return full.permute({0, 1, 4, 2, 3});
 }
 
+// A [T, N, C, H, W] output from the pool: contiguous, or in grouped NHWC.
+at::Tensor conv_output_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
+                             bool contiguous, bool poison) {
+  if (!contiguous) return grouped_nhwc_empty(T, N, C, H, W, dtype, poison);
+  at::Tensor out = pooled_empty({T, N, C, H, W}, dtype);
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
 // x [T, N, C_in, H, W] (any layout; grouped NHWC is a view), weight [T, C, C_in/groups, kH, kW],
-// mask and bias [T, C] -> (out, pre) [T, N, C, H_out, W_out] in grouped NHWC.
+// mask and bias [T, C] -> (out, pre) [T, N, C, H_out, W_out], contiguous if `contiguous` (the
+// layout PyTorch's conv2d gives a contiguous input), else in grouped NHWC.
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
                                                          const at::Tensor& mask, const c10::optional<at::Tensor>& bias,
                                                          std::vector<int64_t> stride, std::vector<int64_t> padding,
                                                          std::vector<int64_t> dilation, int64_t groups, bool skip_zero,
-                                                         bool poison) {
+                                                         bool contiguous, bool poison) {
   check_cpu_float(x, "input");
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5 && weight.size(0) == x.size(0),
               "expected input [T, N, C_in, H, W] and weight [T, C_out, C_in/groups, kH, kW], got ", x.sizes(), " and ",
@@ -587,8 +610,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   check_full(m, "mask", {T, C}, dtype);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   if (b) check_full(*b, "bias", {T, C}, dtype);
-  at::Tensor out = grouped_nhwc_empty(T, N, C, H_out, W_out, dtype, poison);
-  at::Tensor pre = grouped_nhwc_empty(T, N, C, H_out, W_out, dtype, poison);
+  at::Tensor out = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
+  at::Tensor pre = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
   if (out.numel() == 0) return {out, pre};
   at::Tensor slot;
   const neuronml_fast::cpu::CompactionPlan plan = compaction_plan(m, skip_zero, groups == 1, slot);
@@ -617,6 +640,30 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
 }
 
 }  // namespace
+
+// ---- vector kernels chosen at run time (csrc/cpu/isa.h) ------------------------------------
+
+std::string vector_isa() {
+  return neuronml_fast::cpu::vector_isa() == neuronml_fast::cpu::VectorIsa::kAvx2 ? "avx2" : "baseline";
+}
+
+void set_vector_isa(const std::string& name) {
+  using neuronml_fast::cpu::VectorIsa;
+  TORCH_CHECK(name == "auto" || name == "avx2" || name == "baseline",
+              "isa: expected 'auto', 'avx2' or 'baseline', got '", name, "'");
+  const VectorIsa isa = name == "auto"   ? neuronml_fast::cpu::default_vector_isa()
+                        : name == "avx2" ? VectorIsa::kAvx2
+                                         : VectorIsa::kBaseline;
+  TORCH_CHECK(neuronml_fast::cpu::set_vector_isa(isa), "isa 'avx2': this CPU lacks AVX2 or FMA");
+}
+
+// Whether the whole extension was compiled with AVX enabled (NEURONML_FAST_MARCH=native on such a
+// CPU): then it runs only on CPUs like the build machine, whatever vector_isa() says.
+#if defined(__AVX__)
+constexpr bool kCompiledWithAvx = true;
+#else
+constexpr bool kCompiledWithAvx = false;
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuronml_fast C++ CPU kernels";
@@ -652,7 +699,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("weight"), py::arg("grad_input"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"));
   m.def("conv_grad_available", &neuronml_fast::cpu::conv2d_grad_available,
-        "whether conv2d_weight_grad_out / conv2d_input_grad_out have their AVX2/FMA kernels in this build");
+        "whether conv2d_weight_grad_out / conv2d_input_grad_out run (their AVX2/FMA kernels are in use)");
+  m.def("vector_isa", &vector_isa,
+        "the vector kernels in use: 'avx2' (AVX2 and FMA) or 'baseline' (portable loops; "
+        "NEURONML_FAST_CPU_ISA=baseline forces them)");
+  m.def("set_vector_isa", &set_vector_isa,
+        "choose the vector kernels for the rest of the process: 'auto' (the default: this CPU's best unless "
+        "NEURONML_FAST_CPU_ISA=baseline), 'avx2' or 'baseline'",
+        py::arg("isa"));
+  m.attr("compiled_with_avx") = py::bool_(kCompiledWithAvx);
   m.def("compact_weight_rows", &compact_weight_rows,
         "weight [T, C, ...] -> [T, width, ...]: rows of kept channels in their slots, storage order kept",
         py::arg("weight"), py::arg("slot"), py::arg("width"));
@@ -660,10 +715,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "compact channels-last weight gradient [T, width, ...] -> [T, C, ...], zeros for pruned channels",
         py::arg("grad"), py::arg("slot"), py::arg("poison"));
   m.def("masked_conv2d_forward", &masked_conv2d_forward,
-        "masked conv2d forward (compaction, oneDNN on the active neurons, fused epilogue): (out, pre) in grouped "
-        "NHWC",
+        "masked conv2d forward (compaction, oneDNN on the active neurons, fused epilogue): (out, pre), contiguous "
+        "or in grouped NHWC",
         py::arg("input"), py::arg("weight"), py::arg("mask"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"), py::arg("groups"), py::arg("skip_zero"), py::arg("poison"));
+        py::arg("dilation"), py::arg("groups"), py::arg("skip_zero"), py::arg("contiguous"), py::arg("poison"));
   m.def("to_grouped_nhwc_out", &to_grouped_nhwc_out,
         "[T, N, C, H, W] contiguous -> [N, H, W, T, C] (grouped NHWC storage), 8 x 8 register transposes",
         py::arg("input"), py::arg("out"));

@@ -40,8 +40,8 @@ struct ConvGradShape {
   int64_t gy_pixel, x_pixel;
 };
 
-// Whether this build has the AVX2/FMA kernels (compiled with -mavx2 -mfma, e.g. -march=native on
-// such a CPU). Without them the caller uses its dense library instead.
+// Whether the AVX2/FMA kernels run here (isa.h: the CPU has both and the portable path is not
+// forced). Otherwise the two functions below do nothing and the caller uses its dense library.
 bool conv2d_grad_available();
 
 // `tasks` independent convolutions (the task-batched form): task t reads gy + t*gy_task and

@@ -1,41 +1,25 @@
 #include "cpu/layout.h"
 
+#include <type_traits>
+
+#include "cpu/isa.h"
+#include "cpu/kernels_avx2.h"
 #include "cpu/parallel.h"
-#include "cpu/transpose.h"
 
 namespace neuronml_fast::cpu {
 
 namespace {
 
-// Pixels [p0, p1) and channels [c0, C) of one (task, image) plane, one element at a time.
-template <typename T>
-void copy_scalar(const T* plane, int64_t C, int64_t S, int64_t p0, int64_t p1, int64_t c0, T* dst, int64_t pixel) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t c = c0; c < C; ++c) dst[p * pixel + c] = plane[c * S + p];
-}
-
 // One (task, image) plane [C, S] into dst[p * pixel + c].
 template <typename T>
 void plane_to_channels_last(const T* plane, int64_t C, int64_t S, T* dst, int64_t pixel) {
-#if defined(__AVX2__)
-  if constexpr (sizeof(T) == 4) {
-    if (S >= 8) {
-      const int64_t c8 = C / 8 * 8;
-      // Blocks of 8 pixels x 8 channels; a plane whose pixel count is not a multiple of 8 ends
-      // with a block overlapping the previous one (written twice with the same values, by this
-      // thread: no unaligned tail loop).
-      for (int64_t p0 = 0; p0 < S; p0 += 8) {
-        const int64_t p = p0 + 8 <= S ? p0 : S - 8;
-        for (int64_t c0 = 0; c0 < c8; c0 += 8)
-          transpose_block8(reinterpret_cast<const float*>(plane) + c0 * S + p, S,
-                           reinterpret_cast<float*>(dst) + p * pixel + c0, pixel);
-        copy_scalar(plane, C, S, p, p + 8, c8, dst, pixel);
-      }
-      return;
-    }
+#if NEURONML_FAST_HAS_AVX2_TARGET
+  if constexpr (std::is_same_v<T, float>) {
+    if (S >= 8 && use_avx2()) return avx2::plane_to_channels_last(plane, C, S, dst, pixel);
   }
 #endif
-  copy_scalar(plane, C, S, 0, S, 0, dst, pixel);
+  for (int64_t p = 0; p < S; ++p)
+    for (int64_t c = 0; c < C; ++c) dst[p * pixel + c] = plane[c * S + p];
 }
 
 }  // namespace

@@ -7,21 +7,26 @@
 //   backward prologue: gy = grad_out * mask + grad_pre gathered into the compact layout,
 //                      grad_bias = sum gy, grad_mask = sum grad_out * pre (the sensitivity source)
 //
-// Layouts, channels last (convolutions run in NHWC on the CPU; a linear layer's sample is a
-// one-pixel image): a full tensor holds (t, n, s, c) at full + t*full_t + n*full_n + s*full_s + c,
-// the compact one (t, n, s, j) at y + t*stride_t + n*stride_n + s*stride_s + j: channels and
-// slots are contiguous. slot[t*C + c] is the compact slot of channel c of task t, or -1 if
-// pruned. float32 with C % 8 == 0 moves 8 channels per permute (AVX2); other cases go channel
-// by channel.
+// Layouts: the compact tensor is channels last (convolutions run in NHWC on the CPU; a linear
+// layer's sample is a one-pixel image): (t, n, s, j) at y + t*stride_t + n*stride_n + s*stride_s + j,
+// slots contiguous. The full tensors hold (t, n, s, c) at full + t*full_t + n*full_n + s*full_s +
+// c*full_c: channels last (full_c == 1), or channels first (full_s == 1: a contiguous NCHW
+// output, as PyTorch's conv2d returns for a contiguous input). slot[t*C + c] is the compact slot
+// of channel c of task t, or -1 if pruned. float32 with C % 8 == 0 moves 8 channels per permute
+// (AVX2; channels first: 8 pixels at a time, through 8 x 8 register transposes); other cases go
+// channel by channel.
 #pragma once
 #include <cstdint>
 
 namespace neuronml_fast::cpu {
 
-struct ChannelsLastLayout {
+struct MaskedLayout {
   int64_t T, N, C, S;
   int64_t stride_t, stride_n, stride_s;  // compact strides (elements)
   int64_t full_t, full_n, full_s;        // strides of out / pre / grad_out / grad_pre (elements)
+  int64_t full_c;                        // 1 (channels last) or any, with full_s == 1 (channels first)
+
+  bool channels_first() const { return full_c != 1; }
 };
 
 // Compaction plan of a [tasks, C] mask (kept: mask != 0 under skip_zero, else every channel).
@@ -49,11 +54,11 @@ void scatter_rows(const T* src, int64_t src_t, int64_t src_c, int64_t tasks, int
                   const int64_t* slot, T* dst);
 
 template <typename T>
-void masked_forward_epilogue_cl(const ChannelsLastLayout& L, const T* y, const int64_t* slot, const T* mask,
-                                const T* bias, T* out, T* pre);
+void masked_forward_epilogue(const MaskedLayout& L, const T* y, const int64_t* slot, const T* mask, const T* bias,
+                             T* out, T* pre);
 
 template <typename T>
-void masked_backward_prologue_cl(const ChannelsLastLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
-                                 const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
+void masked_backward_prologue(const MaskedLayout& L, const T* grad_out, const T* grad_pre, const T* pre,
+                              const int64_t* slot, const T* mask, T* gy, T* grad_bias, T* grad_mask);
 
 }  // namespace neuronml_fast::cpu

@@ -55,3 +55,11 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
                       T* grad_modulation, T* segment);
 
 }  // namespace neuronml_fast::cpu
+
+// Explicit instantiations of the two kernels for T, in the namespace where it is expanded
+// (plastic.cpp: the dispatching entry points; plastic_avx2.cpp: the AVX2 build).
+#define NEURONML_FAST_INSTANTIATE_PLASTIC(T)                                                                    \
+  template void plastic_forward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,    \
+                                   const T*, const T*, T*, T*, T*);                                            \
+  template void plastic_backward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,   \
+                                    const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, T*, T*, T*);

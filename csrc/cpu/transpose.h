@@ -1,11 +1,15 @@
 // 8 x 8 float transposes in AVX2 registers, shared by the kernels that change layouts
-// (channels-first <-> channels-last). Framework-free; empty without AVX2.
+// (channels-first <-> channels-last). Framework-free. Compiled for AVX2 whatever the
+// translation unit's flags (avx2_target.h): include it only from *_avx2.cpp files, after their
+// other headers, and call it only from their AVX2 code.
 #pragma once
+#include <cstdint>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
+#include "cpu/avx2_target.h"
 
-namespace neuronml_fast::cpu {
+#if NEURONML_FAST_HAS_AVX2_TARGET
+NEURONML_FAST_AVX2_BEGIN
+namespace neuronml_fast::cpu::avx2 {
 
 // In-register transpose of 8 rows of 8 floats: r[k][j] becomes r[j][k].
 inline void transpose8x8(__m256 r[8]) {
@@ -34,5 +38,6 @@ inline void transpose_block8(const float* src, int64_t src_step, float* dst, int
   for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + k * dst_step, r[k]);
 }
 
-}  // namespace neuronml_fast::cpu
+}  // namespace neuronml_fast::cpu::avx2
+NEURONML_FAST_AVX2_END
 #endif

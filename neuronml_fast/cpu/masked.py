@@ -117,7 +117,10 @@ def _new_compact(comp, shape, dtype):
 # as conv groups. Every activation of this path is a [T, N, C, H, W] tensor stored as
 # [N, H, W, T, C] ("grouped NHWC"): for one task that is plain channels_last, and for T tasks
 # it is exactly the input layout of the grouped convolution. Outputs and input gradients come
-# out in this layout, so a stack of masked convolutions never copies between layers.
+# out in this layout, so a stack of masked convolutions never copies between layers; the
+# exception is a single-task input that is not channels_last, whose outputs and input gradient
+# are contiguous (PyTorch's conv2d layout rule), written so by the fused epilogue and the input
+# gradient kernel, and whose output gradient the fused prologue reads as it comes.
 
 
 def grouped_nhwc_empty(shape, empty):
@@ -193,16 +196,28 @@ def channels_last_weight(w):
 
 
 def _rows(t):
-    """[T, N, C, H, W] grouped NHWC -> the [T, N, H*W, C] view the C++ kernels take."""
+    """[T, N, C, H, W] grouped NHWC or contiguous -> the [T, N, H*W, C] view the C++ kernels take."""
     return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
 
 
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
-    """(out, pre) in grouped NHWC. The launcher is C++ (csrc/cpu/bindings.cpp `masked_conv2d_forward`):
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous=False):
+    """(out, pre): contiguous if ``contiguous`` (the caller's input was not in grouped NHWC: PyTorch's
+    conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused epilogue
+    writes either layout directly. The launcher is C++ (csrc/cpu/bindings.cpp `masked_conv2d_forward`):
     the compaction, the compact weights, one grouped oneDNN convolution over the active neurons and
     the fused epilogue, as in the backward below; in Python this glue cost ~140 us a call."""
     return _extensions.cpu().masked_conv2d_forward(x, weight, mask, bias, list(stride), list(padding),
-                                                   list(dilation), groups, skip_zero, _alloc.poisoning())
+                                                   list(dilation), groups, skip_zero, contiguous, _alloc.poisoning())
+
+
+def _full_rows(grad_out, grad_pre, pre):
+    """[T, N, C, H, W] tensors (grad_pre, pre may be None) -> the [T, N, H*W, C] views the C++
+    prologue takes, in one layout: that of ``pre`` (the layout the forward wrote), else that of
+    ``grad_out``; grouped NHWC or contiguous (read channels-first), a tensor in another layout
+    copied into it."""
+    lead = grad_out if pre is None else pre
+    into_layout = to_grouped_nhwc if is_grouped_nhwc(lead) else torch.Tensor.contiguous
+    return tuple(None if t is None else _rows(into_layout(t)) for t in (grad_out, grad_pre, pre))
 
 
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
@@ -215,10 +230,10 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     gy = _new_compact(comp, (N, Ho, Wo, T * A), grad_out.dtype)
     grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
-    as_rows = lambda t: None if t is None else _rows(to_grouped_nhwc(t))  # noqa: E731
+    go_rows, gp_rows, pre_rows = _full_rows(grad_out, grad_pre, pre)
     _extensions.cpu().masked_backward_prologue_cl(
-        as_rows(grad_out), as_rows(grad_pre), as_rows(pre), comp.slot, mask.contiguous(),
-        gy.view(N, Ho * Wo, T, A).permute(2, 0, 1, 3), grad_bias, grad_mask)
+        go_rows, gp_rows, pre_rows, comp.slot, mask.contiguous(), gy.view(N, Ho * Wo, T, A).permute(2, 0, 1, 3),
+        grad_bias, grad_mask)
     grad_input, grad_weight = _not_requested(x), _not_requested(x)
     if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
         if need_input_grad:

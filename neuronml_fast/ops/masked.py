@@ -164,22 +164,30 @@ def _empty_grad(t):
 @torch.library.custom_op("neuronml_fast::masked_conv2d", mutates_args=())
 def masked_conv2d_op(
     input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-    dilation: list[int], groups: int, contiguous_input_grad: bool, skip_zero: bool, backend: str,
+    dilation: list[int], groups: int, contiguous_input_grad: bool, contiguous_output: bool, skip_zero: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Task-batched forward: (out, pre), both [T, N, C_out, H_out, W_out].
 
     ``contiguous_input_grad`` is for the backward (autograd passes it on): the input gradient
     comes out contiguous, in the layout of the caller's own input, even where ``input`` here is
     the CPU backend's grouped-NHWC copy of it; autograd then adds it into ``input.grad`` without
-    a transposing pass.
+    a transposing pass. ``contiguous_output``: the CPU backend returns contiguous outputs (as
+    PyTorch's conv2d does for a single-task input that is not channels_last) instead of its
+    grouped NHWC (channels_last for one task), the layout a stack of its layers runs in without
+    copies. The GPU backends' outputs are always contiguous.
     """
-    return backends.kernel(CONV, backend)(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+    kernel = backends.kernel(CONV, backend)
+    if backend == "cpu":
+        return kernel(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output)
+    return kernel(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
 
 
 @masked_conv2d_op.register_fake
-def _(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad, skip_zero, backend):
+def _(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad, contiguous_output,
+      skip_zero, backend):
     shape = _conv_out_shape(input, weight, stride, padding, dilation)
-    if backend == "cpu":  # the CPU backend computes in and returns grouped-NHWC activations
+    if backend == "cpu" and not contiguous_output:  # the CPU backend's grouped-NHWC activations
         return (cpu_masked.grouped_nhwc_empty(shape, input.new_empty),
                 cpu_masked.grouped_nhwc_empty(shape, input.new_empty))
     return input.new_empty(shape), input.new_empty(shape)
@@ -245,18 +253,22 @@ def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, 
 
 
 # ---- autograd ------------------------------------------------------------------------------
-# The forward op's inputs are (input, weight, mask, bias, *layer_args, skip_zero, backend), its
-# backward op's (grad_out, grad_pre, input, weight, mask, pre, *layer_args, skip_zero,
-# need_input_grad, need_weight_grad, backend); layer_args are (stride, padding, dilation,
-# groups, contiguous_input_grad) for conv and () for linear. One set of autograd functions serves both layers.
+# The forward op's inputs are (input, weight, mask, bias, *layer_args, *forward_only_args, skip_zero,
+# backend), its backward op's (grad_out, grad_pre, input, weight, mask, pre, *layer_args, skip_zero,
+# need_input_grad, need_weight_grad, backend); layer_args are (stride, padding, dilation, groups,
+# contiguous_input_grad) for conv and () for linear, forward_only_args (contiguous_output,) for conv.
+# One set of autograd functions serves both layers.
 
 
 class _Layer:
-    def __init__(self, forward_op, backward_op, n_layer_args):
+    def __init__(self, forward_op, backward_op, n_layer_args, forward_only_args=()):
         self.forward_op, self.backward_op, self.n_layer_args = forward_op, backward_op, n_layer_args
+        # Arguments of the forward op alone, after layer_args: their values for the forward calls
+        # of the double backward (where they change layouts, never values).
+        self.forward_only_args = forward_only_args
 
     def forward(self, x, w, m, b, layer_args, skip_zero, backend):
-        return self.forward_op(x, w, m, b, *layer_args, skip_zero, backend)
+        return self.forward_op(x, w, m, b, *layer_args, *self.forward_only_args, skip_zero, backend)
 
     def backward(self, go, gp, x, w, m, pre, layer_args, skip_zero, need_x, need_w, backend):
         return self.backward_op(go, gp, x, w, m, pre, *layer_args, skip_zero, need_x, need_w, backend)
@@ -283,7 +295,7 @@ def _make_forward_autograd(layer):
 
     def backward(ctx, grad_out, grad_pre):
         x, w, m, pre = ctx.saved_tensors
-        n_args = 4 + layer.n_layer_args + 2
+        n_args = 4 + layer.n_layer_args + len(layer.forward_only_args) + 2
         if grad_out is None and grad_pre is None:
             return (None,) * n_args
         if grad_out is None:
@@ -375,7 +387,7 @@ def _merge_into_tasks(op, n_tensors):
     return rule
 
 
-_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 5)
+_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 5, forward_only_args=(False,))
 _LINEAR_LAYER = _Layer(masked_linear_op, masked_linear_backward_op, 0)
 for _layer in (_CONV_LAYER, _LINEAR_LAYER):
     for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
@@ -403,14 +415,18 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     if not batched:
         input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
-    # The CPU backend convolves in grouped NHWC; converting here (a no-op for the outputs of a
-    # previous masked conv) lets autograd keep the converted input for the backward, whose input
-    # gradient then comes back in the caller's own (contiguous) layout.
+    # The CPU backend convolves in grouped NHWC; converting here (a no-op for channels_last input
+    # and the task-batched outputs of a previous masked conv) lets autograd keep the converted
+    # input for the backward, whose input gradient then comes back in the caller's own layout.
+    # Outputs follow PyTorch's conv2d: a single-task input that is not channels_last gets
+    # contiguous ones. Task-batched outputs stay in grouped NHWC, the layout the task-batched
+    # models' activations live in.
     contiguous_input_grad = backend == "cpu" and not cpu_masked.is_grouped_nhwc(input)
+    contiguous_output = contiguous_input_grad and not batched
     if contiguous_input_grad:
         input = cpu_masked.to_grouped_nhwc(input, pooled=cpu_masked.is_plain_tensor(input))
     out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
-                           skip_zero, backend)[0]
+                           contiguous_output, skip_zero, backend)[0]
     return out if batched else out.squeeze(0)
 
 
