@@ -4,7 +4,8 @@
 * models: `Conv4`, `MLP` (built from the masked layers; functional for meta-learning)
 * learners: `MAML`, `NeuronML`, `PlasticHead`, each on ``backend="reference"`` (plain PyTorch,
   tasks in a loop) or ``"fused"`` (our ops, tasks batched)
-* CLI: ``python -m neuronml_fast.meta train|compare``
+* CLI: ``python -m neuronml_fast.meta train|compare|scaling``; ``train`` also runs on N processes
+  under ``torchrun`` (`neuronml_fast.meta.distributed`)
 """
 
 from .learners import MAML, NeuronML, PlasticHead

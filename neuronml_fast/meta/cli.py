@@ -1,4 +1,4 @@
-"""``python -m neuronml_fast.meta train|compare``: meta-train and evaluate; time the backends side by side.
+"""``python -m neuronml_fast.meta train|compare|scaling``: meta-train and evaluate; time the backends side by side.
 
 train:   a progress bar, periodic evaluation on held-out tasks, a checkpoint every
          ``--checkpoint-every`` iterations (``--resume`` continues from it; a folder that holds a
@@ -8,6 +8,12 @@ train:   a progress bar, periodic evaluation on held-out tasks, a checkpoint eve
 compare: meta-iterations of the reference loop, the fused task-batched layers and torch.func
          vmap (MAML only), interleaved in one process; a line per learner and repeat on stderr,
          then medians and ratios.
+scaling: meta-iterations of the same meta-batch on 1 rank x N threads and on N ranks x 1 thread
+         (torch.distributed, gloo, this machine): medians and the speed-up.
+
+``torchrun --nproc_per_node=N -m neuronml_fast.meta train ...`` (``--nnodes``/``--rdzv-*`` across
+machines) splits each meta-batch over N ranks: see neuronml_fast/meta/distributed.py and
+docs/distributed.md.
 
 --backend takes the package's backend names: ``reference`` runs the plain PyTorch learner (tasks
 in a loop), ``auto``, ``cpu``, ``triton`` and ``cuda`` the fused learner (tasks batched) with the
@@ -19,6 +25,7 @@ import csv
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +36,7 @@ import torch
 
 from .. import backends as package_backends
 
+from .distributed import DEFAULT_TIMEOUT_S, DistributedError, World, environment_rank, shard, task_seed
 from .learners import MAML, PlasticHead, NeuronML, ci95
 from .models import MLP, Conv4
 from .tasks import NWayKShot, Omniglot, SinusoidTasks, random_episodes
@@ -44,6 +52,26 @@ DATASETS = ("omniglot", "sinusoid")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 DEPRECATED_BACKENDS = {"fused": "auto"}  # the learner's own name, from before the CLI used the package's
 RUN_FILES = ("results.json", "checkpoint.pt", "curve.csv", "curve.png")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that stays silent on the ranks other than 0 (``quiet``): torchrun's ranks
+    parse the same command line, and one copy of a usage error is enough."""
+
+    quiet = False
+
+    def error(self, message):
+        if self.quiet:
+            self.exit(2)
+        super().error(message)
+
+    def print_usage(self, file=None):
+        if not self.quiet:
+            super().print_usage(file)
+
+    def print_help(self, file=None):
+        if not self.quiet:
+            super().print_help(file)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -113,8 +141,7 @@ def _add_common(parser):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m neuronml_fast.meta", description=__doc__,
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(prog="python -m neuronml_fast.meta", description=__doc__, formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train, evaluate, write DIR/results.json",
                                 description="Meta-train, evaluate on held-out tasks, write DIR/results.json, "
@@ -141,6 +168,7 @@ def build_parser():
     existing.add_argument("--overwrite", action="store_true", help="replace a previous run in DIR")
     train.add_argument("--out", required=True, metavar="DIR",
                        help="output folder; one that holds a run needs --resume or --overwrite")
+    _add_dist_timeout(train)
     compare = commands.add_parser("compare", help="time meta-iterations of reference, fused and torch.func vmap",
                                   description="Time meta-iterations of the reference learner, the fused learner "
                                   "and torch.func vmap (MAML), interleaved; print medians and ratios.",
@@ -153,8 +181,28 @@ def build_parser():
     compare.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed meta-iterations per learner first")
     compare.add_argument("--synthetic", action="store_true", help="random images instead of Omniglot")
     compare.add_argument("--json", default=None, help="also write the timings to this file")
-    parser.commands = {"train": train, "compare": compare}  # errors found after parsing show their usage
+    scaling = commands.add_parser("scaling", help="time the same meta-batch on 1 rank x N threads and N ranks x 1 "
+                                  "thread", description="Time meta-iterations of the same meta-batch on 1 rank x N "
+                                  "threads and on N ranks x 1 thread (torch.distributed, gloo, on this machine); "
+                                  "print medians and the speed-up. Omniglot runs on random episodes of its shapes "
+                                  "(pixels do not change the time).", formatter_class=_HelpFormatter)
+    _add_common(scaling)
+    scaling.add_argument("--backend", choices=("auto", "reference", "cpu"), default="auto",
+                         help="reference: the plain PyTorch learner; auto, cpu: the fused learner on that backend")
+    scaling.add_argument("--ranks", type=_positive_int, default=2, help="N: processes of the distributed run, "
+                         "and threads of the single-process run")
+    scaling.add_argument("--repeats", type=_positive_int, default=5, help="timed meta-iterations per configuration")
+    scaling.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed meta-iterations first")
+    scaling.add_argument("--json", default=None, help="also write the timings to this file")
+    _add_dist_timeout(scaling)
+    parser.commands = {"train": train, "compare": compare, "scaling": scaling}  # errors after parsing show their usage
     return parser
+
+
+def _add_dist_timeout(parser):
+    parser.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+                        help="seconds a collective may wait for the other ranks (under torchrun) before the job "
+                        "ends with an error naming the rank")
 
 
 def _check_device(parser, args):
@@ -189,17 +237,19 @@ def _check_backend(parser, args):
                      f"got {args.backend!r} ({status.state}; {status.detail})")
 
 
-def _check_out(parser, args):
-    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently mixed."""
+def out_problem(args):
+    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently mixed:
+    the usage error, or None."""
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
     if not found:
-        return
+        return None
     if args.resume and "checkpoint.pt" not in found:
-        parser.error(f"--resume: expected {os.path.join(args.out, 'checkpoint.pt')} to continue from, got a folder "
-                     f"holding {', '.join(found)} without it (--overwrite replaces that run)")
+        return (f"--resume: expected {os.path.join(args.out, 'checkpoint.pt')} to continue from, got a folder "
+                f"holding {', '.join(found)} without it (--overwrite replaces that run)")
     if not args.resume and not args.overwrite:
-        parser.error(f"--out: expected a folder without a previous run, got {args.out!r} holding "
-                     f"{', '.join(found)} (--resume continues that run, --overwrite replaces it)")
+        return (f"--out: expected a folder without a previous run, got {args.out!r} holding "
+                f"{', '.join(found)} (--resume continues that run, --overwrite replaces it)")
+    return None
 
 
 def _check(parser, args):
@@ -208,12 +258,13 @@ def _check(parser, args):
     if args.algo == "plastic" and args.dataset != "omniglot":
         parser.error(f"--algo plastic: expected --dataset omniglot (the plastic head is a classifier), "
                      f"got --dataset {args.dataset}")
-    needs_archives = args.dataset == "omniglot" and not getattr(args, "synthetic", False)
+    if args.command == "scaling" and args.threads is not None:
+        parser.error(f"--threads: expected none (scaling runs 1 rank x --ranks threads and --ranks ranks x 1 thread), "
+                     f"got {args.threads}")
+    needs_archives = args.dataset == "omniglot" and args.command != "scaling" and not getattr(args, "synthetic", False)
     if needs_archives and args.data_root is None:
         parser.error("--data-root: expected the folder holding images_background.zip and images_evaluation.zip "
                      "(required for --dataset omniglot), got none")
-    if args.command == "train":
-        _check_out(parser, args)
 
 
 def _defaults(args):
@@ -233,27 +284,29 @@ def _defaults(args):
 
 
 class _Sampler:
-    """Meta-batches on the device: Omniglot episodes or sinusoid tasks."""
+    """Meta-batches on the device, Omniglot episodes or sinusoid tasks: task ``index`` of round
+    ``round_`` (a meta-iteration, an evaluation) of ``stream`` from its own seed, so any split of a
+    batch over ranks draws the tasks one process draws (`neuronml_fast.meta.distributed.task_seed`)."""
 
-    def __init__(self, args, seed, data=None):
-        self.args, self.device = args, torch.device(args.device)
+    def __init__(self, args, stream, data=None):
+        self.args, self.stream, self.device = args, stream, torch.device(args.device)
         if args.dataset == "sinusoid":
-            self.tasks = SinusoidTasks(seed)
+            self.tasks = SinusoidTasks()
         else:
-            self.tasks = NWayKShot(data, args.ways, args.shots, args.queries, seed)
+            self.tasks = NWayKShot(data, args.ways, args.shots, args.queries)
 
-    def sample(self, tasks):
+    def _one(self):
         if self.args.dataset == "sinusoid":
-            batch = self.tasks.sample(tasks, self.args.shots, self.args.queries)
-        else:
-            batch = self.tasks.sample(tasks)
-        return tuple(part.to(self.device) for part in batch)
+            return self.tasks.sample(1, self.args.shots, self.args.queries)
+        return self.tasks.sample(1)
 
-    def state(self):
-        return self.tasks.generator.get_state()
-
-    def load_state(self, state):
-        self.tasks.generator.set_state(state)
+    def sample(self, round_, indices):
+        """The tasks ``indices`` (a range) of round ``round_``, stacked: ``(x_support [T, ...], ...)``."""
+        tasks = []
+        for index in indices:
+            self.tasks.generator.manual_seed(task_seed(self.args.seed, self.stream, round_, index))
+            tasks.append(self._one())
+        return tuple(torch.cat(part).to(self.device) for part in zip(*tasks))
 
 
 # Names in the errors of the loader and sampler, as the CLI spells them.
@@ -268,32 +321,35 @@ def _usage_message(error):
     return f"--data-root: {text}"
 
 
-def check_data_root(parser, args, splits):
-    """Every archive a run needs is there before minutes are spent decoding the first one."""
+def data_root_problem(args, splits):
+    """Every archive a run needs is there before minutes are spent decoding the first one: the usage
+    error, or None."""
     root = args.data_root
     if not splits:
-        return
+        return None
     if not os.path.isdir(root):
-        parser.error(f"--data-root: expected a folder holding the Omniglot archives, got {root!r} (no such folder)")
+        return f"--data-root: expected a folder holding the Omniglot archives, got {root!r} (no such folder)"
     for split in splits:
         names = (f"images_{split}.zip", f"images_{split}")
         if not any(os.path.exists(os.path.join(root, name)) for name in names):
             held = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
-            parser.error(f"--data-root: expected a folder holding {names[0]} or {names[1]}/, got {root!r} "
-                         f"(it holds {held})")
+            return (f"--data-root: expected a folder holding {names[0]} or {names[1]}/, got {root!r} "
+                    f"(it holds {held})")
+    return None
 
 
-def load_omniglot(parser, args, splits):
-    """{split: Omniglot}, checked against --ways/--shots/--queries; bad values are usage errors."""
+def read_omniglot(args, splits, say=True):
+    """({split: Omniglot}, None), checked against --ways/--shots/--queries, or (None, the usage error)."""
     data = {}
     for split in splits:
-        print(f"loading Omniglot {split} from {args.data_root}", file=sys.stderr, flush=True)
+        if say:
+            print(f"loading Omniglot {split} from {args.data_root}", file=sys.stderr, flush=True)
         try:
             data[split] = Omniglot(args.data_root, split)
             NWayKShot(data[split], args.ways, args.shots, args.queries)
         except (FileNotFoundError, ValueError) as error:
-            parser.error(_usage_message(error))
-    return data
+            return None, _usage_message(error)
+    return data, None
 
 
 def learner_kind(backend):
@@ -319,17 +375,23 @@ def build_learner(args, backend):
                     lambda_sensitivity=args.lambda_sensitivity, target_active=args.target_active, **options)
 
 
-def evaluate(learner, sampler, tasks, batch_size, steps):
-    """Per-task scores over ``tasks`` sampled tasks, and the mean active fraction."""
-    scores, active = [], []
-    remaining = tasks
-    while remaining > 0:
-        count = min(batch_size, remaining)
-        score, fraction = learner.evaluate(sampler.sample(count), steps)
-        scores.append(score.detach().cpu())
-        active.append(fraction * count)
-        remaining -= count
-    return torch.cat(scores), sum(active) / tasks
+def evaluate(learner, sampler, round_, tasks, batch_size, steps, world=None):
+    """Per-task scores of the ``tasks`` tasks of round ``round_``, and the mean active fraction.
+
+    Across ranks each evaluates its `shard` of the tasks, ``batch_size`` at a time, and every rank
+    gets every score, in task order.
+    """
+    world = world or World()
+    mine = shard(tasks, world.size, world.rank)
+    rows = []
+    for start in range(mine.start, mine.stop, batch_size):
+        indices = range(start, min(start + batch_size, mine.stop))
+        score, fraction = learner.evaluate(sampler.sample(round_, indices), steps)
+        rows.append(torch.stack([score.detach().cpu().double(), torch.full((len(indices),), float(fraction),
+                                                                          dtype=torch.float64)], 1))
+    rows = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+    rows = world.gather_shards(rows, tasks)
+    return rows[:, 0], float(rows[:, 1].mean())
 
 
 # ---- train ------------------------------------------------------------------------------
@@ -378,56 +440,105 @@ def run_config(args):
     return config
 
 
-def train(args, data=None):
-    """Meta-train on ``data`` ({split: Omniglot}; None for sinusoids) and write the run to ``args.out``."""
+def train(args, data=None, world=None):
+    """Meta-train on ``data`` ({split: Omniglot}; None for sinusoids) and write the run to ``args.out``.
+
+    ``world`` (a `World`): this process's share of a distributed run; one process when None.
+    """
     with package_backends.use_backend(args.backend):  # "reference" or the fused learner's backend
-        return _train(args, data or {})
+        if world is None or not world.joined:
+            return _train(args, data or {})
+        return _train(args, data or {}, world)
 
 
-def _train(args, data):
-    if args.overwrite:
-        _clear_run(args.out)
-    os.makedirs(args.out, exist_ok=True)
+# What a checkpoint's tasks were drawn with: per-task seeds (`_Sampler`) resume at any world size.
+TASK_SEEDS = "per-task seeds"
+
+
+def _resume_state(args, path, world):
+    """The checkpoint to continue from, read by rank 0 and sent to every rank; None without one."""
+    state, problem = None, None
+    if world.is_main and os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("tasks") != TASK_SEEDS:
+            state, problem = None, (f"--resume: expected a checkpoint whose tasks come from {TASK_SEEDS}, got {path} "
+                                    f"written with a sequential task sampler (--overwrite starts the run anew)")
+    state, problem = world.broadcast((state, problem), "broadcast of the checkpoint")
+    if problem:
+        raise ValueError(problem)
+    return state
+
+
+def _command(args, world):
+    module = "-m neuronml_fast.meta " + " ".join(args.argv)
+    if not world.joined:
+        return "python " + module
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "?")
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+    return f"torchrun --nnodes={nodes} --nproc_per_node={per_node} {module}"
+
+
+def _train(args, data, world=None):
+    world = world or World()
+    if world.is_main:
+        if args.overwrite:
+            _clear_run(args.out)
+        os.makedirs(args.out, exist_ok=True)
     regression = args.dataset == "sinusoid"
     background, evaluation = data.get("background"), data.get("evaluation")
-    train_tasks = _Sampler(args, args.seed, background)
-    val_tasks = _Sampler(args, args.seed + 1, evaluation)
+    train_tasks = _Sampler(args, "train", background)
+    val_tasks = _Sampler(args, "validation", evaluation)
     learner = build_learner(args, args.backend)
+    learner.task_gather = world.gather_tasks
     optimizer = torch.optim.Adam(learner.module.parameters(), lr=args.meta_lr)
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
     curve, start, elapsed = [], 0, 0.0
-    if args.resume and os.path.exists(checkpoint_path):
-        state = torch.load(checkpoint_path, weights_only=False)
+    state = _resume_state(args, checkpoint_path, world) if args.resume else None
+    if state is not None:
         learner.module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
-        train_tasks.load_state(state["sampler"])
         curve, start, elapsed = state["curve"], state["iteration"], state["train_seconds"]
-        print(f"resumed from {checkpoint_path} at iteration {start}", file=sys.stderr)
+        if world.is_main:
+            print(f"resumed from {checkpoint_path} at iteration {start} (written by {state.get('world_size', 1)} "
+                  f"rank(s), continued by {world.size})", file=sys.stderr)
 
     def save_checkpoint(iteration):
-        torch.save({"module": learner.module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "sampler": train_tasks.state(), "curve": curve, "iteration": iteration,
-                    "train_seconds": elapsed, "args": vars(args)}, checkpoint_path + ".tmp")
+        # Every rank holds the same parameters after the all-reduce; the barrier makes rank 0's file
+        # the state of an iteration every rank has finished.
+        world.barrier(f"barrier before the checkpoint of iteration {iteration}")
+        if not world.is_main:
+            return
+        torch.save({"module": learner.module.state_dict(), "optimizer": optimizer.state_dict(), "tasks": TASK_SEEDS,
+                    "curve": curve, "iteration": iteration, "train_seconds": elapsed, "world_size": world.size,
+                    "args": vars(args)}, checkpoint_path + ".tmp")
         os.replace(checkpoint_path + ".tmp", checkpoint_path)
 
-    bar = _progress(args.iterations, start)
+    per_rank = args.meta_batch // world.size
+    mine = range(world.rank * per_rank, (world.rank + 1) * per_rank)
+    bar = _progress(args.iterations, start) if world.is_main else None
     iteration = start
     metric = "mse" if regression else "accuracy"
     while iteration < args.iterations:
-        if args.time_limit is not None and elapsed >= args.time_limit * 60:
-            print(f"time limit of {args.time_limit} min reached at iteration {iteration}", file=sys.stderr)
+        # One decision for every rank: a rank that stopped alone would leave the others waiting.
+        if args.time_limit is not None and world.any(elapsed >= args.time_limit * 60):
+            if world.is_main:
+                print(f"time limit of {args.time_limit} min reached at iteration {iteration}", file=sys.stderr)
             break
-        batch = train_tasks.sample(args.meta_batch)
+        batch = train_tasks.sample(iteration, mine)
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        stats = learner.meta_backward(batch)
+        # NeuronML's backward all-gathers (reduce-scatters) its structure's gradients.
+        stats = world.run(f"meta-iteration {iteration + 1}", learner.meta_backward, batch)
+        stats = world.average_gradients(learner.module.parameters(), stats,
+                                        f"all-reduce of the meta-gradient of iteration {iteration + 1}")
         optimizer.step()
         elapsed += time.perf_counter() - began
         iteration += 1
         row = {"iteration": iteration, "train_seconds": round(elapsed, 3), "meta_loss": stats["loss"],
                f"train_{metric}": stats["score"], "active_fraction": stats["active_fraction"]}
         if (args.eval_every > 0 and iteration % args.eval_every == 0) or iteration == args.iterations:
-            scores, _ = evaluate(learner, val_tasks, args.eval_tasks, args.meta_batch, args.eval_inner_steps)
+            scores, _ = evaluate(learner, val_tasks, iteration, args.eval_tasks, per_rank, args.eval_inner_steps,
+                                 world)
             row[f"val_{metric}"] = float(scores.mean())
         curve.append(row)
         if bar is not None:
@@ -439,21 +550,22 @@ def _train(args, data):
     if bar is not None:
         bar.close()
     save_checkpoint(iteration)
-    test_tasks = _Sampler(args, args.seed + 2, evaluation)
+    test_tasks = _Sampler(args, "test", evaluation)
     began = time.perf_counter()
-    scores, active = evaluate(learner, test_tasks, args.test_tasks, args.meta_batch, args.eval_inner_steps)
+    scores, active = evaluate(learner, test_tasks, 0, args.test_tasks, per_rank, args.eval_inner_steps, world)
     results = {
         **run_config(args), "iterations": iteration, f"test_{metric}": float(scores.mean()), "ci95": ci95(scores),
         "test_tasks": args.test_tasks,
         "active_fraction": active, "sec_per_iter": elapsed / max(iteration, 1), "train_seconds": elapsed,
         "eval_seconds": time.perf_counter() - began, "seed": args.seed, "device": _device_name(args.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": _git_commit(),
-        "command": "python -m neuronml_fast.meta " + " ".join(args.argv),
+        **world.describe(), "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": _git_commit(),
+        "command": _command(args, world),
     }
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    _write_curve(curve, args.out, metric)
-    print(json.dumps(results, indent=2))
+    if world.is_main:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        _write_curve(curve, args.out, metric)
+        print(json.dumps(results, indent=2))
     return results
 
 
@@ -506,12 +618,12 @@ def compare(args, data=None):
 
     data = data or {}
     if args.dataset == "omniglot" and not args.synthetic:
-        batch = _Sampler(args, args.seed, data["background"]).sample(args.meta_batch)
+        batch = _Sampler(args, "train", data["background"]).sample(0, range(args.meta_batch))
     elif args.dataset == "omniglot":
         episodes = random_episodes(args.meta_batch, args.ways, args.shots, args.queries, seed=args.seed)
         batch = tuple(part.to(args.device) for part in episodes)
     else:
-        batch = _Sampler(args, args.seed).sample(args.meta_batch)
+        batch = _Sampler(args, "train").sample(0, range(args.meta_batch))
     runners = _compare_runners(args, functorch_maml)
     _say(f"timing {', '.join(runners)}: {args.warmup} warm-up and {args.repeats} timed meta-iteration(s) each, "
          f"interleaved")
@@ -559,12 +671,137 @@ def _compare_runners(args, functorch_maml):
     return runners
 
 
+# ---- scaling ------------------------------------------------------------------------------
+
+
+def _scaling_batch(args):
+    """The meta-batch every configuration times: random episodes with Omniglot's shapes, or sinusoid tasks."""
+    if args.dataset == "omniglot":
+        episodes = random_episodes(args.meta_batch, args.ways, args.shots, args.queries, seed=args.seed)
+        return tuple(part.to(args.device) for part in episodes)
+    return _Sampler(args, "train").sample(0, range(args.meta_batch))
+
+
+def _scaling_worker(rank, size, threads, port, args, out):
+    """One rank of a timed run: ``warmup + repeats`` meta-iterations of its share of the meta-batch."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    world = World.from_environment(args.device, args.dist_timeout)
+    with package_backends.use_backend(args.backend):
+        learner = build_learner(args, args.backend)
+        learner.task_gather = world.gather_tasks
+        per_rank = args.meta_batch // size
+        batch = tuple(part[rank * per_rank:(rank + 1) * per_rank] for part in _scaling_batch(args))
+        seconds = []
+        for _ in range(args.warmup + args.repeats):
+            world.barrier()  # every rank starts the iteration together
+            began = time.perf_counter()
+            learner.module.zero_grad(set_to_none=True)
+            stats = learner.meta_backward(batch)
+            world.average_gradients(learner.module.parameters(), stats)
+            seconds.append(time.perf_counter() - began)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(seconds[args.warmup:], f)
+    world.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timed_run(args, size, threads, out):
+    """Median and all seconds per meta-iteration of ``size`` ranks x ``threads`` threads (gloo, this machine)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_scaling_worker, args=(size, threads, _free_port(), args, out), nprocs=size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + args.dist_timeout + 60 * (args.warmup + args.repeats)
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise DistributedError(f"scaling: {size} rank(s) x {threads} thread(s) ran past {deadline:g} s")
+    with open(out) as f:
+        seconds = json.load(f)
+    return sorted(seconds)[len(seconds) // 2], seconds
+
+
+def scaling(args):
+    """Time the same meta-batch on 1 rank x N threads and N ranks x 1 thread; medians and the speed-up."""
+    import tempfile
+
+    configurations = {f"1 rank x {args.ranks} threads": (1, args.ranks),
+                      f"{args.ranks} ranks x 1 thread": (args.ranks, 1)}
+    medians, times = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (size, threads) in configurations.items():
+            _say(f"timing {name}: {args.warmup} warm-up and {args.repeats} timed meta-iteration(s)")
+            medians[name], times[name] = _timed_run(args, size, threads, os.path.join(folder, "seconds.json"))
+    single, distributed = medians.values()
+    print(f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
+          f"{args.meta_batch}, {args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order, "
+          f"backend {args.backend}, {_device_name(args.device)}; median of {args.repeats}")
+    for name, median in medians.items():
+        spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
+        print(f"  {name:<22} {median:8.3f} s/iter  (range {spread})")
+    print(f"  speed-up of {args.ranks} ranks over 1 rank: {single / distributed:5.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "seconds": times, "median": medians,
+                       "speedup": single / distributed}, f, indent=2)
+    return medians
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
 def _splits_needed(args):
     if args.dataset != "omniglot":
         return ()
     if args.command == "train":
         return ("background", "evaluation")
-    return () if args.synthetic else ("background",)
+    return () if args.command == "scaling" or args.synthetic else ("background",)
+
+
+def _check_world(parser, args, size):
+    """The world size torchrun gives fits the command and the meta-batch."""
+    if args.command != "train" and size > 1:
+        parser.error(f"{args.command}: expected one process, got WORLD_SIZE={size} from torchrun (train runs on "
+                     f"ranks; scaling starts its own)")
+    ranks = size if args.command == "train" else getattr(args, "ranks", 1)
+    if args.meta_batch % ranks:
+        option = "world size" if args.command == "train" else "--ranks"
+        parser.error(f"--meta-batch: expected a multiple of the {option} {ranks} (each rank takes meta-batch / "
+                     f"{ranks} tasks), got {args.meta_batch}")
+
+
+def _agree(parser, world, problem):
+    """Stop every rank with a usage error when any rank found ``problem`` (its own files, its own data root)."""
+    problems = [(rank, p) for rank, p in enumerate(world.all_objects((problem, socket.gethostname()))) if p[0]]
+    if not problems:
+        return
+    world.close()
+    if world.size == 1:
+        parser.error(problems[0][1][0])
+    parser.error("; ".join(f"{message} (on rank {rank}, host {host})" for rank, (message, host) in problems))
+
+
+def _join(parser, args, splits):
+    """This process's `World` (a process group under torchrun), with the files every rank needs checked."""
+    if args.command != "train":
+        return World()
+    world = World.from_environment(args.device, args.dist_timeout)
+    if world.backend == "nccl":
+        args.device = f"cuda:{world.local_rank}"
+    problem = data_root_problem(args, splits)
+    if problem is None and world.is_main:
+        problem = out_problem(args)  # the run's folder is rank 0's
+    _agree(parser, world, problem)
+    return world
 
 
 def main(argv=None):
@@ -572,13 +809,32 @@ def main(argv=None):
 
     root = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rank, size = environment_rank()
+    except DistributedError as error:
+        root.error(str(error))
+    for parser in (root, *root.commands.values()):
+        parser.quiet = rank != 0  # one copy of a usage error, on rank 0
     args = root.parse_args(argv)
     args.argv = argv  # results.json records the command that made it, also when called in-process
     parser = root.commands[args.command]
     _check(parser, args)
     _defaults(args)
+    _check_world(parser, args, size)
     splits = _splits_needed(args)
-    check_data_root(parser, args, splits)
-    data = load_omniglot(parser, args, splits)
+    world = _join(parser, args, splits)
+    data, problem = read_omniglot(args, splits, say=world.is_main)
+    _agree(parser, world, problem)
     keep_freed_memory()  # same allocator settings for every backend compared (see neuronml_fast/_memory.py)
-    return train(args, data) if args.command == "train" else compare(args, data)
+    if args.command == "compare":
+        return compare(args, data)
+    if args.command == "scaling":
+        return scaling(args)
+    try:
+        results = train(args, data, world)
+    except DistributedError as error:
+        # A clear line instead of a traceback; the exit status makes torchrun end the other ranks.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    world.close()
+    return results

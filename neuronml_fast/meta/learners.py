@@ -74,6 +74,11 @@ def _score(kind, out, target):
     return (out - target).pow(2).flatten(1).mean(1)
 
 
+def one_process(tensors):
+    """The tasks of this process are the whole meta-batch (`MAML.task_gather` outside torch.distributed)."""
+    return list(tensors)
+
+
 def _expand(params, tasks):
     return {name: p.unsqueeze(0).expand(tasks, *p.shape) for name, p in params.items()}
 
@@ -92,6 +97,11 @@ class MAML:
     terms (FOMAML). ``meta_backward(batch)`` leaves the meta-gradient in ``.grad`` of
     ``self.module.parameters()`` and returns statistics; ``evaluate`` adapts without touching
     the meta-parameters.
+
+    ``task_gather`` maps per-task tensors ``[T_local, ...]`` of this process's tasks to those of
+    the whole meta-batch; terms that couple the tasks of a batch (NeuronML's structure) are
+    computed on its result. `one_process` in one process; across ranks
+    `neuronml_fast.meta.distributed.World.gather_tasks`.
     """
 
     name = "maml"
@@ -107,6 +117,7 @@ class MAML:
         self.model, self.module = model, model
         self.kind, self.inner_lr, self.inner_steps = kind, float(inner_lr), int(inner_steps)
         self.first_order, self.backend = first_order, backend
+        self.task_gather = one_process
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -120,8 +131,8 @@ class MAML:
 
     # ---- structure (none for MAML) ---------------------------------------------------------
 
-    def structure(self, batch):
-        """(masks: per structured layer ``[T, C]``, or None; regularizer: a scalar or None)."""
+    def structure(self, batch, regularize=True):
+        """(masks: per structured layer ``[T, C]``, or None; regularizer: a scalar, None unless ``regularize``)."""
         return None, None
 
     # ---- the inner loop --------------------------------------------------------------------
@@ -184,7 +195,7 @@ class MAML:
         steps = self.inner_steps if steps is None else steps
         xs, ys, xq, yq = batch
         tasks = xs.shape[0]
-        masks, _ = self.structure(batch)
+        masks, _ = self.structure(batch, regularize=False)
         masks = None if masks is None else [m.detach() for m in masks]
         if self.batched:
             params = self.adapt(self._initial(tasks), xs, ys, masks, steps, create_graph=False)
@@ -306,12 +317,18 @@ class NeuronML(MAML):
                              for neurons, (w, b) in self.model.structure])
         return [torch.stack(layer) for layer in zip(*per_task)]
 
-    def structure(self, batch):
+    def structure(self, batch, regularize=True):
         importances = [i.detach() for i in self.importance(batch)]
         gates, scales = self.model.structure_gates, self.model.structure_scale
         shifts = [scales[l] * _standardize(importances[l]) for l in range(len(gates))]
-        probabilities = [gate.probabilities(shift) for gate, shift in zip(gates, shifts)]
         masks = [gate(shift) for gate, shift in zip(gates, shifts)]
+        if not regularize:
+            return masks, None
+        probabilities = [gate.probabilities(shift) for gate, shift in zip(gates, shifts)]
+        # The terms couple the tasks of the whole meta-batch: computed on every task, also those of
+        # other ranks (task_gather carries their gradients back to them).
+        every = self.task_gather(probabilities + importances)
+        probabilities, importances = every[:len(gates)], every[len(gates):]
         lf, lp, ls = self.lambdas
         regularizer = (lf * frugality(probabilities, self.target_active) + lp * plasticity(probabilities)
                        + ls * sensitivity_disagreement(probabilities, importances))
