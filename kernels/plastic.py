@@ -182,8 +182,9 @@ def _backward_step_kernel(
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # Step t in reverse for a block of rows of one sequence. hebb holds H_{t+1} (RECONSTRUCT) or
-    # H_t (clip: recomputed) and leaves holding H_t; ghebb holds dL/dH_{t+1} -> dL/dH_t. Partial
-    # sums go to buffers owned by this program: deterministic, no atomics.
+    # H_t (recomputed: clip or identity activation) and leaves holding H_t; ghebb holds
+    # dL/dH_{t+1} -> dL/dH_t. Partial sums go to buffers owned by this program: deterministic, no
+    # atomics.
     seq, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
     n_blocks = tl.num_programs(1)
     rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)

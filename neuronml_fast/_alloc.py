@@ -1,12 +1,17 @@
 """Output allocation for every kernel backend, in one place.
 
-Kernels never allocate their outputs: the Python launchers call `empty` here and hand the
-buffers in. With poisoning on (`NEURONML_FAST_POISON=1`, or `poisoned()` in tests) every buffer
-starts as NaN, so an element a kernel forgot to write shows up as NaN instead of passing by luck.
+Kernels never allocate their outputs: the code around them does, uninitialized buffers through
+`empty` here. Which code depends on the entry point (neuronml_fast/backends.py): for those that
+fill caller-allocated outputs (neuron_sensitivity, the batch-norm double backward) the op
+allocates them before the call; the masked and plastic entry points are launchers that allocate
+their kernels' buffers themselves and return the outputs (the CPU masked conv2d forward in C++,
+from the same pool, following `poisoning()`). With poisoning on (`NEURONML_FAST_POISON=1`, or
+`poisoned()` in tests) every buffer from `empty` starts as NaN, so an element a kernel forgot to
+write shows up as NaN instead of passing by luck.
 
 CPU buffers come from the C++ buffer pool (csrc/cpu/buffer_pool.h) when the extension is
-built: a fresh multi-megabyte allocation faults on every page on first touch (~1.5 ms per
-4 MiB on the 2-core VM), the pool hands back buffers that already have their pages.
+built: a fresh multi-megabyte allocation faults on every page on first touch, the pool hands
+back buffers that already have their pages.
 `cpu_pool_stats`, `empty_cpu_cache` and `set_cpu_pool_limit` control it (like
 torch.cuda.empty_cache for the CUDA caching allocator); NEURONML_FAST_CPU_POOL_MB sets the
 limit at start-up (default 1024, 0 turns the pool off).

@@ -1,9 +1,8 @@
 """Keep freed memory in the process (glibc) so that big activations do not page-fault every step.
 
 glibc hands blocks above its mmap threshold back to the kernel on free; the next allocation of
-the same size then faults in every page again. Measured on the 2-core development VM, Conv4's
-first layer (32 tasks x 75 images, 64 x 14 x 14 outputs) forward+backward took 500 ms with the
-default and 157 ms with freed memory kept (eager PyTorch: 284 -> 148 ms). The meta-learning CLI
+the same size then faults in every page again: keeping freed memory makes Conv4's first layer
+(32 tasks x 75 images) forward+backward about 3x faster. The meta-learning CLI
 and the benchmarks call `keep_freed_memory()` once at start-up, so every backend they compare
 runs with the same allocator; the library itself never changes allocator settings on import.
 Set NEURONML_FAST_KEEP_MEMORY=0 to leave glibc's defaults alone.

@@ -1,11 +1,14 @@
 """The time loops of the GPU plastic backends (Triton and CUDA C++), written once.
 
-A backend supplies the step kernels (`Steps`): a forward step over (sequence, block of rows),
-optionally a whole-sequence forward, and a reverse step. This module owns everything around
-them: buffers, checkpoints, the restart of the trace reconstruction from exact checkpoints, the
-forward recomputation of segments (clip, identity activation), the reductions of per-program
-partial sums, and the GEMM-shaped gradients. Same algorithm as the C++ CPU backend
-(csrc/cpu/plastic.cpp, neuronml_fast/cpu/plastic.py). No host synchronization inside the loops.
+A backend passes its step kernels as the `steps` argument, an object with `rows_per_block`,
+`forward_step` (over sequence x block of rows), `sequence_forward` (the whole sequence in one
+launch, or False where it does not apply) and `backward_step` (the reverse step): `TritonSteps`
+in kernels/plastic.py, `CudaSteps` in neuronml_fast/cuda/plastic.py (duck-typed: no common base
+class). This module owns everything around them: buffers, checkpoints, the restart of the trace
+reconstruction from exact checkpoints, the forward recomputation of segments (clip, identity
+activation), the reductions of per-program partial sums, and the GEMM-shaped gradients. Same
+algorithm as the C++ CPU backend (csrc/cpu/plastic_kernels.inc, neuronml_fast/cpu/plastic.py).
+No host synchronization inside the loops.
 
 Partial-sum contract of a reverse step, ``blocks = ceil(OUT / rows_per_block)``:
 ``gpre_part [blocks, B, IN]`` (written), ``galpha_part [B, OUT, IN]`` or ``[B * blocks]`` for a

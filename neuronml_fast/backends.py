@@ -16,9 +16,13 @@ device that is usable here and has a kernel for the op and dtype. Its last resor
 happens. A backend named explicitly never falls back: it runs or raises.
 
 Every op registers itself once with `register_op`: its reference dtypes and, per kernel
-backend, the entry point (``"module:function"``, imported on first use) and its dtypes. Entry
-points share one calling convention, ``fn(*inputs, *outputs)``: outputs are allocated by the
-caller (see `_alloc`), so no op carries its own dispatch code.
+backend, the entry point (``"module:function"``, imported on first use) and its dtypes; the op
+calls ``kernel(op, backend)``, so the choice of backend is made here only. An op's entry points
+share its calling convention, one of two. Those of ``neuron_sensitivity`` and
+``batch_norm_rows_double_backward`` are ``fn(*inputs, *outputs)``: they fill outputs the op
+allocated (see `_alloc`). The masked and plastic entry points are launchers, ``fn(*inputs)``:
+they allocate their outputs themselves (see `_alloc`) and return them (the CPU masked conv2d
+forward takes one more argument, its output layout).
 """
 
 import contextlib

@@ -1,6 +1,10 @@
 // Python bindings of the C++ CPU kernels: tensor checks (TORCH_CHECK, never a crash), dtype
-// dispatch, raw pointers into the framework-free kernels. Outputs are allocated by the caller
-// (Python), so tests can hand in NaN-poisoned buffers.
+// dispatch, raw pointers into the framework-free kernels. The `*_out` functions and the masked
+// epilogue / prologue write into outputs the caller allocated (Python, neuronml_fast/_alloc.py),
+// so tests can hand in NaN-poisoned buffers. The rest allocate what they return:
+// `masked_conv2d_forward` and `expand_weight_grad` from the buffer pool, NaN-filled if `poison`;
+// `compact_weight_rows` and `masked_compaction` with at::empty (every element written);
+// `pooled_empty` (uninitialized).
 #include <torch/extension.h>
 
 #include <limits>
@@ -524,8 +528,8 @@ py::dict pool_stats() {
 
 // ---- masked conv2d forward: the whole launcher in C++ ---------------------------------------
 // The Python version of this glue (compaction, pooled outputs, compact weights, the grouped views
-// around one ATen convolution, the epilogue) cost ~140 us a call on the 2-core VM: 8 % of a 25 %
-// active Conv4 block forward. Layouts: neuronml_fast/cpu/masked.py.
+// around one ATen convolution, the epilogue) cost 8 % of a 25 %-active Conv4 block's forward.
+// It allocates its outputs (out, pre) from the pool. Layouts: neuronml_fast/cpu/masked.py.
 
 // [T, N, C, H, W] stored as [N, H, W, T, C] (grouped NHWC), from the pool, NaN-filled if `poison`.
 at::Tensor grouped_nhwc_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,

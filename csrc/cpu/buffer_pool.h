@@ -1,11 +1,10 @@
 // A cache of large host buffers for the outputs and workspaces of the C++ CPU backend.
 //
 // Why: a fresh multi-megabyte allocation from glibc comes from mmap (or a heap top that glibc
-// trimmed back to the OS), so every page of it faults on first touch. On the 2-core VM this
-// costs ~1.5 us per 4 KiB page: a 4 MiB activation pays ~1.5 ms before a kernel writes it,
-// which is more than the masked conv epilogue itself (measured: a Conv4 block forward+backward
-// at 25 % active took 15 ms with ~4700 page faults per call, 8.5 ms without). Buffers released
-// to this pool keep their pages and are handed out again for the next request of the same size.
+// trimmed back to the OS), so every page of it faults on first touch: a 4 MiB activation pays
+// ~1.5 ms of page faults before a kernel writes it, more than the masked conv epilogue itself.
+// Buffers released to this pool keep their pages and are handed out again for the next request
+// of the same size.
 //
 // Framework-free: the binding wraps `acquire` / `release` into a c10::Allocator. Blocks are
 // kept per exact (page-rounded) size up to a byte limit; a block released above the limit is

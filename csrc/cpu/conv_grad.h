@@ -1,12 +1,12 @@
 // Weight and input gradients of an NHWC convolution, float32, AVX2/FMA register tiles.
 // Framework-free.
 //
-// Weight gradient. Why: oneDNN's channels-last weight gradient runs at ~90 GFLOP/s on the 2-core VM for the
-// Conv4-Omniglot block with few active output channels (16 of 64: 3.2 ms where its forward takes
-// 1.6 ms) and at ~60 GFLOP/s for MAML's task-batched grouped form; that is the largest piece of a
-// masked conv's backward. Here each (image, output row) stages its input rows and output-gradient
-// row in L1 and sweeps every (tap, 16 input channels, 6 output channels) tile over them: 12
-// accumulators in registers, 2 loads + 6 broadcasts per 12 FMAs.
+// Weight gradient. Why: oneDNN's channels-last weight gradient is slow for the Conv4-Omniglot
+// block with few active output channels (16 of 64: twice its forward's time), slower still in
+// MAML's task-batched grouped form, and it is the largest piece of a masked conv's backward.
+// Here each (image, output row) stages its input rows and output-gradient row in L1 and sweeps
+// every (tap, 16 input channels, 6 output channels) tile over them: 12 accumulators in
+// registers, 2 loads + 6 broadcasts per 12 FMAs.
 //
 // Layouts (elements):
 //   gy  output gradient: pixel (n, oh, ow) at gy + ((n*H_out + oh)*W_out + ow)*gy_pixel, then A channels
@@ -15,15 +15,14 @@
 // (gy_pixel and x_pixel are T*A and T*C for the grouped-NHWC task-batched storage, with gy and x
 // offset to the task.) Requires C % 16 == 0.
 //
-// Input gradient. Why: oneDNN returns it in a buffer it allocates, and a fresh 4 MiB buffer
-// costs ~1.5 ms of page faults on the 2-core VM (as much as the transposed convolution of a
-// 25 %-active Conv4 block itself); this kernel writes into the caller's pooled buffer. Each
-// (image, input row) is one output row of gx, owned by one thread. With a column stride of 1
-// (the common case), a (5 columns, 16 input channels) register tile sums
-// gy[.., a] * w[a, kh, kw, c] over every tap and active channel and stores once; the gy rows are
-// staged zero-padded in L1 so edge columns need no special case (Conv4 block, 16 active
-// channels: 1.85 -> ~1.5 ms). Other column strides: the row is zeroed, then every (tap,
-// 16 input channels, 6 positions) tile adds its sum over the A active channels into it.
+// Input gradient. Why: oneDNN returns it in a buffer it allocates, and the page faults of a fresh
+// 4 MiB buffer cost as much as the transposed convolution of a 25 %-active Conv4 block itself
+// (buffer_pool.h); this kernel writes into the caller's pooled buffer. Each (image, input row)
+// is one output row of gx, owned by one thread. With a column stride of 1 (the common case), a
+// (5 columns, 16 input channels) register tile sums gy[.., a] * w[a, kh, kw, c] over every tap
+// and active channel and stores once; the gy rows are staged zero-padded in L1 so edge columns
+// need no special case. Other column strides: the row is zeroed, then every (tap, 16 input
+// channels, 6 positions) tile adds its sum over the A active channels into it.
 // Any stride, padding and dilation.
 //   w   [A, kH, kW, C] contiguous (the compact channels-last weights)
 //   gx  channels-last like x, or channels-first (NCHW, the layout of a user's input: autograd then

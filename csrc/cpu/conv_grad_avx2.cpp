@@ -87,8 +87,8 @@ void valid_range(int64_t size, int64_t out_size, int64_t stride, int64_t offset,
 void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t n0, int64_t n1, float* acc);
 
 // Task-batched storage puts the tasks of a pixel side by side, so one task's consecutive pixels
-// lie T*C floats apart: every position of a tile's sweep is another page, and the sweep ran at
-// 120 GFLOP/s against 196 for one task's contiguous images (32 tasks x 16 images, 64 -> 64).
+// lie T*C floats apart: every position of a tile's sweep is another page, and a sweep over them
+// runs at about 60 % of its rate over one task's contiguous images.
 // Each image of the task is copied into contiguous L2-sized scratch first (2 x 50 KiB there,
 // against 14.5 MFLOP of sweeps that reuse it).
 void accumulate_staged(const ConvGradShape& s, const float* gy, const float* x, int64_t n0, int64_t n1, float* acc) {
@@ -131,8 +131,8 @@ void accumulate(const ConvGradShape& s, const float* gy, const float* x, int64_t
         const float* g0 = gy + ((n * s.H_out + oh_lo) * s.W_out + ow_lo) * s.gy_pixel;
         float* tap = acc + (kh * s.KW + kw) * s.C;
         for (int64_t c0 = 0; c0 < s.C; c0 += kCols) {
-          // Near-equal tiles (16 = 6 + 5 + 5, not 6 + 6 + 4): a tile needs 10 accumulators to hide
-          // the FMA latency. Measured at the Conv4 block shape, 16 active channels: 4-8 % faster.
+          // Near-equal tiles (16 = 5 + 5 + 6, not 6 + 6 + 4): a tile needs 10 accumulators to hide
+          // the FMA latency.
           for (int64_t i = 0, a0 = 0; a0 < s.A; ++i) {
             const int64_t r = s.A * (i + 1) / tiles - a0;
             with_rows(static_cast<int>(r), [&](auto rows) {
@@ -174,8 +174,8 @@ void input_grad_row(const ConvGradShape& s, const float* gy, const float* w, int
       int64_t ow_lo, ow_hi;
       valid_range(s.W, s.W_out, s.stride_w, kw * s.dil_w - s.pad_w, &ow_lo, &ow_hi);
       const float* tap = w + (kh * s.KW + kw) * s.C;
-      // Greedy tiles of 6 positions (14 = 6 + 6 + 2). Measured: near-equal tiles (5 + 5 + 4) are
-      // 15-20 % slower, a 6-position tile amortizes its loads best.
+      // Greedy tiles of 6 positions (14 = 6 + 6 + 2), not near-equal ones (5 + 5 + 4): a 6-position
+      // tile amortizes its loads best.
       for (int64_t ow = ow_lo; ow < ow_hi; ow += kRows) {
         const int positions = static_cast<int>(std::min<int64_t>(kRows, ow_hi - ow));
         float* acc = row + (ow * s.stride_w + kw * s.dil_w - s.pad_w) * pixel;
@@ -259,8 +259,8 @@ __attribute__((noinline)) void input_tile_all_taps(const ConvGradShape& s, const
     for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + r * out_step + 8 * v, acc[r][v]);
 }
 
-// Input columns per register tile of the unit-stride input gradient: 10 accumulators. Measured at
-// the Conv4 block shape (14 columns: tiles at 0, 5, 9): 12 % faster than 6-column tiles (0, 6, 8).
+// Input columns per register tile of the unit-stride input gradient: 10 accumulators (5 columns x
+// 2 vectors); at the Conv4 block's 14 columns (tiles at 0, 5, 9) faster than 6-column tiles.
 constexpr int kColumnTile = 5;
 
 // Row ih of image n (stride_w == 1): row[iw * pixel + 0..C). Column tiles of kColumnTile; a row
@@ -359,7 +359,7 @@ void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, i
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows * tasks; ++r) {
       // Task-major: a thread's rows share their task's weights (kept in L2; task-minor order
-      // reloaded each task's 147 KiB for every row: 44 -> 42 ms at 32 tasks x 16 images).
+      // would reload each task's 147 KiB for every row).
       const int64_t t = r / rows, nh = r % rows, n = nh / s.H, ih = nh % s.H;
       float* row = gx + t * gx_layout.task + n * gx_layout.image + ih * gx_layout.row;
       float* sum = channels_last ? row : scratch.data();

@@ -2,9 +2,8 @@
 //
 // The CPU masked convolution runs in grouped NHWC (csrc/cpu/masked.h, neuronml_fast/cpu/masked.py):
 // a task-batched activation [T, N, C, H, W] is stored as [N, H, W, T, C]. A user's NCHW input is
-// copied into it once per call; torch's strided copy does that at about half the copy bandwidth
-// on the 2-core VM (0.6 ms for the 4 MiB Conv4-Omniglot block input), this one in 8 x 8 register
-// transposes.
+// copied into it once per call; torch's strided copy does that at about half the copy bandwidth,
+// this one in 8 x 8 register transposes.
 #pragma once
 #include <cstdint>
 

@@ -16,10 +16,9 @@ namespace neuronml_fast::cpu::avx2 {
 namespace {
 
 // float32, C % 8 == 0: 8 channels at a time. Per pixel the portable loops (masked.cpp) gather or
-// scatter each kept channel on its own (16 of 64 at a 25 % active Conv4 block: 0.46 ms epilogue,
-// 0.61 ms prologue, where the memory traffic needs ~0.3 ms each). Here each block of 8 channels
-// moves with one permute: the slots of a block's kept channels are consecutive (compacted) or the
-// channels themselves (identity), so
+// scatter each kept channel on its own (at a 25 %-active Conv4 block, 1.5-2x the time its memory
+// traffic needs). Here each block of 8 channels moves with one permute: the slots of a block's
+// kept channels are consecutive (compacted) or the channels themselves (identity), so
 //   expand:   block = permute(compact[base .. base+8), expand_index), pruned lanes zeroed
 //   compress: compact[base .. base+8) = permute(block, compress_index), later blocks overwrite
 //             the lanes past this block's kept count (the row is built in L1, then copied)
@@ -116,10 +115,9 @@ void compress_pixel(const SlotBlocks& ts, int64_t blocks, const float* go, const
 // Channels-first planes go by bands of pixels, and within a band by blocks of 8 channels, each
 // block sweeping the band in tiles of 8 pixels (one 8 x 8 register transpose). Why this order: a
 // tile of all C channels at once writes (or reads) 2C channel rows of the plane at a time, more
-// streams than the hardware prefetcher follows; block by block, 16 rows advance sequentially.
-// Measured at the Conv4 block output, one thread, CPU time: epilogue 2.2 ms by whole tiles, 1.6 ms
-// by blocks (0.95 ms channels last). The compact rows of a band are staged (padded for 8-lane
-// loads) in L1/L2.
+// streams than the hardware prefetcher follows; block by block, 16 rows advance sequentially
+// (the Conv4 block's epilogue: about 1.4x faster than by whole tiles). The compact rows of a band
+// are staged (padded for 8-lane loads) in L1/L2.
 struct Band {
   int64_t begin, end;  // pixels [begin, end), 8 or more
 

@@ -47,7 +47,8 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
 // Outputs: grad_z [T, B, OUT] (dL/d pre-activation: gives grad_weight, grad_bias, grad_drive and the
 // rnn input gradient), grad_pre [T, B, IN] (linear: grad_input; rnn: unused, may be null),
 // grad_y0 [B, OUT] (rnn), grad_alpha [OUT, IN] (or [1] if scalar), grad_eta [1],
-// grad_modulation (shape of modulation). segment: clip only, [checkpoint_every, B, OUT, IN] scratch.
+// grad_modulation (shape of modulation). segment: only if `recompute` (clip or identity
+// activation), [checkpoint_every, B, OUT, IN] scratch.
 template <typename T>
 void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* y0,
                       const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,

@@ -1,6 +1,8 @@
 // Python bindings of the CUDA kernels: tensor checks (TORCH_CHECK), device guard, current
 // stream, raw pointers into the framework-free launchers, and a check of every launch.
-// Outputs are allocated by the caller (Python) so tests can hand in NaN-poisoned buffers.
+// Every kernel binding writes into outputs the caller allocated, so tests can hand in NaN-poisoned
+// buffers: the Python launchers (neuronml_fast/cuda/masked.py, neuronml_fast/_plastic_driver.py,
+// neuronml_fast/ops/sensitivity.py) allocate them through neuronml_fast/_alloc.py.
 //
 // The same file builds the emulated extension (NEURONML_FAST_CUDA_EMULATION, against csrc/emu):
 // there CPU tensors stand in for device memory and the kernels run synchronously in the emulator.

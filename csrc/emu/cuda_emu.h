@@ -1,6 +1,6 @@
 // CUDA emulated on the CPU, so that the framework-free kernels in csrc/cuda/*.cu compile unchanged
-// as C++ and run on host memory (NEURONML_FAST_CUDA_EMULATE=1; see docs in README and
-// csrc/emu/README.md).
+// as C++ and run on host memory (NEURONML_FAST_CUDA_EMULATE=1; see README.md, "The GPU kernels on
+// a machine without a GPU").
 //
 // Execution model, chosen to expose the bugs a GPU hides until it is busy:
 // * each thread of a block is a cooperative fiber; a launch runs its blocks one after another;
@@ -9,7 +9,7 @@
 //   reads what another lane writes without a warp barrier sees the schedule's order;
 // * warps advance together only at __syncthreads: between two barriers each warp runs as far as it
 //   can before the next warp starts, in forward, reverse or random warp (and lane) order
-//   (`set_schedule`); a missing barrier then gives order-dependent results;
+//   (`config().order`); a missing barrier then gives order-dependent results;
 // * shared memory (static and dynamic) is filled with 0xff bytes (NaN) at every block start;
 // * launch limits are checked as a GPU checks them (1024 threads a block, grid y/z <= 65535, the
 //   48 KiB dynamic shared memory default and the cudaFuncSetAttribute opt-in), and misuse of the
@@ -93,7 +93,8 @@ namespace nf_emu {
 
 enum class Order { kForward, kReverse, kRandom };
 
-// The emulated device and schedule; `configure` changes them for later launches.
+// The emulated device and schedule, read by every launch: `config()` returns them, and changes to
+// it (from Python: `configure_emulation` in csrc/cuda/bindings.cpp) apply to later launches.
 struct Config {
   Order order = Order::kRandom;
   uint64_t seed = 0;

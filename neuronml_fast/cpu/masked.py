@@ -35,8 +35,8 @@ class Compaction:
 
 
 def compaction(mask, skip_zero, allow):
-    """The plan of csrc/cpu/masked.h `plan_compaction` (one C++ call: the torch-op version of it
-    cost ~0.1 ms per call on the 2-core VM, a tenth of a small layer's time)."""
+    """The plan of csrc/cpu/masked.h `plan_compaction` (one C++ call: as torch ops it cost a tenth
+    of a small layer's time)."""
     return Compaction(*_extensions.cpu().masked_compaction(mask, skip_zero, allow))
 
 
@@ -149,9 +149,9 @@ def to_grouped_nhwc(x, pooled=True):
 
 class _GroupedNHWCCopy(torch.autograd.Function):
     """Contiguous [T, N, C, H, W] -> a pooled grouped-NHWC copy, in 8 x 8 register transposes
-    (csrc/cpu/layout.h; 0.09 against 0.23 ms for torch's strided copy of the 4 MiB Conv4 block
-    input, warm). The gradient passes through as it comes: the layer's backward already returns
-    it in the caller's contiguous layout, so autograd adds it into ``x.grad`` without a transpose."""
+    (csrc/cpu/layout.h; about 2.5x faster than torch's strided copy). The gradient passes through
+    as it comes: the layer's backward already returns it in the caller's contiguous layout, so
+    autograd adds it into ``x.grad`` without a transpose."""
 
     @staticmethod
     def forward(ctx, x):
@@ -205,7 +205,8 @@ def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, ski
     conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused epilogue
     writes either layout directly. The launcher is C++ (csrc/cpu/bindings.cpp `masked_conv2d_forward`):
     the compaction, the compact weights, one grouped oneDNN convolution over the active neurons and
-    the fused epilogue, as in the backward below; in Python this glue cost ~140 us a call."""
+    the fused epilogue, as in the backward below; in Python this glue cost 8 % of a 25 %-active
+    Conv4 block's forward."""
     return _extensions.cpu().masked_conv2d_forward(x, weight, mask, bias, list(stride), list(padding),
                                                    list(dilation), groups, skip_zero, contiguous, _alloc.poisoning())
 
@@ -267,10 +268,8 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
 def _own_conv_grads(x, groups):
     """Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN.
 
-    Weight gradient, measured on the 2-core VM (ms, oneDNN -> ours): Conv4 block, 80 images,
-    64 -> 16 / 32 / 64 channels: 2.25 -> 1.61, 4.29 -> 3.14, 8.32 -> 6.94; 32 tasks x 5 images,
-    64 -> 64, 14x14 stride 2: 8.48 -> 5.06; 32 tasks x 75 images: 134.6 -> 93.9 (grouped call).
-    Input gradient: see `_input_grad`.
+    The weight gradient is 1.2-1.7x faster than oneDNN's at the Conv4 shapes; why this one and the
+    input gradient: csrc/cpu/conv_grad.h.
     """
     return (groups == 1 and x.dtype == torch.float32 and x.shape[2] % 16 == 0
             and _extensions.cpu().conv_grad_available())
@@ -302,21 +301,18 @@ def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
 
 
 # Output rows (images x output pixels) per task above which one oneDNN call per task beats the
-# grouped call. Measured on the 2-core VM, 32 tasks, 3x3 stride 2, input and weight gradients,
-# per task against grouped: 64 -> 64 channels, 1225 rows 110 against 194 ms, 1200 rows even,
-# 640 rows 33 against 29 ms, 245 rows 18.7 against 15.2 ms; Omniglot's first layer (1 input
-# channel, weight gradient only): 14700 rows 20.7 against 26.7 ms, 980 rows 5.1 against 1.4 ms.
+# grouped call: on Conv4's layers (32 tasks, 3x3 stride 2) the crossover lies between 1000 and
+# 1200 rows.
 PER_TASK_BACKWARD_ROWS = 1024
 
 
 def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, need_input_grad, need_weight_grad):
     """Input and weight gradients of the grouped NHWC convolution (tasks x groups groups).
 
-    oneDNN's grouped backward is slow for many large groups (measured on this 2-core CPU, 32 tasks x
-    25 images, 64 -> 64 channels, 14x14, stride 2: 194 ms grouped against 110 ms for one call per
-    task), so tasks with at least PER_TASK_BACKWARD_ROWS output rows get one call each on their
-    channel slice of the grouped storage (the input gradients land in one grouped-NHWC buffer);
-    smaller tasks stay one grouped call. Returns (grad_input [N, T*C_in, H, W] channels-last or
+    oneDNN's grouped backward is slow for many large groups, so tasks with at least
+    PER_TASK_BACKWARD_ROWS output rows get one call each on their channel slice of the grouped
+    storage (the input gradients land in one grouped-NHWC buffer); smaller tasks stay one grouped
+    call. Returns (grad_input [N, T*C_in, H, W] channels-last or
     None, grad_weight [T*A, ...] or None).
     """
     mask = [need_input_grad, need_weight_grad, False]

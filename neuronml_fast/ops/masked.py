@@ -16,9 +16,9 @@ Where things are:
   (``pre = conv + bias``, what the mask gradient needs) and ``..._backward`` return
   ``(grad_input, grad_weight, grad_bias, grad_mask)``. Both are always task-batched
   (``[T, N, ...]``); a single task is T = 1.
-* autograd (`_forward_backward`, `_backward_backward`): the backward is one fused op; its own
-  derivative is written with the forward and backward ops again (all of it is bilinear), so
-  every order of differentiation runs on the kernels (MAML's second order included).
+* autograd (`_make_forward_autograd`, `_make_backward_autograd`): the backward is one fused op;
+  its own derivative is written with the forward and backward ops again (all of it is bilinear),
+  so every order of differentiation runs on the kernels (MAML's second order included).
 * vmap: a vmapped dimension merges into the task dimension: vmap over tasks is task batching.
 * public functions: `masked_conv2d`, `masked_linear` (exported as ``nf.masked_conv2d`` ...).
 """
