@@ -1,0 +1,125 @@
+"""What every example shares: argument types, the device, and the curve it writes (CSV and PNG)."""
+
+import argparse
+import csv
+import os
+
+import torch
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_common(parser, iterations, out):
+    parser.add_argument("--iterations", type=positive_int, default=iterations, help="training iterations")
+    parser.add_argument("--out", default=out, help="folder for curve.csv, curve.png and summary.txt")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model and the task sampler")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="CPU threads for PyTorch (0: PyTorch's default)")
+
+
+def device(parser, name):
+    """The torch.device for ``--device``, or a usage error naming the argument."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: expected a device this machine has, got {name!r} and no GPU is visible")
+    return dev
+
+
+def setup(parser, args):
+    """Applies --threads and --seed and returns the device."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return device(parser, args.device)
+
+
+def synchronize(dev):
+    """Waits for the device's queued work, so wall-clock times measure the work itself."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def write_curve(out, rows, x, series, ylabel, title, log_y=False):
+    """Writes ``out/curve.csv`` (every column of ``rows``) and ``out/curve.png`` (``series`` against
+    ``x``). Without matplotlib the PNG is skipped with a note: the CSV holds the same numbers."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "curve.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {os.path.join(out, 'curve.png')} was not drawn "
+              f"(curve.csv holds the same numbers)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in series:
+        points = [(row[x], row[column]) for row in rows if row.get(column) not in (None, "")]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curve.png"), dpi=120)
+    plt.close(fig)
+
+
+def summarize(out, line):
+    """Prints the one-line summary and keeps it beside the curve."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(line + "\n")
+    print(line)
