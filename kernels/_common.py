@@ -5,13 +5,15 @@ import contextlib
 import torch
 import triton.language as tl
 
+from neuronml_fast import _alloc
+
 # CUDA launch limits: grid x up to 2^31 - 1 blocks, y and z up to 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 def accumulation_tl_dtype(dtype):
-    """float64 accumulation for float64 inputs, float32 for everything else (SPEC conventions)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton type of `_alloc.accumulation_dtype(dtype)`."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32}[_alloc.accumulation_dtype(dtype)]
 
 
 def on_device(device):

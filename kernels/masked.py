@@ -308,7 +308,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     pre = None if pre is None else pre.contiguous()
     geo = _geometry(x, weight, stride, padding, dilation, groups)
     T, COUT = geo["T"], geo["COUT"]
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = _alloc.accumulation_dtype(x.dtype)
     order, count = _conv_plan.compaction(mask, groups, skip_zero)
     cfg = _config(x.dtype)
     acc = accumulation_tl_dtype(x.dtype)

@@ -2,7 +2,8 @@
 
 import torch
 
-_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# The floating dtypes the ops take (each backend supports a subset: backends.py).
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def _shape(t):
@@ -12,7 +13,7 @@ def _shape(t):
 def floating_tensor(name, value, *, min_ndim=0, ndim=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _FLOATS:
+    if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float16, bfloat16, float32, float64), "
                         f"got {value.dtype}")
     if ndim is not None and value.dim() != ndim:

@@ -5,6 +5,7 @@ Import failures are recorded, never raised here: the backend registry turns them
 for a backend that cannot run.
 """
 
+import functools
 import importlib
 import os
 
@@ -36,12 +37,14 @@ def cpu():
     return load("_C_cpu")
 
 
+@functools.cache
 def cuda_emulated():
     """Whether the ``cuda`` backend runs the CUDA C++ kernels in the CPU emulation (csrc/emu) on CPU
-    tensors: ``NEURONML_FAST_CUDA_EMULATE=1``, read when the backends are probed, like
-    ``TRITON_INTERPRET=1`` for the Triton kernels. The warp order between barriers is
-    ``NEURONML_FAST_CUDA_EMULATE_ORDER`` (forward, reverse or random, the default) with
-    ``NEURONML_FAST_CUDA_EMULATE_SEED``."""
+    tensors: ``NEURONML_FAST_CUDA_EMULATE=1``. Read once, at the first query (the backends are
+    probed at import), so set it before importing the package, like ``TRITON_INTERPRET=1`` for the
+    Triton kernels: every part of the package then agrees on which module runs the ``cuda``
+    backend. The warp order between barriers is ``NEURONML_FAST_CUDA_EMULATE_ORDER`` (forward,
+    reverse or random, the default) with ``NEURONML_FAST_CUDA_EMULATE_SEED``."""
     return os.environ.get(EMULATE_ENV, "0") == "1"
 
 

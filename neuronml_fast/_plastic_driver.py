@@ -65,7 +65,7 @@ class Problem:
 
     @property
     def acc(self):
-        return torch.float64 if self.x.dtype == torch.float64 else torch.float32
+        return _alloc.accumulation_dtype(self.x.dtype)
 
     def pre(self, t):
         """Presynaptic activity of step t: x_t, or y_{t-1} (y0 or zeros at t = 0)."""
@@ -86,7 +86,7 @@ def _c(t):
 
 
 def _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _alloc.accumulation_dtype(x.dtype)
     return Problem(
         x=_c(x), weight=_c(weight), alpha=_c(alpha), eta=_c(eta), bias=_c(bias), drive=_c(drive), y0=_c(y0),
         modulation=_c(modulation),

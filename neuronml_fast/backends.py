@@ -34,6 +34,7 @@ import os
 import torch
 
 from . import _extensions
+from ._checks import FLOAT_DTYPES
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 AUTO = "auto"
@@ -41,7 +42,6 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 # Devices without a kernel backend (meta, mps, ...) run the reference: it is plain PyTorch.
 _OTHER_DEVICE_ORDER = ("reference",)
 
-FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 FULL_DTYPES = frozenset({torch.float32, torch.float64})
 
 

@@ -14,7 +14,9 @@ import torch
 import neuronml_fast as nf
 from neuronml_fast import _extensions
 from neuronml_fast.ops.masked import masked_conv2d_reference, masked_linear_reference
+from neuronml_fast.ops.batch_norm import batch_norm_rows_double_backward, batch_norm_rows_double_backward_reference
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
+from neuronml_fast.ops.sensitivity import neuron_sensitivity_reference
 
 ext = _extensions.cpu()
 pytestmark = pytest.mark.skipif(ext is None, reason="C++ CPU extension not built")
@@ -228,3 +230,34 @@ def test_avx_instructions_lie_only_in_the_avx2_kernels():
     assert not outside, f"AVX instructions outside the dispatched kernels: {outside[:10]}"
     if _has_avx2_fma():
         assert _functions_with_avx(ext.__file__), "no AVX2 kernels found in the extension"
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 129), (700, 61)])  # vector tails; the second is parallel
+def test_sensitivity_avx2_and_portable_agree(set_isa, shape, dtype):
+    nf.set_backend("cpu")
+    gen = torch.Generator().manual_seed(2)
+    w, gw = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    b, gb = (torch.randn(shape[0], generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    fast, portable = _both_paths(set_isa, lambda: nf.neuron_sensitivity(w, gw, b, gb))
+    reference = neuron_sensitivity_reference(w.double(), gw.double(), b.double(), gb.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    _assert_close(fast, portable, reference, atol=tol, rtol=tol)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rows,channels", [(9, 13), (700, 64)])  # vector tails; the second is parallel
+def test_batch_norm_double_backward_avx2_and_portable_agree(set_isa, rows, channels, dtype):
+    nf.set_backend("cpu")
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, g, u = r(rows, channels), r(rows, channels), r(rows, channels)
+    gamma, u_gamma, u_beta = r(channels), r(channels), r(channels)
+    mean, invstd = x.mean(0), (x.var(0, unbiased=False) + 1e-5).rsqrt()
+    args = (u, u_gamma, u_beta, g, x, gamma, mean, invstd)
+    fast, portable = _both_paths(set_isa, lambda: batch_norm_rows_double_backward(*args))
+    reference = batch_norm_rows_double_backward_reference(*(t.double() for t in args))
+    tol = 1e-3 if dtype == torch.float32 else 1e-10
+    _assert_close(fast, portable, reference, atol=tol, rtol=tol)

@@ -387,3 +387,42 @@ def test_cpu_epilogue_binding_checks_instead_of_crashing():
         ext.masked_forward_epilogue_cl(torch.zeros(2, 4, 2), slot, mask, None, out, out.clone())
     with pytest.raises(RuntimeError, match="pre: expected shape"):
         ext.masked_forward_epilogue_cl(torch.zeros(1, 2, 4, 2), slot, mask, None, out, torch.empty(1, 2, 3, 4))
+
+
+@pytest.mark.skipif(not nf.backends.status("cpu").devices, reason="C++ CPU extension not built")
+def test_cpu_bias_and_mask_gradients_are_the_same_on_every_run():
+    # The float64 prologue sums over images and pixels on every thread; the partial sums must be
+    # merged in a fixed order, or the gradients differ in their last bits from run to run.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 16, 20, 20, generator=gen, dtype=torch.float64)
+    w = torch.randn(24, 16, 3, 3, generator=gen, dtype=torch.float64)
+    g = torch.randn(8, 24, 20, 20, generator=gen, dtype=torch.float64)
+
+    def grads():
+        m = torch.rand(24, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
+        b = torch.zeros(24, dtype=torch.float64, requires_grad=True)
+        with nf.use_backend("cpu"):
+            nf.masked_conv2d(x, w, m, b, padding=1).backward(g)
+        return b.grad, m.grad
+
+    first = grads()
+    for _ in range(6):
+        again = grads()
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_conv_output_memory_format_follows_the_input(backend, device, layout):
+    # torch's conv2d rule, which a model written for nn.Conv2d relies on (x.view(N, -1) after it).
+    gen = torch.Generator().manual_seed(5)
+    x = _randn(2, 3, 6, 5, device=device, dtype=torch.float32, gen=gen)
+    w = _randn(4, 3, 3, 3, device=device, dtype=torch.float32, gen=gen)
+    m = _mask((4,), 0.4, gen, device, torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.conv2d(x, w, padding=1)
+    with nf.use_backend(backend):
+        out = nf.masked_conv2d(x, w, m, padding=1)
+    assert out.stride() == want.stride()
+    torch.testing.assert_close(out, masked_conv2d_reference(x, w, m, padding=1), atol=1e-4, rtol=1e-4)

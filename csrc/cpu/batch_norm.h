@@ -22,3 +22,9 @@ void batch_norm_rows_double_backward(int64_t R, int64_t C, const T* u, const T* 
                                      T* grad_g, T* grad_x, T* grad_gamma);
 
 }  // namespace neuronml_fast::cpu
+
+// Explicit instantiation for T, in the namespace where it is expanded (batch_norm.cpp: the
+// dispatching entry point; batch_norm_avx2.cpp: the AVX2 build).
+#define NEURONML_FAST_INSTANTIATE_BATCH_NORM(T)                                                               \
+  template void batch_norm_rows_double_backward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*,     \
+                                                   const T*, const T*, const T*, const T*, T*, T*, T*);

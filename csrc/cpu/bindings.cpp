@@ -9,6 +9,7 @@
 
 #include <limits>
 
+#include "common/conv_size.h"
 #include "cpu/batch_norm.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/conv_grad.h"
@@ -250,17 +251,6 @@ void check_row_tensors(const at::Tensor& full, const at::Tensor& compact, const 
   check_slots(slot, full.size(0), full.size(1), width);
 }
 
-void gather_rows_out(const at::Tensor& rows, const at::Tensor& slot, at::Tensor& compact) {
-  check_row_tensors(rows, compact, slot, compact.size(1));
-  TORCH_CHECK(rows.size(2) <= 1 || rows.stride(2) == 1, "rows: expected a contiguous last dimension");
-  TORCH_CHECK(compact.is_contiguous(), "compact (out): expected a contiguous tensor");
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "gather_rows_cpu", [&] {
-    neuronml_fast::cpu::gather_rows<scalar_t>(rows.data_ptr<scalar_t>(), rows.stride(0), rows.stride(1),
-                                              rows.size(0), rows.size(1), rows.size(2), slot.data_ptr<int64_t>(),
-                                              compact.size(1), compact.data_ptr<scalar_t>());
-  });
-}
-
 void scatter_rows_out(const at::Tensor& compact, const at::Tensor& slot, at::Tensor& rows) {
   check_row_tensors(rows, compact, slot, compact.size(1));
   TORCH_CHECK(compact.size(2) <= 1 || compact.stride(2) == 1, "compact: expected a contiguous last dimension");
@@ -301,8 +291,8 @@ ConvGradShape conv_grad_shape(const at::Tensor& gy, at::IntArrayRef x_sizes, con
   const int64_t N = x_sizes[0], H = x_sizes[1], W = x_sizes[2];
   TORCH_CHECK(C % 16 == 0, weight_name, ": expected C_in divisible by 16, got ", C);
   TORCH_CHECK(x_sizes[3] == T * C, x_name, ": expected ", T * C, " channels (T*C_in), got ", x_sizes[3]);
-  const int64_t H_out = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) / stride[0] + 1;
-  const int64_t W_out = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) / stride[1] + 1;
+  const int64_t H_out = neuronml_fast::conv_output_size(H, KH, stride[0], padding[0], dilation[0]);
+  const int64_t W_out = neuronml_fast::conv_output_size(W, KW, stride[1], padding[1], dilation[1]);
   TORCH_CHECK(gy.size(0) == N && gy.size(1) == H_out && gy.size(2) == W_out && gy.size(3) == T * A,
               "grad_out: expected [", N, ", ", H_out, ", ", W_out, ", ", T * A, "], got ", gy.sizes());
   return {N, H, W, C, H_out, W_out, A, KH, KW, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -691,8 +681,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_compaction", &masked_compaction,
         "mask [T, C] -> (slot [T, C], width, compacted, complete): the compact slots of the active neurons",
         py::arg("mask"), py::arg("skip_zero"), py::arg("allow"));
-  m.def("gather_rows_out", &gather_rows_out, "rows of active neurons [T, C, R] -> compact [T, width, R]",
-        py::arg("rows"), py::arg("slot"), py::arg("compact"));
   m.def("scatter_rows_out", &scatter_rows_out, "compact [T, width, R] -> rows [T, C, R], zeros for pruned",
         py::arg("compact"), py::arg("slot"), py::arg("rows"));
   m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",

@@ -1,13 +1,16 @@
 // The AVX2/FMA kernels of the CPU backend: compiled for that target (avx2_target.h) in
-// *_avx2.cpp, called by the portable entry points of masked.h, layout.h, conv_grad.h and plastic.h
-// only where use_avx2() (isa.h). Framework-free; float32 only, except the plastic kernels.
+// *_avx2.cpp, called by the portable entry points of masked.h, layout.h, conv_grad.h, plastic.h,
+// sensitivity.h and batch_norm.h only where use_avx2() (isa.h). Framework-free; the masked, layout
+// and conv-gradient kernels are float32 only.
 #pragma once
 #include <cstdint>
 
 #include "cpu/avx2_target.h"
+#include "cpu/batch_norm.h"
 #include "cpu/conv_grad.h"
 #include "cpu/masked.h"
 #include "cpu/plastic.h"
+#include "cpu/sensitivity.h"
 
 #if NEURONML_FAST_HAS_AVX2_TARGET
 NEURONML_FAST_AVX2_BEGIN
@@ -37,6 +40,16 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
                       const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,
                       T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0, T* grad_alpha, T* grad_eta,
                       T* grad_modulation, T* segment);
+
+// sensitivity.h and batch_norm.h (float and double; *_kernels.inc).
+template <typename T>
+void neuron_sensitivity(const T* weight, int64_t weight_row_stride, const T* grad_weight, int64_t grad_row_stride,
+                        const T* bias, int64_t bias_stride, const T* grad_bias, int64_t grad_bias_stride,
+                        int64_t rows, int64_t cols, T* sensitivity, T* taylor);
+template <typename T>
+void batch_norm_rows_double_backward(int64_t R, int64_t C, const T* u, const T* u_gamma, const T* u_beta,
+                                     const T* g, const T* x, const T* gamma, const T* mean, const T* invstd,
+                                     T* grad_g, T* grad_x, T* grad_gamma);
 
 }  // namespace neuronml_fast::cpu::avx2
 NEURONML_FAST_AVX2_END

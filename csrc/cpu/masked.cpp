@@ -90,16 +90,21 @@ void prologue_scalar(const MaskedLayout& L, const T* grad_out, const T* grad_pre
     width = std::max<int64_t>(width, static_cast<int64_t>(tasks.back().channel_of_slot.size()));
   }
   // Sums per (task, slot); channels innermost, so each thread reduces its rows into private
-  // sums, merged at the end.
+  // sums, merged at the end in thread order: with the static schedule the result is the same on
+  // every run (a merge in arrival order makes float64 gradients differ from run to run).
   const int64_t TA = L.T * width, fc = kContiguousChannels ? 1 : L.full_c;
-  std::vector<T> total_gy(TA, T(0)), total_mask(TA, T(0)), masks_by_slot(TA, T(0));
+  const bool parallel = L.N * L.S * L.T * C > kParallelGrain;
+  const int threads = parallel ? max_threads() : 1;
+  std::vector<T> partial_gy(static_cast<size_t>(threads) * TA, T(0)),
+      partial_mask(static_cast<size_t>(threads) * TA, T(0)), masks_by_slot(TA, T(0));
   for (int64_t t = 0; t < L.T; ++t) {
     const std::vector<int64_t>& ch = tasks[t].channel_of_slot;
     for (size_t k = 0; k < ch.size(); ++k) masks_by_slot[t * width + k] = mask[t * C + ch[k]];
   }
-#pragma omp parallel if (L.N * L.S * L.T * C > kParallelGrain)
+#pragma omp parallel if (parallel) num_threads(threads)
   {
-    std::vector<T> sum_gy(TA, T(0)), sum_mask(TA, T(0));
+    T* sum_gy = partial_gy.data() + static_cast<size_t>(thread_id()) * TA;
+    T* sum_mask = partial_mask.data() + static_cast<size_t>(thread_id()) * TA;
     // Storage order (images, pixels, tasks, channels), as in the forward epilogue.
 #pragma omp for collapse(2) schedule(static) nowait
     for (int64_t n = 0; n < L.N; ++n) {
@@ -109,8 +114,8 @@ void prologue_scalar(const MaskedLayout& L, const T* grad_out, const T* grad_pre
           const int64_t A = static_cast<int64_t>(ts.channel_of_slot.size());
           const int64_t* ch = ts.channel_of_slot.data();
           const int64_t* sk = ts.slot_of_kept.data();
-          T* sg = sum_gy.data() + t * width;
-          T* sm = sum_mask.data() + t * width;
+          T* sg = sum_gy + t * width;
+          T* sm = sum_mask + t * width;
           const T* m_slot = masks_by_slot.data() + t * width;
           const int64_t full = t * L.full_t + n * L.full_n + s * L.full_s;
           const T* go = grad_out + full;
@@ -139,10 +144,12 @@ void prologue_scalar(const MaskedLayout& L, const T* grad_out, const T* grad_pre
         }
       }
     }
-#pragma omp critical
+  }
+  std::vector<T> total_gy(TA, T(0)), total_mask(TA, T(0));
+  for (int th = 0; th < threads; ++th) {
     for (int64_t i = 0; i < TA; ++i) {
-      total_gy[i] += sum_gy[i];
-      total_mask[i] += sum_mask[i];
+      total_gy[i] += partial_gy[static_cast<size_t>(th) * TA + i];
+      total_mask[i] += partial_mask[static_cast<size_t>(th) * TA + i];
     }
   }
   for (int64_t i = 0; i < L.T * C; ++i) grad_bias[i] = grad_mask[i] = T(0);

@@ -19,3 +19,9 @@ void neuron_sensitivity(const T* weight, int64_t weight_row_stride,
                         T* sensitivity, T* taylor);
 
 }  // namespace neuronml_fast::cpu
+
+// Explicit instantiation for T, in the namespace where it is expanded (sensitivity.cpp: the
+// dispatching entry point; sensitivity_avx2.cpp: the AVX2 build).
+#define NEURONML_FAST_INSTANTIATE_SENSITIVITY(T)                                                              \
+  template void neuron_sensitivity<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, const T*, int64_t, \
+                                      int64_t, int64_t, T*, T*);

@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "common/conv_size.h"
 #include "cuda/masked.h"
 #include "cuda/plastic.h"
 #include "cuda/sensitivity.h"
@@ -137,8 +138,8 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Te
   s.G = groups, s.COUT_G = s.COUT / groups;
   s.stride_h = stride[0], s.stride_w = stride[1], s.pad_h = padding[0], s.pad_w = padding[1];
   s.dil_h = dilation[0], s.dil_w = dilation[1];
-  s.HO = (s.H + 2 * s.pad_h - s.dil_h * (s.KH - 1) - 1) / s.stride_h + 1;
-  s.WO = (s.W + 2 * s.pad_w - s.dil_w * (s.KW - 1) - 1) / s.stride_w + 1;
+  s.HO = neuronml_fast::conv_output_size(s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
+  s.WO = neuronml_fast::conv_output_size(s.W, s.KW, s.stride_w, s.pad_w, s.dil_w);
   TORCH_CHECK(weight.size(0) == s.T, "weight: expected ", s.T, " tasks, got ", weight.size(0));
   TORCH_CHECK(order.scalar_type() == at::kInt && count.scalar_type() == at::kInt && order.is_contiguous() &&
                   count.is_contiguous(), "order, count: expected contiguous int32 tensors");

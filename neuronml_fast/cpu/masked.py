@@ -19,7 +19,6 @@ Every tensor is in the canonical task-batched form of the custom ops: ``x [T, N,
 """
 
 import dataclasses
-import math
 
 import torch
 
@@ -40,21 +39,6 @@ def compaction(mask, skip_zero, allow):
     return Compaction(*_extensions.cpu().masked_compaction(mask, skip_zero, allow))
 
 
-def _as_rows(weight):
-    """weight [T, C, ...] -> ([T, C, R] view with contiguous rows, the [T, C, ...] view of a
-    [T, ?, R] tensor with the same storage order). Channels-last conv weights keep their layout."""
-    T, C = weight.shape[:2]
-    row = math.prod(weight.shape[2:])
-    if weight.dim() == 5 and weight.permute(0, 1, 3, 4, 2).is_contiguous():
-        c_in, kh, kw = weight.shape[2:]
-        rows = weight.permute(0, 1, 3, 4, 2).reshape(T, C, row)
-        return rows, lambda r: r.view(r.shape[0], r.shape[1], kh, kw, c_in).permute(0, 1, 4, 2, 3)
-    rows = weight.reshape(T, C, row)
-    if row > 1 and rows.stride(2) != 1:
-        rows = rows.contiguous()
-    return rows, lambda r: r.view(r.shape[0], r.shape[1], *weight.shape[2:])
-
-
 def _compact_rows(weight, comp):
     """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task, in weight's
     storage order (csrc/cpu/bindings.cpp `compact_weight_rows`)."""
@@ -64,13 +48,14 @@ def _compact_rows(weight, comp):
 
 
 def _expand_rows(compact, comp, full_shape):
-    """Inverse of `_compact_rows` for gradients: pruned rows are zero."""
+    """Inverse of `_compact_rows` for a linear weight gradient [T, A, in] -> [T, C, in]: pruned
+    rows are zero. (A conv weight gradient is expanded in C++: `expand_weight_grad`.)"""
     if not comp.compacted:
         return compact
-    rows, shaped = _as_rows(compact)
+    rows = compact.contiguous()
     full = _alloc.empty((rows.shape[0], full_shape[1], rows.shape[2]), dtype=compact.dtype, device=compact.device)
     _extensions.cpu().scatter_rows_out(rows, comp.slot, full)
-    return shaped(full)
+    return full
 
 
 def _epilogue(y_compact, comp, mask, bias, out_shape, dtype):

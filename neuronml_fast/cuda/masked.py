@@ -45,7 +45,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
             ext.masked_conv_input_grad_out(grad_out, grad_pre, x, weight, mask, order, count, stride, padding,
                                            dilation, groups, grad_input)
     T, C = mask.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = _alloc.accumulation_dtype(x.dtype)
     pixels = grad_out.shape[1] * grad_out.shape[3] * grad_out.shape[4]
     splits, per_split = _conv_plan.weight_grad_splits(pixels, 16)
     gw_part = _new((splits, T, C, math.prod(weight.shape[2:])), x, acc) if need_weight_grad else None

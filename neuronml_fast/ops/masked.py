@@ -412,6 +412,7 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     backend = backends.resolve(CONV, input.device.type, input.dtype)
     if backend == "reference":
         return masked_conv2d_reference(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+    channels_last_in = not batched and _is_channels_last(input)
     if not batched:
         input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
@@ -427,7 +428,18 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
         input = cpu_masked.to_grouped_nhwc(input, pooled=cpu_masked.is_plain_tensor(input))
     out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
                            contiguous_output, skip_zero, backend)[0]
-    return out if batched else out.squeeze(0)
+    if batched:
+        return out
+    out = out.squeeze(0)
+    # The GPU kernels write contiguous outputs; a channels_last input gets a channels_last output
+    # as from torch's conv2d (the CPU backend's already is).
+    return out.contiguous(memory_format=torch.channels_last) if channels_last_in else out
+
+
+def _is_channels_last(x):
+    """A 4-d tensor in channels_last memory format that is not also contiguous (C == 1 or 1 x 1
+    images are both), the case where torch's conv2d returns channels_last."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def masked_linear(input, weight, mask, bias=None, skip_zero=True):
