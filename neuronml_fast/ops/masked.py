@@ -439,7 +439,8 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
 def _is_channels_last(x):
     """A 4-d tensor in channels_last memory format that is not also contiguous (C == 1 or 1 x 1
     images are both), the case where torch's conv2d returns channels_last."""
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # Through a permute rather than is_contiguous(memory_format=...), which vmap does not support.
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
 
 
 def masked_linear(input, weight, mask, bias=None, skip_zero=True):
