@@ -101,11 +101,11 @@ def test_the_bandwidth_ceiling_is_probed_on_the_case_working_set():
     assert all(0 < r.roofline_fraction <= 1 for r in rows)
 
 
-def test_committed_results_keep_their_own_roofline_method():
-    # Results written with whole-run ceilings carry no "roofline" key, so no reader takes their
-    # roofline column for the per-case one.
+def test_committed_results_name_their_roofline_method():
+    # Every results file says how its roofline column was computed (results written with
+    # whole-run ceilings carried no "roofline" key), so no reader mixes the two methods.
     committed = json.load(open(os.path.join(REPO, "bench", "results", "cpu.json")))
-    assert "roofline" not in committed["meta"]
+    assert committed["meta"]["roofline"] == ROOFLINE_METHOD
     assert bench_report.metadata("cpu", measure_stub())["roofline"] == ROOFLINE_METHOD
 
 
