@@ -97,25 +97,61 @@ def _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent
 
 
 def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-            every):
+            every, modulator=None):
+    """Returns (output, final trace, checkpoints, the modulator's activity [T, B] or None)."""
+    if modulator is not None:  # M_t is filled in step by step (see _modulated_step)
+        modulation = torch.zeros((x.shape[0], x.shape[1], weight.shape[0]), dtype=x.dtype, device=x.device)
     p = _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation)
     new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
     trace = new(p.B, p.out_features, p.in_features)
     trace.copy_(hebb) if hebb is not None else trace.zero_()
     p.output = _alloc.empty((p.T, p.B, p.out_features), dtype=x.dtype, device=x.device)
     checkpoints = new(-(-p.T // every), p.B, p.out_features, p.in_features)
-    if p.T == 0 or p.B == 0 or steps.sequence_forward(p, trace, checkpoints, every):
-        return p.output, trace, checkpoints
+    activity = None if modulator is None else x.new_zeros((p.T, p.B))
+    if p.T == 0 or p.B == 0 or (modulator is None and steps.sequence_forward(p, trace, checkpoints, every)):
+        return p.output, trace, checkpoints, activity
     for t in range(p.T):
         if t % every == 0:
             checkpoints[t // every].copy_(trace)
-        steps.forward_step(p, t, p.pre(t).contiguous(), trace, update_only=False)
-    return p.output, trace, checkpoints
+        if modulator is None:
+            steps.forward_step(p, t, p.pre(t).contiguous(), trace, update_only=False)
+        else:
+            _modulated_step(steps, p, t, trace, modulator, activity)
+    return p.output, trace, checkpoints, activity
+
+
+def _modulated_step(steps, p, t, trace, modulator, activity):
+    """Endogenous modulation: y_t first (a step whose update adds M_t = 0, unclipped: the trace is
+    unchanged), then the modulator's M_t from y_t, then the step's update with it."""
+    pre = p.pre(t).contiguous()
+    steps.forward_step(dataclasses.replace(p, has_clip=False), t, pre, trace, update_only=False)
+    s = p.output[t].to(p.acc) @ modulator.weight.to(p.acc) + modulator.bias.to(p.acc)
+    activity[t] = torch.tanh(s) if modulator.tanh else s
+    p.modulation[t] = activity[t][:, None] * modulator.fanout
+    steps.forward_step(p, t, pre, trace, update_only=True)
+
+
+def _modulator_step_grad(p, t, pre, h, grad_trace, modulator, activity, carry):
+    """Before the reverse step t: M_t was computed from y_t, so dL/dy_t also has the share through
+    the modulator, dL/ds_t[b] * mod_weight[j], added into `carry`; returns dL/ds_t [B].
+    dL/dM_t[b, j] = y_j <dL/dH_{t+1}[j, :], pre> (zero where the clip held the update)."""
+    y = p.output[t].to(p.acc)
+    g = grad_trace
+    if p.has_clip:  # h is H_t (clip segments are recomputed)
+        c = p.clip[0]
+        nxt = h + (p.modulation[t].to(p.acc) * y)[:, :, None] * pre[:, None, :]
+        g = torch.where((nxt < -c) | (nxt > c), torch.zeros((), dtype=g.dtype, device=g.device), g)
+    grad_m = y * torch.bmm(g, pre[:, :, None])[:, :, 0]
+    a = activity[t]
+    grad_s = (grad_m @ modulator.fanout.to(p.acc)) * ((1 - a * a) if modulator.tanh else 1)
+    carry += grad_s[:, None] * modulator.weight.to(p.acc)
+    return grad_s
 
 
 def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
-             clip, recurrent, rule, activation, every):
-    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation)."""
+             clip, recurrent, rule, activation, every, modulator=None, activity=None):
+    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds [T, B] of
+    the modulator (None without one). Under a modulator, `modulation` is the M_t its forward computed."""
     p = _problem(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
     p.output, p.grad_output = _c(output), _c(grad_output)
     T, B, O, I, acc = p.T, p.B, p.out_features, p.in_features, p.acc
@@ -130,6 +166,7 @@ def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulatio
     grad_pre = None if recurrent else new(T, B, I)
     grad_mod = None if modulation is None else zeros(*modulation.shape)
     carry = zeros(B, O)
+    grad_s = None if modulator is None else zeros(T, B)
     recompute = recomputes(clip, activation)
     segment, segment_start = None, None
     for t in range(T - 1, -1, -1):
@@ -142,7 +179,10 @@ def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulatio
         if not recompute and (t + 1) % every == 0 and t + 1 < T:
             trace.copy_(checkpoints[(t + 1) // every])  # restart the reconstruction from an exact trace
         h = segment[t - segment_start] if recompute else trace
-        steps.backward_step(p, t, p.pre(t).to(acc).contiguous(), h, carry, reconstruct=not recompute, **buffers)
+        pre = p.pre(t).to(acc).contiguous()
+        if modulator is not None:
+            grad_s[t] = _modulator_step_grad(p, t, pre, h, buffers["grad_trace"], modulator, activity, carry)
+        steps.backward_step(p, t, pre, h, carry, reconstruct=not recompute, **buffers)
         gp = buffers["gpre_part"].sum(0)
         if recurrent:
             carry = gp
@@ -164,4 +204,4 @@ def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulatio
     grad_drive = None if recurrent else grad_z
     return (cast(grad_input), cast(grad_weight), cast(grad_alpha).view(alpha.shape),
             cast(buffers["geta_part"].sum()), cast(grad_trace), cast(grad_z.sum((0, 1))), cast(grad_drive),
-            cast(grad_y0), cast(grad_mod))
+            cast(grad_y0), cast(grad_mod), grad_s)

@@ -5,6 +5,8 @@
   the CUDA C++ kernels run in the CPU emulation (NEURONML_FAST_CUDA_EMULATE=1).
 * Every kernel output buffer is allocated NaN-filled, so an element a kernel forgets to write
   fails the comparison against the reference.
+* Every test starts from the same global random state, so a test draws the same data whichever
+  tests ran before it (a subset, another order, CI's full pass).
 """
 
 import os
@@ -52,6 +54,11 @@ def emulated_gpu(backend, device):
 def gpu_backends():
     """(backend, device) pairs of the GPU kernel backends that can run here, emulated ones included."""
     return [p for p in kernel_backends() if p.values[0] in ("triton", "cuda")]
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_for_every_test():
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import neuronml_fast as nf
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
 
 from bench.memory import saved_bytes
-from conftest import kernel_backends
+from conftest import interpreted, kernel_backends
 
 BACKENDS = [p for p in kernel_backends() if p.values[0] in nf.backends.ops()["plastic"].dtypes]
 F64 = torch.float64
@@ -30,6 +30,8 @@ def _rnn_args(T=6, B=3, N=5, *, alpha_scalar=False, modulation=None, y0=True, he
         args["modulation"] = r(T, B)
     elif modulation == "neuron":
         args["modulation"] = r(T, B, N)
+    elif modulation == "endogenous":  # backpropamine's modulator neuron
+        args.update(mod_weight=r(N, scale=0.8), mod_bias=r(scale=0.3), mod_fanout=r(N, scale=0.7))
     return {k: (None if v is None else _leaf(v)) for k, v in args.items()}
 
 
@@ -85,6 +87,61 @@ def test_plastic_rnn_matches_reference(backend, device, rule, modulation, clip, 
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("alpha_scalar", [False, True])
+@pytest.mark.parametrize("mod_activation", ["tanh", "identity"])
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_endogenous_modulation_matches_reference(backend, device, clip, alpha_scalar, mod_activation, activation):
+    args = _rnn_args(alpha_scalar=alpha_scalar, modulation="endogenous", device=device)
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args,
+           dict(clip=clip, mod_activation=mod_activation, activation=activation))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("given", [(), ("mod_bias",), ("mod_fanout",)])
+def test_endogenous_modulation_defaults(backend, device, given):
+    # mod_bias defaults to 0 and mod_fanout to ones: the same as passing them explicitly.
+    args = _rnn_args(modulation="endogenous", device=device)
+    for name in ("mod_bias", "mod_fanout"):
+        if name not in given:
+            args.pop(name)
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, {})
+    with nf.use_backend(backend):
+        got, _ = nf.plastic_rnn(**args)
+    explicit = dict(args, mod_bias=torch.zeros((), dtype=F64, device=device),
+                    mod_fanout=torch.ones(5, dtype=F64, device=device))
+    explicit.update({k: args[k] for k in given})
+    want, _ = plastic_rnn_reference(**explicit)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+def test_endogenous_modulation_is_the_modulated_rule_with_the_modulators_output():
+    # The oracle itself: feeding the modulation the modulator produced back in as a given
+    # modulation reproduces the outputs and the trace.
+    args = _rnn_args(modulation="endogenous")
+    out, hebb = plastic_rnn_reference(**args)
+    s = out @ args["mod_weight"] + args["mod_bias"]
+    given = torch.tanh(s)[..., None] * args["mod_fanout"]
+    plain = {k: v for k, v in args.items() if not k.startswith("mod_")}
+    out2, hebb2 = plastic_rnn_reference(**plain, modulation=given)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(hebb2, hebb)
+    # ... and the modulator matters: a zero modulator leaves the trace as it was
+    zero = dict(args, mod_fanout=torch.zeros(5, dtype=F64))
+    torch.testing.assert_close(plastic_rnn_reference(**zero)[1], args["hebb"])
+    assert (hebb - args["hebb"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@given(T=st.integers(0, 9), B=st.integers(0, 9), N=st.integers(1, 40), y0=st.booleans(), hebb=st.booleans(),
+       clip=st.sampled_from([None, 0.2]), seed=st.integers(0, 2**16))
+@settings(max_examples=8)
+def test_endogenous_modulation_random_shapes(backend, device, T, B, N, y0, hebb, clip, seed):
+    args = _rnn_args(T, B, N, y0=y0, hebb=hebb, seed=seed, modulation="endogenous", device=device)
+    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(clip=clip))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 # B up to 9 and N up to 40: the CPU kernels take the sequences of a neuron in groups (4 forward,
 # 2 backward) and the connections in vector-wide chunks; these sizes reach full groups, partial
 # groups, the chunked loops and their tails.
@@ -128,7 +185,8 @@ def test_cpu_float32_tanh_is_correctly_rounded():
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("rule,modulation", [("hebb", None), ("oja", None), ("hebb", "neuron")])
+@pytest.mark.parametrize("rule,modulation", [("hebb", None), ("oja", None), ("hebb", "neuron"),
+                                             ("hebb", "endogenous")])
 def test_gradcheck(backend, device, rule, modulation):
     args = _rnn_args(T=4, B=2, N=3, modulation=modulation, device=device)
     names = [k for k, v in args.items() if v is not None]
@@ -187,17 +245,41 @@ def test_training_memory_does_not_grow_with_sequence_length(backend, device):
     assert short < saved_bytes(lambda: plastic_rnn_reference(**reference)) / 5
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu"])
+def test_endogenous_modulation_training_memory_does_not_grow_with_sequence_length(backend, device):
+    # Beyond the O(T * B * N) activations (the input, the output and the M_t the modulator
+    # computed, kept as the modulator's activity [T, B]), the backward keeps one trace, whatever T.
+    # The Triton interpreter runs T = 1000 in minutes: it checks the same driver at T = 200.
+    B, N, long_T = 4, 64, 200 if interpreted(backend, device) else 1000
+
+    def saved(T):
+        args = _rnn_args(T=T, B=B, N=N, modulation="endogenous", dtype=torch.float32)
+        with nf.use_backend(backend):
+            return saved_bytes(lambda: nf.plastic_rnn(**args))
+
+    short, long = saved(long_T // 10), saved(long_T)
+    trace_bytes = B * N * N * 4
+    per_step = (2 * B * N + B) * 4  # input and output activations, the modulator's activity
+    assert long - short <= (long_T - long_T // 10) * per_step
+    assert long < 3 * trace_bytes + long_T * per_step
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     from neuronml_fast.ops.plastic import plastic_op
 
     args = _rnn_args(T=3, B=2, N=3, dtype=torch.float32, device=device)
     torch.library.opcheck(plastic_op, (args["input"], args["weight"], args["alpha"], args["eta"], args["hebb"], None,
-                                       None, args["y0"], None, None, True, "hebb", "tanh", 2, backend))
+                                       None, args["y0"], None, None, True, "hebb", "tanh", 2, None, None, None,
+                                       True, backend))
     largs = _linear_args(T=3, B=2, dtype=torch.float32, device=device)
     torch.library.opcheck(plastic_op, (largs["input"], largs["weight"], largs["alpha"], largs["eta"], None,
                                        largs["bias"], largs["drive"], None, None, None, False, "oja", "identity",
-                                       16, backend))
+                                       16, None, None, None, True, backend))
+    margs = _rnn_args(T=3, B=2, N=3, modulation="endogenous", dtype=torch.float32, device=device)
+    torch.library.opcheck(plastic_op, (margs["input"], margs["weight"], margs["alpha"], margs["eta"], margs["hebb"],
+                                       None, None, margs["y0"], None, 0.5, True, "hebb", "tanh", 2,
+                                       margs["mod_weight"], margs["mod_bias"], margs["mod_fanout"], False, backend))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
@@ -230,6 +312,16 @@ def test_bad_inputs_name_the_argument():
         (dict(hebb=torch.zeros(3, 5, 4, dtype=F64)), ValueError, r"hebb: expected shape \[3, 5, 5\]"),
         (dict(modulation=torch.zeros(6, 2, dtype=F64)), ValueError, "modulation: expected shape"),
         (dict(clip=-1.0), ValueError, "clip: expected a positive number"),
+        (dict(mod_weight=torch.zeros(4, dtype=F64)), ValueError, r"mod_weight: expected shape \[5\]"),
+        (dict(mod_weight=torch.zeros(5, dtype=F64), modulation=torch.zeros(6, 3, dtype=F64)), ValueError,
+         "mod_weight: expected None when modulation is given"),
+        (dict(mod_weight=torch.zeros(5, dtype=F64), mod_bias=torch.zeros(1, dtype=F64)), ValueError,
+         r"mod_bias: expected shape \[\]"),
+        (dict(mod_weight=torch.zeros(5, dtype=F64), mod_fanout=torch.zeros(5)), TypeError,
+         "mod_fanout: expected dtype torch.float64"),
+        (dict(mod_weight=torch.zeros(5, dtype=F64), mod_activation="relu"), ValueError,
+         "mod_activation: expected one of"),
+        (dict(mod_fanout=torch.zeros(5, dtype=F64)), ValueError, "mod_weight: expected a tensor when"),
         (dict(weight=w.float()), TypeError, "weight: expected dtype torch.float64"),
     ]
     for change, error, message in cases:

@@ -380,7 +380,7 @@ void check_plastic(const at::Tensor* t, const char* name, at::IntArrayRef shape,
 
 PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, bool recurrent,
                            int64_t rule, const at::Tensor* modulation, bool tanh, c10::optional<double> clip,
-                           int64_t checkpoint_every) {
+                           int64_t checkpoint_every, bool endogenous) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 2, "input, weight: expected [T, B, in] and [out, in], got ", x.sizes(),
               " and ", weight.sizes());
   TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0 (hebb), 1 (oja) or 2 (modulated), got ", rule);
@@ -391,7 +391,9 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(x.size(2) == (recurrent ? s.OUT : s.IN), "input: expected ", recurrent ? s.OUT : s.IN,
               " features, got ", x.size(2));
   s.rule = static_cast<PlasticRule>(rule);
-  TORCH_CHECK((s.rule == PlasticRule::kModulated) == (modulation != nullptr),
+  s.endogenous = endogenous;
+  TORCH_CHECK(!endogenous || recurrent, "mod_weight: endogenous modulation needs a recurrent layer");
+  TORCH_CHECK((s.rule == PlasticRule::kModulated) == (modulation != nullptr || endogenous),
               "modulation: expected exactly when the rule is modulated");
   s.modulation_per_neuron = modulation != nullptr && modulation->dim() == 3;
   s.tanh = tanh;
@@ -411,14 +413,44 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   return s;
 }
 
+// The modulator's tensors: all of mod_weight [OUT], mod_fanout [OUT] and activity [T, B] (and
+// grad_s [T, B] in the backward), or none.
+template <typename scalar_t>
+neuronml_fast::cpu::Modulator<scalar_t> modulator_of(const PlasticShape& s, const at::Tensor* mod_weight,
+                                                     double mod_bias, const at::Tensor* mod_fanout, bool mod_tanh,
+                                                     const at::Tensor* activity, const at::Tensor* grad_s) {
+  neuronml_fast::cpu::Modulator<scalar_t> m;
+  if (!s.endogenous) return m;
+  m.weight = ptr<scalar_t>(mod_weight);
+  m.bias = static_cast<scalar_t>(mod_bias);
+  m.fanout = ptr<scalar_t>(mod_fanout);
+  m.tanh = mod_tanh;
+  m.activity = mut<scalar_t>(activity);
+  m.grad_s = mut<scalar_t>(grad_s);
+  return m;
+}
+
+void check_modulator(const PlasticShape& s, const at::Tensor* mod_weight, const at::Tensor* mod_fanout,
+                     const at::Tensor* activity, at::ScalarType dtype) {
+  if (!s.endogenous) return;
+  TORCH_CHECK(mod_fanout && activity, "mod_fanout, activity: required with mod_weight");
+  check_full(*mod_weight, "mod_weight", {s.OUT}, dtype);
+  check_full(*mod_fanout, "mod_fanout", {s.OUT}, dtype);
+  check_full(*activity, "activity", {s.T, s.B}, dtype);
+}
+
 void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double eta,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& drive,
                          const c10::optional<at::Tensor>& y0, const c10::optional<at::Tensor>& modulation,
                          c10::optional<double> clip, bool recurrent, int64_t rule, bool tanh,
                          int64_t checkpoint_every, at::Tensor& hebb, at::Tensor& output,
-                         const c10::optional<at::Tensor>& checkpoints) {
-  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip, checkpoint_every);
+                         const c10::optional<at::Tensor>& checkpoints, const c10::optional<at::Tensor>& mod_weight,
+                         double mod_bias, const c10::optional<at::Tensor>& mod_fanout, bool mod_tanh,
+                         const c10::optional<at::Tensor>& activity) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip,
+                                       checkpoint_every, mod_weight.has_value());
   const auto dtype = x.scalar_type();
+  check_modulator(s, opt(mod_weight), opt(mod_fanout), opt(activity), dtype);
   check_plastic(opt(bias), "bias", {s.OUT}, dtype);
   check_plastic(opt(drive), "drive", {s.T, s.B, s.OUT}, dtype);
   check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
@@ -431,8 +463,9 @@ void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at
     neuronml_fast::cpu::plastic_forward<scalar_t>(
         s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
         static_cast<scalar_t>(eta), ptr<scalar_t>(opt(bias)), ptr<scalar_t>(opt(drive)), ptr<scalar_t>(opt(y0)),
-        ptr<scalar_t>(opt(modulation)), hebb.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
-        mut<scalar_t>(opt(checkpoints)));
+        ptr<scalar_t>(opt(modulation)),
+        modulator_of<scalar_t>(s, opt(mod_weight), mod_bias, opt(mod_fanout), mod_tanh, opt(activity), nullptr),
+        hebb.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), mut<scalar_t>(opt(checkpoints)));
   });
 }
 
@@ -444,9 +477,18 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
                           at::Tensor& grad_z, const c10::optional<at::Tensor>& grad_pre,
                           const c10::optional<at::Tensor>& grad_y0, at::Tensor& grad_alpha, at::Tensor& grad_eta,
                           const c10::optional<at::Tensor>& grad_modulation,
-                          const c10::optional<at::Tensor>& segment) {
-  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip, checkpoint_every);
+                          const c10::optional<at::Tensor>& segment, const c10::optional<at::Tensor>& mod_weight,
+                          const c10::optional<at::Tensor>& mod_fanout, bool mod_tanh,
+                          const c10::optional<at::Tensor>& activity, const c10::optional<at::Tensor>& grad_s) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, recurrent, rule, opt(modulation), tanh, clip,
+                                       checkpoint_every, mod_weight.has_value());
   const auto dtype = x.scalar_type();
+  check_modulator(s, opt(mod_weight), opt(mod_fanout), opt(activity), dtype);
+  if (s.endogenous) {
+    TORCH_CHECK(modulation && modulation->dim() == 3, "modulation: the per-neuron M_t of the modulator's forward");
+    TORCH_CHECK(grad_s.has_value(), "grad_s: required with mod_weight");
+    check_full(*grad_s, "grad_s", {s.T, s.B}, dtype);
+  }
   check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
   check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
   check_full(grad_output, "grad_output", {s.T, s.B, s.OUT}, dtype);
@@ -469,6 +511,7 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
     neuronml_fast::cpu::plastic_backward<scalar_t>(
         s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
         static_cast<scalar_t>(eta), ptr<scalar_t>(opt(y0)), ptr<scalar_t>(opt(modulation)),
+        modulator_of<scalar_t>(s, opt(mod_weight), 0.0, opt(mod_fanout), mod_tanh, opt(activity), opt(grad_s)),
         output.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(), ptr<scalar_t>(opt(checkpoints)),
         hebb.data_ptr<scalar_t>(), grad_hebb.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>(),
         mut<scalar_t>(opt(grad_pre)), mut<scalar_t>(opt(grad_y0)), grad_alpha.data_ptr<scalar_t>(),

@@ -34,12 +34,13 @@ void conv2d_input_grad(const ConvGradShape& s, int64_t tasks, int64_t gy_task, i
 // plastic.h (float and double; plastic_kernels.inc).
 template <typename T>
 void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
-                     const T* drive, const T* y0, const T* modulation, T* hebb, T* output, T* checkpoints);
+                     const T* drive, const T* y0, const T* modulation, const Modulator<T>& modulator, T* hebb,
+                     T* output, T* checkpoints);
 template <typename T>
 void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* y0,
-                      const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,
-                      T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0, T* grad_alpha, T* grad_eta,
-                      T* grad_modulation, T* segment);
+                      const T* modulation, const Modulator<T>& modulator, const T* output, const T* grad_output,
+                      const T* checkpoints, T* hebb, T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0,
+                      T* grad_alpha, T* grad_eta, T* grad_modulation, T* segment);
 
 // sensitivity.h and batch_norm.h (float and double; *_kernels.inc).
 template <typename T>

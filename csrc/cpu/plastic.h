@@ -32,6 +32,21 @@ struct PlasticShape {
                              // (clip: not invertible; identity activation: unbounded activity
                              // makes undoing an update cancel catastrophically)
   int64_t checkpoint_every;  // steps between stored traces (the trace before steps 0, k, 2k, ...)
+  bool endogenous;           // modulated rule with M_t computed by a Modulator (rnn only)
+};
+
+// Backpropamine's modulator neuron (endogenous modulation, recurrent layers only):
+// M_t[b, j] = fanout[j] * act(weight . y_t[b] + bias). The forward writes the modulator's
+// activity act(s) [T, B]; the backward reads it back with the per-neuron modulation it implies
+// (passed as `modulation`), and writes dL/ds [T, B].
+template <typename T>
+struct Modulator {
+  const T* weight = nullptr;  // [OUT]
+  T bias = T(0);
+  const T* fanout = nullptr;  // [OUT]
+  bool tanh = true;
+  T* activity = nullptr;      // [T, B]: written by the forward, read by the backward
+  T* grad_s = nullptr;        // [T, B]: written by the backward
 };
 
 // x: plastic_linear input [T, B, IN] (pre), or plastic_rnn input [T, B, OUT] (added to z).
@@ -40,7 +55,8 @@ struct PlasticShape {
 // checkpoints: [ceil(T / checkpoint_every), B, OUT, IN], the trace before steps 0, k, 2k, ...
 template <typename T>
 void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* bias,
-                     const T* drive, const T* y0, const T* modulation, T* hebb, T* output, T* checkpoints);
+                     const T* drive, const T* y0, const T* modulation, const Modulator<T>& modulator, T* hebb,
+                     T* output, T* checkpoints);
 
 // Gradients. hebb: the final trace (overwritten: it walks back to the initial trace).
 // grad_hebb: dL/d(final trace) in (zeros if unused), dL/d(initial trace) out. grad_output [T, B, OUT].
@@ -51,9 +67,9 @@ void plastic_forward(const PlasticShape& s, const T* x, const T* weight, const T
 // activation), [checkpoint_every, B, OUT, IN] scratch.
 template <typename T>
 void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const T* alpha, T eta, const T* y0,
-                      const T* modulation, const T* output, const T* grad_output, const T* checkpoints, T* hebb,
-                      T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0, T* grad_alpha, T* grad_eta,
-                      T* grad_modulation, T* segment);
+                      const T* modulation, const Modulator<T>& modulator, const T* output, const T* grad_output,
+                      const T* checkpoints, T* hebb, T* grad_hebb, T* grad_z, T* grad_pre, T* grad_y0,
+                      T* grad_alpha, T* grad_eta, T* grad_modulation, T* segment);
 
 }  // namespace neuronml_fast::cpu
 
@@ -61,6 +77,7 @@ void plastic_backward(const PlasticShape& s, const T* x, const T* weight, const 
 // (plastic.cpp: the dispatching entry points; plastic_avx2.cpp: the AVX2 build).
 #define NEURONML_FAST_INSTANTIATE_PLASTIC(T)                                                                    \
   template void plastic_forward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,    \
-                                   const T*, const T*, T*, T*, T*);                                            \
+                                   const T*, const T*, const Modulator<T>&, T*, T*, T*);                       \
   template void plastic_backward<T>(const PlasticShape&, const T*, const T*, const T*, T, const T*, const T*,   \
-                                    const T*, const T*, const T*, T*, T*, T*, T*, T*, T*, T*, T*, T*);
+                                    const Modulator<T>&, const T*, const T*, const T*, T*, T*, T*, T*, T*, T*,  \
+                                    T*, T*, T*);

@@ -39,16 +39,23 @@ def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
     return int(min(steps, max(1.0, math.log(AMPLIFICATION_BUDGET) / -math.log1p(-min(eta, 0.999)))))
 
 
-def _rule_code(rule, modulation):
-    return MODULATED if modulation is not None else _RULE_CODES[rule]
+def _rule_code(rule, modulation, modulator=None):
+    return MODULATED if modulation is not None or modulator is not None else _RULE_CODES[rule]
 
 
 def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _modulator_args(modulator):
+    """(mod_weight, mod_bias, mod_fanout, mod_tanh) for the extension; a CPU read of the 0-d bias."""
+    if modulator is None:
+        return None, 0.0, None, True
+    return _c(modulator.weight), float(modulator.bias.detach()), _c(modulator.fanout), modulator.tanh
+
+
 def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-                    every):
+                    every, modulator=None):
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
     trace = _alloc.empty((B, out_features, in_features), dtype=x.dtype, device=x.device)
@@ -58,15 +65,18 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
         trace.copy_(hebb)
     output = _alloc.empty((T, B, out_features), dtype=x.dtype, device=x.device)
     checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
+    activity = None if modulator is None else _alloc.empty((T, B), dtype=x.dtype, device=x.device)
     _extensions.cpu().plastic_forward_out(
         _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(bias), _c(drive), _c(y0), _c(modulation), clip, recurrent,
-        _rule_code(rule, modulation), activation == "tanh", every, trace, output, checkpoints)
-    return output, trace, checkpoints
+        _rule_code(rule, modulation, modulator), activation == "tanh", every, trace, output, checkpoints,
+        *_modulator_args(modulator), activity)
+    return output, trace, checkpoints, activity
 
 
 def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
-                     clip, recurrent, rule, activation, every):
-    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation)."""
+                     clip, recurrent, rule, activation, every, modulator=None, activity=None):
+    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds of the
+    modulator (None without one)."""
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
     dtype = x.dtype
@@ -80,10 +90,13 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     grad_eta = new(1)
     grad_mod = None if modulation is None else new(*modulation.shape)
     segment = new(every, B, out_features, in_features) if recomputes(clip, activation) else None
+    grad_s = None if modulator is None else new(T, B)
+    mod_weight, _, mod_fanout, mod_tanh = _modulator_args(modulator)
     _extensions.cpu().plastic_backward_out(
-        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent, _rule_code(rule, modulation),
-        activation == "tanh", every, _c(output), _c(grad_output), _c(checkpoints), trace,
-        grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment)
+        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent,
+        _rule_code(rule, modulation), activation == "tanh", every, _c(output), _c(grad_output), _c(checkpoints), trace,
+        grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment, mod_weight, mod_fanout,
+        mod_tanh, _c(activity), grad_s)
     if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
         first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)
         pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, in_features))
@@ -93,4 +106,4 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre)
     grad_drive = None if recurrent else grad_z  # the rnn's input gradient is grad_z itself
     return (grad_input, grad_weight, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace,
-            grad_z.sum((0, 1)), grad_drive, grad_y0, grad_mod)
+            grad_z.sum((0, 1)), grad_drive, grad_y0, grad_mod, grad_s)

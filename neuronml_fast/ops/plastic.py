@@ -23,7 +23,7 @@ Where things are:
 * custom ops, autograd and public functions: below.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -82,18 +82,34 @@ def plastic_linear_reference(input, weight, alpha, eta, hebb=None, bias=None, dr
     return output.to(input.dtype), trace
 
 
+def endogenous_modulation(y, mod_weight, mod_bias=None, mod_fanout=None, mod_activation="tanh"):
+    """Backpropamine's modulator: ``M[b, j] = mod_fanout[j] * mod_act(mod_weight . y[b] + mod_bias)``.
+
+    ``y [B, N]`` -> ``[B, N]``, one value per postsynaptic neuron from one modulator neuron."""
+    s = y @ mod_weight
+    if mod_bias is not None:
+        s = s + mod_bias
+    m = _activation(s, mod_activation)[:, None]
+    return m if mod_fanout is None else m * mod_fanout
+
+
 def plastic_rnn_reference(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, clip=None, rule="hebb",
-                          activation="tanh"):
+                          activation="tanh", mod_weight=None, mod_bias=None, mod_fanout=None, mod_activation="tanh"):
     """Plain eager PyTorch, step by step: the oracle. Returns (output [T, B, N], hebb [B, N, N])."""
     acc = _alloc.accumulation_dtype(input.dtype)
     T, B, N = input.shape
-    x, weight, alpha, eta, y0, hebb, modulation = _upcast(acc, input, weight, alpha, eta, y0, hebb, modulation)
+    x, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout = _upcast(
+        acc, input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout)
     trace = x.new_zeros((B, N, N)) if hebb is None else hebb
     y = x.new_zeros((B, N)) if y0 is None else y0
     outputs = []
     for t in range(T):
         y_new = _activation(torch.einsum("bji,bi->bj", weight + alpha * trace, y) + x[t], activation)
-        trace = _rule(trace, y, y_new, eta, rule, None if modulation is None else modulation[t], clip)
+        if mod_weight is not None:
+            m = endogenous_modulation(y_new, mod_weight, mod_bias, mod_fanout, mod_activation)
+        else:
+            m = None if modulation is None else modulation[t]
+        trace = _rule(trace, y, y_new, eta, rule, m, clip)
         outputs.append(y_new)
         y = y_new
     output = torch.stack(outputs) if outputs else x.new_zeros((0, B, N))
@@ -123,7 +139,7 @@ def _as_eta(eta, like):
 
 
 def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activation, bias=None, drive=None,
-                      y0=None, modulation=None, clip=None):
+                      y0=None, modulation=None, clip=None, modulator=None):
     _checks.floating_tensor("input", input, ndim=3)
     _checks.floating_tensor("weight", weight, ndim=2)
     _checks.like("weight", weight, "input", input, shape=weight.shape)
@@ -159,77 +175,153 @@ def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activ
         _checks.like("modulation", modulation, "input", input, shape=modulation.shape)
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
         raise ValueError(f"clip: expected a positive number or None, got {clip!r}")
+    if modulator is not None:
+        _validate_modulator(input, modulator, modulation)
+
+
+def _validate_modulator(input, modulator, modulation):
+    mod_weight, mod_bias, mod_fanout, mod_activation = modulator
+    N = input.shape[-1]
+    if modulation is not None:
+        raise ValueError("mod_weight: expected None when modulation is given (the modulation is either given or "
+                         "computed by the modulator), got a tensor")
+    _checks.like("mod_weight", mod_weight, "input", input, shape=(N,))
+    if mod_bias is not None:
+        _checks.like("mod_bias", mod_bias, "input", input, shape=())
+    if mod_fanout is not None:
+        _checks.like("mod_fanout", mod_fanout, "input", input, shape=(N,))
+    if mod_activation not in ACTIVATIONS:
+        raise ValueError(f"mod_activation: expected one of {ACTIVATIONS}, got {mod_activation!r}")
 
 
 # ---- custom ops ----------------------------------------------------------------------------
+#
+# A backend's entry points:
+#   plastic_forward(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule,
+#                   activation, checkpoint_every, modulator)
+#       -> (output, final hebb, checkpoints, the modulator's activity [T, B] or None)
+#   plastic_backward(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
+#                    checkpoints, clip, recurrent, rule, activation, checkpoint_every, modulator, activity)
+#       -> grads of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds [T, B]
+#          (the modulator neuron's pre-activation) or None
+# `modulator` is None or a `Modulator` with every tensor present; under it the backward receives
+# the per-neuron modulation M_t the forward computed, as if it had been given.
+
+
+class Modulator(NamedTuple):
+    """Backpropamine's modulator neuron (endogenous modulation), every tensor present."""
+    weight: Tensor  # [N]
+    bias: Tensor  # 0-d
+    fanout: Tensor  # [N]
+    tanh: bool
+
+    def modulation(self, activity):
+        """M_t [T, B, N] from the modulator's activity [T, B]."""
+        return activity[..., None] * self.fanout.to(activity.dtype)
+
+
+def _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh):
+    if mod_weight is None:
+        return None
+    return Modulator(mod_weight, mod_weight.new_zeros(()) if mod_bias is None else mod_bias,
+                     torch.ones_like(mod_weight) if mod_fanout is None else mod_fanout, mod_tanh)
 
 
 @torch.library.custom_op("neuronml_fast::plastic", mutates_args=())
 def plastic_op(
     input: Tensor, weight: Tensor, alpha: Tensor, eta: Tensor, hebb: Optional[Tensor], bias: Optional[Tensor],
     drive: Optional[Tensor], y0: Optional[Tensor], modulation: Optional[Tensor], clip: Optional[float],
-    recurrent: bool, rule: str, activation: str, checkpoint_every: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(output [T, B, out], final hebb [B, out, in], the traces kept every checkpoint_every steps)."""
-    return backends.kernel(OP, backend)(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip,
-                                        recurrent, rule, activation, checkpoint_every)
+    recurrent: bool, rule: str, activation: str, checkpoint_every: int, mod_weight: Optional[Tensor],
+    mod_bias: Optional[Tensor], mod_fanout: Optional[Tensor], mod_tanh: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(output [T, B, out], final hebb [B, out, in], the traces kept every checkpoint_every steps,
+    the modulator's activity [T, B] (empty without a modulator))."""
+    output, trace, checkpoints, activity = backends.kernel(OP, backend)(
+        input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
+        checkpoint_every, _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh))
+    return output, trace, checkpoints, input.new_empty((0,)) if activity is None else activity
 
 
 @plastic_op.register_fake
 def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-      checkpoint_every, backend):
+      checkpoint_every, mod_weight, mod_bias, mod_fanout, mod_tanh, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
     checkpoints = input.new_empty((-(-T // checkpoint_every), B, out_features, in_features))
-    return input.new_empty((T, B, out_features)), input.new_empty((B, out_features, in_features)), checkpoints
+    activity = input.new_empty((0,) if mod_weight is None else (T, B), dtype=_alloc.accumulation_dtype(input.dtype))
+    return (input.new_empty((T, B, out_features)), input.new_empty((B, out_features, in_features)), checkpoints,
+            activity)
 
 
 @torch.library.custom_op("neuronml_fast::plastic_backward", mutates_args=())
 def plastic_backward_op(
     grad_output: Tensor, grad_hebb: Optional[Tensor], input: Tensor, weight: Tensor, alpha: Tensor, eta: Tensor,
     y0: Optional[Tensor], modulation: Optional[Tensor], output: Tensor, hebb_final: Tensor, checkpoints: Tensor,
-    clip: Optional[float], recurrent: bool, rule: str, activation: str, checkpoint_every: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation); an empty tensor
-    stands for a gradient the layer does not have (y0 of a linear layer, say)."""
-    grads = backends.kernel(f"{OP}_backward", backend)(
+    clip: Optional[float], recurrent: bool, rule: str, activation: str, checkpoint_every: int,
+    mod_weight: Optional[Tensor], mod_bias: Optional[Tensor], mod_fanout: Optional[Tensor], mod_tanh: bool,
+    activity: Tensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, mod_weight, mod_bias,
+    mod_fanout); an empty tensor stands for a gradient the call does not have (y0 of a linear layer, say)."""
+    modulator = _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh)
+    if modulator is not None:
+        modulation = modulator.modulation(activity)
+    *grads, grad_s = backends.kernel(f"{OP}_backward", backend)(
         grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
-        recurrent, rule, activation, checkpoint_every)
+        recurrent, rule, activation, checkpoint_every, modulator, activity if modulator is not None else None)
+    if modulator is not None:
+        grads[8:] = [None, *_modulator_grads(grad_s, grads[8], output, activity, input.dtype)]
+    grads += [None] * (12 - len(grads))
     return tuple(input.new_empty((0,)) if g is None else g for g in grads)
+
+
+def _modulator_grads(grad_s, grad_modulation, output, activity, dtype):
+    """Gradients of (mod_weight, mod_bias, mod_fanout) from dL/ds [T, B] (s = mod_weight . y_t + mod_bias)
+    and dL/dM [T, B, N]: GEMM-shaped reductions over time and batch, the same on every backend."""
+    acc = grad_s.dtype
+    return (torch.einsum("tb,tbj->j", grad_s, output.to(acc)).to(dtype), grad_s.sum().to(dtype),
+            torch.einsum("tbj,tb->j", grad_modulation.to(acc), activity).to(dtype))
 
 
 @plastic_backward_op.register_fake
 def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
-      recurrent, rule, activation, checkpoint_every, backend):
+      recurrent, rule, activation, checkpoint_every, mod_weight, mod_bias, mod_fanout, mod_tanh, activity, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
     absent = lambda: input.new_empty((0,))  # noqa: E731  (one each: outputs may not alias each other)
+    endogenous = mod_weight is not None
     return (input.new_empty(input.shape), weight.new_empty(weight.shape), alpha.new_empty(alpha.shape),
             eta.new_empty(()), input.new_empty((B, out_features, in_features)), input.new_empty((out_features,)),
             input.new_empty((T, B, out_features)), input.new_empty((B, out_features)) if recurrent else absent(),
-            absent() if modulation is None else modulation.new_empty(modulation.shape))
+            absent() if modulation is None else modulation.new_empty(modulation.shape),
+            input.new_empty((out_features,)) if endogenous else absent(),
+            input.new_empty(()) if endogenous else absent(),
+            input.new_empty((out_features,)) if endogenous else absent())
 
 
 def _setup_context(ctx, inputs, output):
     (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
-     checkpoint_every, backend) = inputs
-    ctx.options = (clip, recurrent, rule, activation, checkpoint_every, backend)
-    ctx.present = tuple(t is not None for t in (hebb, bias, drive, y0, modulation))
-    ctx.save_for_backward(input, weight, alpha, eta, y0, modulation, output[0], output[1], output[2])
+     checkpoint_every, mod_weight, mod_bias, mod_fanout, mod_tanh, backend) = inputs
+    ctx.options = (clip, recurrent, rule, activation, checkpoint_every)
+    ctx.modulator_options = (mod_tanh, backend)
+    ctx.present = tuple(t is not None for t in (hebb, bias, drive, y0, modulation, mod_weight, mod_bias, mod_fanout))
+    ctx.save_for_backward(input, weight, alpha, eta, y0, modulation, output[0], output[1], output[2], mod_weight,
+                          mod_bias, mod_fanout, output[3])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints):
-    input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints = ctx.saved_tensors
+def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
+    (input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, mod_weight, mod_bias, mod_fanout,
+     activity) = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(output)
+    mod_tanh, backend = ctx.modulator_options
     grads = plastic_backward_op(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
-                                checkpoints, *ctx.options)
-    g_input, g_weight, g_alpha, g_eta, g_hebb, g_bias, g_drive, g_y0, g_mod = grads
-    has_hebb, has_bias, has_drive, has_y0, has_mod = ctx.present
-    return (g_input, g_weight, g_alpha, g_eta, g_hebb if has_hebb else None, g_bias if has_bias else None,
-            g_drive if has_drive else None, g_y0 if has_y0 else None, g_mod if has_mod else None,
-            None, None, None, None, None, None)
+                                checkpoints, *ctx.options, mod_weight, mod_bias, mod_fanout, mod_tanh, activity,
+                                backend)
+    # grads of (input, weight, alpha, eta) always; the optional ones only where the call had them
+    optional = [g if present else None for g, present in zip(grads[4:], ctx.present)]
+    return (*grads[:4], *optional[:5], None, None, None, None, None, *optional[5:], None, None)
 
 
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
@@ -241,7 +333,7 @@ plastic_op.register_autograd(_backward, setup_context=_setup_context)
 _GPU_BACKENDS = ("triton", "cuda")
 
 
-def _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation, backend):
+def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend):
     """Checks eta's domain and returns the checkpoint interval, reading eta on the host only where
     that costs nothing or the interval needs it.
 
@@ -254,7 +346,7 @@ def _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation,
     from ..cpu.plastic import checkpoint_every
     from .._plastic_driver import recomputes
 
-    uses_eta = modulation is None
+    uses_eta = not modulated
     needs_value = uses_eta and not recomputes(clip, activation)
     compiling = torch.compiler.is_compiling()
     if number is not None:
@@ -267,7 +359,7 @@ def _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation,
         raise ValueError(f"eta: expected 0 <= eta < 1 for rule {rule!r}, got {value}")
     if uses_eta and value is None and not compiling:
         torch._assert_async((eta.detach() >= 0) & (eta.detach() < 1), f"eta: expected 0 <= eta < 1 for rule {rule!r}")
-    return checkpoint_every(input.shape[0], value, clip, modulation is not None, activation)
+    return checkpoint_every(input.shape[0], value, clip, modulated, activation)
 
 
 def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, rule="hebb", activation="tanh"):
@@ -282,30 +374,43 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
     backend = backends.resolve(OP, input.device.type, input.dtype)
-    every = _eta_and_checkpoints(input, eta, number, None, None, rule, activation, backend)
+    every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
-    output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
-                                 activation, every, backend)
+    output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
+                                    activation, every, None, None, None, True, backend)
     return output, hebb
 
 
 def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, clip=None, rule="hebb",
-                activation="tanh"):
+                activation="tanh", mod_weight=None, mod_bias=None, mod_fanout=None, mod_activation="tanh"):
     """A recurrent plastic layer (SPEC section 4): ``y_t = act((weight + alpha * H_t) y_{t-1} + input_t)``.
 
-    ``input [T, B, N]``, ``weight [N, N]``, ``y0 [B, N]`` (zeros by default), ``modulation``
-    ``[T, B]`` or ``[T, B, N]`` (backpropamine: replaces the rule by ``H + M post pre``), ``clip``
-    an optional bound on the trace. Returns ``(output [T, B, N], hebb [B, N, N])``.
+    ``input [T, B, N]``, ``weight [N, N]``, ``y0 [B, N]`` (zeros by default), ``clip`` an optional
+    bound on the trace. Returns ``(output [T, B, N], hebb [B, N, N])``.
+
+    Neuromodulation (backpropamine) replaces the rule by ``H + M_t[j] post_j pre_i``, with M_t either
+
+    * given: ``modulation [T, B]`` or ``[T, B, N]``, or
+    * endogenous, computed inside each step from the new state by one modulator neuron:
+      ``M_t[j] = mod_fanout[j] * mod_act(mod_weight . y_t + mod_bias)``, with ``mod_weight [N]``,
+      ``mod_bias`` 0-d (default 0), ``mod_fanout [N]`` (default ones) and ``mod_activation``
+      ``"tanh"`` (default) or ``"identity"``. All three get gradients.
     """
     number, eta = _eta_number(eta), _as_eta(eta, input)
+    modulator = None if mod_weight is None else (mod_weight, mod_bias, mod_fanout, mod_activation)
+    if mod_weight is None and (mod_bias is not None or mod_fanout is not None):
+        raise ValueError("mod_weight: expected a tensor when mod_bias or mod_fanout is given, got None")
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=True, rule=rule, activation=activation, y0=y0,
-                      modulation=modulation, clip=clip)
+                      modulation=modulation, clip=clip, modulator=modulator)
     backend = backends.resolve(OP, input.device.type, input.dtype)
     clip = None if clip is None else float(clip)
-    every = _eta_and_checkpoints(input, eta, number, clip, modulation, rule, activation, backend)
+    modulated = modulation is not None or mod_weight is not None
+    every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend)
     if backend == "reference":
-        return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation)
-    output, hebb, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
-                                 activation, every, backend)
+        return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation,
+                                     mod_weight, mod_bias, mod_fanout, mod_activation)
+    output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
+                                    activation, every, mod_weight, mod_bias, mod_fanout, mod_activation == "tanh",
+                                    backend)
     return output, hebb
