@@ -16,8 +16,12 @@ activity, a clip applied before the update) fails here even where kernels and re
   ``Hebb_ij(t+1) = Hebb_ij(t) + eta x_j(t) (x_i(t-1) - x_j(t) Hebb_ij(t))``.
 * Miconi et al., "Backpropamine" (ICLR 2019), simple neuromodulation with a hard clip:
   ``Hebb_ij(t+1) = clip(Hebb_ij(t) + M(t) x_i(t-1) x_j(t))``; the modulation is one number per
-  sequence and step, or (as their maze code fans it out) one per post-synaptic neuron j. Here it
-  is given (exogenous).
+  sequence and step, or (as their maze code fans it out) one per post-synaptic neuron j. Given
+  (exogenous), or endogenous as their code computes it: a modulator neuron reads the step's new
+  state, ``M(t) = tanh(h2mod . x(t) + b)``, fanned out to the post-synaptic neurons by a learned
+  vector in the maze code (``modfanout``, a ``Linear(1, N)``; its bias term is not part of our op,
+  so the oracle's is zero), or one number per sequence in the cue-reward code (``h2DA``, clip 1,
+  with the matrices stored [post, pre] there, as ours).
 """
 
 import pytest
@@ -55,6 +59,26 @@ def backpropamine_step(h, hebb, w, alpha, inp, m, clip):
     hactiv = torch.tanh(inp + h.unsqueeze(1).bmm(w + alpha * hebb).squeeze(1))
     deltahebb = torch.bmm(h.unsqueeze(2), hactiv.unsqueeze(1))
     hebb = torch.clamp(hebb + m * deltahebb, min=-clip, max=clip)
+    return hactiv, hebb
+
+
+def backpropamine_maze_step(h, hebb, w, alpha, inp, h2mod_w, h2mod_b, fanout, clip):
+    """simplemaze/maze.py's step, [pre, post]: ``myeta = modfanout(tanh(h2mod(hactiv)))``."""
+    hactiv = torch.tanh(inp + h.unsqueeze(1).bmm(w + alpha * hebb).squeeze(1))
+    deltahebb = torch.bmm(h.unsqueeze(2), hactiv.unsqueeze(1))
+    myeta = torch.tanh(hactiv.mm(h2mod_w.unsqueeze(1)) + h2mod_b).unsqueeze(2)  # h2mod = Linear(N, 1)
+    myeta = myeta * fanout  # modfanout = Linear(1, N), its bias term zero: [B, 1, N], one per post neuron
+    hebb = torch.clamp(hebb + myeta * deltahebb, min=-clip, max=clip)
+    return hactiv, hebb
+
+
+def backpropamine_cue_reward_step(hidden, hebb, w, alpha, inp, h2da_w, h2da_b):
+    """sr/modul.py's step ("the *rows* of w and hebb are the inputs weights to a single neuron")."""
+    B, HS = hidden.shape
+    hactiv = torch.tanh(inp.view(B, HS, 1) + torch.matmul(w + alpha * hebb, hidden.view(B, HS, 1))).view(B, HS)
+    DAout = torch.tanh(hactiv.mm(h2da_w.unsqueeze(1)) + h2da_b)  # h2DA = Linear(HS, 1)
+    deltahebb = torch.bmm(hactiv.view(B, HS, 1), hidden.view(B, 1, HS))
+    hebb = torch.clamp(hebb + DAout.view(B, 1, 1) * deltahebb, min=-1.0, max=1.0)
     return hactiv, hebb
 
 
@@ -158,6 +182,53 @@ def test_backpropamine_exogenous_modulation_with_clip(backend, device, per_neuro
     theirs = backpropamine_run(a["input"], a["weight"], a["alpha"], a["y0"], a["hebb"], a["modulation"], clip)
     # The clip must bite for this to test it: some of the final trace sits on the bound, some inside.
     bound = theirs[1].detach().abs() == clip
+    assert 0 < int(bound.sum()) < bound.numel(), "the clip never binds (or always does): choose other inputs"
+    _compare(ours, theirs, a, *_tolerance(backend))
+
+
+def _modulator_values(values, N, device, fanout):
+    gen = torch.Generator().manual_seed(9)
+    r = lambda *s, scale=1.0: (torch.randn(s, generator=gen, dtype=F64) * scale).to(device)  # noqa: E731
+    values.update(mod_weight=r(N, scale=0.8), mod_bias=r(scale=0.3))
+    if fanout:
+        values["mod_fanout"] = r(N)
+    return values
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backpropamine_endogenous_modulation_maze_code(backend, device):
+    T, B, N, clip = 7, 3, 6, 0.4
+    a = _leaves(_modulator_values(_inputs(T, B, N, device=device), N, device, fanout=True))
+    with nf.use_backend(backend):
+        ours = nf.plastic_rnn(a["input"], a["weight"], a["alpha"], 0.0, y0=a["y0"], hebb=a["hebb"], clip=clip,
+                              mod_weight=a["mod_weight"], mod_bias=a["mod_bias"], mod_fanout=a["mod_fanout"])
+    h, hebb, outputs = a["y0"], a["hebb"].transpose(1, 2), []
+    for t in range(T):
+        h, hebb = backpropamine_maze_step(h, hebb, a["weight"].t(), a["alpha"].t(), a["input"][t], a["mod_weight"],
+                                          a["mod_bias"], a["mod_fanout"], clip)
+        outputs.append(h)
+    theirs = torch.stack(outputs), hebb.transpose(1, 2)
+    bound = theirs[1].detach().abs() == clip
+    assert 0 < int(bound.sum()) < bound.numel(), "the clip never binds (or always does): choose other inputs"
+    _compare(ours, theirs, a, *_tolerance(backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_backpropamine_endogenous_modulation_cue_reward_code(backend, device):
+    T, B, N = 7, 3, 6
+    values = _modulator_values(_inputs(T, B, N, device=device, hebb_scale=0.6), N, device, fanout=False)
+    values["input"] = values["input"] * 2  # drive the activity so the clip at 1 binds
+    a = _leaves(values)
+    with nf.use_backend(backend):
+        ours = nf.plastic_rnn(a["input"], a["weight"], a["alpha"], 0.0, y0=a["y0"], hebb=a["hebb"], clip=1.0,
+                              mod_weight=a["mod_weight"], mod_bias=a["mod_bias"])
+    h, hebb, outputs = a["y0"], a["hebb"], []
+    for t in range(T):
+        h, hebb = backpropamine_cue_reward_step(h, hebb, a["weight"], a["alpha"], a["input"][t], a["mod_weight"],
+                                                a["mod_bias"])
+        outputs.append(h)
+    theirs = torch.stack(outputs), hebb
+    bound = theirs[1].detach().abs() == 1.0
     assert 0 < int(bound.sum()) < bound.numel(), "the clip never binds (or always does): choose other inputs"
     _compare(ours, theirs, a, *_tolerance(backend))
 

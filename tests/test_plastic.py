@@ -358,6 +358,27 @@ def test_plastic_layers_carry_state_across_calls():
         nf.nn.PlasticLinear(3, 4, alpha="matrix")
 
 
+@pytest.mark.parametrize("modulator", ["sequence", "neuron"])
+def test_plastic_rnn_layer_with_a_modulator_neuron(modulator):
+    torch.manual_seed(0)
+    rnn = nf.nn.PlasticRNN(6, clip=1.0, modulator=modulator).double()
+    assert hasattr(rnn, "mod_fanout") == (modulator == "neuron") and "modulator='" in repr(rnn)
+    x = torch.randn(7, 2, 6, dtype=F64)
+    out, (y, hebb) = rnn(x)
+    fanout = rnn.mod_fanout if modulator == "neuron" else None
+    want, want_hebb = plastic_rnn_reference(x, rnn.weight, rnn.alpha, rnn.eta, clip=1.0, mod_weight=rnn.mod_weight,
+                                            mod_bias=rnn.mod_bias, mod_fanout=fanout)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(hebb, want_hebb)
+    (out.square().sum() + hebb.sum()).backward()
+    for name in ("mod_weight", "mod_bias") + (("mod_fanout",) if modulator == "neuron" else ()):
+        assert getattr(rnn, name).grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="modulator: expected one of"):
+        nf.nn.PlasticRNN(6, modulator="global")
+    with pytest.raises(ValueError, match="mod_activation: expected one of"):
+        nf.nn.PlasticRNN(6, modulator="neuron", mod_activation="relu")
+
+
 def test_plastic_rnn_learns_pattern_completion_where_a_fixed_network_cannot():
     # Miconi et al. (2018), scaled down: each episode shows 2 random binary patterns, then a
     # half-erased copy of one of them; the network must complete it. Only the Hebbian trace

@@ -99,6 +99,9 @@ class PlasticLinear(_LearnedEta, nn.Module):
         return f"{self.in_features}, {self.out_features}, rule={self.rule!r}, activation={self.activation!r}"
 
 
+MODULATORS = (None, "sequence", "neuron")
+
+
 class PlasticRNN(_LearnedEta, nn.Module):
     """Recurrent plastic layer: ``y_t = act((weight + alpha * H_t) y_{t-1} + input_t)``.
 
@@ -106,21 +109,49 @@ class PlasticRNN(_LearnedEta, nn.Module):
     ``state`` is the ``(y, hebb)`` pair a previous call returned (zeros by default).
 
     ``eta`` is learned as ``eta = sigmoid(eta_logit)``, always in [0, 1), as in `PlasticLinear`.
+
+    ``modulator`` makes the neuromodulation endogenous (backpropamine, Miconi et al. 2019): a
+    learned modulator neuron reads the new state each step, ``m_t = mod_act(mod_weight . y_t +
+    mod_bias)``, and the trace follows ``H + M_t[j] post_j pre_i`` (eta unused):
+
+    * ``"sequence"``: ``M_t = m_t`` for every neuron of a sequence;
+    * ``"neuron"``: ``M_t[j] = mod_fanout[j] * m_t`` with a learned fan-out vector.
+
+    The modulator's parameters start as ``nn.Linear``'s would (``mod_weight`` and ``mod_bias`` of a
+    ``Linear(size, 1)``, ``mod_fanout`` of a ``Linear(1, size)``). Backpropamine clips the trace:
+    pass ``clip`` (its code uses 1 or 2).
     """
 
     def __init__(self, size, rule="hebb", activation="tanh", alpha="per_connection", eta=0.01, clip=None,
-                 device=None, dtype=None):
+                 modulator=None, mod_activation="tanh", device=None, dtype=None):
         super().__init__()
         _check_options(rule, activation)
+        if modulator not in MODULATORS:
+            raise ValueError(f"modulator: expected one of {MODULATORS}, got {modulator!r}")
+        if mod_activation not in ACTIVATIONS:
+            raise ValueError(f"mod_activation: expected one of {ACTIVATIONS}, got {mod_activation!r}")
         self.size, self.rule, self.activation, self.clip = size, rule, activation, clip
+        self.modulator, self.mod_activation = modulator, mod_activation
         _plastic_parameters(self, size, size, alpha, eta, device, dtype)
+        if modulator is not None:
+            factory = {"device": device, "dtype": dtype}
+            bound = 1 / math.sqrt(size) if size else 0.0
+            self.mod_weight = nn.Parameter(torch.empty(size, **factory).uniform_(-bound, bound))
+            self.mod_bias = nn.Parameter(torch.empty((), **factory).uniform_(-bound, bound))
+        if modulator == "neuron":
+            self.mod_fanout = nn.Parameter(torch.empty(size, **factory).uniform_(-1.0, 1.0))
 
     def forward(self, input, state=None, modulation=None):
         y0, hebb = state if state is not None else (None, None)
+        endogenous = {}
+        if self.modulator is not None:
+            endogenous = dict(mod_weight=self.mod_weight, mod_bias=self.mod_bias, mod_activation=self.mod_activation,
+                              mod_fanout=self.mod_fanout if self.modulator == "neuron" else None)
         output, hebb = plastic_rnn(input, self.weight, self.alpha, self.eta, y0, hebb, modulation, self.clip,
-                                   self.rule, self.activation)
+                                   self.rule, self.activation, **endogenous)
         last = output[-1] if output.shape[0] else (y0 if y0 is not None else input.new_zeros(input.shape[1:]))
         return output, (last, hebb)
 
     def extra_repr(self):
-        return f"{self.size}, rule={self.rule!r}, activation={self.activation!r}, clip={self.clip}"
+        extra = f", modulator={self.modulator!r}" if self.modulator is not None else ""
+        return f"{self.size}, rule={self.rule!r}, activation={self.activation!r}, clip={self.clip}{extra}"
