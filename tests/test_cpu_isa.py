@@ -166,6 +166,8 @@ _PLASTIC_CASES = [  # (layer, rule, modulation per neuron, clip, scalar alpha)
     ("rnn", "hebb", None, 0.3, False),
     ("rnn", "modulated", True, None, False),
     ("rnn", "modulated", False, 0.2, True),
+    ("rnn", "endogenous", True, None, False),
+    ("rnn", "endogenous", True, 0.2, True),
     ("linear", "hebb", None, None, False),
     ("linear", "oja", None, None, False),
 ]
@@ -179,7 +181,10 @@ def _plastic_step(layer, rule, per_neuron, clip, scalar_alpha, dtype, fn_rnn, fn
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
     alpha = r(()) * 0.3 if scalar_alpha else r(N, N if layer == "rnn" else I) * 0.3
     eta = torch.tensor(0.2, dtype=dtype)
-    if layer == "rnn":
+    if layer == "rnn" and rule == "endogenous":  # backpropamine's modulator neuron
+        leaves = [t.clone().requires_grad_() for t in (r(T, B, N), r(N, N) * 0.3, alpha, eta, r(N) * 0.5, r(()), r(N))]
+        out, hebb = fn_rnn(*leaves[:4], clip=clip, mod_weight=leaves[4], mod_bias=leaves[5], mod_fanout=leaves[6])
+    elif layer == "rnn":
         args = [r(T, B, N), r(N, N) * 0.3, alpha, eta]
         modulation = None if rule != "modulated" else r(T, B, N) if per_neuron else r(T, B)
         leaves = [t.clone().requires_grad_() for t in args + ([modulation] if modulation is not None else [])]
