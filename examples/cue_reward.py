@@ -10,8 +10,9 @@ blank step at which it learns what the right answer was. Which cue is the target
 episode, so the network must discover it within the episode, from the feedback. The inputs are
 the cue, the go bit, the feedback (2 one-hot bits), a bias of 1 and the time within the episode.
 
-The network is a recurrent layer of 200 neurons (`neuronml_fast.nn.PlasticRNN`), the inputs
-projected in by a linear layer and the answer read out by another:
+The network is a recurrent layer of neurons (`neuronml_fast.nn.PlasticRNN`; 100 by default so
+that the three networks train in minutes on a laptop CPU, the paper's 200 with ``--size 200``),
+the inputs projected in by a linear layer and the answer read out by another:
 
     y_t     = tanh((W + alpha * Hebb_t) y_{t-1} + W_in x_t + b_in)
     M_t     = tanh(mod_weight . y_t + mod_bias)                  (the modulator neuron)
@@ -173,17 +174,17 @@ def train(model, args, dev, iterations, name):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common.add_common(parser, iterations=400, out="runs/cue_reward")
-    parser.add_argument("--size", type=_common.positive_int, default=200, help="recurrent neurons")
+    _common.add_common(parser, iterations=600, out="runs/cue_reward")
+    parser.add_argument("--size", type=_common.positive_int, default=100, help="recurrent neurons (the paper: 200)")
     parser.add_argument("--cues", type=_common.positive_int, default=4, help="cues per episode")
     parser.add_argument("--cue-bits", type=_common.positive_int, default=20, help="bits per cue")
     parser.add_argument("--steps", type=_common.positive_int, default=120, help="steps per episode")
     parser.add_argument("--batch", type=_common.positive_int, default=30, help="episodes per iteration")
     parser.add_argument("--clip", type=_common.positive_float, default=1.0, help="bound on the Hebbian trace")
-    parser.add_argument("--lr", type=_common.positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=_common.positive_float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--grad-clip", type=_common.positive_float, default=2.0, help="gradient norm bound")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="networks to train")
-    parser.add_argument("--report-every", type=_common.positive_int, default=25,
+    parser.add_argument("--report-every", type=_common.positive_int, default=50,
                         help="iterations per point of the curve (mean reward over the block)")
     parser.add_argument("--eager-iterations", type=_common.non_negative_int, default=10,
                         help="iterations of the published eager loop to time against (0: skip)")

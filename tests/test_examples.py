@@ -68,6 +68,50 @@ def test_pattern_completion_episodes_follow_the_paper():
         example.main(["--degrade", "1.5"])
 
 
+def test_cue_reward_modulated_network_learns(tmp_path, capsys):
+    example = _load("cue_reward")
+    out = str(tmp_path / "run")
+    result = example.main(["--size", "32", "--cues", "2", "--cue-bits", "6", "--steps", "40", "--batch", "16",
+                           "--iterations", "150", "--lr", "1e-2", "--kinds", "modulated", "--report-every", "25",
+                           "--eager-iterations", "3", "--threads", "1", "--out", out])
+    rows, summary = _written(out, capsys, "cue_reward:")
+    assert len(rows) == 6 and rows[-1]["iteration"] == "150"
+    assert float(rows[-1]["modulated_loss"]) < 0.6 * float(rows[0]["modulated_loss"]), rows
+    assert float(rows[-1]["modulated_reward"]) > 2.0, rows  # chance: about 0
+    # The published eager loop trains the same network on the same episodes: the same losses.
+    assert "published eager loop" in summary and result["eager_loss_gap"] < 1e-4
+
+
+def test_cue_reward_episodes_follow_the_paper():
+    example = _load("cue_reward")
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    cue_bits, steps = 20, 120
+    x, go, answer = example.episodes(gen, batch=3, cues=4, cue_bits=cue_bits, steps=steps)
+    assert x.shape == (steps, 3, cue_bits + 5) and go.shape == answer.shape == (steps, 3)
+    assert (x[:, :, cue_bits + 3] == 1).all()  # bias
+    for b in range(3):
+        shown = x[:, b, :cue_bits].abs().sum(-1) > 0
+        cues = {tuple(v.tolist()) for v in x[shown, b, :cue_bits]}
+        assert len(cues) == 4 and all(set(c) <= {-1.0, 1.0} for c in cues)  # 4 distinct +-1 cues
+        goes = go[:, b].nonzero().flatten().tolist()
+        assert 13 <= len(goes) <= 24  # trials of 5 to 8 steps
+        assert x[go[:, b], b, cue_bits].eq(1).all() and x[~go[:, b], b, cue_bits].eq(0).all()
+        trials = []
+        for start, g in zip([0] + [g + 2 for g in goes[:-1]], goes):
+            assert x[start, b, :cue_bits].abs().sum() == 0  # the trial opens with a blank step
+            trial_cues = [tuple(v.tolist()) for v in x[start:g, b, :cue_bits] if v.abs().sum() > 0]
+            assert len(trial_cues) == 2 and len(set(trial_cues)) == 2  # half of the cues, once each
+            feedback = x[g + 1, b, cue_bits + 1:cue_bits + 3]  # the step after go shows the right answer
+            assert feedback.sum() == 1 and feedback[int(answer[g, b])] == 1
+            trials.append((set(trial_cues), bool(answer[g, b])))
+        # One target per episode: the answer is "yes" exactly in the trials that show it.
+        assert any(all((cue in shown) == yes for shown, yes in trials) for cue in cues)
+    with pytest.raises(SystemExit):
+        example.main(["--cues", "1"])
+
+
 def test_sinusoid_maml_loss_goes_down(tmp_path, capsys):
     example = _load("sinusoid_maml")
     out = str(tmp_path / "run")
