@@ -124,7 +124,7 @@ def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, ac
         drive = None if recurrent else torch.randn(steps, batch, n, dtype=dt)
         y0 = torch.randn(batch, n, dtype=dt) if recurrent else None
         layer = (clip, recurrent, rule, activation, every)
-        out, trace, ckpt = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod, *layer)
+        out, trace, ckpt, _ = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod, *layer)
         plastic.plastic_backward(torch.randn_like(out), torch.randn_like(trace), x, weight, alpha, eta, y0, mod, out,
                                  trace, ckpt, *layer)
 

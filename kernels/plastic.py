@@ -30,6 +30,11 @@ from neuronml_fast import _plastic_driver
 
 from ._common import accumulation_tl_dtype, launch
 
+# The rule codes (neuronml_fast/_plastic_driver.py), as compile-time constants of the kernels.
+HEBB: tl.constexpr = tl.constexpr(_plastic_driver.HEBB)
+OJA: tl.constexpr = tl.constexpr(_plastic_driver.OJA)
+MODULATED: tl.constexpr = tl.constexpr(_plastic_driver.MODULATED)
+
 SEQUENCE_KERNEL_MAX_N = 128
 # One [OUT, IN] tile of the sequence kernel; it holds three (weight, alpha, trace) in registers,
 # which at 128 x 128 float32 nearly fill a register file (float64 at that size spills kilobytes).
@@ -46,9 +51,9 @@ def _tanh(z):
 @triton.jit
 def _update(h, p, y, eta, m, clip, RULE: tl.constexpr, HAS_CLIP: tl.constexpr):
     """H' = rule(H) for a tile: h [rows, cols], p [cols] (pre), y [rows] (post), m [rows]."""
-    if RULE == 0:
+    if RULE == HEBB:
         h = (1.0 - eta) * h + eta * y[:, None] * p[None, :]
-    elif RULE == 1:
+    elif RULE == OJA:
         h = h + eta * y[:, None] * (p[None, :] - y[:, None] * h)
     else:
         h = h + m[:, None] * y[:, None] * p[None, :]
@@ -118,7 +123,7 @@ def _forward_sequence_kernel(
         y = tl.where(row_ok, y, 0.0)
         tl.store(out_ptr + row, y, mask=row_ok)
         m = y
-        if RULE == 2:
+        if RULE == MODULATED:
             m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
         h = tl.where(tile_ok, _update(h, p, y, eta, m, clip, RULE, HAS_CLIP), 0.0)
         if RECURRENT:
@@ -160,7 +165,7 @@ def _forward_step_kernel(
         y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         tl.store(out_ptr + row, y, mask=row_ok)
     m = y
-    if RULE == 2:
+    if RULE == MODULATED:
         m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
     for c0 in range(0, IN, BLOCK_I):
         cols = c0 + tl.arange(0, BLOCK_I)
@@ -195,7 +200,7 @@ def _backward_step_kernel(
     row = (t * B + seq) * OUT + rows
     y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
     m = y * 0.0
-    if RULE == 2:
+    if RULE == MODULATED:
         m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
     # First pass: H_t, the clip mask on dL/dH', the rule's share of dL/dy (and dL/dM).
     dy = tl.zeros([BLOCK_O], dtype=ACC)
@@ -210,9 +215,9 @@ def _backward_step_kernel(
         g = tl.load(ghebb_ptr + tile, mask=ok, other=0.0).to(ACC)
         yy = y[:, None]
         if RECONSTRUCT:
-            if RULE == 0:
+            if RULE == HEBB:
                 h = (h - eta * yy * p) / (1.0 - eta)
-            elif RULE == 1:
+            elif RULE == OJA:
                 h = (h - eta * yy * p) / (1.0 - eta * yy * yy)
             else:
                 h = h - m[:, None] * yy * p
@@ -221,9 +226,9 @@ def _backward_step_kernel(
             nxt = _update(h, tl.reshape(p, [BLOCK_I]), y, eta, m, clip, RULE, False)
             g = tl.where((nxt < -clip) | (nxt > clip), 0.0, g)
             tl.store(ghebb_ptr + tile, g, mask=ok)
-        if RULE == 0:
+        if RULE == HEBB:
             dy += tl.sum(g * eta * p, axis=1)
-        elif RULE == 1:
+        elif RULE == OJA:
             dy += tl.sum(g * eta * (p - 2.0 * yy * h), axis=1)
         else:
             dy += tl.sum(g * m[:, None] * p, axis=1)
@@ -234,7 +239,7 @@ def _backward_step_kernel(
     gz = gy * (1.0 - y * y) if TANH else gy
     gz = tl.where(row_ok, gz, 0.0)
     tl.store(gz_ptr + row, gz, mask=row_ok)
-    if RULE == 2:
+    if RULE == MODULATED:
         tl.store(gmod_part_ptr + seq * OUT + rows, dm, mask=row_ok)
     # Second pass: dL/dH_t, alpha, eta and the presynaptic gradient.
     geta = tl.zeros([BLOCK_O], dtype=ACC)
@@ -257,11 +262,11 @@ def _backward_step_kernel(
         else:
             part = galpha_part_ptr + tile
             tl.store(part, tl.load(part, mask=ok, other=0.0) + hz * h, mask=ok)
-        if RULE == 0:
+        if RULE == HEBB:
             d_h = 1.0 - eta
             d_p = eta * yy
             geta += tl.sum(g * (yy * p - h), axis=1)
-        elif RULE == 1:
+        elif RULE == OJA:
             d_h = 1.0 - eta * yy * yy
             d_p = eta * yy
             geta += tl.sum(g * yy * (p - yy * h), axis=1)

@@ -23,8 +23,9 @@ import torch
 
 from . import _alloc
 
+# The rule codes of every plastic kernel (csrc/common/plastic_rule.h for the C++ and CUDA ones).
 HEBB, OJA, MODULATED = 0, 1, 2
-_RULES = {"hebb": HEBB, "oja": OJA}
+RULE_CODES = {"hebb": HEBB, "oja": OJA}
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ def _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent
         x=_c(x), weight=_c(weight), alpha=_c(alpha), eta=_c(eta), bias=_c(bias), drive=_c(drive), y0=_c(y0),
         modulation=_c(modulation),
         clip=torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device),
-        recurrent=recurrent, rule=MODULATED if modulation is not None else _RULES[rule],
+        recurrent=recurrent, rule=MODULATED if modulation is not None else RULE_CODES[rule],
         per_neuron=modulation is not None and modulation.dim() == 3, tanh=activation == "tanh",
         alpha_scalar=alpha.dim() == 0, has_clip=clip is not None)
 

@@ -30,6 +30,26 @@ def test_cpu_extension_was_built():
     assert "cpu" in nf.backends.available()
 
 
+def test_the_plastic_rule_codes_are_one_fact():
+    # csrc/common/plastic_rule.h for the C++ and CUDA kernels, _plastic_driver for the Python
+    # launchers and the Triton kernels: every compiled extension exports its codes.
+    from neuronml_fast import _plastic_driver as driver
+
+    python = {**driver.RULE_CODES, "modulated": driver.MODULATED}
+    for name in ("_C_cpu", "_C_cuda", "_C_cuda_emulated"):
+        module = _extensions.load(name)
+        if module is not None:
+            assert dict(module.PLASTIC_RULE_CODES) == python, name
+
+
+def test_the_cuda_launchers_read_the_kernels_constants():
+    module = _extensions.load("_C_cuda_emulated") or _extensions.load("_C_cuda")
+    if module is None:
+        pytest.skip("no CUDA extension built")
+    # One warp per row in blocks of 8 rows, the whole-sequence forward up to 128 neurons, 16-deep K steps.
+    assert (module.PLASTIC_ROWS_PER_BLOCK, module.PLASTIC_SEQUENCE_MAX_N, module.MASKED_K_STEP) == (8, 128, 16)
+
+
 def test_available_lists_known_backends_in_order():
     names = nf.backends.available()
     assert names[0] == "reference"

@@ -714,6 +714,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
+  m.attr("PLASTIC_RULE_CODES") = py::dict(py::arg("hebb") = static_cast<int>(PlasticRule::kHebb),
+                                          py::arg("oja") = static_cast<int>(PlasticRule::kOja),
+                                          py::arg("modulated") = static_cast<int>(PlasticRule::kModulated));
   m.def("plastic_forward_out", &plastic_forward_out, "fused plastic layer forward (SPEC 4)");
   m.def("plastic_backward_out", &plastic_backward_out, "plastic layer backward with trace reconstruction (SPEC 4)");
   m.def("masked_forward_epilogue_cl", &masked_forward_epilogue_cl, "channels-last masked_forward_epilogue",

@@ -15,9 +15,11 @@
 #pragma once
 #include <cstdint>
 
+#include "common/plastic_rule.h"
+
 namespace neuronml_fast::cpu {
 
-enum class PlasticRule : int { kHebb = 0, kOja = 1, kModulated = 2 };
+using neuronml_fast::PlasticRule;
 
 struct PlasticShape {
   int64_t T, B, OUT, IN;

@@ -34,7 +34,7 @@ cudaStream_t current_stream() { return nullptr; }
 constexpr const char* kKernelDevice = "CUDA";
 bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 using KernelDeviceGuard = c10::cuda::CUDAGuard;
-cudaStream_t current_stream() { return current_stream(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 #endif
 
 using neuronml_fast::cuda::DType;
@@ -239,6 +239,7 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
 
 // ---- Hebbian plasticity: step kernels (time loops in neuronml_fast/_plastic_driver.py) -------
 
+using neuronml_fast::PlasticRule;
 using neuronml_fast::cuda::PlasticStep;
 using Named = std::pair<const at::Tensor*, const char*>;
 
@@ -259,7 +260,7 @@ PlasticStep plastic_step(const at::Tensor& weight, const at::Tensor& trace, int6
               "trace: expected [B, ", weight.size(0), ", ", weight.size(1), "], got ", trace.sizes());
   check_contiguous_like(trace, weight, "trace");
   return PlasticStep{trace.size(0), weight.size(0), weight.size(1), t, recurrent, per_neuron, tanh, alpha_scalar,
-                     has_clip, has_bias, has_drive, static_cast<int>(rule)};
+                     has_clip, has_bias, has_drive, static_cast<PlasticRule>(rule)};
 }
 
 void plastic_forward_step(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
@@ -456,6 +457,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
+  // Constants the Python launchers need (neuronml_fast/cuda/*.py read them from here).
+  m.attr("PLASTIC_ROWS_PER_BLOCK") = neuronml_fast::cuda::kPlasticRowsPerBlock;
+  m.attr("PLASTIC_SEQUENCE_MAX_N") = neuronml_fast::cuda::kPlasticSequenceMaxN;
+  m.attr("MASKED_K_STEP") = neuronml_fast::cuda::kMaskedBK;
+  m.attr("PLASTIC_RULE_CODES") = py::dict(py::arg("hebb") = static_cast<int>(PlasticRule::kHebb),
+                                          py::arg("oja") = static_cast<int>(PlasticRule::kOja),
+                                          py::arg("modulated") = static_cast<int>(PlasticRule::kModulated));
   m.def("plastic_forward_sequence", &plastic_forward_sequence,
         "whole-sequence plastic forward for small layers, trace in shared memory (SPEC 4)");
   m.def("plastic_forward_step", &plastic_forward_step, "one plastic forward step (SPEC 4)");

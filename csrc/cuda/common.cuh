@@ -16,9 +16,10 @@ template <> __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_b
   return __bfloat162float(v);
 }
 
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+// The sum of v over the 32 lanes of a warp, in every lane (a butterfly of xor shuffles).
+template <typename A> __device__ __forceinline__ A warp_all_sum(A v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 

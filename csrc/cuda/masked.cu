@@ -5,8 +5,9 @@ namespace neuronml_fast::cuda {
 
 namespace {
 
-// 64 x 64 tiles, 16-deep K steps, 256 threads each owning a 4 x 4 micro-tile.
-constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256, kTM = 4, kTN = 4;
+constexpr int kBM = kMaskedBM, kBN = kMaskedBN, kBK = kMaskedBK, kThreads = kMaskedThreads, kTM = kMaskedTM,
+              kTN = kMaskedTN;
+constexpr int kThreadCols = kBN / kTN;  // threads along a tile row
 
 template <typename T> __device__ __forceinline__ T from_acc(float v) { return static_cast<T>(v); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
@@ -44,7 +45,7 @@ conv_forward_kernel(ConvShape s, const T* __restrict__ x, const T* __restrict__ 
   __shared__ A As[kBK][kBM];
   __shared__ A Bs[kBK][kBN];
   __shared__ int64_t channel[kBN];
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tid = threadIdx.x, ty = tid / kThreadCols, tx = tid % kThreadCols;
   const int64_t v = z0 + blockIdx.z, t = v / s.G, g = v % s.G;
   const int64_t pixels = s.N * s.HO * s.WO, K = s.CIN_G * s.KH * s.KW;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, n0 = static_cast<int64_t>(blockIdx.y) * kBN;
@@ -114,7 +115,7 @@ conv_input_grad_kernel(ConvShape s, const T* __restrict__ go, const T* __restric
                        const int32_t* __restrict__ count, T* __restrict__ gx, int64_t z0) {
   __shared__ A As[kBK][kBM];
   __shared__ A Bs[kBK][kBN];
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tid = threadIdx.x, ty = tid / kThreadCols, tx = tid % kThreadCols;
   const int64_t v = z0 + blockIdx.z, t = v / s.G, g = v % s.G;
   const int64_t pixels = s.N * s.H * s.W, taps = s.KH * s.KW;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM, c0 = static_cast<int64_t>(blockIdx.y) * kBN;
@@ -177,7 +178,7 @@ conv_weight_grad_kernel(ConvShape s, const T* __restrict__ go, const T* __restri
   __shared__ A Bs[kBK][kBN];  // x patches: [pixels][cols]
   __shared__ int64_t channel[kBM];
   __shared__ A slot_mask[kBM];
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int tid = threadIdx.x, ty = tid / kThreadCols, tx = tid % kThreadCols;
   const int64_t z = z0 + blockIdx.z, v = z / splits, split = z % splits, t = v / s.G, g = v % s.G;
   const int64_t taps = s.KH * s.KW, K = s.CIN_G * taps, pixels = s.N * s.HO * s.WO;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBM, c0 = static_cast<int64_t>(blockIdx.y) * kBN;

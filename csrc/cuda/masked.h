@@ -12,6 +12,12 @@
 
 namespace neuronml_fast::cuda {
 
+// The GEMM tiles: kMaskedBM x kMaskedBN outputs per block of kMaskedThreads threads, each owning a
+// kMaskedTM x kMaskedTN micro-tile, kMaskedBK-deep K steps. The weight gradient's pixel
+// reduction is split in multiples of kMaskedBK (the launcher reads it from the extension).
+constexpr int kMaskedBM = 64, kMaskedBN = 64, kMaskedBK = 16, kMaskedThreads = 256, kMaskedTM = 4, kMaskedTN = 4;
+static_assert((kMaskedBM / kMaskedTM) * (kMaskedBN / kMaskedTN) == kMaskedThreads, "one micro-tile per thread");
+
 struct ConvShape {
   int64_t T, N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G, KH, KW;
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;

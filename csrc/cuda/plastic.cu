@@ -7,12 +7,6 @@ namespace {
 
 constexpr int kThreads = kPlasticRowsPerBlock * 32;
 
-template <typename T> __device__ __forceinline__ T warp_all_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 template <typename T> __device__ __forceinline__ T activation(T z, bool tanh_act) {
   return tanh_act ? tanh(z) : z;
 }
@@ -24,8 +18,8 @@ __device__ __forceinline__ T modulation_of(const PlasticStep& s, const T* mod, i
 
 template <typename T>
 __device__ __forceinline__ T update(const PlasticStep& s, T h, T p, T y, T eta, T m, T clip, bool clamp) {
-  T next = s.rule == 0 ? (T(1) - eta) * h + eta * y * p
-         : s.rule == 1 ? h + eta * y * (p - y * h)
+  T next = s.rule == PlasticRule::kHebb ? (T(1) - eta) * h + eta * y * p
+         : s.rule == PlasticRule::kOja ? h + eta * y * (p - y * h)
                        : h + m * y * p;
   if (clamp) next = next < -clip ? -clip : (next > clip ? clip : next);
   return next;
@@ -64,7 +58,7 @@ forward_step_kernel(PlasticStep s, const T* __restrict__ x, const T* __restrict_
     y = activation(z, s.tanh);
     if (lane == 0) output[row] = y;
   }
-  const T m = s.rule == 2 ? modulation_of(s, mod, b, j) : T(0);
+  const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, mod, b, j) : T(0);
   for (int64_t i = lane; i < s.IN; i += 32) h[i] = update(s, h[i], p[i], y, eta, m, clip, s.has_clip);
 }
 
@@ -90,15 +84,15 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
   if (j < s.OUT) {
     const int64_t row = (s.t * s.B + b) * s.OUT + j;
     const T y = output[row];
-    const T m = s.rule == 2 ? modulation_of(s, mod, b, j) : T(0);
+    const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, mod, b, j) : T(0);
     T* h = h_all + (b * s.OUT + j) * s.IN;
     T* gh = gh_all + (b * s.OUT + j) * s.IN;
     T dy = T(0), dm = T(0);
     for (int64_t i = lane; i < s.IN; i += 32) {
       T hv = h[i];
       if (reconstruct) {
-        hv = s.rule == 0 ? (hv - eta * y * p[i]) / (T(1) - eta)
-           : s.rule == 1 ? (hv - eta * y * p[i]) / (T(1) - eta * y * y)
+        hv = s.rule == PlasticRule::kHebb ? (hv - eta * y * p[i]) / (T(1) - eta)
+           : s.rule == PlasticRule::kOja ? (hv - eta * y * p[i]) / (T(1) - eta * y * y)
                          : hv - m * y * p[i];
         h[i] = hv;
       }
@@ -108,8 +102,9 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
         if (next < -clip || next > clip) g = T(0);
         gh[i] = g;
       }
-      dy += s.rule == 0 ? g * eta * p[i] : s.rule == 1 ? g * eta * (p[i] - T(2) * y * hv) : g * m * p[i];
-      if (s.rule == 2) dm += g * y * p[i];
+      dy += s.rule == PlasticRule::kHebb  ? g * eta * p[i]
+          : s.rule == PlasticRule::kOja ? g * eta * (p[i] - T(2) * y * hv) : g * m * p[i];
+      if (s.rule == PlasticRule::kModulated) dm += g * y * p[i];
     }
     dy = warp_all_sum(dy);
     dm = warp_all_sum(dm);
@@ -120,7 +115,7 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
       gz_s[warp] = gz;
       y_s[warp] = y;
       m_s[warp] = m;
-      if (s.rule == 2) gmod_rows[b * s.OUT + j] = dm;
+      if (s.rule == PlasticRule::kModulated) gmod_rows[b * s.OUT + j] = dm;
     }
   }
   __syncthreads();
@@ -137,10 +132,10 @@ backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __res
       const T hz = gz * p[i];
       if (s.alpha_scalar) alpha_sum += hz * hv; else galpha_part[e] += hz * hv;
       T d_h, d_p;
-      if (s.rule == 0) {
+      if (s.rule == PlasticRule::kHebb) {
         d_h = T(1) - eta, d_p = eta * y;
         eta_sum += g * (y * p[i] - hv);
-      } else if (s.rule == 1) {
+      } else if (s.rule == PlasticRule::kOja) {
         d_h = T(1) - eta * y * y, d_p = eta * y;
         eta_sum += g * y * (p[i] - y * hv);
       } else {
@@ -220,7 +215,7 @@ forward_sequence_kernel(PlasticStep s, int64_t steps, int64_t every, const T* __
       }
       PlasticStep at_t = s;
       at_t.t = t;
-      const T m = s.rule == 2 ? modulation_of(at_t, mod, b, j) : T(0);
+      const T m = s.rule == PlasticRule::kModulated ? modulation_of(at_t, mod, b, j) : T(0);
       for (int64_t i = lane; i < s.IN; i += 32) row_h[i] = update(s, row_h[i], p[i], y, eta, m, T(0), false);
     }
     __syncthreads();  // every row has read p and written y_next

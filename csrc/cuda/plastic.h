@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "common/plastic_rule.h"
+
 namespace neuronml_fast::cuda {
 
 constexpr int kPlasticRowsPerBlock = 8;  // one warp per row
@@ -13,7 +15,7 @@ constexpr int64_t kPlasticSequenceMaxN = 128;  // largest OUT and IN of the whol
 struct PlasticStep {
   int64_t B, OUT, IN, t;
   bool recurrent, per_neuron, tanh, alpha_scalar, has_clip, has_bias, has_drive;
-  int rule;  // 0 hebb, 1 oja, 2 modulated
+  PlasticRule rule;
 };
 
 // The whole forward of a small layer (OUT, IN <= kPlasticSequenceMaxN, no clip) in one launch:

@@ -26,7 +26,7 @@ neuron_sensitivity_kernel(const T* __restrict__ weight, int64_t weight_row_strid
   const T* g = grad_weight + row * grad_row_stride;
   A acc = A(0);
   for (int64_t k = lane; k < cols; k += 32) acc += to_acc<A>(w[k]) * to_acc<A>(g[k]);
-  acc = warp_sum(acc);
+  acc = warp_all_sum(acc);
   if (lane == 0) {
     if (bias != nullptr) acc += to_acc<A>(bias[row * bias_stride]) * to_acc<A>(grad_bias[row * grad_bias_stride]);
     taylor[row] = acc;

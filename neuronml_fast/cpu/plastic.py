@@ -6,10 +6,7 @@ import math
 import torch
 
 from .. import _alloc, _extensions
-from .._plastic_driver import recomputes
-
-_RULE_CODES = {"hebb": 0, "oja": 1}
-MODULATED = 2
+from .._plastic_driver import MODULATED, RULE_CODES, recomputes
 
 
 AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing one segment
@@ -40,7 +37,7 @@ def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
 
 
 def _rule_code(rule, modulation, modulator=None):
-    return MODULATED if modulation is not None or modulator is not None else _RULE_CODES[rule]
+    return MODULATED if modulation is not None or modulator is not None else RULE_CODES[rule]
 
 
 def _c(t):

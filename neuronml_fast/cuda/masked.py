@@ -47,7 +47,7 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     T, C = mask.shape
     acc = _alloc.accumulation_dtype(x.dtype)
     pixels = grad_out.shape[1] * grad_out.shape[3] * grad_out.shape[4]
-    splits, per_split = _conv_plan.weight_grad_splits(pixels, 16)
+    splits, per_split = _conv_plan.weight_grad_splits(pixels, ext.MASKED_K_STEP)
     gw_part = _new((splits, T, C, math.prod(weight.shape[2:])), x, acc) if need_weight_grad else None
     gb_part, gm_part = _new((splits, T, C), x, acc), _new((splits, T, C), x, acc)
     if T * C:

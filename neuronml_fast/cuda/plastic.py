@@ -5,20 +5,16 @@ import functools
 
 from .. import _extensions, _plastic_driver
 
-ROWS_PER_BLOCK = 8  # csrc/cuda/plastic.h: kPlasticRowsPerBlock (one warp per row)
-SEQUENCE_MAX_N = 128  # csrc/cuda/plastic.h: kPlasticSequenceMaxN
-
-
 class CudaSteps:
     @staticmethod
     def rows_per_block(out_features, in_features):
-        return ROWS_PER_BLOCK
+        return _extensions.cuda().PLASTIC_ROWS_PER_BLOCK  # one warp per row
 
     @staticmethod
     def sequence_forward(p, trace, checkpoints, every):
         """One launch for the whole sequence when N <= 128 and no clip (trace in shared memory);
         False (nothing launched) otherwise, and the driver runs the step kernels."""
-        if max(p.out_features, p.in_features) > SEQUENCE_MAX_N or p.has_clip:
+        if max(p.out_features, p.in_features) > _extensions.cuda().PLASTIC_SEQUENCE_MAX_N or p.has_clip:
             return False
         return _extensions.cuda().plastic_forward_sequence(
             p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, trace, p.output, checkpoints, every,
