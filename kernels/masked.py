@@ -281,7 +281,8 @@ def _conv_args(geo, stride, padding, dilation):
             geo["COUT_G"], geo["G"], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=True):
+    # out and pre are always contiguous here: contiguous_output needs nothing.
     x, weight, mask = x.contiguous(), weight.contiguous(), mask.contiguous()
     bias = None if bias is None else bias.contiguous()
     geo = _geometry(x, weight, stride, padding, dilation, groups)

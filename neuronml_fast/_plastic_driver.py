@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from . import _alloc
+from .ops.plastic import recomputes
 
 # The rule codes of every plastic kernel (csrc/common/plastic_rule.h for the C++ and CUDA ones).
 HEBB, OJA, MODULATED = 0, 1, 2
@@ -75,11 +76,6 @@ class Problem:
         if t > 0:
             return self.output[t - 1]
         return self.y0 if self.y0 is not None else self.x.new_zeros(self.x.shape[1:])
-
-
-def recomputes(clip, activation):
-    """Segments are recomputed forward (not reconstructed) under clip and identity activation."""
-    return clip is not None or activation == "identity"
 
 
 def _c(t):

@@ -21,8 +21,9 @@ calls ``kernel(op, backend)``, so the choice of backend is made here only. An op
 share its calling convention, one of two. Those of ``neuron_sensitivity`` and
 ``batch_norm_rows_double_backward`` are ``fn(*inputs, *outputs)``: they fill outputs the op
 allocated (see `_alloc`). The masked and plastic entry points are launchers, ``fn(*inputs)``:
-they allocate their outputs themselves (see `_alloc`) and return them (the CPU masked conv2d
-forward takes one more argument, its output layout).
+they allocate their outputs themselves (see `_alloc`) and return them. Where a backend keeps
+an op's tensors in a layout of its own (the CPU masked conv2d: grouped NHWC), it also registers
+an object implementing the op's layout protocol (`layout`), so the op names no backend.
 """
 
 import contextlib
@@ -64,6 +65,7 @@ class OpEntry:
     name: str
     dtypes: dict  # backend -> frozenset of supported dtypes ("reference" included)
     entry_points: dict  # kernel backend -> "module:function"
+    layouts: dict  # kernel backend -> "module:object", where the backend lays the op's tensors out its own way
 
 
 _ops = {}
@@ -185,13 +187,17 @@ def use_backend(name):
 # Ops and kernels.
 
 
-def register_op(name, *, reference=FLOAT_DTYPES, kernels):
-    """Declare an op: ``kernels`` maps a kernel backend to ``("module:function", dtypes)``."""
-    unknown = set(kernels) - set(BACKENDS[1:])
+def register_op(name, *, reference=FLOAT_DTYPES, kernels, layouts=None):
+    """Declare an op: ``kernels`` maps a kernel backend to ``("module:function", dtypes)``;
+    ``layouts`` maps a backend whose kernels keep the op's tensors in a layout of their own to
+    ``"module:object"``, the object implementing the op's layout protocol (the op defines it and
+    uses its own default for every other backend)."""
+    layouts = layouts or {}
+    unknown = (set(kernels) | set(layouts)) - set(BACKENDS[1:])
     if unknown:
         raise ValueError(f"register_op({name!r}): unknown kernel backends {sorted(unknown)}")
     dtypes = {"reference": frozenset(reference), **{b: frozenset(d) for b, (_, d) in kernels.items()}}
-    _ops[name] = OpEntry(name, dtypes, {b: path for b, (path, _) in kernels.items()})
+    _ops[name] = OpEntry(name, dtypes, {b: path for b, (path, _) in kernels.items()}, dict(layouts))
 
 
 def ops():
@@ -244,20 +250,36 @@ def kernel(op, backend):
         path = _ops[op].entry_points.get(backend)
         if path is None:
             raise NotImplementedError(f"backend {backend!r} has no kernel for {op}")
-        module_name, function = path.split(":")
-        if module_name.startswith("neuronml_fast._C_"):
-            extension = module_name.rsplit(".", 1)[1]
-            if extension == "_C_cuda":
-                extension = _extensions.cuda_name()
-                module = _extensions.cuda()
-            else:
-                module = _extensions.load(extension)
-            if module is None:
-                raise RuntimeError(f"backend {backend!r} is not built: {_extensions.error(extension)}")
-        else:
-            module = importlib.import_module(module_name)
-        _kernel_cache[key] = getattr(module, function)
+        _kernel_cache[key] = _resolve(path, backend)
     return _kernel_cache[key]
+
+
+def layout(op, backend, default):
+    """The layout object ``op`` registered for ``backend``, or ``default``."""
+    path = _ops[op].layouts.get(backend)
+    if path is None:
+        return default
+    key = (op, backend, "layout")
+    if key not in _kernel_cache:
+        _kernel_cache[key] = _resolve(path, backend)
+    return _kernel_cache[key]
+
+
+def _resolve(path, backend):
+    """The object a ``"module:name"`` entry names (a compiled extension's, or a Python module's)."""
+    module_name, name = path.split(":")
+    if module_name.startswith("neuronml_fast._C_"):
+        extension = module_name.rsplit(".", 1)[1]
+        if extension == "_C_cuda":
+            extension = _extensions.cuda_name()
+            module = _extensions.cuda()
+        else:
+            module = _extensions.load(extension)
+        if module is None:
+            raise RuntimeError(f"backend {backend!r} is not built: {_extensions.error(extension)}")
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, name)
 
 
 def plan(assume_device=False):

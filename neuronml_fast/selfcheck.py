@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import neuronml_fast as nf
 from neuronml_fast import _alloc, backends
-from neuronml_fast.cpu.plastic import checkpoint_every
+from neuronml_fast.ops.plastic import checkpoint_every
 from neuronml_fast.ops.masked import masked_conv2d_reference, masked_linear_reference
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
 from neuronml_fast.ops.sensitivity import neuron_sensitivity_reference

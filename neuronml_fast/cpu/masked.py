@@ -150,6 +150,35 @@ class _GroupedNHWCCopy(torch.autograd.Function):
         return grad
 
 
+class GroupedNHWCLayout:
+    """The masked conv2d layout protocol (`neuronml_fast.ops.masked.ContiguousConvLayout`) for
+    this backend: inputs converted to grouped NHWC, task-batched outputs left in it (the layout a
+    stack of layers runs in without copies), single-task outputs and the input gradient of a
+    caller's tensor contiguous or channels_last as PyTorch's conv2d gives them."""
+
+    def prepare(self, input, batched):
+        # A no-op for channels_last input and the task-batched outputs of a previous masked conv.
+        contiguous_input_grad = not is_grouped_nhwc(input)
+        if contiguous_input_grad:
+            input = to_grouped_nhwc(input, pooled=is_plain_tensor(input))
+        return input, contiguous_input_grad, contiguous_input_grad and not batched
+
+    def fake_outputs(self, shape, input, contiguous_output):
+        if contiguous_output:
+            return input.new_empty(shape), input.new_empty(shape)
+        return grouped_nhwc_empty(shape, input.new_empty), grouped_nhwc_empty(shape, input.new_empty)
+
+    def fake_input_grad(self, input, contiguous_input_grad):
+        return input.new_empty(input.shape) if contiguous_input_grad else grouped_nhwc_empty(input.shape,
+                                                                                                input.new_empty)
+
+    def fake_weight_grad(self, weight):
+        return channels_last_weight(weight.new_empty(weight.shape))
+
+
+CONV_LAYOUT = GroupedNHWCLayout()
+
+
 def is_plain_tensor(x):
     """Whether ``x`` is an eager tensor outside torch.compile, vmap and torch.func transforms:
     only then may the public functions copy it into a pooled buffer (an extension call)."""
@@ -185,15 +214,16 @@ def _rows(t):
     return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
 
 
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous=False):
-    """(out, pre): contiguous if ``contiguous`` (the caller's input was not in grouped NHWC: PyTorch's
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=False):
+    """(out, pre): contiguous if ``contiguous_output`` (the caller's input was not in grouped NHWC: PyTorch's
     conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused epilogue
     writes either layout directly. The launcher is C++ (csrc/cpu/bindings.cpp `masked_conv2d_forward`):
     the compaction, the compact weights, one grouped oneDNN convolution over the active neurons and
     the fused epilogue, as in the backward below; in Python this glue cost 8 % of a 25 %-active
     Conv4 block's forward."""
     return _extensions.cpu().masked_conv2d_forward(x, weight, mask, bias, list(stride), list(padding),
-                                                   list(dilation), groups, skip_zero, contiguous, _alloc.poisoning())
+                                                   list(dilation), groups, skip_zero, contiguous_output,
+                                                   _alloc.poisoning())
 
 
 def _full_rows(grad_out, grad_pre, pre):

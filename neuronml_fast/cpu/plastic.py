@@ -1,39 +1,11 @@
 """C++ CPU launchers of the plastic layers (SPEC section 4): allocation and the GEMM-shaped
 gradients (weight, bias, drive) around the fused time-stepping kernels of csrc/cpu/plastic.cpp."""
 
-import math
-
 import torch
 
 from .. import _alloc, _extensions
-from .._plastic_driver import MODULATED, RULE_CODES, recomputes
-
-
-AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing one segment
-COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
-
-
-
-
-def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
-    """Steps between stored traces.
-
-    Recomputed segments (see `recomputes`): ~sqrt(T) steps. Otherwise the
-    backward reconstructs traces, and undoing a (1 - eta) decay amplifies rounding by 1 / (1 - eta)
-    per step: store a trace every ln(256) / -ln(1 - eta) steps (550 at eta = 0.01), so float32
-    gradients stay accurate at any T while memory stays flat up to that many steps.
-    """
-    steps = max(steps, 1)
-    if recomputes(clip, activation):
-        return max(1, math.isqrt(steps))
-    if modulated:
-        return steps  # additive updates: nothing compounds
-    if eta is None:
-        return COMPILE_CHECKPOINT_EVERY
-    eta = float(eta)
-    if eta <= 0.0:
-        return steps
-    return int(min(steps, max(1.0, math.log(AMPLIFICATION_BUDGET) / -math.log1p(-min(eta, 0.999)))))
+from .._plastic_driver import MODULATED, RULE_CODES
+from ..ops.plastic import recomputes
 
 
 def _rule_code(rule, modulation, modulator=None):

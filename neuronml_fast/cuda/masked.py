@@ -21,7 +21,8 @@ def _contiguous(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero):
+def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=True):
+    # out and pre are always contiguous here: contiguous_output needs nothing.
     x, weight, mask, bias = _contiguous(x, weight, mask, bias)
     shape = (x.shape[0], x.shape[1], weight.shape[1], *_conv_plan.output_hw(x, weight, stride, padding, dilation))
     out, pre = _new(shape, x), _new(shape, x)

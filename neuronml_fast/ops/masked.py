@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks, _conv_plan, backends
-from ..cpu import masked as cpu_masked
 from ._vmap import merge_batch
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
@@ -42,7 +41,36 @@ for _op, _family in ((CONV, "conv2d"), (LINEAR, "linear")):
             "cpu": (f"neuronml_fast.cpu.masked:{_family}_{_stage}", backends.FULL_DTYPES),
             "triton": (f"neuronml_fast.kernels.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
             "cuda": (f"neuronml_fast.cuda.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
-        })
+        }, layouts={"cpu": "neuronml_fast.cpu.masked:CONV_LAYOUT"} if _op == CONV else None)
+
+
+class ContiguousConvLayout:
+    """The layout protocol of a masked conv2d backend, and its default: the kernels take the
+    caller's tensors and write contiguous outputs and gradients. A backend whose kernels keep
+    activations in a layout of their own registers an object with these four methods (the CPU
+    backend: grouped NHWC, `neuronml_fast.cpu.masked.GroupedNHWCLayout`)."""
+
+    def prepare(self, input, batched):
+        """``(input for the kernels, contiguous_input_grad, contiguous_output)`` for a ``[T, N, C, H, W]``
+        input: whether the input gradient and the outputs come back contiguous."""
+        return input, True, True
+
+    def fake_outputs(self, shape, input, contiguous_output):
+        """Empty ``(out, pre)`` of ``shape`` laid out as the forward kernel lays them out."""
+        return input.new_empty(shape), input.new_empty(shape)
+
+    def fake_input_grad(self, input, contiguous_input_grad):
+        return input.new_empty(input.shape)
+
+    def fake_weight_grad(self, weight):
+        return weight.new_empty(weight.shape)
+
+
+_CONTIGUOUS = ContiguousConvLayout()
+
+
+def _layout(backend):
+    return backends.layout(CONV, backend, _CONTIGUOUS)
 
 
 # ---- reference -----------------------------------------------------------------------------
@@ -171,26 +199,20 @@ def masked_conv2d_op(
 
     ``contiguous_input_grad`` is for the backward (autograd passes it on): the input gradient
     comes out contiguous, in the layout of the caller's own input, even where ``input`` here is
-    the CPU backend's grouped-NHWC copy of it; autograd then adds it into ``input.grad`` without
-    a transposing pass. ``contiguous_output``: the CPU backend returns contiguous outputs (as
-    PyTorch's conv2d does for a single-task input that is not channels_last) instead of its
-    grouped NHWC (channels_last for one task), the layout a stack of its layers runs in without
-    copies. The GPU backends' outputs are always contiguous.
+    a backend layout's copy of it; autograd then adds it into ``input.grad`` without a
+    transposing pass. ``contiguous_output``: whether the outputs come back contiguous (as
+    PyTorch's conv2d returns them for a single-task input that is not channels_last) rather than in
+    the backend's own layout. Both come from the backend's layout (`ContiguousConvLayout`).
     """
-    kernel = backends.kernel(CONV, backend)
-    if backend == "cpu":
-        return kernel(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output)
-    return kernel(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+    return backends.kernel(CONV, backend)(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero,
+                                          contiguous_output)
 
 
 @masked_conv2d_op.register_fake
 def _(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad, contiguous_output,
       skip_zero, backend):
     shape = _conv_out_shape(input, weight, stride, padding, dilation)
-    if backend == "cpu" and not contiguous_output:  # the CPU backend's grouped-NHWC activations
-        return (cpu_masked.grouped_nhwc_empty(shape, input.new_empty),
-                cpu_masked.grouped_nhwc_empty(shape, input.new_empty))
-    return input.new_empty(shape), input.new_empty(shape)
+    return _layout(backend).fake_outputs(shape, input, contiguous_output)
 
 
 @torch.library.custom_op("neuronml_fast::masked_conv2d_backward", mutates_args=())
@@ -201,7 +223,7 @@ def masked_conv2d_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_mask); a grad not needed is an empty tensor,
     grad_mask is 0 when ``pre`` is None. grad_input is contiguous if ``contiguous_input_grad``,
-    else in the backend's layout (CPU: grouped NHWC, the layout of its activations)."""
+    else in the backend's layout (`ContiguousConvLayout`)."""
     return backends.kernel(f"{CONV}_backward", backend)(
         grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
         need_input_grad, need_weight_grad, contiguous_input_grad)
@@ -210,17 +232,9 @@ def masked_conv2d_backward_op(
 @masked_conv2d_backward_op.register_fake
 def _(grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, contiguous_input_grad,
       skip_zero, need_input_grad, need_weight_grad, backend):
-    grads = _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
-    if backend == "cpu" and need_input_grad and not contiguous_input_grad:
-        grads = (cpu_masked.grouped_nhwc_empty(input.shape, input.new_empty), *grads[1:])
-    if backend == "cpu" and need_weight_grad:
-        grads = (grads[0], cpu_masked.channels_last_weight(grads[1]), *grads[2:])
-    return grads
-
-
-def _backward_fake(input, weight, mask, need_input_grad, need_weight_grad):
-    return (input.new_empty(input.shape) if need_input_grad else _empty_grad(input),
-            weight.new_empty(weight.shape) if need_weight_grad else _empty_grad(weight),
+    layout = _layout(backend)
+    return (layout.fake_input_grad(input, contiguous_input_grad) if need_input_grad else _empty_grad(input),
+            layout.fake_weight_grad(weight) if need_weight_grad else _empty_grad(weight),
             mask.new_empty(mask.shape), mask.new_empty(mask.shape))
 
 
@@ -249,7 +263,9 @@ def masked_linear_backward_op(
 
 @masked_linear_backward_op.register_fake
 def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad, backend):
-    return _backward_fake(input, weight, mask, need_input_grad, need_weight_grad)
+    return (input.new_empty(input.shape) if need_input_grad else _empty_grad(input),
+            weight.new_empty(weight.shape) if need_weight_grad else _empty_grad(weight),
+            mask.new_empty(mask.shape), mask.new_empty(mask.shape))
 
 
 # ---- autograd ------------------------------------------------------------------------------
@@ -416,23 +432,17 @@ def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=
     if not batched:
         input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
         bias = None if bias is None else bias.unsqueeze(0)
-    # The CPU backend convolves in grouped NHWC; converting here (a no-op for channels_last input
-    # and the task-batched outputs of a previous masked conv) lets autograd keep the converted
-    # input for the backward, whose input gradient then comes back in the caller's own layout.
-    # Outputs follow PyTorch's conv2d: a single-task input that is not channels_last gets
-    # contiguous ones. Task-batched outputs stay in grouped NHWC, the layout the task-batched
-    # models' activations live in.
-    contiguous_input_grad = backend == "cpu" and not cpu_masked.is_grouped_nhwc(input)
-    contiguous_output = contiguous_input_grad and not batched
-    if contiguous_input_grad:
-        input = cpu_masked.to_grouped_nhwc(input, pooled=cpu_masked.is_plain_tensor(input))
+    # A backend that convolves in a layout of its own converts the input here, so that autograd
+    # keeps the converted input for the backward, whose input gradient then comes back in the
+    # caller's own layout.
+    input, contiguous_input_grad, contiguous_output = _layout(backend).prepare(input, batched)
     out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
                            contiguous_output, skip_zero, backend)[0]
     if batched:
         return out
     out = out.squeeze(0)
-    # The GPU kernels write contiguous outputs; a channels_last input gets a channels_last output
-    # as from torch's conv2d (the CPU backend's already is).
+    # A channels_last input gets a channels_last output, as from torch's conv2d (a no-op where the
+    # backend's layout already is).
     return out.contiguous(memory_format=torch.channels_last) if channels_last_in else out
 
 

@@ -7,22 +7,24 @@ Per connection j <- i the effective weight is ``weight[j, i] + alpha[j, i] * heb
 
 Rules (post = y[j], pre = x[i]):  "hebb"  H' = (1 - eta) H + eta post pre
                                   "oja"   H' = H + eta post (pre - post H)
-                                  modulated (plastic_rnn, modulation given) H' = H + M_t[j] post pre
+                                  modulated (plastic_rnn) H' = H + M_t[j] post pre, M_t given or
+                                      endogenous: M_t[j] = fanout[j] mod_act(mod_weight . y_t + mod_bias)
                                   clip c (plastic_rnn): H' <- clamp(H', -c, c)
 
 Where things are:
 
 * reference (the oracle): `plastic_linear_reference`, `plastic_rnn_reference`, below. Eager
   autograd keeps one trace per step: O(T * B * N^2) memory.
-* kernels: kernels/plastic.py (Triton: whole sequence in one launch, trace in registers, for
-  N <= 128; one launch per step above), neuronml_fast/cpu/plastic.py + csrc/cpu/plastic.cpp
-  (C++ CPU). Both: one fused pass over
-  the trace per step (pre-activation row and trace update together), and a backward that walks
-  time in reverse, reconstructing each trace from the next (the rules are invertible), so
-  training memory is O(B * N^2) whatever T.
-* custom ops, autograd and public functions: below.
+* custom ops, autograd, the checkpoint policy and the public functions: below.
+* kernels: neuronml_fast/cpu/plastic.py + csrc/cpu/plastic.cpp (C++ CPU: the whole time loop);
+  kernels/plastic.py (Triton) and neuronml_fast/cuda/plastic.py + csrc/cuda/plastic.cu (CUDA C++)
+  supply step kernels (and a whole-sequence forward for N <= 128) to the time loops of
+  neuronml_fast/_plastic_driver.py. All: one fused pass over the trace per step (pre-activation
+  row and trace update together), and a backward that walks time in reverse, reconstructing each
+  trace from the next (the rules are invertible), so training memory is O(B * N^2) whatever T.
 """
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -330,6 +332,42 @@ plastic_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- public functions ----------------------------------------------------------------------
 
 
+# ---- the checkpoint policy (every backend keeps the traces the op asks for) -----------------
+
+
+def recomputes(clip, activation):
+    """Segments are recomputed forward (not reconstructed) under clip and identity activation."""
+    return clip is not None or activation == "identity"
+
+
+AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing one segment
+COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
+
+
+
+
+def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
+    """Steps between stored traces.
+
+    Recomputed segments (see `recomputes`): ~sqrt(T) steps. Otherwise the
+    backward reconstructs traces, and undoing a (1 - eta) decay amplifies rounding by 1 / (1 - eta)
+    per step: store a trace every ln(256) / -ln(1 - eta) steps (550 at eta = 0.01), so float32
+    gradients stay accurate at any T while memory stays flat up to that many steps.
+    """
+    steps = max(steps, 1)
+    if recomputes(clip, activation):
+        return max(1, math.isqrt(steps))
+    if modulated:
+        return steps  # additive updates: nothing compounds
+    if eta is None:
+        return COMPILE_CHECKPOINT_EVERY
+    eta = float(eta)
+    if eta <= 0.0:
+        return steps
+    return int(min(steps, max(1.0, math.log(AMPLIFICATION_BUDGET) / -math.log1p(-min(eta, 0.999)))))
+
+
+
 _GPU_BACKENDS = ("triton", "cuda")
 
 
@@ -343,9 +381,6 @@ def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, 
     recomputed segments, a Python number) nothing is read and a device tensor's domain is checked on
     the device: an error raised there, at the next synchronization, names eta all the same.
     """
-    from ..cpu.plastic import checkpoint_every
-    from .._plastic_driver import recomputes
-
     uses_eta = not modulated
     needs_value = uses_eta and not recomputes(clip, activation)
     compiling = torch.compiler.is_compiling()
