@@ -30,7 +30,9 @@ RULE_CODES = {"hebb": HEBB, "oja": OJA}
 
 
 @dataclasses.dataclass
-class Problem:
+class PlasticCall:
+    """One plastic call's tensors (contiguous) and options, as the step kernels take them."""
+
     x: torch.Tensor
     weight: torch.Tensor
     alpha: torch.Tensor
@@ -78,15 +80,15 @@ class Problem:
         return self.y0 if self.y0 is not None else self.x.new_zeros(self.x.shape[1:])
 
 
-def _c(t):
+def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
+def _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
     acc = _alloc.accumulation_dtype(x.dtype)
-    return Problem(
-        x=_c(x), weight=_c(weight), alpha=_c(alpha), eta=_c(eta), bias=_c(bias), drive=_c(drive), y0=_c(y0),
-        modulation=_c(modulation),
+    return PlasticCall(
+        x=_contiguous(x), weight=_contiguous(weight), alpha=_contiguous(alpha), eta=_contiguous(eta), bias=_contiguous(bias), drive=_contiguous(drive), y0=_contiguous(y0),
+        modulation=_contiguous(modulation),
         clip=torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device),
         recurrent=recurrent, rule=MODULATED if modulation is not None else RULE_CODES[rule],
         per_neuron=modulation is not None and modulation.dim() == 3, tanh=activation == "tanh",
@@ -98,7 +100,7 @@ def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cli
     """Returns (output, final trace, checkpoints, the modulator's activity [T, B] or None)."""
     if modulator is not None:  # M_t is filled in step by step (see _modulated_step)
         modulation = torch.zeros((x.shape[0], x.shape[1], weight.shape[0]), dtype=x.dtype, device=x.device)
-    p = _problem(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation)
+    p = _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation)
     new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
     trace = new(p.B, p.out_features, p.in_features)
     trace.copy_(hebb) if hebb is not None else trace.zero_()
@@ -149,8 +151,8 @@ def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulatio
              clip, recurrent, rule, activation, every, modulator=None, activity=None):
     """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds [T, B] of
     the modulator (None without one). Under a modulator, `modulation` is the M_t its forward computed."""
-    p = _problem(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
-    p.output, p.grad_output = _c(output), _c(grad_output)
+    p = _plastic_call(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
+    p.output, p.grad_output = _contiguous(output), _contiguous(grad_output)
     T, B, O, I, acc = p.T, p.B, p.out_features, p.in_features, p.acc
     blocks = -(-O // steps.rows_per_block(O, I))
     new = lambda *shape: _alloc.empty(shape, dtype=acc, device=x.device)  # noqa: E731

@@ -31,7 +31,7 @@ def test_plan_gather_and_scatter_match_torch_ops(tasks, channels, zeros, skip_ze
     gen = torch.Generator().manual_seed(seed)
     mask = torch.randn(tasks, channels, generator=gen, dtype=dtype)
     mask[torch.rand(tasks, channels, generator=gen) < zeros] = 0
-    comp = cpu_masked.compaction(mask, skip_zero, allow)
+    comp = cpu_masked.compaction(mask, skip_zero, may_gather=allow)
     slot, width, compacted, complete = _plan_oracle(mask, skip_zero, allow)
     assert torch.equal(comp.slot, slot)
     assert (comp.width, comp.compacted, comp.complete) == (width, compacted, complete)
@@ -97,7 +97,7 @@ def test_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
     mask = rand(tasks, c)
     mask[torch.rand(tasks, c, generator=gen) < zeros] = 0
-    comp = cpu_masked.compaction(mask, True, allow)
+    comp = cpu_masked.compaction(mask, True, may_gather=allow)
     slot = comp.slot
     y, bias = rand(tasks, n, s, comp.width), rand(tasks, c) if with_bias else None
 
@@ -108,7 +108,7 @@ def test_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros
 
     nan = lambda: full(lambda shape: torch.full(shape, float("nan"), dtype=dtype))  # noqa: E731
     out, pre = nan(), nan()
-    ext.masked_forward_epilogue_cl(y, slot, mask, bias, out, pre)
+    ext.masked_forward_epilogue_out(y, slot, mask, bias, out, pre)
     want_pre = _expand(y, slot) + (0 if bias is None else torch.where(slot >= 0, bias, 0)[:, None, None, :])
     assert torch.equal(pre, want_pre)
     assert torch.equal(out, want_pre * mask[:, None, None, :])
@@ -116,7 +116,7 @@ def test_epilogue_and_prologue_match_torch_ops(tasks, n, blocks, extra, s, zeros
     grad_out, grad_pre = full(lambda shape: rand(*shape)), full(lambda shape: rand(*shape)) if with_grad_pre else None
     gy = torch.zeros(tasks, n, s, comp.width, dtype=dtype)  # the contract: pre-zeroed
     grad_bias, grad_mask = torch.full((tasks, c), float("nan"), dtype=dtype), torch.full((tasks, c), float("nan"), dtype=dtype)
-    ext.masked_backward_prologue_cl(grad_out, grad_pre, pre if with_pre else None, slot, mask, gy, grad_bias, grad_mask)
+    ext.masked_backward_prologue_out(grad_out, grad_pre, pre if with_pre else None, slot, mask, gy, grad_bias, grad_mask)
     v = grad_out * mask[:, None, None, :] + (0 if grad_pre is None else grad_pre)
     kept = slot >= 0
     want_gy = torch.zeros_like(gy)

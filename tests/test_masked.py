@@ -379,14 +379,14 @@ def test_cpu_epilogue_binding_checks_instead_of_crashing():
     slot = torch.tensor([[0, 1, -1]])
     mask = torch.ones(1, 3)
     with pytest.raises(RuntimeError, match="slot: entries must lie in"):
-        ext.masked_forward_epilogue_cl(torch.zeros(1, 2, 4, 2), torch.tensor([[0, 5, -1]]), mask, None, out,
+        ext.masked_forward_epilogue_out(torch.zeros(1, 2, 4, 2), torch.tensor([[0, 5, -1]]), mask, None, out,
                                        out.clone())
     with pytest.raises(RuntimeError, match=r"mask: expected shape \[1, 3\]"):
-        ext.masked_forward_epilogue_cl(torch.zeros(1, 2, 4, 2), slot, torch.ones(3), None, out, out.clone())
+        ext.masked_forward_epilogue_out(torch.zeros(1, 2, 4, 2), slot, torch.ones(3), None, out, out.clone())
     with pytest.raises(RuntimeError, match="y: expected a \\[T, N, S, slots\\] view"):
-        ext.masked_forward_epilogue_cl(torch.zeros(2, 4, 2), slot, mask, None, out, out.clone())
+        ext.masked_forward_epilogue_out(torch.zeros(2, 4, 2), slot, mask, None, out, out.clone())
     with pytest.raises(RuntimeError, match="pre: expected shape"):
-        ext.masked_forward_epilogue_cl(torch.zeros(1, 2, 4, 2), slot, mask, None, out, torch.empty(1, 2, 3, 4))
+        ext.masked_forward_epilogue_out(torch.zeros(1, 2, 4, 2), slot, mask, None, out, torch.empty(1, 2, 3, 4))
 
 
 @pytest.mark.skipif(not nf.backends.status("cpu").devices, reason="C++ CPU extension not built")

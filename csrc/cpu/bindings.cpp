@@ -72,7 +72,7 @@ void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_wei
 
 // ---- masked layers: fused epilogue / prologue around the ATen dense core -------------------
 
-void check_full(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+void check_cpu_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   check_cpu_float(t, name);
   TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
@@ -133,16 +133,16 @@ MaskedLayout masked_layout(const at::Tensor& full, const char* full_name, const 
 }
 
 // y: compact [T, N, S, J]; out, pre: [T, N, S, C] views (same strides); mask, bias: [T, C].
-void masked_forward_epilogue_cl(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& mask,
+void masked_forward_epilogue_out(const at::Tensor& y, const at::Tensor& slot, const at::Tensor& mask,
                                 const c10::optional<at::Tensor>& bias, at::Tensor& out, at::Tensor& pre) {
   const auto dtype = out.scalar_type();
   const MaskedLayout L = masked_layout(out, "out", y, "y", dtype);
   check_like(out, "out", out, dtype);
   check_like(pre, "pre", out, dtype);
-  check_full(mask, "mask", {L.T, L.C}, dtype);
-  if (bias) check_full(*bias, "bias", {L.T, L.C}, dtype);
+  check_cpu_tensor(mask, "mask", {L.T, L.C}, dtype);
+  if (bias) check_cpu_tensor(*bias, "bias", {L.T, L.C}, dtype);
   check_slots(slot, L.T, L.C, y.size(3));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue_cl", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_forward_epilogue_out", [&] {
     neuronml_fast::cpu::masked_forward_epilogue<scalar_t>(
         L, y.data_ptr<scalar_t>(), slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
         bias ? bias->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), pre.data_ptr<scalar_t>());
@@ -151,7 +151,7 @@ void masked_forward_epilogue_cl(const at::Tensor& y, const at::Tensor& slot, con
 
 // grad_out, grad_pre, pre: [T, N, S, C] views (same strides); gy: compact [T, N, S, J],
 // pre-zeroed where no slot; grad_bias, grad_mask: [T, C].
-void masked_backward_prologue_cl(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
+void masked_backward_prologue_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
                                  const c10::optional<at::Tensor>& pre, const at::Tensor& slot, const at::Tensor& mask,
                                  at::Tensor& gy, at::Tensor& grad_bias, at::Tensor& grad_mask) {
   const auto dtype = grad_out.scalar_type();
@@ -159,11 +159,11 @@ void masked_backward_prologue_cl(const at::Tensor& grad_out, const c10::optional
   check_like(grad_out, "grad_out", grad_out, dtype);
   if (grad_pre) check_like(*grad_pre, "grad_pre", grad_out, dtype);
   if (pre) check_like(*pre, "pre", grad_out, dtype);
-  check_full(mask, "mask", {L.T, L.C}, dtype);
-  check_full(grad_bias, "grad_bias", {L.T, L.C}, dtype);
-  check_full(grad_mask, "grad_mask", {L.T, L.C}, dtype);
+  check_cpu_tensor(mask, "mask", {L.T, L.C}, dtype);
+  check_cpu_tensor(grad_bias, "grad_bias", {L.T, L.C}, dtype);
+  check_cpu_tensor(grad_mask, "grad_mask", {L.T, L.C}, dtype);
   check_slots(slot, L.T, L.C, gy.size(3));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_backward_prologue_cl", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "masked_backward_prologue_out", [&] {
     neuronml_fast::cpu::masked_backward_prologue<scalar_t>(
         L, grad_out.data_ptr<scalar_t>(), grad_pre ? grad_pre->data_ptr<scalar_t>() : nullptr,
         pre ? pre->data_ptr<scalar_t>() : nullptr, slot.data_ptr<int64_t>(), mask.data_ptr<scalar_t>(),
@@ -375,7 +375,7 @@ scalar_t* mut(const at::Tensor* t) { return t ? t->data_ptr<scalar_t>() : nullpt
 
 void check_plastic(const at::Tensor* t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   if (t == nullptr) return;
-  check_full(*t, name, shape, dtype);
+  check_cpu_tensor(*t, name, shape, dtype);
 }
 
 PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, bool recurrent,
@@ -403,11 +403,11 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   s.recompute = s.has_clip || !tanh;
   s.checkpoint_every = std::max<int64_t>(checkpoint_every, 1);
   const auto dtype = x.scalar_type();
-  check_full(x, "input", x.sizes(), dtype);
-  check_full(weight, "weight", weight.sizes(), dtype);
-  check_full(alpha, "alpha", s.alpha_scalar ? at::IntArrayRef{} : weight.sizes(), dtype);
+  check_cpu_tensor(x, "input", x.sizes(), dtype);
+  check_cpu_tensor(weight, "weight", weight.sizes(), dtype);
+  check_cpu_tensor(alpha, "alpha", s.alpha_scalar ? at::IntArrayRef{} : weight.sizes(), dtype);
   if (modulation) {
-    check_full(*modulation, "modulation",
+    check_cpu_tensor(*modulation, "modulation",
                s.modulation_per_neuron ? at::IntArrayRef{s.T, s.B, s.OUT} : at::IntArrayRef{s.T, s.B}, dtype);
   }
   return s;
@@ -434,9 +434,9 @@ void check_modulator(const PlasticShape& s, const at::Tensor* mod_weight, const 
                      const at::Tensor* activity, at::ScalarType dtype) {
   if (!s.endogenous) return;
   TORCH_CHECK(mod_fanout && activity, "mod_fanout, activity: required with mod_weight");
-  check_full(*mod_weight, "mod_weight", {s.OUT}, dtype);
-  check_full(*mod_fanout, "mod_fanout", {s.OUT}, dtype);
-  check_full(*activity, "activity", {s.T, s.B}, dtype);
+  check_cpu_tensor(*mod_weight, "mod_weight", {s.OUT}, dtype);
+  check_cpu_tensor(*mod_fanout, "mod_fanout", {s.OUT}, dtype);
+  check_cpu_tensor(*activity, "activity", {s.T, s.B}, dtype);
 }
 
 void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double eta,
@@ -454,10 +454,10 @@ void plastic_forward_out(const at::Tensor& x, const at::Tensor& weight, const at
   check_plastic(opt(bias), "bias", {s.OUT}, dtype);
   check_plastic(opt(drive), "drive", {s.T, s.B, s.OUT}, dtype);
   check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
-  check_full(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
-  check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
+  check_cpu_tensor(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_cpu_tensor(output, "output", {s.T, s.B, s.OUT}, dtype);
   TORCH_CHECK(checkpoints.has_value(), "checkpoints: required");
-  check_full(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
+  check_cpu_tensor(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
              dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_forward", [&] {
     neuronml_fast::cpu::plastic_forward<scalar_t>(
@@ -487,26 +487,26 @@ void plastic_backward_out(const at::Tensor& x, const at::Tensor& weight, const a
   if (s.endogenous) {
     TORCH_CHECK(modulation && modulation->dim() == 3, "modulation: the per-neuron M_t of the modulator's forward");
     TORCH_CHECK(grad_s.has_value(), "grad_s: required with mod_weight");
-    check_full(*grad_s, "grad_s", {s.T, s.B}, dtype);
+    check_cpu_tensor(*grad_s, "grad_s", {s.T, s.B}, dtype);
   }
   check_plastic(opt(y0), "y0", {s.B, s.OUT}, dtype);
-  check_full(output, "output", {s.T, s.B, s.OUT}, dtype);
-  check_full(grad_output, "grad_output", {s.T, s.B, s.OUT}, dtype);
-  check_full(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
-  check_full(grad_hebb, "grad_hebb", {s.B, s.OUT, s.IN}, dtype);
-  check_full(grad_z, "grad_z", {s.T, s.B, s.OUT}, dtype);
+  check_cpu_tensor(output, "output", {s.T, s.B, s.OUT}, dtype);
+  check_cpu_tensor(grad_output, "grad_output", {s.T, s.B, s.OUT}, dtype);
+  check_cpu_tensor(hebb, "hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_cpu_tensor(grad_hebb, "grad_hebb", {s.B, s.OUT, s.IN}, dtype);
+  check_cpu_tensor(grad_z, "grad_z", {s.T, s.B, s.OUT}, dtype);
   TORCH_CHECK(recurrent || grad_pre.has_value(), "grad_pre: required for a plastic_linear backward");
   check_plastic(opt(grad_pre), "grad_pre", {s.T, s.B, s.IN}, dtype);
   check_plastic(opt(grad_y0), "grad_y0", {s.B, s.OUT}, dtype);
-  check_full(grad_alpha, "grad_alpha", s.alpha_scalar ? at::IntArrayRef{1} : weight.sizes(), dtype);
-  check_full(grad_eta, "grad_eta", {1}, dtype);
-  if (grad_modulation) check_full(*grad_modulation, "grad_modulation", modulation->sizes(), dtype);
+  check_cpu_tensor(grad_alpha, "grad_alpha", s.alpha_scalar ? at::IntArrayRef{1} : weight.sizes(), dtype);
+  check_cpu_tensor(grad_eta, "grad_eta", {1}, dtype);
+  if (grad_modulation) check_cpu_tensor(*grad_modulation, "grad_modulation", modulation->sizes(), dtype);
   TORCH_CHECK(checkpoints.has_value(), "checkpoints: required");
-  check_full(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
+  check_cpu_tensor(*checkpoints, "checkpoints", {(s.T + s.checkpoint_every - 1) / s.checkpoint_every, s.B, s.OUT, s.IN},
              dtype);
   TORCH_CHECK(s.recompute == segment.has_value(),
               "segment: expected exactly when segments are recomputed (clip or identity activation)");
-  if (segment) check_full(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
+  if (segment) check_cpu_tensor(*segment, "segment", {s.checkpoint_every, s.B, s.OUT, s.IN}, dtype);
   AT_DISPATCH_FLOATING_TYPES(dtype, "plastic_backward", [&] {
     neuronml_fast::cpu::plastic_backward<scalar_t>(
         s, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
@@ -644,9 +644,9 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   const auto dtype = x.scalar_type();
   TORCH_CHECK(weight.scalar_type() == dtype, "weight: expected dtype ", dtype, ", got ", weight.scalar_type());
   const at::Tensor m = mask.contiguous();
-  check_full(m, "mask", {T, C}, dtype);
+  check_cpu_tensor(m, "mask", {T, C}, dtype);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
-  if (b) check_full(*b, "bias", {T, C}, dtype);
+  if (b) check_cpu_tensor(*b, "bias", {T, C}, dtype);
   at::Tensor out = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
   at::Tensor pre = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
   if (out.numel() == 0) return {out, pre};
@@ -672,7 +672,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   }
   const auto rows = [&](const at::Tensor& t) { return t.permute({0, 1, 3, 4, 2}).flatten(2, 3); };
   at::Tensor out_rows = rows(out), pre_rows = rows(pre);
-  masked_forward_epilogue_cl(y, slot, m, b, out_rows, pre_rows);
+  masked_forward_epilogue_out(y, slot, m, b, out_rows, pre_rows);
   return {out, pre};
 }
 
@@ -719,9 +719,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                           py::arg("modulated") = static_cast<int>(PlasticRule::kModulated));
   m.def("plastic_forward_out", &plastic_forward_out, "fused plastic layer forward (SPEC 4)");
   m.def("plastic_backward_out", &plastic_backward_out, "plastic layer backward with trace reconstruction (SPEC 4)");
-  m.def("masked_forward_epilogue_cl", &masked_forward_epilogue_cl, "channels-last masked_forward_epilogue",
+  m.def("masked_forward_epilogue_out", &masked_forward_epilogue_out, "channels-last masked_forward_epilogue",
         py::arg("y"), py::arg("slot"), py::arg("mask"), py::arg("bias"), py::arg("out"), py::arg("pre"));
-  m.def("masked_backward_prologue_cl", &masked_backward_prologue_cl, "channels-last masked_backward_prologue",
+  m.def("masked_backward_prologue_out", &masked_backward_prologue_out, "channels-last masked_backward_prologue",
         py::arg("grad_out"), py::arg("grad_pre"), py::arg("pre"), py::arg("slot"), py::arg("mask"), py::arg("gy"),
         py::arg("grad_bias"), py::arg("grad_mask"));
   m.def("masked_compaction", &masked_compaction,

@@ -28,49 +28,50 @@ from .. import _alloc, _extensions
 @dataclasses.dataclass
 class Compaction:
     slot: torch.Tensor  # [T, C] int64: compact slot of each channel, -1 if pruned
-    width: int  # slots per task (A)
+    width: int  # slots per task (A in the shapes below)
     compacted: bool  # weights gathered (else width == C and slot is the identity on kept channels)
     complete: bool  # every slot of every task holds a channel (no zero padding needed)
 
 
-def compaction(mask, skip_zero, allow):
+def compaction(mask, skip_zero, may_gather):
     """The plan of csrc/cpu/masked.h `plan_compaction` (one C++ call: as torch ops it cost a tenth
-    of a small layer's time)."""
-    return Compaction(*_extensions.cpu().masked_compaction(mask, skip_zero, allow))
+    of a small layer's time). ``may_gather``: whether the active rows may be gathered into compact
+    weights (not for grouped convolutions, whose groups would mix)."""
+    return Compaction(*_extensions.cpu().masked_compaction(mask, skip_zero, may_gather))
 
 
-def _compact_rows(weight, comp):
+def _compact_rows(weight, plan):
     """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task, in weight's
     storage order (csrc/cpu/bindings.cpp `compact_weight_rows`)."""
-    if not comp.compacted:
+    if not plan.compacted:
         return weight
-    return _extensions.cpu().compact_weight_rows(weight, comp.slot, comp.width)
+    return _extensions.cpu().compact_weight_rows(weight, plan.slot, plan.width)
 
 
-def _expand_rows(compact, comp, full_shape):
+def _expand_rows(compact, plan, full_shape):
     """Inverse of `_compact_rows` for a linear weight gradient [T, A, in] -> [T, C, in]: pruned
     rows are zero. (A conv weight gradient is expanded in C++: `expand_weight_grad`.)"""
-    if not comp.compacted:
+    if not plan.compacted:
         return compact
     rows = compact.contiguous()
     full = _alloc.empty((rows.shape[0], full_shape[1], rows.shape[2]), dtype=compact.dtype, device=compact.device)
-    _extensions.cpu().scatter_rows_out(rows, comp.slot, full)
+    _extensions.cpu().scatter_rows_out(rows, plan.slot, full)
     return full
 
 
-def _epilogue(y_compact, comp, mask, bias, out_shape, dtype):
+def _epilogue(y_compact, plan, mask, bias, out_shape, dtype):
     """Linear layers: y_compact [T, N, A] -> (out, pre) [T, N, C]: each sample is a one-pixel
     image for the channels-last epilogue (contiguous channels, 8 per AVX2 permute)."""
     out = _alloc.empty(out_shape, dtype=dtype, device="cpu")
     pre = _alloc.empty(out_shape, dtype=dtype, device="cpu")
     if out.numel():
-        _extensions.cpu().masked_forward_epilogue_cl(
-            y_compact.unsqueeze(2), comp.slot, mask.contiguous(), None if bias is None else bias.contiguous(),
+        _extensions.cpu().masked_forward_epilogue_out(
+            y_compact.unsqueeze(2), plan.slot, mask.contiguous(), None if bias is None else bias.contiguous(),
             out.unsqueeze(2), pre.unsqueeze(2))
     return out, pre
 
 
-def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
+def _prologue(grad_out, grad_pre, pre, plan, mask, gy_compact):
     """Linear layers: the channels-last prologue over one-pixel images; gy_compact [T, N, A]."""
     T, N, C = grad_out.shape
     if grad_out.numel() == 0:  # no samples (or no channels): nothing to sum
@@ -79,8 +80,8 @@ def _prologue(grad_out, grad_pre, pre, comp, mask, gy_compact):
     grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     pixels = lambda t: None if t is None else t.contiguous().unsqueeze(2)  # noqa: E731
-    _extensions.cpu().masked_backward_prologue_cl(
-        pixels(grad_out), pixels(grad_pre), pixels(pre), comp.slot, mask.contiguous(), gy_compact.unsqueeze(2),
+    _extensions.cpu().masked_backward_prologue_out(
+        pixels(grad_out), pixels(grad_pre), pixels(pre), plan.slot, mask.contiguous(), gy_compact.unsqueeze(2),
         grad_bias, grad_mask)
     return grad_bias, grad_mask
 
@@ -92,9 +93,9 @@ def _not_requested(x):
     return x.new_empty((0,))
 
 
-def _new_compact(comp, shape, dtype):
+def _new_compact(plan, shape, dtype):
     # Slots that hold no channel must be zero for the dense core; the prologue writes the rest.
-    return (_alloc.empty if comp.complete else _alloc.zeros)(shape, dtype=dtype, device="cpu")
+    return (_alloc.empty if plan.complete else _alloc.zeros)(shape, dtype=dtype, device="cpu")
 
 
 # ---- conv2d --------------------------------------------------------------------------------
@@ -195,8 +196,8 @@ def _grouped_input(x):
 def _grouped_weight(w):
     """[T, A, C_in, kH, kW] -> [T*A, C_in, kH, kW] channels-last: a view when w is stored so, else one
     copy (reshape, then contiguous, would copy an expanded weight twice)."""
-    T, A, C_in, KH, KW = w.shape
-    return w.permute(0, 1, 3, 4, 2).reshape(T * A, KH, KW, C_in).contiguous().permute(0, 3, 1, 2)
+    T, slots, C_in, KH, KW = w.shape
+    return w.permute(0, 1, 3, 4, 2).reshape(T * slots, KH, KW, C_in).contiguous().permute(0, 3, 1, 2)
 
 
 def channels_last_weight(w):
@@ -241,30 +242,30 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     """Gradients; grad_input is contiguous [T, N, C_in, H, W] if ``contiguous_input_grad``, else
     grouped NHWC like the activations."""
     T, N, C, Ho, Wo = grad_out.shape
-    comp = compaction(mask, skip_zero, allow=groups == 1)
-    A = comp.width
-    gy = _new_compact(comp, (N, Ho, Wo, T * A), grad_out.dtype)
+    plan = compaction(mask, skip_zero, may_gather=groups == 1)
+    slots = plan.width
+    gy = _new_compact(plan, (N, Ho, Wo, T * slots), grad_out.dtype)
     grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
     go_rows, gp_rows, pre_rows = _full_rows(grad_out, grad_pre, pre)
-    _extensions.cpu().masked_backward_prologue_cl(
-        go_rows, gp_rows, pre_rows, comp.slot, mask.contiguous(), gy.view(N, Ho * Wo, T, A).permute(2, 0, 1, 3),
+    _extensions.cpu().masked_backward_prologue_out(
+        go_rows, gp_rows, pre_rows, plan.slot, mask.contiguous(), gy.view(N, Ho * Wo, T, slots).permute(2, 0, 1, 3),
         grad_bias, grad_mask)
     grad_input, grad_weight = _not_requested(x), _not_requested(x)
-    if T == 0 or A == 0 or N == 0 or not (need_input_grad or need_weight_grad):
+    if T == 0 or slots == 0 or N == 0 or not (need_input_grad or need_weight_grad):
         if need_input_grad:
             zeros = lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device)  # noqa: E731
             grad_input = zeros(x.shape) if contiguous_input_grad else grouped_nhwc_empty(x.shape, zeros)
         if need_weight_grad:
             grad_weight = channels_last_weight(torch.zeros_like(weight))
         return grad_input, grad_weight, grad_bias, grad_mask
-    w = _compact_rows(weight, comp)
-    own = _own_conv_grads(x, groups)
+    w = _compact_rows(weight, plan)
+    package = _package_conv_grads(x, groups)
     gx = gw = None
-    if (need_input_grad or need_weight_grad) and not own:
+    if (need_input_grad or need_weight_grad) and not package:
         gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride,
                                       padding, dilation, groups, need_input_grad, need_weight_grad)
-    if need_input_grad and own:
+    if need_input_grad and package:
         grad_input = _input_grad(gy, w, x.shape, stride, padding, dilation, contiguous_input_grad)
     elif need_input_grad:
         H, W = x.shape[3:]
@@ -272,15 +273,15 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
         if contiguous_input_grad:
             grad_input = grad_input.contiguous()
     if need_weight_grad:
-        if own:
-            gw = _weight_grad(gy, x, A, weight.shape[3:], stride, padding, dilation)
-        grad_weight = channels_last_weight(gw.view(T, A, *weight.shape[2:]))
-        if comp.compacted:
-            grad_weight = _extensions.cpu().expand_weight_grad(grad_weight, comp.slot, _alloc.poisoning())
+        if package:
+            gw = _weight_grad(gy, x, slots, weight.shape[3:], stride, padding, dilation)
+        grad_weight = channels_last_weight(gw.view(T, slots, *weight.shape[2:]))
+        if plan.compacted:
+            grad_weight = _extensions.cpu().expand_weight_grad(grad_weight, plan.slot, _alloc.poisoning())
     return grad_input, grad_weight, grad_bias, grad_mask
 
 
-def _own_conv_grads(x, groups):
+def _package_conv_grads(x, groups):
     """Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN.
 
     The weight gradient is 1.2-1.7x faster than oneDNN's at the Conv4 shapes; why this one and the
@@ -305,11 +306,11 @@ def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
     compact output gradient ``gy`` (storage [N, H_out, W_out, T*A]) and the compact weights
     ``w [T, A, C_in, kH, kW]``."""
     T, N, C, H, W = x_shape
-    A, KH, KW = w.shape[1], w.shape[3], w.shape[4]
+    slots, KH, KW = w.shape[1], w.shape[3], w.shape[4]
     if T > 1 and w.stride(0) == 0:  # one weight for every task (MAML's inner step): no per-task copies
-        w_rows = _grouped_weight(w[:1]).permute(0, 2, 3, 1).expand(T, A, KH, KW, C)
+        w_rows = _grouped_weight(w[:1]).permute(0, 2, 3, 1).expand(T, slots, KH, KW, C)
     else:
-        w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, A, KH, KW, C)  # a view: channels-last
+        w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, slots, KH, KW, C)  # a view: channels-last
     out = _alloc.empty(x_shape if contiguous else (N, H, W, T * C), dtype=gy.dtype, device=gy.device)
     _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
     return out if contiguous else out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
@@ -359,22 +360,22 @@ def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, nee
 def linear_forward(x, weight, mask, bias, skip_zero):
     T, N = x.shape[:2]
     C = weight.shape[1]
-    comp = compaction(mask, skip_zero, allow=True)
-    w = _compact_rows(weight, comp)
+    plan = compaction(mask, skip_zero, may_gather=True)
+    w = _compact_rows(weight, plan)
     y = torch.bmm(x, w.transpose(1, 2))  # [T, N, A]
-    return _epilogue(y, comp, mask, bias, (T, N, C), x.dtype)
+    return _epilogue(y, plan, mask, bias, (T, N, C), x.dtype)
 
 
 def linear_backward(grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad):
     T, N, C = grad_out.shape
-    comp = compaction(mask, skip_zero, allow=True)
-    A = comp.width
-    gy = _new_compact(comp, (T, N, A), grad_out.dtype)
-    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, comp, mask, gy)
+    plan = compaction(mask, skip_zero, may_gather=True)
+    slots = plan.width
+    gy = _new_compact(plan, (T, N, slots), grad_out.dtype)
+    grad_bias, grad_mask = _prologue(grad_out, grad_pre, pre, plan, mask, gy)
     grad_input, grad_weight = _not_requested(x), _not_requested(x)
-    w = _compact_rows(weight, comp)
+    w = _compact_rows(weight, plan)
     if need_input_grad:
         grad_input = torch.bmm(gy, w)
     if need_weight_grad:
-        grad_weight = _expand_rows(torch.bmm(gy.transpose(1, 2), x), comp, weight.shape)
+        grad_weight = _expand_rows(torch.bmm(gy.transpose(1, 2), x), plan, weight.shape)
     return grad_input, grad_weight, grad_bias, grad_mask

@@ -12,7 +12,7 @@ def _rule_code(rule, modulation, modulator=None):
     return MODULATED if modulation is not None or modulator is not None else RULE_CODES[rule]
 
 
-def _c(t):
+def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
@@ -20,7 +20,7 @@ def _modulator_args(modulator):
     """(mod_weight, mod_bias, mod_fanout, mod_tanh) for the extension; a CPU read of the 0-d bias."""
     if modulator is None:
         return None, 0.0, None, True
-    return _c(modulator.weight), float(modulator.bias.detach()), _c(modulator.fanout), modulator.tanh
+    return _contiguous(modulator.weight), float(modulator.bias.detach()), _contiguous(modulator.fanout), modulator.tanh
 
 
 def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
@@ -36,7 +36,7 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
     checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
     activity = None if modulator is None else _alloc.empty((T, B), dtype=x.dtype, device=x.device)
     _extensions.cpu().plastic_forward_out(
-        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(bias), _c(drive), _c(y0), _c(modulation), clip, recurrent,
+        _contiguous(x), _contiguous(weight), _contiguous(alpha), float(eta.detach()), _contiguous(bias), _contiguous(drive), _contiguous(y0), _contiguous(modulation), clip, recurrent,
         _rule_code(rule, modulation, modulator), activation == "tanh", every, trace, output, checkpoints,
         *_modulator_args(modulator), activity)
     return output, trace, checkpoints, activity
@@ -62,10 +62,10 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     grad_s = None if modulator is None else new(T, B)
     mod_weight, _, mod_fanout, mod_tanh = _modulator_args(modulator)
     _extensions.cpu().plastic_backward_out(
-        _c(x), _c(weight), _c(alpha), float(eta.detach()), _c(y0), _c(modulation), clip, recurrent,
-        _rule_code(rule, modulation), activation == "tanh", every, _c(output), _c(grad_output), _c(checkpoints), trace,
+        _contiguous(x), _contiguous(weight), _contiguous(alpha), float(eta.detach()), _contiguous(y0), _contiguous(modulation), clip, recurrent,
+        _rule_code(rule, modulation), activation == "tanh", every, _contiguous(output), _contiguous(grad_output), _contiguous(checkpoints), trace,
         grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment, mod_weight, mod_fanout,
-        mod_tanh, _c(activity), grad_s)
+        mod_tanh, _contiguous(activity), grad_s)
     if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
         first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)
         pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, in_features))

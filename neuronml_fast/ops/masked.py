@@ -276,7 +276,10 @@ def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, 
 # One set of autograd functions serves both layers.
 
 
-class _Layer:
+class _OpPair:
+    """A masked layer's forward and backward custom ops, called with the argument order of the
+    comment above: one set of autograd functions serves the conv and the linear layer."""
+
     def __init__(self, forward_op, backward_op, n_layer_args, forward_only_args=()):
         self.forward_op, self.backward_op, self.n_layer_args = forward_op, backward_op, n_layer_args
         # Arguments of the forward op alone, after layer_args: their values for the forward calls
@@ -403,8 +406,8 @@ def _merge_into_tasks(op, n_tensors):
     return rule
 
 
-_CONV_LAYER = _Layer(masked_conv2d_op, masked_conv2d_backward_op, 5, forward_only_args=(False,))
-_LINEAR_LAYER = _Layer(masked_linear_op, masked_linear_backward_op, 0)
+_CONV_LAYER = _OpPair(masked_conv2d_op, masked_conv2d_backward_op, 5, forward_only_args=(False,))
+_LINEAR_LAYER = _OpPair(masked_linear_op, masked_linear_backward_op, 0)
 for _layer in (_CONV_LAYER, _LINEAR_LAYER):
     for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
         _setup, _backward = _make(_layer)
