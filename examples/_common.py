@@ -3,6 +3,7 @@
 import argparse
 import csv
 import os
+import time
 
 import torch
 
@@ -37,6 +38,20 @@ def add_common(parser, iterations, out):
                         help="CPU threads for PyTorch (0: PyTorch's default)")
 
 
+def add_plastic_comparison(parser, metric, eager_iterations):
+    """--report-every and --eager-iterations, for the examples that train a plastic network
+    beside the published eager loop."""
+    parser.add_argument("--report-every", type=positive_int, default=50,
+                        help=f"iterations per point of the curve (mean {metric} over the block)")
+    parser.add_argument("--eager-iterations", type=non_negative_int, default=eager_iterations,
+                        help="iterations of the published eager loop to time against (0: skip)")
+
+
+def block_means(values, every):
+    """Means of ``values`` over consecutive blocks of ``every`` (the last may be shorter)."""
+    return [sum(values[i:i + every]) / len(values[i:i + every]) for i in range(0, len(values), every)]
+
+
 def device(parser, name):
     """The torch.device for ``--device``, or a usage error naming the argument."""
     try:
@@ -56,6 +71,25 @@ def setup(parser, args):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     return device(parser, args.device)
+
+
+def train_loop(step, iterations, dev, report_every, name, metric, fmt):
+    """Runs ``step()`` (one optimizer step, returning its loss and metric as 0-d tensors)
+    ``iterations`` times, printing the metric's mean over each block of ``report_every``; returns
+    (losses, metrics, seconds per iteration)."""
+    losses, metrics = [], []
+    synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        loss, value = step()
+        losses.append(loss.detach())
+        metrics.append(value.detach())
+        if len(metrics) % report_every == 0:
+            block = float(torch.stack(metrics[-report_every:]).mean())
+            print(f"{name}: iteration {len(metrics)}/{iterations}, {metric} {block:{fmt}}", flush=True)
+    synchronize(dev)
+    seconds = (time.perf_counter() - start) / iterations
+    return torch.stack(losses).tolist(), torch.stack(metrics).tolist(), seconds
 
 
 def synchronize(dev):

@@ -148,10 +148,8 @@ def train(model, args, dev, iterations, name):
     seconds per iteration."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    losses, rewards = [], []
-    _common.synchronize(dev)
-    start = time.perf_counter()
-    for _ in range(iterations):
+
+    def step():
         x, go, answer = episodes(generator, args.batch, args.cues, args.cue_bits, args.steps)
         x, go, answer = x.to(dev), go.to(dev), answer.to(dev)
         logits = model(x)[go]
@@ -160,15 +158,10 @@ def train(model, args, dev, iterations, name):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
-        losses.append(loss.detach())
         right = (logits.detach().argmax(-1) == answer[go]).float()
-        rewards.append((2 * right - 1).sum() / args.batch)
-        if len(rewards) % args.report_every == 0:
-            block = float(torch.stack(rewards[-args.report_every:]).mean())
-            print(f"{name}: iteration {len(rewards)}/{iterations}, reward per episode {block:.2f}", flush=True)
-    _common.synchronize(dev)
-    seconds = (time.perf_counter() - start) / iterations
-    return torch.stack(losses).tolist(), torch.stack(rewards).tolist(), seconds
+        return loss, (2 * right - 1).sum() / args.batch
+
+    return _common.train_loop(step, iterations, dev, args.report_every, name, "reward per episode", ".2f")
 
 
 def build_parser():
@@ -184,15 +177,8 @@ def build_parser():
     parser.add_argument("--lr", type=_common.positive_float, default=3e-3, help="Adam learning rate")
     parser.add_argument("--grad-clip", type=_common.positive_float, default=2.0, help="gradient norm bound")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="networks to train")
-    parser.add_argument("--report-every", type=_common.positive_int, default=50,
-                        help="iterations per point of the curve (mean reward over the block)")
-    parser.add_argument("--eager-iterations", type=_common.non_negative_int, default=10,
-                        help="iterations of the published eager loop to time against (0: skip)")
+    _common.add_plastic_comparison(parser, "reward", eager_iterations=10)
     return parser
-
-
-def _blocks(values, every):
-    return [sum(values[i:i + every]) / len(values[i:i + every]) for i in range(0, len(values), every)]
 
 
 def main(argv=None):
@@ -218,8 +204,8 @@ def main(argv=None):
     for i in range(0, args.iterations, every):
         row = {"iteration": min(i + every, args.iterations)}
         for kind, (loss, reward, _) in results.items():
-            row[f"{kind}_reward"] = _blocks(reward, every)[i // every]
-            row[f"{kind}_loss"] = _blocks(loss, every)[i // every]
+            row[f"{kind}_reward"] = _common.block_means(reward, every)[i // every]
+            row[f"{kind}_loss"] = _common.block_means(loss, every)[i // every]
         rows.append(row)
     _common.write_curve(args.out, rows, "iteration", [(f"{kind}_reward", kind) for kind in results],
                         "reward per episode (mean over the block)", "Cue-reward association (backpropamine)")

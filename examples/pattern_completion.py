@@ -106,10 +106,8 @@ def train(model, args, dev, iterations, name):
     """Trains on the episodes of ``args.seed``; returns per-iteration (loss, error) and seconds per iteration."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    losses, errors = [], []
-    _common.synchronize(dev)
-    start = time.perf_counter()
-    for _ in range(iterations):
+
+    def step():
         x, target = episodes(generator, args.batch, args.pattern_size, args.patterns, args.cycles, args.present,
                              args.delay, args.present, args.degrade, args.gain)
         x, target = x.to(dev), target.to(dev)
@@ -118,14 +116,9 @@ def train(model, args, dev, iterations, name):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
-        errors.append((torch.sign(y.detach()) != target).float().mean())
-        if len(errors) % args.report_every == 0:
-            block = float(torch.stack(errors[-args.report_every:]).mean())
-            print(f"{name}: iteration {len(errors)}/{iterations}, error {block:.3f}", flush=True)
-    _common.synchronize(dev)
-    seconds = (time.perf_counter() - start) / iterations
-    return torch.stack(losses).tolist(), torch.stack(errors).tolist(), seconds
+        return loss, (torch.sign(y.detach()) != target).float().mean()
+
+    return _common.train_loop(step, iterations, dev, args.report_every, name, "error", ".3f")
 
 
 def build_parser():
@@ -144,15 +137,8 @@ def build_parser():
     parser.add_argument("--gain", type=_common.positive_float, default=20.0, help="input strength")
     parser.add_argument("--batch", type=_common.positive_int, default=1, help="episodes per iteration")
     parser.add_argument("--lr", type=_common.positive_float, default=3e-4, help="Adam learning rate")
-    parser.add_argument("--report-every", type=_common.positive_int, default=50,
-                        help="iterations per point of the curve (mean error over the block)")
-    parser.add_argument("--eager-iterations", type=_common.non_negative_int, default=20,
-                        help="iterations of the published eager loop to time against (0: skip)")
+    _common.add_plastic_comparison(parser, "error", eager_iterations=20)
     return parser
-
-
-def _blocks(values, every):
-    return [sum(values[i:i + every]) / len(values[i:i + every]) for i in range(0, len(values), every)]
 
 
 def main(argv=None):
@@ -172,8 +158,8 @@ def main(argv=None):
     every = args.report_every
     rows = [{"iteration": min(i + every, args.iterations), "plastic_error": pe, "plastic_loss": pl,
              "nonplastic_error": fe, "nonplastic_loss": fl}
-            for i, pe, pl, fe, fl in zip(range(0, args.iterations, every), _blocks(p_err, every),
-                                         _blocks(p_loss, every), _blocks(f_err, every), _blocks(f_loss, every))]
+            for i, pe, pl, fe, fl in zip(range(0, args.iterations, every),
+                                         *(_common.block_means(v, every) for v in (p_err, p_loss, f_err, f_loss)))]
     _common.write_curve(args.out, rows, "iteration",
                         [("plastic_error", "plastic"), ("nonplastic_error", "non-plastic")],
                         "fraction of wrong bits (mean over the block)", "Pattern completion (Miconi et al. 2018)")

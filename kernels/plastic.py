@@ -314,8 +314,9 @@ class TritonSteps:
         x = p.x
         launch(
             _forward_sequence_kernel, (p.B,),
-            x, p.weight, p.alpha, p.eta, _or_unread(p.bias, x), _or_unread(p.drive, x), _or_unread(p.y0, x), _or_unread(p.modulation, x), trace,
-            p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip, every,
+            x, p.weight, p.alpha, p.eta, _pointer(p.bias, x), _pointer(p.drive, x), _pointer(p.y0, x),
+            _pointer(p.modulation, x), trace, p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip,
+            every,
             HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
             BLOCK_O=block_o, BLOCK_I=block_i, num_warps=_sequence_warps(tile_bytes), **self._flags(p))
         return True
@@ -325,8 +326,8 @@ class TritonSteps:
         x = p.x
         launch(
             _forward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
-            x, p.weight, p.alpha, p.eta, _or_unread(p.bias, x), _or_unread(p.drive, x), pre, _or_unread(p.modulation, x), trace, p.output,
-            t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
+            x, p.weight, p.alpha, p.eta, _pointer(p.bias, x), _pointer(p.drive, x), pre, _pointer(p.modulation, x),
+            trace, p.output, t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
             HAS_DRIVE=p.drive is not None, UPDATE_ONLY=update_only, BLOCK_O=block_o,
             BLOCK_I=self._cols(p), **self._flags(p))
 
@@ -335,7 +336,7 @@ class TritonSteps:
         block_o = self.rows_per_block(p.out_features, p.in_features)
         launch(
             _backward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
-            p.weight, p.alpha, p.eta, pre, p.output, p.grad_output, carry, _or_unread(p.modulation, p.x), h, grad_trace,
+            p.weight, p.alpha, p.eta, pre, p.output, p.grad_output, carry, _pointer(p.modulation, p.x), h, grad_trace,
             grad_z, gpre_part, galpha_part, geta_part, gmod_rows, t, p.B, p.out_features, p.in_features, p.clip,
             RECONSTRUCT=reconstruct, BLOCK_O=block_o, BLOCK_I=self._cols(p), **self._flags(p))
 
@@ -352,7 +353,7 @@ def _check_matrix(p):
                          "more than the Triton kernels index in 32 bits")
 
 
-def _or_unread(t, fallback):
+def _pointer(t, fallback):
     """A real pointer for an argument the kernel will not read (its HAS_* flag is off)."""
     return t if t is not None else fallback
 

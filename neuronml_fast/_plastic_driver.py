@@ -86,9 +86,10 @@ def _contiguous(t):
 
 def _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
     acc = _alloc.accumulation_dtype(x.dtype)
+    c = _contiguous
     return PlasticCall(
-        x=_contiguous(x), weight=_contiguous(weight), alpha=_contiguous(alpha), eta=_contiguous(eta), bias=_contiguous(bias), drive=_contiguous(drive), y0=_contiguous(y0),
-        modulation=_contiguous(modulation),
+        x=c(x), weight=c(weight), alpha=c(alpha), eta=c(eta), bias=c(bias), drive=c(drive), y0=c(y0),
+        modulation=c(modulation),
         clip=torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device),
         recurrent=recurrent, rule=MODULATED if modulation is not None else RULE_CODES[rule],
         per_neuron=modulation is not None and modulation.dim() == 3, tanh=activation == "tanh",

@@ -35,8 +35,9 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
     output = _alloc.empty((T, B, out_features), dtype=x.dtype, device=x.device)
     checkpoints = _alloc.empty((-(-T // every), B, out_features, in_features), dtype=x.dtype, device=x.device)
     activity = None if modulator is None else _alloc.empty((T, B), dtype=x.dtype, device=x.device)
+    c = _contiguous
     _extensions.cpu().plastic_forward_out(
-        _contiguous(x), _contiguous(weight), _contiguous(alpha), float(eta.detach()), _contiguous(bias), _contiguous(drive), _contiguous(y0), _contiguous(modulation), clip, recurrent,
+        c(x), c(weight), c(alpha), float(eta.detach()), c(bias), c(drive), c(y0), c(modulation), clip, recurrent,
         _rule_code(rule, modulation, modulator), activation == "tanh", every, trace, output, checkpoints,
         *_modulator_args(modulator), activity)
     return output, trace, checkpoints, activity
@@ -61,11 +62,12 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     segment = new(every, B, out_features, in_features) if recomputes(clip, activation) else None
     grad_s = None if modulator is None else new(T, B)
     mod_weight, _, mod_fanout, mod_tanh = _modulator_args(modulator)
+    c = _contiguous
     _extensions.cpu().plastic_backward_out(
-        _contiguous(x), _contiguous(weight), _contiguous(alpha), float(eta.detach()), _contiguous(y0), _contiguous(modulation), clip, recurrent,
-        _rule_code(rule, modulation), activation == "tanh", every, _contiguous(output), _contiguous(grad_output), _contiguous(checkpoints), trace,
+        c(x), c(weight), c(alpha), float(eta.detach()), c(y0), c(modulation), clip, recurrent,
+        _rule_code(rule, modulation), activation == "tanh", every, c(output), c(grad_output), c(checkpoints), trace,
         grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment, mod_weight, mod_fanout,
-        mod_tanh, _contiguous(activity), grad_s)
+        mod_tanh, c(activity), grad_s)
     if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
         first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)
         pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, in_features))
