@@ -108,6 +108,7 @@ def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cli
     p.output = _alloc.empty((p.T, p.B, p.out_features), dtype=x.dtype, device=x.device)
     checkpoints = new(-(-p.T // every), p.B, p.out_features, p.in_features)
     activity = None if modulator is None else x.new_zeros((p.T, p.B))
+    unclipped = None if modulator is None else dataclasses.replace(p, has_clip=False)
     if p.T == 0 or p.B == 0 or (modulator is None and steps.sequence_forward(p, trace, checkpoints, every)):
         return p.output, trace, checkpoints, activity
     for t in range(p.T):
@@ -116,15 +117,16 @@ def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cli
         if modulator is None:
             steps.forward_step(p, t, p.pre(t).contiguous(), trace, update_only=False)
         else:
-            _modulated_step(steps, p, t, trace, modulator, activity)
+            _modulated_step(steps, p, unclipped, t, trace, modulator, activity)
     return p.output, trace, checkpoints, activity
 
 
-def _modulated_step(steps, p, t, trace, modulator, activity):
-    """Endogenous modulation: y_t first (a step whose update adds M_t = 0, unclipped: the trace is
-    unchanged), then the modulator's M_t from y_t, then the step's update with it."""
+def _modulated_step(steps, p, unclipped, t, trace, modulator, activity):
+    """Endogenous modulation: y_t first (a step of `unclipped`, p without its clip, whose update
+    adds M_t = 0: the trace is unchanged), then the modulator's M_t from y_t, then the step's
+    update with it."""
     pre = p.pre(t).contiguous()
-    steps.forward_step(dataclasses.replace(p, has_clip=False), t, pre, trace, update_only=False)
+    steps.forward_step(unclipped, t, pre, trace, update_only=False)
     s = p.output[t].to(p.acc) @ modulator.weight.to(p.acc) + modulator.bias.to(p.acc)
     activity[t] = torch.tanh(s) if modulator.tanh else s
     p.modulation[t] = activity[t][:, None] * modulator.fanout

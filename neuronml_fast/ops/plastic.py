@@ -329,9 +329,6 @@ def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---- public functions ----------------------------------------------------------------------
-
-
 # ---- the checkpoint policy (every backend keeps the traces the op asks for) -----------------
 
 
@@ -342,8 +339,6 @@ def recomputes(clip, activation):
 
 AMPLIFICATION_BUDGET = 256.0  # how much rounding may grow while reconstructing one segment
 COMPILE_CHECKPOINT_EVERY = 16  # eta cannot be read while tracing: a safe interval for eta <= 0.3
-
-
 
 
 def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
@@ -366,6 +361,8 @@ def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
         return steps
     return int(min(steps, max(1.0, math.log(AMPLIFICATION_BUDGET) / -math.log1p(-min(eta, 0.999)))))
 
+
+# ---- public functions ----------------------------------------------------------------------
 
 
 _GPU_BACKENDS = ("triton", "cuda")
