@@ -250,7 +250,9 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     python_requires=">=3.10",
-    packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.nn", "neuronml_fast.cpu", "neuronml_fast.cuda", "neuronml_fast.meta", "neuronml_fast.kernels"],
+    packages=["neuronml_fast", "neuronml_fast.ops", "neuronml_fast.ops.masked", "neuronml_fast.ops.plastic",
+              "neuronml_fast.ops.sensitivity", "neuronml_fast.ops.batch_norm", "neuronml_fast.nn", "neuronml_fast.cpu",
+              "neuronml_fast.meta", "neuronml_fast.kernels"],
     # The Triton kernels live in the top-level kernels/ folder but ship as neuronml_fast.kernels.
     package_dir={"neuronml_fast": "neuronml_fast", "neuronml_fast.kernels": "kernels"},
     install_requires=["torch>=2.6", "numpy"],

@@ -69,10 +69,10 @@ def _dtype(name):
 
 def _conv(dtype, k=3, *, stride=1, dilation=1, groups=1, bias=True, grad_pre=False, c_in=64, c_out=64, hw=14,
           batch=5, tasks=2, pre=True, input_grad=True, weight_grad=True):
-    """Forward and backward of a task-batched masked conv through kernels/masked.py."""
+    """Forward and backward of a task-batched masked conv through its Triton launcher."""
 
     def run():
-        from neuronml_fast.kernels import masked
+        from neuronml_fast.ops.masked import triton as masked
 
         torch, dt = _torch(), _dtype(dtype)
         x = torch.randn(tasks, batch, c_in, hw, hw, dtype=dt)
@@ -89,7 +89,7 @@ def _conv(dtype, k=3, *, stride=1, dilation=1, groups=1, bias=True, grad_pre=Fal
 
 def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tasks=4):
     def run():
-        from neuronml_fast.kernels import masked
+        from neuronml_fast.ops.masked import triton as masked
 
         torch, dt = _torch(), _dtype(dtype)
         x = torch.randn(tasks, rows, d_in, dtype=dt)
@@ -105,11 +105,11 @@ def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tas
 
 def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, activation="tanh",
              alpha_scalar=False, steps=3, batch=4, every=2):
-    """Forward and backward of a plastic layer through kernels/plastic.py (and _plastic_driver).
+    """Forward and backward of a plastic layer through its Triton launcher (and the GPU time loops).
     n <= 128 without clip takes the sequence kernel forward, anything else the step kernels."""
 
     def run():
-        from neuronml_fast.kernels import plastic
+        from neuronml_fast.ops.plastic import triton as plastic
 
         torch, dt = _torch(), _dtype(dtype)
         d_in = n if recurrent else n + 8
@@ -133,14 +133,12 @@ def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, ac
 
 def _sensitivity(dtype, *, rows, cols, bias=True):
     def run():
-        from neuronml_fast.kernels import sensitivity
+        from neuronml_fast.ops.sensitivity import triton as sensitivity
 
         torch, dt = _torch(), _dtype(dtype)
-        acc = torch.float64 if dt == torch.float64 else torch.float32
         w, g = torch.randn(rows, cols, dtype=dt), torch.randn(rows, cols, dtype=dt)
         b = torch.randn(rows, dtype=dt) if bias else None
-        sensitivity.neuron_sensitivity_out(w, g, b, None if b is None else torch.randn_like(b),
-                                           torch.empty(rows, dtype=acc), torch.empty(rows, dtype=acc))
+        sensitivity.neuron_sensitivity(w, g, b, None if b is None else torch.randn_like(b))
 
     return run
 

@@ -7,26 +7,9 @@ import time
 
 import torch
 
+from neuronml_fast.meta.cli import nonnegative_int, number_argument, positive_float, positive_int
 
-def _number(kind, expected, accept):
-    """An argparse type: `kind(text)` where `accept` holds, else a usage error naming what was expected."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    parse.__name__ = expected  # what argparse names in "invalid <type> value"
-    return parse
-
-
-positive_int = _number(int, "a positive integer", lambda v: v >= 1)
-non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-fraction = _number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
-positive_float = _number(float, "a positive number", lambda v: v > 0)
+fraction = number_argument(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
 def add_common(parser, iterations, out):
@@ -34,7 +17,7 @@ def add_common(parser, iterations, out):
     parser.add_argument("--out", default=out, help="folder for curve.csv, curve.png and summary.txt")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model and the task sampler")
-    parser.add_argument("--threads", type=non_negative_int, default=0,
+    parser.add_argument("--threads", type=nonnegative_int, default=0,
                         help="CPU threads for PyTorch (0: PyTorch's default)")
 
 
@@ -43,7 +26,7 @@ def add_plastic_comparison(parser, metric, eager_iterations):
     beside the published eager loop."""
     parser.add_argument("--report-every", type=positive_int, default=50,
                         help=f"iterations per point of the curve (mean {metric} over the block)")
-    parser.add_argument("--eager-iterations", type=non_negative_int, default=eager_iterations,
+    parser.add_argument("--eager-iterations", type=nonnegative_int, default=eager_iterations,
                         help="iterations of the published eager loop to time against (0: skip)")
 
 

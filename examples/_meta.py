@@ -8,7 +8,14 @@ import torch
 import _common
 
 
-def add_learner(parser):
+def add_learner(parser, *, shots, queries, meta_batch, inner_lr, hidden, hidden_help):
+    """The options every meta-learning example has; ``shots`` and ``queries`` as (default, help)."""
+    parser.add_argument("--shots", type=_common.positive_int, default=shots[0], help=shots[1])
+    parser.add_argument("--queries", type=_common.positive_int, default=queries[0], help=queries[1])
+    parser.add_argument("--meta-batch", type=_common.positive_int, default=meta_batch, help="tasks per meta-iteration")
+    parser.add_argument("--inner-lr", type=_common.positive_float, default=inner_lr, help="inner step size")
+    parser.add_argument("--meta-lr", type=_common.positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--hidden", type=_common.positive_int, default=hidden, help=hidden_help)
     parser.add_argument("--learner", choices=("fused", "reference"), default="fused",
                         help="fused: the package's layers, all tasks of a meta-batch at once; reference: plain "
                              "PyTorch, a Python loop over the tasks with one backward each (the eager baseline)")

@@ -39,22 +39,17 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common.add_common(parser, iterations=600, out="runs/omniglot_5way1shot")
-    _meta.add_learner(parser)
+    _meta.add_learner(parser, shots=(1, "labelled examples per class"),
+                      queries=(1, "query images per class for the meta-update and the evaluations"), meta_batch=32,
+                      inner_lr=0.4, hidden=64, hidden_help="filters per convolution")
     parser.add_argument("--data-root", required=True,
                         help="folder holding images_background.zip and images_evaluation.zip (or the folders)")
     parser.add_argument("--algo", choices=("maml", "neuronml"), default="maml", help="meta-learner")
     parser.add_argument("--target-active", type=_common.positive_float, default=0.5,
                         help="NeuronML: the fraction of neurons kept active")
     parser.add_argument("--ways", type=_common.positive_int, default=5, help="classes per task")
-    parser.add_argument("--shots", type=_common.positive_int, default=1, help="labelled examples per class")
-    parser.add_argument("--queries", type=_common.positive_int, default=1,
-                        help="query images per class for the meta-update and the evaluations")
-    parser.add_argument("--meta-batch", type=_common.positive_int, default=32, help="tasks per meta-iteration")
-    parser.add_argument("--inner-lr", type=_common.positive_float, default=0.4, help="inner step size")
     parser.add_argument("--inner-steps", type=_common.positive_int, default=1, help="inner steps in meta-training")
     parser.add_argument("--eval-inner-steps", type=_common.positive_int, default=3, help="inner steps at test time")
-    parser.add_argument("--meta-lr", type=_common.positive_float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--hidden", type=_common.positive_int, default=64, help="filters per convolution")
     parser.add_argument("--image-size", type=_common.positive_int, default=28, help="image side in pixels")
     parser.set_defaults(eval_every=100, eval_tasks=64)
     return parser

@@ -130,7 +130,7 @@ def build_parser():
     parser.add_argument("--cycles", type=_common.positive_int, default=2, help="presentations of each pattern")
     parser.add_argument("--present", type=_common.positive_int, default=6,
                         help="steps per presentation (the test pattern's too)")
-    parser.add_argument("--delay", type=_common.non_negative_int, default=4,
+    parser.add_argument("--delay", type=_common.nonnegative_int, default=4,
                         help="zero-input steps between presentations")
     parser.add_argument("--degrade", type=_common.fraction, default=0.5,
                         help="fraction of the test pattern's bits zeroed")

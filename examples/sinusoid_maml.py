@@ -33,14 +33,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common.add_common(parser, iterations=10000, out="runs/sinusoid_maml")
-    _meta.add_learner(parser)
-    parser.add_argument("--shots", type=_common.positive_int, default=10, help="K: examples per task to adapt on")
-    parser.add_argument("--queries", type=_common.positive_int, default=10,
-                        help="points per task for the meta-update (the final test uses 100)")
-    parser.add_argument("--meta-batch", type=_common.positive_int, default=25, help="tasks per meta-iteration")
-    parser.add_argument("--inner-lr", type=_common.positive_float, default=0.01, help="inner step size")
-    parser.add_argument("--meta-lr", type=_common.positive_float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--hidden", type=_common.positive_int, default=40, help="units per hidden layer")
+    _meta.add_learner(parser, shots=(10, "K: examples per task to adapt on"),
+                      queries=(10, "points per task for the meta-update (the final test uses 100)"), meta_batch=25,
+                      inner_lr=0.01, hidden=40, hidden_help="units per hidden layer")
     # A 40-unit network is too small to split across threads: one thread is fastest.
     parser.set_defaults(eval_every=1000, threads=1)
     return parser

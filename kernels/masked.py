@@ -1,8 +1,8 @@
 """Triton kernels for the masked (structure-gated) conv2d and linear layers (SPEC section 2).
 
-kernels (`_conv_forward_kernel`, `_conv_input_grad_kernel`, `_conv_weight_grad_kernel`) ->
-launchers (`conv2d_forward`, `conv2d_backward`, `linear_forward`, `linear_backward`). The
-reference, the custom ops and the autograd live in ``neuronml_fast/ops/masked.py``.
+The kernels `_conv_forward_kernel`, `_conv_input_grad_kernel` and `_conv_weight_grad_kernel`;
+their launcher is ``neuronml_fast/ops/masked/triton.py``, beside the reference, the custom ops
+and the other backends' launchers of the op family.
 
 Design:
 
@@ -25,16 +25,8 @@ Design:
   (gy is rounded to it, as an fp16/bf16 autograd would): 16-bit dots run on tensor cores.
 """
 
-import functools
-import math
-
-import torch
 import triton
 import triton.language as tl
-
-from neuronml_fast import _alloc, _conv_plan
-
-from ._common import accumulation_tl_dtype, launch
 
 # Pixels of one task the kernels index in 32 bits (with a block of headroom).
 MAX_PIXELS = 2**31 - 1 - 1024
@@ -220,127 +212,3 @@ def _conv_weight_grad_kernel(
     if reduce_here:
         tl.store(gb_ptr + row, sum_gy, mask=in_range)
         tl.store(gm_ptr + row, sum_mask, mask=in_range)
-
-
-# ---- launchers -------------------------------------------------------------------------------
-# Canonical task-batched tensors, as the custom ops pass them: x [T, N, C_in, H, W],
-# weight [T, C_out, C_in/groups, kH, kW], mask and bias [T, C_out].
-
-
-def _new(shape, like, dtype=None):
-    return _alloc.empty(shape, dtype=dtype or like.dtype, device=like.device)
-
-
-def _config(dtype):
-    """Tile sizes, warps and whether tl.dot applies (float64 takes the FMA path). Sized so that no
-    kernel spills registers on sm_80/sm_90 (bench/results/triton-aot.md): 16-bit 64 x 64 tiles on
-    4 warps spill in the backward kernels, and the FMA path's [M, K, N] product limits float64 to
-    K = 8."""
-    if dtype == torch.float64:
-        return dict(USE_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
-    if dtype == torch.float32:
-        return dict(USE_DOT=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
-    return dict(USE_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
-
-
-def _geometry(x, weight, stride, padding, dilation, groups):
-    T, N, CIN, H, W = x.shape
-    COUT, CIN_G, KH, KW = weight.shape[1:]
-    HO, WO = _conv_plan.output_hw(x, weight, stride, padding, dilation)
-    if max(N * H * W, N * HO * WO) > MAX_PIXELS:
-        raise ValueError(f"masked conv2d: {N} images of {H}x{W} pixels per task, over the {MAX_PIXELS} the "
-                         "kernels index in 32 bits; split the batch")
-    return dict(T=T, N=N, CIN=CIN, H=H, W=W, COUT=COUT, CIN_G=CIN_G, COUT_G=COUT // groups, G=groups, KH=KH, KW=KW,
-                HO=HO, WO=WO)
-
-
-def flat_grid(*blocks):
-    """The 1-D grid of a kernel whose programs run over the product of these block counts
-    (unflattened in the kernel by `_tile_ids`, first count fastest)."""
-    return (math.prod(blocks),)
-
-
-def forward_grid(geo, cfg):
-    return flat_grid(triton.cdiv(geo["N"] * geo["HO"] * geo["WO"], cfg["BLOCK_M"]),
-                     triton.cdiv(geo["COUT_G"], cfg["BLOCK_N"]), geo["T"] * geo["G"])
-
-
-def input_grad_grid(geo, cfg):
-    return flat_grid(triton.cdiv(geo["N"] * geo["H"] * geo["W"], cfg["BLOCK_M"]),
-                     triton.cdiv(geo["CIN_G"], cfg["BLOCK_N"]), geo["T"] * geo["G"])
-
-
-def weight_grad_grid(geo, cfg, splits, need_weight_grad):
-    columns = geo["CIN_G"] * geo["KH"] * geo["KW"]
-    return flat_grid(triton.cdiv(geo["COUT_G"], cfg["BLOCK_M"]),
-                     triton.cdiv(columns, cfg["BLOCK_N"]) if need_weight_grad else 1, geo["T"] * geo["G"] * splits)
-
-
-def _conv_args(geo, stride, padding, dilation):
-    return (geo["N"], geo["H"], geo["W"], geo["HO"], geo["WO"], geo["CIN"], geo["COUT"], geo["CIN_G"],
-            geo["COUT_G"], geo["G"], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-
-
-def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=True):
-    # out and pre are always contiguous here: contiguous_output needs nothing.
-    x, weight, mask = x.contiguous(), weight.contiguous(), mask.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
-    shape = (geo["T"], geo["N"], geo["COUT"], geo["HO"], geo["WO"])
-    out, pre = _new(shape, x), _new(shape, x)
-    if out.numel() == 0:
-        return out, pre
-    order, count = _conv_plan.compaction(mask, groups, skip_zero)
-    cfg = _config(x.dtype)
-    launch(
-        _conv_forward_kernel, forward_grid(geo, cfg),
-        x, weight, mask, bias if bias is not None else mask, order, count, out, pre,
-        *_conv_args(geo, stride, padding, dilation),
-        KH=geo["KH"], KW=geo["KW"], HAS_BIAS=bias is not None, WRITE_PRE=True,
-        ACC=accumulation_tl_dtype(x.dtype), **cfg)
-    return out, pre
-
-
-def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-                    need_input_grad, need_weight_grad, contiguous_input_grad=True):
-    # grad_input is always contiguous here: contiguous_input_grad needs nothing.
-    grad_out, x, weight, mask = grad_out.contiguous(), x.contiguous(), weight.contiguous(), mask.contiguous()
-    grad_pre = None if grad_pre is None else grad_pre.contiguous()
-    pre = None if pre is None else pre.contiguous()
-    geo = _geometry(x, weight, stride, padding, dilation, groups)
-    T, COUT = geo["T"], geo["COUT"]
-    acc_dtype = _alloc.accumulation_dtype(x.dtype)
-    order, count = _conv_plan.compaction(mask, groups, skip_zero)
-    cfg = _config(x.dtype)
-    acc = accumulation_tl_dtype(x.dtype)
-    conv_args = _conv_args(geo, stride, padding, dilation)
-
-    grad_input = x.new_empty((0,))
-    if need_input_grad:
-        grad_input = _new(x.shape, x)
-        if grad_input.numel():
-            launch(
-                _conv_input_grad_kernel, input_grad_grid(geo, cfg),
-                grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, order, count, grad_input,
-                *conv_args, KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, ACC=acc, **cfg)
-
-    pixels = geo["N"] * geo["HO"] * geo["WO"]
-    splits, per_split = _conv_plan.weight_grad_splits(pixels, cfg["BLOCK_K"])
-    K = geo["CIN_G"] * geo["KH"] * geo["KW"]
-    gw_part = _new((splits, T, COUT, K) if need_weight_grad else (1,), x, acc_dtype)
-    gb_part, gm_part = _new((splits, T, COUT), x, acc_dtype), _new((splits, T, COUT), x, acc_dtype)
-    if T * COUT:
-        launch(
-            _conv_weight_grad_kernel, weight_grad_grid(geo, cfg, splits, need_weight_grad),
-            grad_out, grad_pre if grad_pre is not None else grad_out, pre if pre is not None else grad_out, x, mask,
-            order, count, gw_part, gb_part, gm_part, T, *conv_args[:10], splits, per_split, *conv_args[10:],
-            KH=geo["KH"], KW=geo["KW"], HAS_GP=grad_pre is not None, HAS_PRE=pre is not None,
-            COMPUTE_GW=need_weight_grad, ACC=acc, **cfg)
-    grad_weight = x.new_empty((0,))
-    if need_weight_grad:
-        grad_weight = gw_part.sum(0).to(x.dtype).view(weight.shape)
-    return grad_input, grad_weight, gb_part.sum(0).to(x.dtype), gm_part.sum(0).to(x.dtype)
-
-
-linear_forward = functools.partial(_conv_plan.linear_forward, conv2d_forward)
-linear_backward = functools.partial(_conv_plan.linear_backward, conv2d_backward)

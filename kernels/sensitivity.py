@@ -1,14 +1,11 @@
 """Triton kernel for the per-neuron Taylor sensitivity (SPEC section 3).
 
-kernel (`_neuron_sensitivity_kernel`) -> launcher (`neuron_sensitivity_out`). The autograd
-rule, the custom-op registration and the eager reference live in
-``neuronml_fast/ops/sensitivity.py``.
+The kernel `_neuron_sensitivity_kernel`; its launcher is ``neuronml_fast/ops/sensitivity/triton.py``,
+beside the reference, the custom op and the other backends' launchers.
 """
 
 import triton
 import triton.language as tl
-
-from ._common import accumulation_tl_dtype, launch
 
 
 @triton.jit
@@ -35,31 +32,3 @@ def _neuron_sensitivity_kernel(
         taylor += b * gb
     tl.store(taylor_ptr + row, taylor, mask=row_ok)
     tl.store(sensitivity_ptr + row, tl.abs(taylor), mask=row_ok)
-
-
-def _tile(rows, cols):
-    """Short rows: many neurons per program; long rows: one wide row per program."""
-    block_cols = min(max(triton.next_power_of_2(max(cols, 1)), 16), 1024)
-    block_rows = max(1, min(triton.next_power_of_2(max(rows, 1)), 4096 // block_cols, 32))
-    return block_rows, block_cols
-
-
-def neuron_sensitivity_out(weight, grad_weight, bias, grad_bias, sensitivity, taylor):
-    """weight, grad_weight: [rows, cols], inner dimension contiguous. Writes both outputs."""
-    rows, cols = weight.shape
-    if rows == 0:
-        return
-    block_rows, block_cols = _tile(rows, cols)
-    has_bias = bias is not None
-    launch(
-        _neuron_sensitivity_kernel, (triton.cdiv(rows, block_rows),), weight, grad_weight,
-        bias if has_bias else weight, grad_bias if has_bias else weight,  # unused when HAS_BIAS is False
-        sensitivity, taylor,
-        rows, cols, weight.stride(0), grad_weight.stride(0),
-        bias.stride(0) if has_bias else 0, grad_bias.stride(0) if has_bias else 0,
-        HAS_BIAS=has_bias, ACC_DTYPE=accumulation_tl_dtype(weight.dtype),
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-    )
-
-
-__all__ = ["neuron_sensitivity_out"]

@@ -1,11 +1,9 @@
 """Output allocation for every kernel backend, in one place.
 
-Kernels never allocate their outputs: the code around them does, uninitialized buffers through
-`empty` here. Which code depends on the entry point (neuronml_fast/backends.py): for those that
-fill caller-allocated outputs (neuron_sensitivity, the batch-norm double backward) the op
-allocates them before the call; the masked and plastic entry points are launchers that allocate
-their kernels' buffers themselves and return the outputs (the CPU masked conv2d forward in C++,
-from the same pool, following `poisoning()`). With poisoning on (`NEURONML_FAST_POISON=1`, or
+Kernels never allocate their outputs: their launchers do (every launcher takes an op's inputs
+and returns its outputs, see neuronml_fast/backends.py), uninitialized buffers through `empty`
+here (the CPU masked conv2d forward launcher, in C++, from the same pool, following
+`poisoning()`). With poisoning on (`NEURONML_FAST_POISON=1`, or
 `poisoned()` in tests) every buffer from `empty` starts as NaN, so an element a kernel forgot to
 write shows up as NaN instead of passing by luck.
 

@@ -16,14 +16,15 @@ device that is usable here and has a kernel for the op and dtype. Its last resor
 happens. A backend named explicitly never falls back: it runs or raises.
 
 Every op registers itself once with `register_op`: its reference dtypes and, per kernel
-backend, the entry point (``"module:function"``, imported on first use) and its dtypes; the op
-calls ``kernel(op, backend)``, so the choice of backend is made here only. An op's entry points
-share its calling convention, one of two. Those of ``neuron_sensitivity`` and
-``batch_norm_rows_double_backward`` are ``fn(*inputs, *outputs)``: they fill outputs the op
-allocated (see `_alloc`). The masked and plastic entry points are launchers, ``fn(*inputs)``:
-they allocate their outputs themselves (see `_alloc`) and return them. Where a backend keeps
-an op's tensors in a layout of its own (the CPU masked conv2d: grouped NHWC), it also registers
-an object implementing the op's layout protocol (`layout`), so the op names no backend.
+backend, the module of that backend's launchers for the op's family and its dtypes. The module
+sits in the op's folder (``neuronml_fast/ops/<family>/<backend>.py``, beside the reference and
+the custom op) and is imported on first use: the Triton one imports triton. The op calls
+``launchers(op, backend).<function>(...)``, so the choice of backend is made here only, and a
+``grep`` for a launcher's name finds its call and every backend's definition. One calling
+convention for all of them: a launcher takes the op's inputs, allocates its outputs (see
+`_alloc`) and returns them. A family's launcher functions, and the layout object a backend may
+add where it keeps the op's tensors in a layout of its own (the CPU masked conv2d: grouped
+NHWC), are listed in the family's ``op.py``.
 """
 
 import contextlib
@@ -64,12 +65,11 @@ class Status:
 class OpEntry:
     name: str
     dtypes: dict  # backend -> frozenset of supported dtypes ("reference" included)
-    entry_points: dict  # kernel backend -> "module:function"
-    layouts: dict  # kernel backend -> "module:object", where the backend lays the op's tensors out its own way
+    modules: dict  # kernel backend -> the absolute name of its launcher module
 
 
 _ops = {}
-_kernel_cache = {}
+_launcher_cache = {}
 _status = {}
 
 
@@ -122,7 +122,7 @@ def refresh():
     """Re-probe the machine (after setting TRITON_INTERPRET, say)."""
     _status.clear()
     _status.update(_probe_status())
-    _kernel_cache.clear()
+    _launcher_cache.clear()
 
 
 def status(name=None):
@@ -187,17 +187,14 @@ def use_backend(name):
 # Ops and kernels.
 
 
-def register_op(name, *, reference=FLOAT_DTYPES, kernels, layouts=None):
-    """Declare an op: ``kernels`` maps a kernel backend to ``("module:function", dtypes)``;
-    ``layouts`` maps a backend whose kernels keep the op's tensors in a layout of their own to
-    ``"module:object"``, the object implementing the op's layout protocol (the op defines it and
-    uses its own default for every other backend)."""
-    layouts = layouts or {}
-    unknown = (set(kernels) | set(layouts)) - set(BACKENDS[1:])
+def register_op(name, *, reference=FLOAT_DTYPES, launchers):
+    """Declare an op: ``launchers`` maps a kernel backend to ``(module name, dtypes)``, the module
+    holding that backend's launchers for the op's family."""
+    unknown = set(launchers) - set(BACKENDS[1:])
     if unknown:
         raise ValueError(f"register_op({name!r}): unknown kernel backends {sorted(unknown)}")
-    dtypes = {"reference": frozenset(reference), **{b: frozenset(d) for b, (_, d) in kernels.items()}}
-    _ops[name] = OpEntry(name, dtypes, {b: path for b, (path, _) in kernels.items()}, dict(layouts))
+    dtypes = {"reference": frozenset(reference), **{b: frozenset(d) for b, (_, d) in launchers.items()}}
+    _ops[name] = OpEntry(name, dtypes, {b: module for b, (module, _) in launchers.items()})
 
 
 def ops():
@@ -243,43 +240,15 @@ def resolve(op, device_type, dtype, requested=None):
     return requested
 
 
-def kernel(op, backend):
-    """The kernel entry point of ``op`` on a compiled or Triton backend."""
+def launchers(op, backend):
+    """The launcher module of ``op`` on a kernel backend."""
     key = (op, backend)
-    if key not in _kernel_cache:
-        path = _ops[op].entry_points.get(backend)
-        if path is None:
-            raise NotImplementedError(f"backend {backend!r} has no kernel for {op}")
-        _kernel_cache[key] = _resolve(path, backend)
-    return _kernel_cache[key]
-
-
-def layout(op, backend, default):
-    """The layout object ``op`` registered for ``backend``, or ``default``."""
-    path = _ops[op].layouts.get(backend)
-    if path is None:
-        return default
-    key = (op, backend, "layout")
-    if key not in _kernel_cache:
-        _kernel_cache[key] = _resolve(path, backend)
-    return _kernel_cache[key]
-
-
-def _resolve(path, backend):
-    """The object a ``"module:name"`` entry names (a compiled extension's, or a Python module's)."""
-    module_name, name = path.split(":")
-    if module_name.startswith("neuronml_fast._C_"):
-        extension = module_name.rsplit(".", 1)[1]
-        if extension == "_C_cuda":
-            extension = _extensions.cuda_name()
-            module = _extensions.cuda()
-        else:
-            module = _extensions.load(extension)
+    if key not in _launcher_cache:
+        module = _ops[op].modules.get(backend)
         if module is None:
-            raise RuntimeError(f"backend {backend!r} is not built: {_extensions.error(extension)}")
-    else:
-        module = importlib.import_module(module_name)
-    return getattr(module, name)
+            raise NotImplementedError(f"backend {backend!r} has no kernel for {op}")
+        _launcher_cache[key] = importlib.import_module(module)
+    return _launcher_cache[key]
 
 
 def plan(assume_device=False):

@@ -31,11 +31,11 @@ def test_cpu_extension_was_built():
 
 
 def test_the_plastic_rule_codes_are_one_fact():
-    # csrc/common/plastic_rule.h for the C++ and CUDA kernels, _plastic_driver for the Python
+    # csrc/common/plastic_rule.h for the C++ and CUDA kernels, ops/plastic/rules.py for the Python
     # launchers and the Triton kernels: every compiled extension exports its codes.
-    from neuronml_fast import _plastic_driver as driver
+    from neuronml_fast.ops.plastic import rules
 
-    python = {**driver.RULE_CODES, "modulated": driver.MODULATED}
+    python = {**rules.RULE_CODES, "modulated": rules.MODULATED}
     for name in ("_C_cpu", "_C_cuda", "_C_cuda_emulated"):
         module = _extensions.load(name)
         if module is not None:

@@ -133,7 +133,7 @@ def test_conv4_block_shape_matches_onednn():
 
 @pytest.mark.parametrize("tasks", [None, 3])
 def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks, monkeypatch):
-    from neuronml_fast.cpu import masked as cpu_masked
+    from neuronml_fast.ops.masked import cpu as cpu_masked
     calls = []
     for name in ("_weight_grad", "_input_grad"):
         original = getattr(cpu_masked, name)

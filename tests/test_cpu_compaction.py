@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuronml_fast import _extensions
-from neuronml_fast.cpu import masked as cpu_masked
+from neuronml_fast.ops.masked import cpu as cpu_masked
 
 ext = _extensions.cpu()
 pytestmark = pytest.mark.skipif(ext is None, reason="C++ CPU extension not built")

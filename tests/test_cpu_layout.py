@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import neuronml_fast as nf
 from neuronml_fast import _alloc, _extensions
-from neuronml_fast.cpu import masked as cpu_masked
+from neuronml_fast.ops.masked import cpu as cpu_masked
 from neuronml_fast.ops.masked import masked_conv2d_reference
 
 ext = _extensions.cpu()

@@ -228,7 +228,7 @@ def test_long_sequence_float32_gradients_stay_accurate(backend, device, clip):
 def test_training_memory_does_not_grow_with_sequence_length(backend, device):
     # What autograd keeps for the backward: O(B * N^2) for the fused op, whatever T (here up to
     # T = 500 at eta = 0.01; past ln(256) / -ln(1 - eta) = 550 steps one more trace is kept every
-    # 550 steps, see checkpoint_every in neuronml_fast/ops/plastic.py).
+    # 550 steps, see checkpoint_every in neuronml_fast/ops/plastic/op.py).
     def saved(T):
         args = _rnn_args(T=T, B=4, N=64, dtype=torch.float32)
         with torch.no_grad():

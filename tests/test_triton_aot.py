@@ -11,7 +11,7 @@ import pytest
 
 from bench import triton_aot
 
-from neuronml_fast.kernels._common import MAX_GRID
+from neuronml_fast.ops._triton_launch import MAX_GRID
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

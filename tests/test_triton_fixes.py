@@ -9,9 +9,15 @@ import pathlib
 import pytest
 import torch
 
-from neuronml_fast.kernels import _common, masked, plastic
+from neuronml_fast.kernels import masked, plastic
+from neuronml_fast.ops import _triton_launch
+from neuronml_fast.ops.masked import triton as masked_launchers
+from neuronml_fast.ops.plastic import triton as plastic_launchers
 
-KERNELS_DIR = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The Triton kernels, their launchers and the one launch helper.
+TRITON_SOURCES = [*sorted((ROOT / "kernels").glob("*.py")), *sorted((ROOT / "neuronml_fast" / "ops").glob("*/triton.py")),
+                  ROOT / "neuronml_fast" / "ops" / "_triton_launch.py"]
 
 
 @pytest.fixture
@@ -33,8 +39,8 @@ def _conv(tasks, batch, channels, hw, groups, k=3, dtype=torch.float32):
     w = torch.empty(tasks, channels, channels // groups, k, k, **meta)
     mask = torch.empty(tasks, channels, **meta)
     conv = ((1, 1), (k // 2, k // 2), (1, 1), groups, True)
-    out, pre = masked.conv2d_forward(x, w, mask, mask, *conv)
-    masked.conv2d_backward(out, None, x, w, mask, pre, *conv, True, True)
+    out, pre = masked_launchers.conv2d_forward(x, w, mask, mask, *conv)
+    masked_launchers.conv2d_backward(out, None, x, w, mask, pre, *conv, True, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
@@ -48,7 +54,7 @@ def test_masked_conv_grids_stay_within_cuda_limits(launches, shape, dtype):
     assert {name for name, _ in launches} == {"_conv_forward_kernel", "_conv_input_grad_kernel",
                                               "_conv_weight_grad_kernel"}
     for name, grid in launches:
-        assert all(size <= limit for size, limit in zip(grid, _common.MAX_GRID)), (name, grid)
+        assert all(size <= limit for size, limit in zip(grid, _triton_launch.MAX_GRID)), (name, grid)
 
 
 def test_too_many_blocks_for_one_launch_is_a_clear_error(launches):
@@ -66,7 +72,7 @@ def test_plastic_matrix_past_32_bit_indexing_is_a_clear_error(launches):
     n = 2**16
     x, w, eta = torch.empty(2, 1, n, **meta), torch.empty(n, n, **meta), torch.empty((), **meta)
     with pytest.raises(ValueError, match="index in 32 bits"):
-        plastic.plastic_forward(x, w, w, eta, None, None, None, None, None, None, True, "hebb", "tanh", 2)
+        plastic_launchers.plastic_forward(x, w, w, eta, None, None, None, None, None, None, True, "hebb", "tanh", 2)
 
 
 class _DeviceRecorder:
@@ -104,11 +110,11 @@ def test_launch_runs_on_the_device_of_its_tensors(monkeypatch):
             return lambda *args, **kwargs: events.append(("launch", grid))
 
     x = torch.Tensor._make_subclass(_OnSecondGpu, torch.zeros(2))
-    _common.launch(Kernel(), (3,), x, 5, FLAG=True)
+    _triton_launch.launch(Kernel(), (3,), x, 5, FLAG=True)
     assert events == [("enter", torch.device("cuda", 1)), ("launch", (3,)), ("exit",)]
 
     events.clear()
-    _common.launch(Kernel(), (3,), torch.zeros(2))  # CPU tensors (the interpreter): no CUDA device entered
+    _triton_launch.launch(Kernel(), (3,), torch.zeros(2))  # CPU tensors (the interpreter): no CUDA device entered
     assert events == [("launch", (3,))]
 
 
@@ -118,11 +124,11 @@ def _subscript_calls(tree):
 
 
 def test_every_triton_launch_goes_through_the_launch_helper():
-    for path in sorted(KERNELS_DIR.glob("*.py")):
+    for path in TRITON_SOURCES:
         tree = ast.parse(path.read_text())
-        if path.name == "_common.py":
+        if path.name == "_triton_launch.py":
             helper = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "launch")
             assert len(_subscript_calls(helper)) == len(_subscript_calls(tree)) == 1
             continue
         direct = [f"{path.name}:{n.lineno}" for n in _subscript_calls(tree)]
-        assert not direct, f"launch these through kernels._common.launch: {direct}"
+        assert not direct, f"launch these through neuronml_fast/ops/_triton_launch.py: {direct}"

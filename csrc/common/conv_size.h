@@ -1,5 +1,5 @@
 // The output size of a convolution along one dimension (torch's formula), for both bindings.
-// Framework-free. Python: neuronml_fast/_conv_plan.py `output_hw`.
+// Framework-free. Python: neuronml_fast/ops/masked/reference.py `conv_output_hw`.
 #pragma once
 #include <cstdint>
 

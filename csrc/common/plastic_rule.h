@@ -1,5 +1,5 @@
 // The plastic trace rules' codes, for the CPU and CUDA kernels and both bindings. Framework-free.
-// Python: neuronml_fast/_plastic_driver.py (HEBB, OJA, MODULATED), which the Triton kernels and
+// Python: neuronml_fast/ops/plastic/rules.py (HEBB, OJA, MODULATED), which the Triton kernels and
 // every launcher use; a test checks that both extensions export these same values.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Layout changes of activations on the CPU. Framework-free.
 //
-// The CPU masked convolution runs in grouped NHWC (csrc/cpu/masked.h, neuronml_fast/cpu/masked.py):
+// The CPU masked convolution runs in grouped NHWC (csrc/cpu/masked.h, neuronml_fast/ops/masked/cpu.py):
 // a task-batched activation [T, N, C, H, W] is stored as [N, H, W, T, C]. A user's NCHW input is
 // copied into it once per call; torch's strided copy does that at about half the copy bandwidth,
 // this one in 8 x 8 register transposes.

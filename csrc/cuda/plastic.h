@@ -1,5 +1,5 @@
 // Hebbian plasticity on CUDA (SPEC section 4): the step kernels behind the shared time loops of
-// neuronml_fast/_plastic_driver.py (same contract as the Triton step kernels in kernels/plastic.py).
+// neuronml_fast/ops/plastic/gpu.py (same contract as the Triton step kernels in kernels/plastic.py).
 // Framework-free; bindings.cpp validates tensors and calls in. float and double only.
 #pragma once
 #include <cstdint>
@@ -37,7 +37,7 @@ cudaError_t plastic_forward_step(bool is_double, const PlasticStep& s, const voi
                                  const void* drive, const void* pre, const void* modulation, void* trace,
                                  void* output, bool update_only, cudaStream_t stream);
 
-// One reverse step; buffers as in neuronml_fast/_plastic_driver.py (all in the accumulation type
+// One reverse step; buffers as in neuronml_fast/ops/plastic/gpu.py (all in the accumulation type
 // except output / grad_output / weight / alpha / modulation, in the input type).
 cudaError_t plastic_backward_step(bool is_double, const PlasticStep& s, const void* weight, const void* alpha,
                                   const void* eta, const void* clip, const void* pre, const void* output,

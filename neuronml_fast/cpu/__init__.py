@@ -1,7 +1,6 @@
-"""Python launchers of the C++ CPU backend (ATen dense cores around the fused C++ kernels).
-
-The backend's large outputs come from a buffer pool (see neuronml_fast/_alloc.py); these
-mirror torch.cuda's caching-allocator controls for it.
+"""The C++ CPU backend's buffer pool: its large outputs come from it (see neuronml_fast/_alloc.py);
+these mirror torch.cuda's caching-allocator controls for it. The backend's launchers live with
+their ops, in ``neuronml_fast/ops/<family>/cpu.py``.
 """
 
 from .._alloc import cpu_pool_stats as pool_stats

@@ -85,7 +85,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
-def _number(kind, expected, accept):
+def number_argument(kind, expected, accept):
+    """An argparse type: ``kind(text)`` where ``accept`` holds it, else a usage error naming what was
+    expected (the examples' arguments use it too)."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -99,11 +102,11 @@ def _number(kind, expected, accept):
     return parse
 
 
-_positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
-_nonnegative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-_positive_float = _number(float, "a number > 0", lambda v: v > 0 and v != float("inf"))
-_nonnegative_float = _number(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
-_fraction = _number(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
+positive_int = number_argument(int, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = number_argument(int, "an integer >= 0", lambda v: v >= 0)
+positive_float = number_argument(float, "a number > 0", lambda v: v > 0 and v != float("inf"))
+nonnegative_float = number_argument(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
+fraction = number_argument(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _add_common(parser):
@@ -112,31 +115,31 @@ def _add_common(parser):
     parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="task distribution")
     parser.add_argument("--data-root", default=None, help="folder holding images_background(.zip) and "
                         "images_evaluation(.zip); required for Omniglot")
-    parser.add_argument("--ways", type=_positive_int, default=5, help="classes per task (Omniglot)")
-    parser.add_argument("--shots", type=_positive_int, default=None,
+    parser.add_argument("--ways", type=positive_int, default=5, help="classes per task (Omniglot)")
+    parser.add_argument("--shots", type=positive_int, default=None,
                         help="support examples per class (Omniglot) or per task (sinusoid); "
                         "default: 1 (Omniglot), 10 (sinusoid)")
-    parser.add_argument("--queries", type=_positive_int, default=None,
+    parser.add_argument("--queries", type=positive_int, default=None,
                         help="query examples per class (Omniglot) or per task (sinusoid); "
                         "default: 15 (Omniglot), 10 (sinusoid)")
-    parser.add_argument("--meta-batch", type=_positive_int, default=None,
+    parser.add_argument("--meta-batch", type=positive_int, default=None,
                         help="tasks per meta-iteration; default: 32 (Omniglot), 25 (sinusoid)")
-    parser.add_argument("--inner-lr", type=_positive_float, default=None,
+    parser.add_argument("--inner-lr", type=positive_float, default=None,
                         help="inner-loop SGD step size; default: 0.4 (Omniglot), 0.01 (sinusoid)")
-    parser.add_argument("--inner-steps", type=_nonnegative_int, default=1, help="inner-loop SGD steps in training")
+    parser.add_argument("--inner-steps", type=nonnegative_int, default=1, help="inner-loop SGD steps in training")
     parser.add_argument("--first-order", action="store_true", help="first-order MAML (no second derivatives)")
     parser.add_argument("--downsample", choices=("stride", "pool"), default="stride",
                         help="Conv4 variant: stride-2 convs (Finn et al.'s Omniglot model) or max-pooling")
-    parser.add_argument("--target-active", type=_fraction, default=0.5,
+    parser.add_argument("--target-active", type=fraction, default=0.5,
                         help="NeuronML: fraction of neurons the frugality term holds active")
-    parser.add_argument("--lambda-frugality", type=_nonnegative_float, default=1.0,
+    parser.add_argument("--lambda-frugality", type=nonnegative_float, default=1.0,
                         help="NeuronML: weight of the frugality term")
-    parser.add_argument("--lambda-plasticity", type=_nonnegative_float, default=0.1,
+    parser.add_argument("--lambda-plasticity", type=nonnegative_float, default=0.1,
                         help="NeuronML: weight of the plasticity term (tasks use different neurons)")
-    parser.add_argument("--lambda-sensitivity", type=_nonnegative_float, default=0.1,
+    parser.add_argument("--lambda-sensitivity", type=nonnegative_float, default=0.1,
                         help="NeuronML: weight of the sensitivity term (active neurons are the important ones)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the task samplers")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
 
 
@@ -151,17 +154,17 @@ def build_parser():
                        help="reference: the plain PyTorch learner, tasks in a loop; auto, cpu, triton, cuda: the "
                        "fused learner, tasks batched, on that backend of the package (fused: deprecated "
                        "name of auto)")
-    train.add_argument("--iterations", type=_positive_int, default=1000, help="meta-iterations")
-    train.add_argument("--time-limit", type=_positive_float, default=None,
+    train.add_argument("--iterations", type=positive_int, default=1000, help="meta-iterations")
+    train.add_argument("--time-limit", type=positive_float, default=None,
                        help="stop meta-training after this many minutes")
-    train.add_argument("--meta-lr", type=_positive_float, default=1e-3, help="Adam learning rate of the meta-update")
-    train.add_argument("--eval-inner-steps", type=_nonnegative_int, default=None, help="inner steps at evaluation "
+    train.add_argument("--meta-lr", type=positive_float, default=1e-3, help="Adam learning rate of the meta-update")
+    train.add_argument("--eval-inner-steps", type=nonnegative_int, default=None, help="inner steps at evaluation "
                        "(default: 3 for Omniglot as in Finn et al., else --inner-steps)")
-    train.add_argument("--eval-every", type=_nonnegative_int, default=100,
+    train.add_argument("--eval-every", type=nonnegative_int, default=100,
                        help="meta-iterations between evaluations on held-out tasks; 0: only at the end")
-    train.add_argument("--eval-tasks", type=_positive_int, default=100, help="tasks per periodic evaluation")
-    train.add_argument("--test-tasks", type=_positive_int, default=600, help="evaluation tasks for the final test")
-    train.add_argument("--checkpoint-every", type=_nonnegative_int, default=100,
+    train.add_argument("--eval-tasks", type=positive_int, default=100, help="tasks per periodic evaluation")
+    train.add_argument("--test-tasks", type=positive_int, default=600, help="evaluation tasks for the final test")
+    train.add_argument("--checkpoint-every", type=nonnegative_int, default=100,
                        help="meta-iterations between checkpoints; 0: only at the end")
     existing = train.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/checkpoint.pt")
@@ -177,8 +180,8 @@ def build_parser():
     compare.add_argument("--backend", choices=tuple(b for b in BACKENDS if b != "reference")
                          + tuple(DEPRECATED_BACKENDS), default="auto",
                          help="the package backend the fused learner runs on (fused: deprecated name of auto)")
-    compare.add_argument("--repeats", type=_positive_int, default=5, help="timed meta-iterations per learner")
-    compare.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed meta-iterations per learner first")
+    compare.add_argument("--repeats", type=positive_int, default=5, help="timed meta-iterations per learner")
+    compare.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed meta-iterations per learner first")
     compare.add_argument("--synthetic", action="store_true", help="random images instead of Omniglot")
     compare.add_argument("--json", default=None, help="also write the timings to this file")
     scaling = commands.add_parser("scaling", help="time the same meta-batch on 1 rank x N threads and N ranks x 1 "
@@ -189,10 +192,10 @@ def build_parser():
     _add_common(scaling)
     scaling.add_argument("--backend", choices=("auto", "reference", "cpu"), default="auto",
                          help="reference: the plain PyTorch learner; auto, cpu: the fused learner on that backend")
-    scaling.add_argument("--ranks", type=_positive_int, default=2, help="N: processes of the distributed run, "
+    scaling.add_argument("--ranks", type=positive_int, default=2, help="N: processes of the distributed run, "
                          "and threads of the single-process run")
-    scaling.add_argument("--repeats", type=_positive_int, default=5, help="timed meta-iterations per configuration")
-    scaling.add_argument("--warmup", type=_nonnegative_int, default=1, help="untimed meta-iterations first")
+    scaling.add_argument("--repeats", type=positive_int, default=5, help="timed meta-iterations per configuration")
+    scaling.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed meta-iterations first")
     scaling.add_argument("--json", default=None, help="also write the timings to this file")
     _add_dist_timeout(scaling)
     parser.commands = {"train": train, "compare": compare, "scaling": scaling}  # errors after parsing show their usage
@@ -200,7 +203,7 @@ def build_parser():
 
 
 def _add_dist_timeout(parser):
-    parser.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
                         help="seconds a collective may wait for the other ranks (under torchrun) before the job "
                         "ends with an error naming the rank")
 
@@ -386,8 +389,8 @@ def evaluate(learner, sampler, round_, tasks, batch_size, steps, world=None):
     rows = []
     for start in range(mine.start, mine.stop, batch_size):
         indices = range(start, min(start + batch_size, mine.stop))
-        score, fraction = learner.evaluate(sampler.sample(round_, indices), steps)
-        rows.append(torch.stack([score.detach().cpu().double(), torch.full((len(indices),), float(fraction),
+        score, active = learner.evaluate(sampler.sample(round_, indices), steps)
+        rows.append(torch.stack([score.detach().cpu().double(), torch.full((len(indices),), float(active),
                                                                           dtype=torch.float64)], 1))
     rows = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
     rows = world.gather_shards(rows, tasks)
@@ -478,85 +481,121 @@ def _command(args, world):
     return f"torchrun --nnodes={nodes} --nproc_per_node={per_node} {module}"
 
 
+class _Run:
+    """A training run's state from iteration to iteration: what a checkpoint saves and a resume
+    restores."""
+
+    def __init__(self, args, world):
+        self.args, self.world = args, world
+        self.learner = build_learner(args, args.backend)
+        self.learner.task_gather = world.gather_tasks
+        self.optimizer = torch.optim.Adam(self.learner.module.parameters(), lr=args.meta_lr)
+        self.checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+        self.curve, self.iteration, self.elapsed = [], 0, 0.0
+
+    def resume(self):
+        state = _resume_state(self.args, self.checkpoint_path, self.world)
+        if state is None:
+            return
+        self.learner.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.curve, self.iteration, self.elapsed = state["curve"], state["iteration"], state["train_seconds"]
+        if self.world.is_main:
+            print(f"resumed from {self.checkpoint_path} at iteration {self.iteration} (written by "
+                  f"{state.get('world_size', 1)} rank(s), continued by {self.world.size})", file=sys.stderr)
+
+    def save_checkpoint(self):
+        # Every rank holds the same parameters after the all-reduce; the barrier makes rank 0's file
+        # the state of an iteration every rank has finished.
+        self.world.barrier(f"barrier before the checkpoint of iteration {self.iteration}")
+        if not self.world.is_main:
+            return
+        torch.save({"module": self.learner.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "tasks": TASK_SEEDS, "curve": self.curve, "iteration": self.iteration,
+                    "train_seconds": self.elapsed, "world_size": self.world.size, "args": vars(self.args)},
+                   self.checkpoint_path + ".tmp")
+        os.replace(self.checkpoint_path + ".tmp", self.checkpoint_path)
+
+    def out_of_time(self):
+        """One decision for every rank: a rank that stopped alone would leave the others waiting."""
+        limit = self.args.time_limit
+        if limit is None or not self.world.any(self.elapsed >= limit * 60):
+            return False
+        if self.world.is_main:
+            print(f"time limit of {limit} min reached at iteration {self.iteration}", file=sys.stderr)
+        return True
+
+    def meta_iteration(self, batch):
+        """One meta-update on this rank's share of the meta-batch; the averaged statistics."""
+        world, began = self.world, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        # NeuronML's backward all-gathers (reduce-scatters) its structure's gradients.
+        stats = world.run(f"meta-iteration {self.iteration + 1}", self.learner.meta_backward, batch)
+        stats = world.average_gradients(self.learner.module.parameters(), stats,
+                                        f"all-reduce of the meta-gradient of iteration {self.iteration + 1}")
+        self.optimizer.step()
+        self.elapsed += time.perf_counter() - began
+        self.iteration += 1
+        return stats
+
+
 def _train(args, data, world=None):
     world = world or World()
     if world.is_main:
         if args.overwrite:
             _clear_run(args.out)
         os.makedirs(args.out, exist_ok=True)
-    regression = args.dataset == "sinusoid"
-    background, evaluation = data.get("background"), data.get("evaluation")
-    train_tasks = _Sampler(args, "train", background)
-    val_tasks = _Sampler(args, "validation", evaluation)
-    learner = build_learner(args, args.backend)
-    learner.task_gather = world.gather_tasks
-    optimizer = torch.optim.Adam(learner.module.parameters(), lr=args.meta_lr)
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    curve, start, elapsed = [], 0, 0.0
-    state = _resume_state(args, checkpoint_path, world) if args.resume else None
-    if state is not None:
-        learner.module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        curve, start, elapsed = state["curve"], state["iteration"], state["train_seconds"]
-        if world.is_main:
-            print(f"resumed from {checkpoint_path} at iteration {start} (written by {state.get('world_size', 1)} "
-                  f"rank(s), continued by {world.size})", file=sys.stderr)
-
-    def save_checkpoint(iteration):
-        # Every rank holds the same parameters after the all-reduce; the barrier makes rank 0's file
-        # the state of an iteration every rank has finished.
-        world.barrier(f"barrier before the checkpoint of iteration {iteration}")
-        if not world.is_main:
-            return
-        torch.save({"module": learner.module.state_dict(), "optimizer": optimizer.state_dict(), "tasks": TASK_SEEDS,
-                    "curve": curve, "iteration": iteration, "train_seconds": elapsed, "world_size": world.size,
-                    "args": vars(args)}, checkpoint_path + ".tmp")
-        os.replace(checkpoint_path + ".tmp", checkpoint_path)
-
+    train_tasks = _Sampler(args, "train", data.get("background"))
+    val_tasks = _Sampler(args, "validation", data.get("evaluation"))
+    run = _Run(args, world)
+    if args.resume:
+        run.resume()
     per_rank = args.meta_batch // world.size
+    _meta_train(run, train_tasks, val_tasks, per_rank)
+    run.save_checkpoint()
+    return _test_and_report(run, data, per_rank)
+
+
+def _meta_train(run, train_tasks, val_tasks, per_rank):
+    """Meta-iterations up to ``--iterations`` (or the time limit), with validation and checkpoints."""
+    args, world = run.args, run.world
     mine = range(world.rank * per_rank, (world.rank + 1) * per_rank)
-    bar = _progress(args.iterations, start) if world.is_main else None
-    iteration = start
-    metric = "mse" if regression else "accuracy"
-    while iteration < args.iterations:
-        # One decision for every rank: a rank that stopped alone would leave the others waiting.
-        if args.time_limit is not None and world.any(elapsed >= args.time_limit * 60):
-            if world.is_main:
-                print(f"time limit of {args.time_limit} min reached at iteration {iteration}", file=sys.stderr)
-            break
-        batch = train_tasks.sample(iteration, mine)
-        began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        # NeuronML's backward all-gathers (reduce-scatters) its structure's gradients.
-        stats = world.run(f"meta-iteration {iteration + 1}", learner.meta_backward, batch)
-        stats = world.average_gradients(learner.module.parameters(), stats,
-                                        f"all-reduce of the meta-gradient of iteration {iteration + 1}")
-        optimizer.step()
-        elapsed += time.perf_counter() - began
-        iteration += 1
-        row = {"iteration": iteration, "train_seconds": round(elapsed, 3), "meta_loss": stats["loss"],
+    metric = _metric(args)
+    bar = _progress(args.iterations, run.iteration) if world.is_main else None
+    while run.iteration < args.iterations and not run.out_of_time():
+        stats = run.meta_iteration(train_tasks.sample(run.iteration, mine))
+        iteration = run.iteration
+        row = {"iteration": iteration, "train_seconds": round(run.elapsed, 3), "meta_loss": stats["loss"],
                f"train_{metric}": stats["score"], "active_fraction": stats["active_fraction"]}
         if (args.eval_every > 0 and iteration % args.eval_every == 0) or iteration == args.iterations:
-            scores, _ = evaluate(learner, val_tasks, iteration, args.eval_tasks, per_rank, args.eval_inner_steps,
+            scores, _ = evaluate(run.learner, val_tasks, iteration, args.eval_tasks, per_rank, args.eval_inner_steps,
                                  world)
             row[f"val_{metric}"] = float(scores.mean())
-        curve.append(row)
+        run.curve.append(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("meta_loss", f"val_{metric}",
                                                                             "active_fraction")})
         if args.checkpoint_every and iteration % args.checkpoint_every == 0:
-            save_checkpoint(iteration)
+            run.save_checkpoint()
     if bar is not None:
         bar.close()
-    save_checkpoint(iteration)
-    test_tasks = _Sampler(args, "test", evaluation)
+
+
+def _metric(args):
+    return "mse" if args.dataset == "sinusoid" else "accuracy"
+
+
+def _test_and_report(run, data, per_rank):
+    """The score on the test tasks, and results.json and the curve in ``--out``."""
+    args, world, metric = run.args, run.world, _metric(run.args)
+    test_tasks = _Sampler(args, "test", data.get("evaluation"))
     began = time.perf_counter()
-    scores, active = evaluate(learner, test_tasks, 0, args.test_tasks, per_rank, args.eval_inner_steps, world)
+    scores, active = evaluate(run.learner, test_tasks, 0, args.test_tasks, per_rank, args.eval_inner_steps, world)
     results = {
-        **run_config(args), "iterations": iteration, f"test_{metric}": float(scores.mean()), "ci95": ci95(scores),
-        "test_tasks": args.test_tasks,
-        "active_fraction": active, "sec_per_iter": elapsed / max(iteration, 1), "train_seconds": elapsed,
+        **run_config(args), "iterations": run.iteration, f"test_{metric}": float(scores.mean()),
+        "ci95": ci95(scores), "test_tasks": args.test_tasks, "active_fraction": active,
+        "sec_per_iter": run.elapsed / max(run.iteration, 1), "train_seconds": run.elapsed,
         "eval_seconds": time.perf_counter() - began, "seed": args.seed, "device": _device_name(args.device),
         **world.describe(), "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": _git_commit(),
         "command": _command(args, world),
@@ -564,9 +603,15 @@ def _train(args, data, world=None):
     if world.is_main:
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        _write_curve(curve, args.out, metric)
+        _write_curve(run.curve, args.out, metric)
         print(json.dumps(results, indent=2))
     return results
+
+
+def _timing_setup(args):
+    """The problem a timing command measured, for its report's first line."""
+    return (f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
+            f"{args.meta_batch}, {args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order")
 
 
 def _device_name(device):
@@ -646,9 +691,8 @@ def compare(args, data=None):
             _say(f"  {stage}: {name} {seconds:.3f} s")
     medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     base = medians["reference"]
-    print(f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
-          f"{args.meta_batch}, {args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order, "
-          f"{_device_name(args.device)}, {torch.get_num_threads()} threads; median of {args.repeats}")
+    print(f"{_timing_setup(args)}, {_device_name(args.device)}, {torch.get_num_threads()} threads; "
+          f"median of {args.repeats}")
     for name, median in medians.items():
         spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
         print(f"  {name:<16} {median:8.3f} s/iter  (range {spread})  reference/this = {base / median:5.2f}x")
@@ -742,9 +786,7 @@ def scaling(args):
             _say(f"timing {name}: {args.warmup} warm-up and {args.repeats} timed meta-iteration(s)")
             medians[name], times[name] = _timed_run(args, size, threads, os.path.join(folder, "seconds.json"))
     single, distributed = medians.values()
-    print(f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
-          f"{args.meta_batch}, {args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order, "
-          f"backend {args.backend}, {_device_name(args.device)}; median of {args.repeats}")
+    print(f"{_timing_setup(args)}, backend {args.backend}, {_device_name(args.device)}; median of {args.repeats}")
     for name, median in medians.items():
         spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
         print(f"  {name:<22} {median:8.3f} s/iter  (range {spread})")

@@ -2,12 +2,11 @@
 
 A backend passes its step kernels as the `steps` argument, an object with `rows_per_block`,
 `forward_step` (over sequence x block of rows), `sequence_forward` (the whole sequence in one
-launch, or False where it does not apply) and `backward_step` (the reverse step): `TritonSteps`
-in kernels/plastic.py, `CudaSteps` in neuronml_fast/cuda/plastic.py (duck-typed: no common base
-class). This module owns everything around them: buffers, checkpoints, the restart of the trace
-reconstruction from exact checkpoints, the forward recomputation of segments (clip, identity
-activation), the reductions of per-program partial sums, and the GEMM-shaped gradients. Same
-algorithm as the C++ CPU backend (csrc/cpu/plastic_kernels.inc, neuronml_fast/cpu/plastic.py).
+launch, or False where it does not apply) and `backward_step` (the reverse step):
+`triton.TritonSteps`, `cuda.CudaSteps` (duck-typed: no common base class). This module owns
+everything around them: buffers, checkpoints, the restart of the trace reconstruction from exact
+checkpoints, the forward recomputation of segments (clip, identity activation) and the reductions
+of per-program partial sums. Same algorithm as the C++ CPU backend (csrc/cpu/plastic_kernels.inc).
 No host synchronization inside the loops.
 
 Partial-sum contract of a reverse step, ``blocks = ceil(OUT / rows_per_block)``:
@@ -21,12 +20,9 @@ from typing import Optional
 
 import torch
 
-from . import _alloc
-from .ops.plastic import recomputes
-
-# The rule codes of every plastic kernel (csrc/common/plastic_rule.h for the C++ and CUDA ones).
-HEBB, OJA, MODULATED = 0, 1, 2
-RULE_CODES = {"hebb": HEBB, "oja": OJA}
+from ... import _alloc
+from .op import recomputes
+from .rules import MODULATED, RULE_CODES
 
 
 @dataclasses.dataclass
@@ -51,21 +47,10 @@ class PlasticCall:
     output: Optional[torch.Tensor] = None
     grad_output: Optional[torch.Tensor] = None
 
-    @property
-    def T(self):
-        return self.x.shape[0]
-
-    @property
-    def B(self):
-        return self.x.shape[1]
-
-    @property
-    def out_features(self):
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self):
-        return self.weight.shape[1]
+    T = property(lambda self: self.x.shape[0])  # steps
+    B = property(lambda self: self.x.shape[1])  # sequences
+    out_features = property(lambda self: self.weight.shape[0])
+    in_features = property(lambda self: self.weight.shape[1])
 
     @property
     def acc(self):
@@ -152,8 +137,7 @@ def _modulator_step_grad(p, t, pre, h, grad_trace, modulator, activity, carry):
 
 def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
              clip, recurrent, rule, activation, every, modulator=None, activity=None):
-    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds [T, B] of
-    the modulator (None without one). Under a modulator, `modulation` is the M_t its forward computed."""
+    """`op.py`'s plastic_backward contract. Under a modulator, `modulation` is the M_t its forward computed."""
     p = _plastic_call(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
     p.output, p.grad_output = _contiguous(output), _contiguous(grad_output)
     T, B, O, I, acc = p.T, p.B, p.out_features, p.in_features, p.acc
@@ -192,18 +176,8 @@ def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulatio
             grad_pre[t] = gp
         if grad_mod is not None:
             grad_mod[t] = buffers["gmod_rows"] if modulation.dim() == 3 else buffers["gmod_rows"].sum(1)
-    grad_z = buffers["grad_z"]
-    if recurrent:
-        first = (y0 if y0 is not None else x.new_zeros((B, O))).unsqueeze(0)
-        pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, I))
-        grad_input, grad_y0 = grad_z, carry
-    else:
-        pre, grad_input, grad_y0 = x, grad_pre, None
-    grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre.to(acc))
     galpha = buffers["galpha_part"]
     grad_alpha = galpha.sum() if p.alpha_scalar else galpha.sum(0)
     cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
-    grad_drive = None if recurrent else grad_z
-    return (cast(grad_input), cast(grad_weight), cast(grad_alpha).view(alpha.shape),
-            cast(buffers["geta_part"].sum()), cast(grad_trace), cast(grad_z.sum((0, 1))), cast(grad_drive),
-            cast(grad_y0), cast(grad_mod), grad_s)
+    return (buffers["grad_z"], grad_pre, cast(grad_alpha).view(alpha.shape), cast(buffers["geta_part"].sum()),
+            cast(grad_trace), cast(carry) if recurrent else None, cast(grad_mod), grad_s)

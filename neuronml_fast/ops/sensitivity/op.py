@@ -2,13 +2,15 @@
 
     s[c] = | sum_k weight[c, k] * grad_weight[c, k] + bias[c] * grad_bias[c] |
 
-Where things are:
+Where things are (this folder):
 
-* reference (the oracle):       `neuron_sensitivity_reference`, below
-* kernels:                      kernels/sensitivity.py (Triton), csrc/cpu/sensitivity.cpp,
-                                csrc/cuda/sensitivity.cu, bound in csrc/*/bindings.cpp
-* custom op + fake + autograd + vmap:  `neuronml_fast::neuron_sensitivity`, below
-* public function:              `neuron_sensitivity` (exported as ``nf.neuron_sensitivity``)
+* ``reference.py``: `neuron_sensitivity_reference`, the oracle.
+* ``op.py`` (here): the custom op ``neuronml_fast::neuron_sensitivity`` with its fake, autograd
+  and vmap rule, and the public function `neuron_sensitivity` (``nf.neuron_sensitivity``).
+* launchers, one module per backend, each with ``neuron_sensitivity(weight, grad_weight, bias,
+  grad_bias) -> (sensitivity, taylor)`` on ``[rows, cols]`` views with a contiguous inner
+  dimension: ``cpu.py`` (csrc/cpu/sensitivity.cpp), ``triton.py`` (kernels/sensitivity.py),
+  ``cuda.py`` (csrc/cuda/sensitivity.cu).
 
 Output dtype: the accumulation dtype, float64 for float64 inputs and float32 otherwise, so a
 bf16/fp16 model gets a float32 sensitivity (documented in the README, pinned by a test).
@@ -20,28 +22,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _alloc, _checks, backends
-from ._vmap import merge_batch
+from ... import _alloc, _checks, backends
+from .._vmap import merge_batch
+from .reference import neuron_sensitivity_reference
 
 OP = "neuron_sensitivity"
 
-backends.register_op(
-    OP,
-    kernels={
-        "cpu": ("neuronml_fast._C_cpu:neuron_sensitivity_out", backends.FULL_DTYPES),
-        "triton": ("neuronml_fast.kernels.sensitivity:neuron_sensitivity_out", backends.FLOAT_DTYPES),
-        "cuda": ("neuronml_fast._C_cuda:neuron_sensitivity_out", backends.FLOAT_DTYPES),
-    },
-)
-
-
-def neuron_sensitivity_reference(weight, grad_weight, bias=None, grad_bias=None):
-    """Plain eager PyTorch: the oracle every backend is tested against."""
-    acc = _alloc.accumulation_dtype(weight.dtype)
-    taylor = (weight.to(acc) * grad_weight.to(acc)).flatten(1).sum(1)
-    if bias is not None:
-        taylor = taylor + bias.to(acc) * grad_bias.to(acc)
-    return taylor.abs()
+backends.register_op(OP, launchers={
+    "cpu": ("neuronml_fast.ops.sensitivity.cpu", backends.FULL_DTYPES),
+    "triton": ("neuronml_fast.ops.sensitivity.triton", backends.FLOAT_DTYPES),
+    "cuda": ("neuronml_fast.ops.sensitivity.cuda", backends.FLOAT_DTYPES),
+})
 
 
 def _validate(weight, grad_weight, bias, grad_bias):
@@ -82,13 +73,15 @@ def neuron_sensitivity_op(
     weight: Tensor, grad_weight: Tensor, bias: Optional[Tensor], grad_bias: Optional[Tensor], backend: str
 ) -> tuple[Tensor, Tensor]:
     """Returns (sensitivity, taylor): |Taylor sum| and the signed sum the backward needs."""
-    rows = weight.shape[0]
-    acc = _alloc.accumulation_dtype(weight.dtype)
-    sensitivity = _alloc.empty((rows,), dtype=acc, device=weight.device)
-    taylor = _alloc.empty((rows,), dtype=acc, device=weight.device)
     weight_rows, grad_rows = _as_rows(weight, grad_weight)
-    backends.kernel(OP, backend)(weight_rows, grad_rows, bias, grad_bias, sensitivity, taylor)
-    return sensitivity, taylor
+    return backends.launchers(OP, backend).neuron_sensitivity(weight_rows, grad_rows, bias, grad_bias)
+
+
+def new_outputs(weight):
+    """Uninitialized (sensitivity, taylor) [rows] in the accumulation dtype, for the launchers."""
+    acc = _alloc.accumulation_dtype(weight.dtype)
+    return (_alloc.empty(weight.shape[:1], dtype=acc, device=weight.device),
+            _alloc.empty(weight.shape[:1], dtype=acc, device=weight.device))
 
 
 @neuron_sensitivity_op.register_fake

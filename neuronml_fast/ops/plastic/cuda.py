@@ -1,9 +1,11 @@
 """CUDA C++ step kernels of the plastic layers (csrc/cuda/plastic.cu) behind the shared time loops
-of neuronml_fast/_plastic_driver.py (the same contract as the Triton steps in kernels/plastic.py)."""
+of ``gpu.py`` (the same contract as the Triton steps of ``triton.py``)."""
 
 import functools
 
-from .. import _extensions, _plastic_driver
+from ... import _extensions
+from . import gpu
+
 
 class CudaSteps:
     @staticmethod
@@ -35,5 +37,5 @@ class CudaSteps:
             reconstruct)
 
 
-plastic_forward = functools.partial(_plastic_driver.forward, CudaSteps())
-plastic_backward = functools.partial(_plastic_driver.backward, CudaSteps())
+plastic_forward = functools.partial(gpu.forward, CudaSteps())
+plastic_backward = functools.partial(gpu.backward, CudaSteps())

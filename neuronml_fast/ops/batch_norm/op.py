@@ -11,16 +11,17 @@ The forward and the backward are ATen's fused ``native_batch_norm`` and
 time (it differentiates the inner step's BN backward), is one two-pass kernel instead of the
 ~25 full-size ops autograd composes it from.
 
-Where things are:
+Where things are (this folder):
 
-* reference (the oracle): `batch_norm_rows_double_backward_reference` (the closed form in plain
-  torch ops); the tests also check it against autograd's double backward of ``F.batch_norm``
-* kernel: csrc/cpu/batch_norm.cpp (C++ CPU). No Triton or CUDA kernel: on a GPU the double
-  backward runs the reference (``python -m neuronml_fast`` lists it)
-* custom op + fake: ``neuronml_fast::batch_norm_rows_double_backward``, below
-* autograd: `_BatchNormRows` (forward) and `_BatchNormRowsBackward` (its backward, whose own
-  backward is the double-backward op; a third derivative raises)
-* public function: `batch_norm_rows`
+* ``reference.py``: `batch_norm_rows_double_backward_reference` (the closed form in plain torch
+  ops), the oracle; the tests also check it against autograd's double backward of ``F.batch_norm``.
+* ``op.py`` (here): the custom op ``neuronml_fast::batch_norm_rows_double_backward`` and its
+  fake; autograd: `_BatchNormRows` (forward) and `_BatchNormRowsBackward` (its backward, whose own
+  backward is the double-backward op; a third derivative raises); the public function
+  `batch_norm_rows`.
+* ``cpu.py``, the launcher ``batch_norm_rows_double_backward`` (csrc/cpu/batch_norm.cpp). No
+  Triton or CUDA kernel: on a GPU the double backward runs the reference (``python -m
+  neuronml_fast`` lists it).
 """
 
 from typing import Optional
@@ -29,47 +30,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import _alloc, _checks, backends
+from ... import _checks, backends
+from .reference import batch_norm_rows_double_backward_reference
 
 OP = "batch_norm_rows_double_backward"
 
-backends.register_op(OP, kernels={
-    "cpu": ("neuronml_fast._C_cpu:batch_norm_rows_double_backward_out", backends.FULL_DTYPES),
-})
-
-
-def batch_norm_rows_double_backward_reference(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd):
-    """Gradients (w.r.t. grad_out, input, weight) of <u, dx> + <u_gamma, dweight> + <u_beta, dbias>,
-    where (dx, dweight, dbias) is batch norm's backward of ``grad_out`` (``u*`` may be None: zero).
-
-    Closed form (per channel, means over rows, r = invstd, x_hat = (x - mean) * r,
-    P(v) = v - mean(v) - x_hat * mean(v * x_hat)):
-        d grad_out = weight*r*P(u) + u_gamma*x_hat + u_beta
-        d input    = -weight*r^2*(K*x_hat + m1*P(u) + mux*P(g)) + u_gamma*r*P(g)
-        d weight   = r * R * K
-    with g = grad_out, m1 = mean(g*x_hat), mux = mean(u*x_hat), K = mean(u*g) - mean(u)*mean(g) - mux*m1.
-    """
-    rows = input.shape[0]
-    x_hat = (input - mean) * invstd
-    g = grad_out
-    zero = torch.zeros_like(weight)
-    g_bar, m1 = g.mean(0), (g * x_hat).mean(0)
-    if u is not None:
-        u_bar, mux, mug = u.mean(0), (u * x_hat).mean(0), (u * g).mean(0)
-    else:
-        u_bar = mux = mug = zero
-    u_gamma = zero if u_gamma is None else u_gamma
-    u_beta = zero if u_beta is None else u_beta
-    K = mug - u_bar * g_bar - mux * m1
-    p_g = g - g_bar - x_hat * m1
-    gr = weight * invstd
-    d_input = -gr * invstd * (K * x_hat + mux * p_g) + u_gamma * invstd * p_g
-    d_grad_out = u_gamma * x_hat + u_beta
-    if u is not None:
-        p_u = u - u_bar - x_hat * mux
-        d_input = d_input - gr * invstd * m1 * p_u
-        d_grad_out = d_grad_out + gr * p_u
-    return d_grad_out.expand_as(g), d_input, invstd * rows * K
+backends.register_op(OP, launchers={"cpu": ("neuronml_fast.ops.batch_norm.cpu", backends.FULL_DTYPES)})
 
 
 @torch.library.custom_op("neuronml_fast::batch_norm_rows_double_backward", mutates_args=())
@@ -78,13 +44,8 @@ def batch_norm_rows_double_backward_op(
     weight: Tensor, mean: Tensor, invstd: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(d grad_out, d input, d weight); see `batch_norm_rows_double_backward_reference`."""
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    new = lambda shape: _alloc.empty(shape, dtype=input.dtype, device=input.device)  # noqa: E731
-    d_grad_out, d_input, d_weight = new(input.shape), new(input.shape), new(weight.shape)
-    backends.kernel(OP, backend)(contiguous(u), contiguous(u_gamma), contiguous(u_beta), grad_out.contiguous(),
-                                 input.contiguous(), weight.contiguous(), mean.contiguous(), invstd.contiguous(),
-                                 d_grad_out, d_input, d_weight)
-    return d_grad_out, d_input, d_weight
+    return backends.launchers(OP, backend).batch_norm_rows_double_backward(u, u_gamma, u_beta, grad_out, input,
+                                                                            weight, mean, invstd)
 
 
 @batch_norm_rows_double_backward_op.register_fake

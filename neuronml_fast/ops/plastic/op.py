@@ -11,17 +11,20 @@ Rules (post = y[j], pre = x[i]):  "hebb"  H' = (1 - eta) H + eta post pre
                                       endogenous: M_t[j] = fanout[j] mod_act(mod_weight . y_t + mod_bias)
                                   clip c (plastic_rnn): H' <- clamp(H', -c, c)
 
-Where things are:
+Where things are (this folder):
 
-* reference (the oracle): `plastic_linear_reference`, `plastic_rnn_reference`, below. Eager
-  autograd keeps one trace per step: O(T * B * N^2) memory.
-* custom ops, autograd, the checkpoint policy and the public functions: below.
-* kernels: neuronml_fast/cpu/plastic.py + csrc/cpu/plastic.cpp (C++ CPU: the whole time loop);
-  kernels/plastic.py (Triton) and neuronml_fast/cuda/plastic.py + csrc/cuda/plastic.cu (CUDA C++)
-  supply step kernels (and a whole-sequence forward for N <= 128) to the time loops of
-  neuronml_fast/_plastic_driver.py. All: one fused pass over the trace per step (pre-activation
-  row and trace update together), and a backward that walks time in reverse, reconstructing each
-  trace from the next (the rules are invertible), so training memory is O(B * N^2) whatever T.
+* ``reference.py``: `plastic_linear_reference`, `plastic_rnn_reference`, the oracle.
+* ``op.py`` (here): argument checks, the custom ops ``neuronml_fast::plastic`` and
+  ``plastic_backward``, their fakes and autograd, the gradients that are the same on every
+  backend (weight, bias, drive, the modulator's), the checkpoint policy, the public functions.
+* launchers, one module per backend, each with ``plastic_forward`` and ``plastic_backward`` (the
+  contract below): ``cpu.py`` (the whole time loop in C++: csrc/cpu/plastic.cpp); ``gpu.py``, the
+  time loops the GPU backends share, with their step kernels in ``triton.py`` (kernels/plastic.py)
+  and ``cuda.py`` (csrc/cuda/plastic.cu). ``rules.py``: the rule codes every kernel takes.
+
+All: one fused pass over the trace per step (pre-activation row and trace update together), and
+a backward that walks time in reverse, reconstructing each trace from the next (the rules are
+invertible), so training memory is O(B * N^2) whatever T.
 """
 
 import math
@@ -30,103 +33,23 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import _alloc, _checks, backends
+from ... import _alloc, _checks, backends
+from .reference import plastic_linear_reference, plastic_rnn_reference
 
 RULES = ("hebb", "oja")
 ACTIVATIONS = ("tanh", "identity")
 
 
-# ---- reference -----------------------------------------------------------------------------
-
-
-def _activation(z, activation):
-    return torch.tanh(z) if activation == "tanh" else z
-
-
-def _rule(hebb, pre, post, eta, rule, modulation=None, clip=None):
-    """One trace update. hebb [B, out, in], pre [B, in], post [B, out], modulation [B] or [B, out]."""
-    outer = post[:, :, None] * pre[:, None, :]
-    if modulation is not None:
-        m = modulation[:, None, None] if modulation.dim() == 1 else modulation[:, :, None]
-        hebb = hebb + m * outer
-    elif rule == "hebb":
-        hebb = (1 - eta) * hebb + eta * outer
-    else:
-        hebb = hebb + eta * post[:, :, None] * (pre[:, None, :] - post[:, :, None] * hebb)
-    if clip is not None:
-        hebb = hebb.clamp(-clip, clip)
-    return hebb
-
-
-def _upcast(dtype, *tensors):
-    return [None if t is None else t.to(dtype) if torch.is_tensor(t) else t for t in tensors]
-
-
-def plastic_linear_reference(input, weight, alpha, eta, hebb=None, bias=None, drive=None, rule="hebb",
-                             activation="tanh"):
-    """Plain eager PyTorch, step by step: the oracle. Returns (output [T, B, out], hebb [B, out, in])."""
-    acc = _alloc.accumulation_dtype(input.dtype)
-    T, B = input.shape[:2]
-    out_features, in_features = weight.shape
-    x, weight, alpha, eta, hebb, bias, drive = _upcast(acc, input, weight, alpha, eta, hebb, bias, drive)
-    trace = x.new_zeros((B, out_features, in_features)) if hebb is None else hebb
-    outputs = []
-    for t in range(T):
-        z = torch.einsum("boi,bi->bo", weight + alpha * trace, x[t])
-        if bias is not None:
-            z = z + bias
-        if drive is not None:
-            z = z + drive[t]
-        y = _activation(z, activation)
-        outputs.append(y)
-        trace = _rule(trace, x[t], y, eta, rule)
-    output = torch.stack(outputs) if outputs else x.new_zeros((0, B, out_features))
-    return output.to(input.dtype), trace
-
-
-def endogenous_modulation(y, mod_weight, mod_bias=None, mod_fanout=None, mod_activation="tanh"):
-    """Backpropamine's modulator: ``M[b, j] = mod_fanout[j] * mod_act(mod_weight . y[b] + mod_bias)``.
-
-    ``y [B, N]`` -> ``[B, N]``, one value per postsynaptic neuron from one modulator neuron."""
-    s = y @ mod_weight
-    if mod_bias is not None:
-        s = s + mod_bias
-    m = _activation(s, mod_activation)[:, None]
-    return m if mod_fanout is None else m * mod_fanout
-
-
-def plastic_rnn_reference(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, clip=None, rule="hebb",
-                          activation="tanh", mod_weight=None, mod_bias=None, mod_fanout=None, mod_activation="tanh"):
-    """Plain eager PyTorch, step by step: the oracle. Returns (output [T, B, N], hebb [B, N, N])."""
-    acc = _alloc.accumulation_dtype(input.dtype)
-    T, B, N = input.shape
-    x, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout = _upcast(
-        acc, input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout)
-    trace = x.new_zeros((B, N, N)) if hebb is None else hebb
-    y = x.new_zeros((B, N)) if y0 is None else y0
-    outputs = []
-    for t in range(T):
-        y_new = _activation(torch.einsum("bji,bi->bj", weight + alpha * trace, y) + x[t], activation)
-        if mod_weight is not None:
-            m = endogenous_modulation(y_new, mod_weight, mod_bias, mod_fanout, mod_activation)
-        else:
-            m = None if modulation is None else modulation[t]
-        trace = _rule(trace, y, y_new, eta, rule, m, clip)
-        outputs.append(y_new)
-        y = y_new
-    output = torch.stack(outputs) if outputs else x.new_zeros((0, B, N))
-    return output.to(input.dtype), trace
-
-
 # ---- argument checks -----------------------------------------------------------------------
 
 OP = "plastic"
-for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
-    backends.register_op(OP + _suffix, kernels={
-        "cpu": (f"neuronml_fast.cpu.plastic:plastic_{_stage}", backends.FULL_DTYPES),
-        "triton": (f"neuronml_fast.kernels.plastic:plastic_{_stage}", backends.FULL_DTYPES),
-        "cuda": (f"neuronml_fast.cuda.plastic:plastic_{_stage}", backends.FULL_DTYPES),
-    })
+_LAUNCHERS = {
+    "cpu": ("neuronml_fast.ops.plastic.cpu", backends.FULL_DTYPES),
+    "triton": ("neuronml_fast.ops.plastic.triton", backends.FULL_DTYPES),
+    "cuda": ("neuronml_fast.ops.plastic.cuda", backends.FULL_DTYPES),
+}
+for _op in (OP, f"{OP}_backward"):
+    backends.register_op(_op, launchers=_LAUNCHERS)
 
 
 def _eta_number(eta):
@@ -198,14 +121,17 @@ def _validate_modulator(input, modulator, modulation):
 
 # ---- custom ops ----------------------------------------------------------------------------
 #
-# A backend's entry points:
+# A backend's launchers:
 #   plastic_forward(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule,
 #                   activation, checkpoint_every, modulator)
 #       -> (output, final hebb, checkpoints, the modulator's activity [T, B] or None)
 #   plastic_backward(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
 #                    checkpoints, clip, recurrent, rule, activation, checkpoint_every, modulator, activity)
-#       -> grads of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds [T, B]
-#          (the modulator neuron's pre-activation) or None
+#       -> (grad_z [T, B, out], grad_pre [T, B, in] (None for the rnn), and the grads of alpha, eta, hebb,
+#           y0 (None for a linear layer) and modulation (None without one), then dL/ds [T, B] (the
+#           modulator neuron's pre-activation) or None)
+#      grad_z (dL/dz_t, z the pre-activation), grad_pre and dL/ds in the accumulation dtype, the
+#      rest in the input's; `_dense_grads` and `_modulator_grads` make the GEMM-shaped rest.
 # `modulator` is None or a `Modulator` with every tensor present; under it the backward receives
 # the per-neuron modulation M_t the forward computed, as if it had been given.
 
@@ -238,7 +164,7 @@ def plastic_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(output [T, B, out], final hebb [B, out, in], the traces kept every checkpoint_every steps,
     the modulator's activity [T, B] (empty without a modulator))."""
-    output, trace, checkpoints, activity = backends.kernel(OP, backend)(
+    output, trace, checkpoints, activity = backends.launchers(OP, backend).plastic_forward(
         input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
         checkpoint_every, _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh))
     return output, trace, checkpoints, input.new_empty((0,)) if activity is None else activity
@@ -268,13 +194,38 @@ def plastic_backward_op(
     modulator = _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh)
     if modulator is not None:
         modulation = modulator.modulation(activity)
-    *grads, grad_s = backends.kernel(f"{OP}_backward", backend)(
+    grad_z, grad_pre, *grads, grad_s = backends.launchers(OP, backend).plastic_backward(
         grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
         recurrent, rule, activation, checkpoint_every, modulator, activity if modulator is not None else None)
+    grad_alpha, grad_eta, grad_hebb, grad_y0, grad_modulation = grads
+    grad_input, grad_weight, grad_bias, grad_drive = _dense_grads(input, y0, output, grad_z, grad_pre, recurrent)
+    grads = [grad_input, grad_weight, grad_alpha, grad_eta, grad_hebb, grad_bias, grad_drive, grad_y0,
+             grad_modulation, None, None, None]
     if modulator is not None:
-        grads[8:] = [None, *_modulator_grads(grad_s, grads[8], output, activity, input.dtype)]
-    grads += [None] * (12 - len(grads))
+        grads[8:] = [None, *_modulator_grads(grad_s, grad_modulation, output, activity, input.dtype)]
     return tuple(input.new_empty((0,)) if g is None else g for g in grads)
+
+
+def _presynaptic(x, y0, output, recurrent):
+    """The presynaptic activity of every step [T, B, in]: x_t, or y_{t-1} with y0 (or zeros) first."""
+    if not recurrent:
+        return x
+    T, B, N = output.shape
+    if T == 0:
+        return x.new_zeros((0, B, N))
+    first = (y0 if y0 is not None else x.new_zeros((B, N))).unsqueeze(0)
+    return torch.cat([first, output[:-1]])
+
+
+def _dense_grads(x, y0, output, grad_z, grad_pre, recurrent):
+    """Gradients of (input, weight, bias, drive) from dL/dz [T, B, out] and, for a linear layer, dL/dx:
+    GEMM-shaped reductions over time and batch, the same on every backend. The rnn's input enters
+    z directly, so its gradient is dL/dz itself."""
+    pre = _presynaptic(x, y0, output, recurrent).to(grad_z.dtype)
+    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
+    grad_input, grad_drive = (grad_z, None) if recurrent else (grad_pre, grad_z)
+    return (cast(grad_input), cast(torch.einsum("tbo,tbi->oi", grad_z, pre)), cast(grad_z.sum((0, 1))),
+            cast(grad_drive))
 
 
 def _modulator_grads(grad_s, grad_modulation, output, activity, dtype):
@@ -365,14 +316,11 @@ def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
 # ---- public functions ----------------------------------------------------------------------
 
 
-_GPU_BACKENDS = ("triton", "cuda")
-
-
-def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend):
+def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation):
     """Checks eta's domain and returns the checkpoint interval, reading eta on the host only where
     that costs nothing or the interval needs it.
 
-    The GPU backends keep the launch path free of device-to-host syncs: eta is read only when the
+    A device tensor's launch path stays free of device-to-host syncs: eta is read only when the
     trace reconstruction's checkpoint interval depends on it (hebb and oja under tanh, no clip, a
     device tensor), once, and that read also serves the domain check. Elsewhere (modulated rule,
     recomputed segments, a Python number) nothing is read and a device tensor's domain is checked on
@@ -383,7 +331,7 @@ def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, 
     compiling = torch.compiler.is_compiling()
     if number is not None:
         value = number
-    elif compiling or (backend in _GPU_BACKENDS and not needs_value):
+    elif compiling or (eta.device.type != "cpu" and not needs_value):
         value = None
     else:
         value = float(eta.detach())
@@ -406,7 +354,7 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
     backend = backends.resolve(OP, input.device.type, input.dtype)
-    every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
+    every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
     output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
@@ -438,7 +386,7 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     backend = backends.resolve(OP, input.device.type, input.dtype)
     clip = None if clip is None else float(clip)
     modulated = modulation is not None or mod_weight is not None
-    every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend)
+    every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation)
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation,
                                      mod_weight, mod_bias, mod_fanout, mod_activation)

@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from .. import _alloc, _extensions
+from ... import _alloc, _extensions
 
 
 @dataclasses.dataclass
@@ -152,7 +152,7 @@ class _GroupedNHWCCopy(torch.autograd.Function):
 
 
 class GroupedNHWCLayout:
-    """The masked conv2d layout protocol (`neuronml_fast.ops.masked.ContiguousConvLayout`) for
+    """The masked conv2d layout protocol (`op.ContiguousConvLayout`) for
     this backend: inputs converted to grouped NHWC, task-batched outputs left in it (the layout a
     stack of layers runs in without copies), single-task outputs and the input gradient of a
     caller's tensor contiguous or channels_last as PyTorch's conv2d gives them."""
@@ -177,7 +177,7 @@ class GroupedNHWCLayout:
         return channels_last_weight(weight.new_empty(weight.shape))
 
 
-CONV_LAYOUT = GroupedNHWCLayout()
+conv2d_layout = GroupedNHWCLayout()
 
 
 def is_plain_tensor(x):

@@ -6,49 +6,71 @@ Single-task or task-batched (each task its own weight, bias and mask, one call f
 ``skip_zero=True``: a neuron whose mask is exactly 0 is pruned: not computed, output exactly 0,
 all its gradients exactly 0.
 
-Where things are:
+Where things are (this folder):
 
-* reference (the oracle): `masked_conv2d_reference`, `masked_linear_reference`, below
-* kernels: neuronml_fast/cpu/masked.py + csrc/cpu/masked.cpp (C++ CPU: ATen dense core on the
-  compacted active neurons, fused C++ epilogue/prologue), kernels/masked.py (Triton implicit
-  GEMM), neuronml_fast/cuda/masked.py + csrc/cuda/masked.cu (CUDA C++ implicit GEMM)
-* custom ops: ``neuronml_fast::masked_conv2d`` / ``masked_linear`` return ``(out, pre)``
-  (``pre = conv + bias``, what the mask gradient needs) and ``..._backward`` return
-  ``(grad_input, grad_weight, grad_bias, grad_mask)``. Both are always task-batched
-  (``[T, N, ...]``); a single task is T = 1.
-* autograd (`_make_forward_autograd`, `_make_backward_autograd`): the backward is one fused op;
-  its own derivative is written with the forward and backward ops again (all of it is bilinear),
-  so every order of differentiation runs on the kernels (MAML's second order included).
-* vmap: a vmapped dimension merges into the task dimension: vmap over tasks is task batching.
-* public functions: `masked_conv2d`, `masked_linear` (exported as ``nf.masked_conv2d`` ...).
+* ``reference.py``: `masked_conv2d_reference`, `masked_linear_reference`, the oracle.
+* ``op.py`` (here): argument checks, the custom ops ``neuronml_fast::masked_conv2d`` /
+  ``masked_linear`` returning ``(out, pre)`` (``pre = conv + bias``, what the mask gradient
+  needs) and ``..._backward`` returning ``(grad_input, grad_weight, grad_bias, grad_mask)``, always
+  task-batched (``[T, N, ...]``; a single task is T = 1); their fakes, autograd and vmap rules;
+  the public functions `masked_conv2d`, `masked_linear` (exported as ``nf.masked_conv2d`` ...).
+* launchers, one module per backend, each with the four functions below (``MaskedLaunchers``):
+  ``cpu.py`` (ATen/oneDNN dense core on the compacted active neurons, fused C++ epilogue and
+  prologue: csrc/cpu/masked.cpp); ``gpu.py``, the driver the GPU backends share, with its
+  kernels in ``triton.py`` (kernels/masked.py) and ``cuda.py`` (csrc/cuda/masked.cu).
+
+The backward is one fused op; its own derivative is written with the forward and backward ops
+again (all of it is bilinear), so every order of differentiation runs on the kernels (MAML's
+second order included). A vmapped dimension merges into the task dimension: vmap over tasks is
+task batching.
 """
 
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _checks, _conv_plan, backends
-from ._vmap import merge_batch
+from ... import _checks, backends
+from .._vmap import merge_batch
+from .reference import conv_output_shape, masked_conv2d_reference, masked_linear_reference
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
-for _op, _family in ((CONV, "conv2d"), (LINEAR, "linear")):
-    for _suffix, _stage in (("", "forward"), ("_backward", "backward")):
-        backends.register_op(_op + _suffix, kernels={
-            "cpu": (f"neuronml_fast.cpu.masked:{_family}_{_stage}", backends.FULL_DTYPES),
-            "triton": (f"neuronml_fast.kernels.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
-            "cuda": (f"neuronml_fast.cuda.masked:{_family}_{_stage}", backends.FLOAT_DTYPES),
-        }, layouts={"cpu": "neuronml_fast.cpu.masked:CONV_LAYOUT"} if _op == CONV else None)
+_LAUNCHERS = {
+    "cpu": ("neuronml_fast.ops.masked.cpu", backends.FULL_DTYPES),
+    "triton": ("neuronml_fast.ops.masked.triton", backends.FLOAT_DTYPES),
+    "cuda": ("neuronml_fast.ops.masked.cuda", backends.FLOAT_DTYPES),
+}
+for _op in (CONV, f"{CONV}_backward", LINEAR, f"{LINEAR}_backward"):
+    backends.register_op(_op, launchers=_LAUNCHERS)
+
+
+class MaskedLaunchers(Protocol):
+    """What a backend's launcher module provides; tensors in the custom ops' task-batched form
+    (x [T, N, C_in, ...], weight [T, C_out, ...], mask and bias [T, C_out])."""
+
+    def conv2d_forward(self, x, weight, mask, bias, stride, padding, dilation, groups, skip_zero,
+                       contiguous_output): ...  # -> (out, pre)
+
+    def conv2d_backward(self, grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups,
+                        skip_zero, need_input_grad, need_weight_grad,
+                        contiguous_input_grad): ...  # -> (grad_input, grad_weight, grad_bias, grad_mask)
+
+    def linear_forward(self, x, weight, mask, bias, skip_zero): ...
+
+    def linear_backward(self, grad_out, grad_pre, x, weight, mask, pre, skip_zero, need_input_grad,
+                        need_weight_grad): ...
+
+    # Optional: ``conv2d_layout``, a `ContiguousConvLayout` for a backend whose kernels keep
+    # activations in a layout of their own.
 
 
 class ContiguousConvLayout:
     """The layout protocol of a masked conv2d backend, and its default: the kernels take the
     caller's tensors and write contiguous outputs and gradients. A backend whose kernels keep
-    activations in a layout of their own registers an object with these four methods (the CPU
-    backend: grouped NHWC, `neuronml_fast.cpu.masked.GroupedNHWCLayout`)."""
+    activations in a layout of their own gives its launcher module a ``conv2d_layout`` object
+    with these four methods (the CPU backend: grouped NHWC, `cpu.GroupedNHWCLayout`)."""
 
     def prepare(self, input, batched):
         """``(input for the kernels, contiguous_input_grad, contiguous_output)`` for a ``[T, N, C, H, W]``
@@ -70,48 +92,7 @@ _CONTIGUOUS = ContiguousConvLayout()
 
 
 def _layout(backend):
-    return backends.layout(CONV, backend, _CONTIGUOUS)
-
-
-# ---- reference -----------------------------------------------------------------------------
-
-
-def _gate(pre, mask, skip_zero, channel_dim):
-    shape = [1] * pre.dim()
-    shape[channel_dim] = -1
-    mask = mask.view(shape)
-    if not skip_zero:
-        return mask * pre
-    keep = mask != 0
-    # where() on both factors: a pruned neuron is exactly 0 with exactly-0 gradients, even if
-    # its pre-activation is inf or nan.
-    return torch.where(keep, mask, 0) * torch.where(keep, pre, 0)
-
-
-def masked_conv2d_reference(input, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                            skip_zero=True):
-    """Plain eager PyTorch; task-batched inputs are a Python loop over tasks."""
-    if input.dim() == 5:
-        outs = [
-            masked_conv2d_reference(input[t], weight[t], mask[t], None if bias is None else bias[t], stride,
-                                    padding, dilation, groups, skip_zero)
-            for t in range(input.shape[0])
-        ]
-        if outs:
-            return torch.stack(outs)
-        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-        return input.new_zeros(_conv_out_shape(input, weight, stride, padding, dilation))
-    pre = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    return _gate(pre, mask, skip_zero, channel_dim=1)
-
-
-def masked_linear_reference(input, weight, mask, bias=None, skip_zero=True):
-    """Plain eager PyTorch; task-batched inputs (3-d weight) are a Python loop over tasks."""
-    if weight.dim() == 3:
-        outs = [masked_linear_reference(input[t], weight[t], mask[t], None if bias is None else bias[t], skip_zero)
-                for t in range(weight.shape[0])]
-        return torch.stack(outs) if outs else input.new_zeros((*input.shape[:-1], weight.shape[1]))
-    return _gate(F.linear(input, weight, bias), mask, skip_zero, channel_dim=-1)
+    return getattr(backends.launchers(CONV, backend), "conv2d_layout", _CONTIGUOUS)
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -122,11 +103,6 @@ def _pair(value, name="stride"):
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return [int(v) for v in pair]
-
-
-def _conv_out_shape(x, weight, stride, padding, dilation):
-    """x [T, N, C, H, W] (or [N, C, H, W]), weight [..., C_out, C_in/g, kH, kW] -> output shape."""
-    return (*x.shape[:-3], weight.shape[-4], *_conv_plan.output_hw(x, weight, stride, padding, dilation))
 
 
 def _check_mask_and_bias(mask, bias, ref, shape):
@@ -157,7 +133,7 @@ def _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups)
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"stride, padding, dilation: expected stride >= 1, padding >= 0, dilation >= 1, "
                          f"got {stride}, {padding}, {dilation}")
-    out_shape = _conv_out_shape(input, weight, stride, padding, dilation)
+    out_shape = conv_output_shape(input, weight, stride, padding, dilation)
     if min(out_shape[-2:]) < 1:
         raise ValueError(f"input: spatial size {list(input.shape[-2:])} with padding {padding} is smaller than "
                          f"the dilated kernel {list(weight.shape[-2:])}")
@@ -204,14 +180,14 @@ def masked_conv2d_op(
     PyTorch's conv2d returns them for a single-task input that is not channels_last) rather than in
     the backend's own layout. Both come from the backend's layout (`ContiguousConvLayout`).
     """
-    return backends.kernel(CONV, backend)(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero,
-                                          contiguous_output)
+    return backends.launchers(CONV, backend).conv2d_forward(input, weight, mask, bias, stride, padding, dilation,
+                                                            groups, skip_zero, contiguous_output)
 
 
 @masked_conv2d_op.register_fake
 def _(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad, contiguous_output,
       skip_zero, backend):
-    shape = _conv_out_shape(input, weight, stride, padding, dilation)
+    shape = conv_output_shape(input, weight, stride, padding, dilation)
     return _layout(backend).fake_outputs(shape, input, contiguous_output)
 
 
@@ -224,7 +200,7 @@ def masked_conv2d_backward_op(
     """(grad_input, grad_weight, grad_bias, grad_mask); a grad not needed is an empty tensor,
     grad_mask is 0 when ``pre`` is None. grad_input is contiguous if ``contiguous_input_grad``,
     else in the backend's layout (`ContiguousConvLayout`)."""
-    return backends.kernel(f"{CONV}_backward", backend)(
+    return backends.launchers(CONV, backend).conv2d_backward(
         grad_out, grad_pre, input, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
         need_input_grad, need_weight_grad, contiguous_input_grad)
 
@@ -243,7 +219,7 @@ def masked_linear_op(
     input: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], skip_zero: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Task-batched forward: (out, pre), both [T, N, out]."""
-    return backends.kernel(LINEAR, backend)(input, weight, mask, bias, skip_zero)
+    return backends.launchers(LINEAR, backend).linear_forward(input, weight, mask, bias, skip_zero)
 
 
 @masked_linear_op.register_fake
@@ -257,7 +233,7 @@ def masked_linear_backward_op(
     grad_out: Tensor, grad_pre: Optional[Tensor], input: Tensor, weight: Tensor, mask: Tensor, pre: Optional[Tensor],
     skip_zero: bool, need_input_grad: bool, need_weight_grad: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backends.kernel(f"{LINEAR}_backward", backend)(
+    return backends.launchers(LINEAR, backend).linear_backward(
         grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, need_weight_grad)
 
 

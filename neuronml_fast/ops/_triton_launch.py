@@ -1,11 +1,11 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton launchers (`neuronml_fast/ops/*/triton.py`); importing this imports triton."""
 
 import contextlib
 
 import torch
 import triton.language as tl
 
-from neuronml_fast import _alloc
+from .. import _alloc
 
 # CUDA launch limits: grid x up to 2^31 - 1 blocks, y and z up to 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)

@@ -1,11 +1,11 @@
-"""C++ CPU launchers of the plastic layers (SPEC section 4): allocation and the GEMM-shaped
-gradients (weight, bias, drive) around the fused time-stepping kernels of csrc/cpu/plastic.cpp."""
+"""C++ CPU launchers of the plastic layers (SPEC section 4): allocation around the fused
+time-stepping kernels of csrc/cpu/plastic.cpp, which run the whole time loop."""
 
 import torch
 
-from .. import _alloc, _extensions
-from .._plastic_driver import MODULATED, RULE_CODES
-from ..ops.plastic import recomputes
+from ... import _alloc, _extensions
+from .op import recomputes
+from .rules import MODULATED, RULE_CODES
 
 
 def _rule_code(rule, modulation, modulator=None):
@@ -45,8 +45,7 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
 
 def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
                      clip, recurrent, rule, activation, every, modulator=None, activity=None):
-    """Returns grad (input, weight, alpha, eta, hebb, bias, drive, y0, modulation), then dL/ds of the
-    modulator (None without one)."""
+    """`op.py`'s plastic_backward contract."""
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
     dtype = x.dtype
@@ -68,13 +67,4 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
         _rule_code(rule, modulation), activation == "tanh", every, c(output), c(grad_output), c(checkpoints), trace,
         grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment, mod_weight, mod_fanout,
         mod_tanh, c(activity), grad_s)
-    if recurrent:  # presynaptic activity: y_{t-1}, with y0 (or zeros) first
-        first = (y0 if y0 is not None else x.new_zeros((B, out_features))).unsqueeze(0)
-        pre = torch.cat([first, output[:-1]]) if T else x.new_zeros((0, B, in_features))
-        grad_input = grad_z
-    else:
-        pre, grad_input = x, grad_pre
-    grad_weight = torch.einsum("tbo,tbi->oi", grad_z, pre)
-    grad_drive = None if recurrent else grad_z  # the rnn's input gradient is grad_z itself
-    return (grad_input, grad_weight, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace,
-            grad_z.sum((0, 1)), grad_drive, grad_y0, grad_mod, grad_s)
+    return (grad_z, grad_pre, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace, grad_y0, grad_mod, grad_s)

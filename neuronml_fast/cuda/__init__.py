@@ -1,1 +1,0 @@
-"""Python launchers of the CUDA C++ backend (device-side planning around the compiled kernels)."""

@@ -1,0 +1,41 @@
+"""The CUDA C++ kernels of the masked layers (csrc/cuda/masked.cu) behind the shared GPU launchers
+of ``gpu.py``; the extension checks every tensor and launch."""
+
+import functools
+
+from ... import _extensions
+from . import gpu
+
+
+class CudaConvKernels:
+    @staticmethod
+    def k_step(dtype):
+        return _extensions.cuda().MASKED_K_STEP
+
+    @staticmethod
+    def check(geo):
+        """The extension checks sizes itself (TORCH_CHECK)."""
+
+    @staticmethod
+    def forward(geo, x, weight, mask, bias, order, count, out, pre):
+        _extensions.cuda().masked_conv_forward_out(x, weight, mask, bias, order, count, geo.stride, geo.padding,
+                                                   geo.dilation, geo.G, out, pre)
+
+    @staticmethod
+    def input_grad(geo, grad_out, grad_pre, x, weight, mask, order, count, grad_input):
+        _extensions.cuda().masked_conv_input_grad_out(grad_out, grad_pre, x, weight, mask, order, count, geo.stride,
+                                                      geo.padding, geo.dilation, geo.G, grad_input)
+
+    @staticmethod
+    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, order, count, splits, per_split, gw_part, gb_part,
+                    gm_part):
+        _extensions.cuda().masked_conv_weight_grad_out(grad_out, grad_pre, pre, x, weight, mask, order, count,
+                                                       geo.stride, geo.padding, geo.dilation, geo.G, splits,
+                                                       per_split, gw_part, gb_part, gm_part)
+
+
+_KERNELS = CudaConvKernels()
+conv2d_forward = functools.partial(gpu.conv2d_forward, _KERNELS)
+conv2d_backward = functools.partial(gpu.conv2d_backward, _KERNELS)
+linear_forward = functools.partial(gpu.linear_forward, _KERNELS)
+linear_backward = functools.partial(gpu.linear_backward, _KERNELS)

@@ -1,0 +1,10 @@
+"""The C++ CPU launcher of the per-neuron sensitivity (csrc/cpu/sensitivity.cpp)."""
+
+from ... import _extensions
+from .op import new_outputs
+
+
+def neuron_sensitivity(weight, grad_weight, bias, grad_bias):
+    sensitivity, taylor = new_outputs(weight)
+    _extensions.cpu().neuron_sensitivity_out(weight, grad_weight, bias, grad_bias, sensitivity, taylor)
+    return sensitivity, taylor
