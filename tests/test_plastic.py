@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import neuronml_fast as nf
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
 
-from bench.memory import saved_bytes
+from neuronml_fast._memory import saved_bytes
 from conftest import interpreted, kernel_backends
 
 BACKENDS = [p for p in kernel_backends() if p.values[0] in nf.backends.ops()["plastic"].dtypes]
