@@ -45,16 +45,18 @@ env: setup
 
 # The emulated CUDA kernels run in the main pass in random warp order, then again in forward and
 # reverse order (a missing barrier fails in at least one of them).
+# bench/tests: the benchmark's own tools (report, gpu-check, Triton AOT, its cases); bench/test_bench.py
+# is pytest-benchmark's timing run (pytest bench/test_bench.py --benchmark-only), not a test.
 test: setup
 	$(PY) -m neuronml_fast
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests bench/tests $(PYTEST_ARGS)
 	for order in forward reverse; do \
 	  NEURONML_FAST_CUDA_EMULATE_ORDER=$$order $(PY) -m pytest tests -q -k "cuda and not emulation" $(PYTEST_ARGS) || exit 1; \
 	done
 
 # The quick run: everything but the emulated GPU backends (CI runs `make test`).
 test-quick: setup
-	$(PY) -m pytest tests -m "not emulated" $(PYTEST_ARGS)
+	$(PY) -m pytest tests bench/tests -m "not emulated" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench $(BENCH_ARGS)

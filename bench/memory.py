@@ -1,26 +1,15 @@
 """Training memory of the plastic layers: the bytes autograd keeps for the backward pass.
 
-Counted exactly with saved-tensor hooks (what a training step holds between forward and
-backward), for eager PyTorch (one trace per step) and for the fused op (O(B * N^2)).
+Counted exactly with saved-tensor hooks (neuronml_fast._memory.saved_bytes: what a training step
+holds between forward and backward), for eager PyTorch (one trace per step) and for the fused op
+(O(B * N^2)).
 """
 
 import torch
 
 import neuronml_fast as nf
+from neuronml_fast._memory import saved_bytes
 from neuronml_fast.ops.plastic import plastic_rnn_reference
-
-
-def saved_bytes(fn, *args):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return total
 
 
 def plastic_memory(device, batch=4, n=256, steps=(100, 1000)):

@@ -246,19 +246,3 @@ def test_the_oracles_use_the_papers_transposes():
     # The trace of the one active pair (pre 0, post 1) is in our layout's [post, pre] = [1, 0].
     assert hebb[0, 1, 0] == pytest.approx(0.5 * torch.tanh(torch.tensor(2.0)).item())
     assert torch.count_nonzero(hebb) == 1
-
-
-@pytest.mark.parametrize("rule,modulated", [("hebb", False), ("oja", False), ("hebb", True)],
-                         ids=["hebb", "oja", "modulated"])
-def test_the_bench_eager_baseline_computes_the_plastic_rnn(rule, modulated):
-    # The benchmark times the published loop as the eager baseline: it must compute what the op does.
-    from bench.cases import published_plastic_rnn
-    from neuronml_fast.ops.plastic import plastic_rnn_reference
-
-    values = _inputs()
-    x, weight, alpha = values["input"], values["weight"], values["alpha"]
-    eta = torch.tensor(0.3, dtype=F64)
-    modulation = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(2), dtype=F64) if modulated else None
-    got = published_plastic_rnn(x, weight.t().contiguous(), alpha.t().contiguous(), eta, rule, modulation)
-    want, _ = plastic_rnn_reference(x, weight, alpha, eta, modulation=modulation, rule=rule)
-    torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-12)

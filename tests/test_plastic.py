@@ -1,15 +1,18 @@
-"""nf.plastic_linear / nf.plastic_rnn (SPEC section 4): every backend against the reference."""
+"""nf.plastic_linear / nf.plastic_rnn (SPEC section 4): what is particular to the plastic ops and layers.
+
+Against the reference on every backend (rules, activations, clipping, given and endogenous
+modulation, empty sequences), random shapes, every subset of requires_grad, gradcheck, opcheck and
+torch.compile: tests/test_oracle.py, over the rows plastic_linear and plastic_rnn of tests/oracle.py.
+"""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import neuronml_fast as nf
-from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
+from neuronml_fast.ops.plastic import plastic_rnn_reference
 
-from bench.memory import saved_bytes
+from neuronml_fast._memory import saved_bytes
 from conftest import interpreted, kernel_backends
+from oracle import plastic_linear_sample, plastic_rnn_sample
 
 BACKENDS = [p for p in kernel_backends() if p.values[0] in nf.backends.ops()["plastic"].dtypes]
 F64 = torch.float64
@@ -19,93 +22,28 @@ def _leaf(t):
     return t.detach().requires_grad_()
 
 
-def _rnn_args(T=6, B=3, N=5, *, alpha_scalar=False, modulation=None, y0=True, hebb=True, seed=0, dtype=F64,
-              device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: (torch.randn(s, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)  # noqa: E731
-    args = dict(input=r(T, B, N), weight=r(N, N, scale=0.5), alpha=r(scale=0.4) if alpha_scalar else r(N, N, scale=0.4),
-                eta=torch.tensor(0.2, dtype=dtype, device=device), y0=r(B, N) if y0 else None,
-                hebb=r(B, N, N, scale=0.1) if hebb else None)
-    if modulation == "sequence":
-        args["modulation"] = r(T, B)
-    elif modulation == "neuron":
-        args["modulation"] = r(T, B, N)
-    elif modulation == "endogenous":  # backpropamine's modulator neuron
-        args.update(mod_weight=r(N, scale=0.8), mod_bias=r(scale=0.3), mod_fanout=r(N, scale=0.7))
-    return {k: (None if v is None else _leaf(v)) for k, v in args.items()}
+def _args(sample):
+    return {k: None if v is None else _leaf(v) for k, v in sample.tensors.items()}
 
 
-def _linear_args(T=6, B=3, d_in=4, d_out=5, *, alpha_scalar=False, bias=True, drive=True, hebb=True, seed=0,
-                 dtype=F64, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s, scale=1.0: (torch.randn(s, generator=gen, dtype=F64) * scale).to(dtype=dtype, device=device)  # noqa: E731
-    args = dict(input=r(T, B, d_in), weight=r(d_out, d_in, scale=0.3),
-                alpha=r(scale=0.3) if alpha_scalar else r(d_out, d_in, scale=0.3),
-                eta=torch.tensor(0.1, dtype=dtype, device=device), hebb=r(B, d_out, d_in, scale=0.1) if hebb else None,
-                bias=r(d_out) if bias else None, drive=r(T, B, d_out) if drive else None)
-    return {k: (None if v is None else _leaf(v)) for k, v in args.items()}
+def _rnn_args(dtype=F64, device="cpu", **knobs):
+    """The tensors of the oracle table's plastic_rnn sample, as leaves requiring grad."""
+    return _args(plastic_rnn_sample(dtype, device, **knobs))
 
 
-def _check(backend, fn, reference, args, options, atol=1e-10, rtol=1e-8):
-    with nf.use_backend(backend):
-        out, hebb = fn(**args, **options)
-    want_out, want_hebb = reference(**args, **options)
-    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(hebb, want_hebb, atol=atol, rtol=rtol)
-    if not (want_out.requires_grad or want_hebb.requires_grad):
-        return  # T = 0 and no initial trace: nothing to differentiate
-    leaves = [v for v in args.values() if v is not None]
-    gen = torch.Generator().manual_seed(7)
-    g_out = torch.randn(out.shape, generator=gen, dtype=F64).to(out)
-    g_hebb = torch.randn(hebb.shape, generator=gen, dtype=F64).to(hebb)
-    got = torch.autograd.grad((out * g_out).sum() + (hebb * g_hebb).sum(), leaves, allow_unused=True)
-    want = torch.autograd.grad((want_out * g_out).sum() + (want_hebb * g_hebb).sum(), leaves, allow_unused=True)
-    for name, g, w in zip([k for k, v in args.items() if v is not None], got, want):
-        if w is None:  # eta under a modulated rule: the kernels report an exact zero
-            assert g is None or torch.count_nonzero(g) == 0, name
-            continue
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("rule", ["hebb", "oja"])
-@pytest.mark.parametrize("activation", ["tanh", "identity"])
-@pytest.mark.parametrize("alpha_scalar", [False, True])
-def test_plastic_linear_matches_reference(backend, device, rule, activation, alpha_scalar):
-    args = _linear_args(alpha_scalar=alpha_scalar, device=device)
-    _check(backend, nf.plastic_linear, plastic_linear_reference, args, dict(rule=rule, activation=activation))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("rule", ["hebb", "oja"])
-@pytest.mark.parametrize("modulation", [None, "sequence", "neuron"])
-@pytest.mark.parametrize("clip", [None, 0.05])
-@pytest.mark.parametrize("alpha_scalar", [False, True])
-def test_plastic_rnn_matches_reference(backend, device, rule, modulation, clip, alpha_scalar):
-    args = _rnn_args(alpha_scalar=alpha_scalar, modulation=modulation, device=device)
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(rule=rule, clip=clip))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("clip", [None, 0.05])
-@pytest.mark.parametrize("alpha_scalar", [False, True])
-@pytest.mark.parametrize("mod_activation", ["tanh", "identity"])
-@pytest.mark.parametrize("activation", ["tanh", "identity"])
-def test_endogenous_modulation_matches_reference(backend, device, clip, alpha_scalar, mod_activation, activation):
-    args = _rnn_args(alpha_scalar=alpha_scalar, modulation="endogenous", device=device)
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args,
-           dict(clip=clip, mod_activation=mod_activation, activation=activation))
+def _linear_args(dtype=F64, device="cpu", **knobs):
+    return _args(plastic_linear_sample(dtype, device, **knobs))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("given", [(), ("mod_bias",), ("mod_fanout",)])
 def test_endogenous_modulation_defaults(backend, device, given):
-    # mod_bias defaults to 0 and mod_fanout to ones: the same as passing them explicitly.
+    # mod_bias defaults to 0 and mod_fanout to ones: the same as passing them explicitly (the oracle's
+    # endogenous-defaults-* samples compare the defaults against the reference's own defaults).
     args = _rnn_args(modulation="endogenous", device=device)
     for name in ("mod_bias", "mod_fanout"):
         if name not in given:
             args.pop(name)
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, {})
     with nf.use_backend(backend):
         got, _ = nf.plastic_rnn(**args)
     explicit = dict(args, mod_bias=torch.zeros((), dtype=F64, device=device),
@@ -132,38 +70,6 @@ def test_endogenous_modulation_is_the_modulated_rule_with_the_modulators_output(
     assert (hebb - args["hebb"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@given(T=st.integers(0, 9), B=st.integers(0, 9), N=st.integers(1, 40), y0=st.booleans(), hebb=st.booleans(),
-       clip=st.sampled_from([None, 0.2]), seed=st.integers(0, 2**16))
-@settings(max_examples=8)
-def test_endogenous_modulation_random_shapes(backend, device, T, B, N, y0, hebb, clip, seed):
-    args = _rnn_args(T, B, N, y0=y0, hebb=hebb, seed=seed, modulation="endogenous", device=device)
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(clip=clip))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-# B up to 9 and N up to 40: the CPU kernels take the sequences of a neuron in groups (4 forward,
-# 2 backward) and the connections in vector-wide chunks; these sizes reach full groups, partial
-# groups, the chunked loops and their tails.
-@given(T=st.integers(0, 9), B=st.integers(0, 9), N=st.integers(1, 40), y0=st.booleans(), hebb=st.booleans(),
-       activation=st.sampled_from(["tanh", "identity"]), seed=st.integers(0, 2**16))
-@settings(max_examples=10)
-def test_plastic_rnn_random_shapes(backend, device, T, B, N, y0, hebb, activation, seed):
-    args = _rnn_args(T, B, N, y0=y0, hebb=hebb, seed=seed, device=device)
-    # Identity activation lets activity explode (1e68 in one example): those traces are
-    # recomputed from checkpoints rather than reconstructed, so this stays exact too.
-    _check(backend, nf.plastic_rnn, plastic_rnn_reference, args, dict(activation=activation))
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@given(T=st.integers(0, 7), B=st.integers(0, 9), d_in=st.integers(1, 40), d_out=st.integers(1, 6),
-       bias=st.booleans(), drive=st.booleans(), hebb=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=10)
-def test_plastic_linear_random_shapes(backend, device, T, B, d_in, d_out, bias, drive, hebb, seed):
-    args = _linear_args(T, B, d_in, d_out, bias=bias, drive=drive, hebb=hebb, seed=seed, device=device)
-    _check(backend, nf.plastic_linear, plastic_linear_reference, args, {})
-
-
 def test_cpu_float32_tanh_is_correctly_rounded():
     # With zero weights and alpha, z = 0 + input, so the output is tanh(input) as the CPU kernel
     # computes it (from one double exp, not glibc's tanhf): it must equal the float64 tanh
@@ -182,21 +88,6 @@ def test_cpu_float32_tanh_is_correctly_rounded():
     assert torch.equal(y.isnan(), want.isnan())
     ok = y.isnan() | (y == want)
     assert ok.all(), (x[~ok][:5], y[~ok][:5], want[~ok][:5])
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("rule,modulation", [("hebb", None), ("oja", None), ("hebb", "neuron"),
-                                             ("hebb", "endogenous")])
-def test_gradcheck(backend, device, rule, modulation):
-    args = _rnn_args(T=4, B=2, N=3, modulation=modulation, device=device)
-    names = [k for k, v in args.items() if v is not None]
-
-    def f(*values):
-        with nf.use_backend(backend):
-            out, hebb = nf.plastic_rnn(**dict(zip(names, values)), rule=rule)
-        return out, hebb
-
-    assert torch.autograd.gradcheck(f, tuple(args[k] for k in names))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -262,39 +153,6 @@ def test_endogenous_modulation_training_memory_does_not_grow_with_sequence_lengt
     per_step = (2 * B * N + B) * 4  # input and output activations, the modulator's activity
     assert long - short <= (long_T - long_T // 10) * per_step
     assert long < 3 * trace_bytes + long_T * per_step
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_opcheck(backend, device):
-    from neuronml_fast.ops.plastic import plastic_op
-
-    args = _rnn_args(T=3, B=2, N=3, dtype=torch.float32, device=device)
-    torch.library.opcheck(plastic_op, (args["input"], args["weight"], args["alpha"], args["eta"], args["hebb"], None,
-                                       None, args["y0"], None, None, True, "hebb", "tanh", 2, None, None, None,
-                                       True, backend))
-    largs = _linear_args(T=3, B=2, dtype=torch.float32, device=device)
-    torch.library.opcheck(plastic_op, (largs["input"], largs["weight"], largs["alpha"], largs["eta"], None,
-                                       largs["bias"], largs["drive"], None, None, None, False, "oja", "identity",
-                                       16, None, None, None, True, backend))
-    margs = _rnn_args(T=3, B=2, N=3, modulation="endogenous", dtype=torch.float32, device=device)
-    torch.library.opcheck(plastic_op, (margs["input"], margs["weight"], margs["alpha"], margs["eta"], margs["hebb"],
-                                       None, None, margs["y0"], None, 0.5, True, "hebb", "tanh", 2,
-                                       margs["mod_weight"], margs["mod_bias"], margs["mod_fanout"], False, backend))
-
-
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpu"])
-def test_torch_compile_fullgraph(backend, device):
-    torch._dynamo.reset()
-    args = _rnn_args(T=5, B=2, N=4, dtype=torch.float32)
-
-    def loss(**kw):
-        out, hebb = nf.plastic_rnn(**kw)
-        return out.square().sum() + hebb.sum()
-
-    with nf.use_backend(backend):
-        got = torch.compile(loss, fullgraph=True)(**args)
-        want = loss(**args)
-    torch.testing.assert_close(got, want)
 
 
 def test_bad_inputs_name_the_argument():

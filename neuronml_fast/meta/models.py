@@ -33,8 +33,8 @@ def task_batch_norm(h, weight, bias, eps=1e-5):
     ``[N, H, W, T, C]``) the fold is the matrix view ``[N*H*W, T*C]``: nothing is copied, and
     `neuronml_fast.ops.batch_norm.batch_norm_rows` runs BN's double backward (MAML's second order) as one
     fused kernel over that matrix. Autograd's own BN double backward on the 4-d channels-last view
-    mixes layouts and reduces with ``sum(0)`` over strided memory (measured on the 2-core CPU, 5
-    images x 2048 channels x 14x14: 109 ms 4-d, 24 ms on the matrix view).
+    mixes layouts and reduces with ``sum(0)`` over strided memory: about 4x slower (5 images x 2048
+    channels x 14x14).
     """
     T, N, C = h.shape[:3]
     spatial = h.shape[3:]

@@ -37,7 +37,7 @@ def test_table_adds_the_do_bench_cross_check_when_present():
 
 # ---- where results go ---------------------------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_a_default_run_writes_to_an_untracked_folder():

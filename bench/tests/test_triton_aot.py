@@ -13,7 +13,7 @@ from bench import triton_aot
 
 from neuronml_fast.ops._triton_launch import MAX_GRID
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Tensors of the plastic kernels that grow with steps or sequences: their addresses need 64 bits.
 PLASTIC_LARGE = {

@@ -1,0 +1,34 @@
+"""The benchmark's cases (bench/cases.py) compute what they time: the eager baselines against the ops'
+references, and every variant of a case runs."""
+
+import pytest
+import torch
+
+from bench.cases import _meta_case, published_plastic_rnn
+from bench.runner import build_variants
+from neuronml_fast.ops.plastic import plastic_rnn_reference
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("rule,modulated", [("hebb", False), ("oja", False), ("hebb", True)],
+                         ids=["hebb", "oja", "modulated"])
+def test_the_bench_eager_baseline_computes_the_plastic_rnn(rule, modulated):
+    # The benchmark times the published loop as the eager baseline: it must compute what the op does.
+    gen = torch.Generator().manual_seed(0)
+    x, weight, alpha = (torch.randn(s, generator=gen, dtype=F64) * c for s, c in (((7, 3, 6), 1.0), ((6, 6), 0.5),
+                                                                                   ((6, 6), 0.5)))
+    eta = torch.tensor(0.3, dtype=F64)
+    modulation = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(2), dtype=F64) if modulated else None
+    got = published_plastic_rnn(x, weight.t().contiguous(), alpha.t().contiguous(), eta, rule, modulation)
+    want, _ = plastic_rnn_reference(x, weight, alpha, eta, modulation=modulation, rule=rule)
+    torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-12)
+
+
+def test_meta_iteration_bench_case_runs_every_variant():
+    case = _meta_case("tiny", "maml", tasks=2, ways=2, queries=1)
+    _, variants = build_variants(case, "cpu", with_compile=False)
+    assert {"eager", "torch.func", "cpu"} <= set(variants)
+    for run in variants.values():
+        stats = run(0)
+        assert stats["loss"] > 0
