@@ -6,7 +6,8 @@ Where things are:
 
 * reference (the oracle):       `neuron_sensitivity_reference`, below
 * kernels:                      kernels/sensitivity.py (Triton), csrc/cpu/sensitivity.cpp,
-                                csrc/cuda/sensitivity.cu, bound in csrc/*/bindings.cpp
+                                csrc/cuda/sensitivity.cu, bound in csrc/cpu/bindings/sensitivity.cpp
+                                and csrc/cuda/bindings.cpp
 * custom op + fake + autograd + vmap:  `neuronml_fast::neuron_sensitivity`, below
 * public function:              `neuron_sensitivity` (exported as ``nf.neuron_sensitivity``)
 
