@@ -19,13 +19,13 @@ void batch_norm_rows_double_backward_out(const c10::optional<at::Tensor>& u, con
   const auto dtype = x.scalar_type();
   auto matrix = [&](const at::Tensor& t, const char* name) {
     check_cpu_float(t, name);
-    TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+    checks::check_dtype(t, name, dtype);
     TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) == C && t.is_contiguous(), name,
                 ": expected a contiguous [", R, ", ", C, "] tensor, got shape ", t.sizes(), " strides ", t.strides());
   };
   auto vector = [&](const at::Tensor& t, const char* name) {
-    check_vector(t, name, C, dtype);
-    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous vector");
+    check_cpu_vector(t, name, C, dtype);
+    checks::check_contiguous(t, name);
   };
   matrix(x, "input");
   matrix(g, "grad_out");

@@ -11,6 +11,8 @@
 
 #include <torch/extension.h>
 
+#include "common/torch_checks.h"
+
 namespace neuronml_fast::cpu::bindings {
 
 // Each registers its family's functions and constants on the module.
@@ -26,23 +28,24 @@ at::Tensor pooled_empty(at::IntArrayRef size, at::ScalarType dtype);
 
 // ---- tensor checks of the CPU kernels' arguments -------------------------------------------
 
+// Shared with the CUDA bindings: csrc/common/torch_checks.h. These add the CPU kernels' own
+// contract: a CPU tensor of float32 or float64.
 inline void check_cpu_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
+  checks::check_device(t, name, t.device().is_cpu(), "CPU");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               ": expected dtype float32 or float64, got ", t.scalar_type());
 }
 
-inline void check_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
+inline void check_cpu_vector(const at::Tensor& t, const char* name, int64_t n, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape [", n, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  checks::check_vector(t, name, n, dtype);
 }
 
 inline void check_cpu_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  checks::check_shape(t, name, shape);
+  checks::check_dtype(t, name, dtype);
+  checks::check_contiguous(t, name);
 }
 
 }  // namespace neuronml_fast::cpu::bindings

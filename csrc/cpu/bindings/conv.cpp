@@ -18,7 +18,7 @@ void check_conv_grad_tensors(std::initializer_list<std::pair<const at::Tensor*, 
   for (auto [t, name] : tensors) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, name,
                 ": expected a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
-    TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
+    checks::check_contiguous(*t, name);
   }
 }
 

@@ -13,7 +13,8 @@ namespace {
 
 void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
   TORCH_CHECK(slot.device().is_cpu() && slot.scalar_type() == at::kLong && slot.is_contiguous(),
-              "slot: expected a contiguous CPU int64 tensor");
+              "slot: expected a contiguous CPU int64 tensor, got ", slot.scalar_type(), " on ", slot.device(),
+              " with strides ", slot.strides());
   TORCH_CHECK(slot.sizes() == at::IntArrayRef({T, C}), "slot: expected shape [", T, ", ", C, "], got ", slot.sizes());
   const int64_t* s = slot.data_ptr<int64_t>();
   for (int64_t i = 0; i < slot.numel(); ++i)  // a raw loop: two ATen reductions cost more than the kernel
@@ -27,7 +28,7 @@ using neuronml_fast::cpu::MaskedLayout;
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
   check_cpu_float(t, name);
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  checks::check_dtype(t, name, dtype);
   TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), name, ": expected shape ", ref.sizes(),
               " and strides ", ref.strides(), ", got ", t.sizes(), " and ", t.strides());
 }
@@ -54,7 +55,7 @@ MaskedLayout masked_layout(const at::Tensor& full, const char* full_name, const 
   TORCH_CHECK(full.dim() == 4, "expected a [T, N, S, C] view, got ", full.sizes());
   const int64_t T = full.size(0), N = full.size(1), S = full.size(2), C = full.size(3);
   check_cpu_float(compact, name);
-  TORCH_CHECK(compact.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", compact.scalar_type());
+  checks::check_dtype(compact, name, dtype);
   TORCH_CHECK(compact.dim() == 4 && compact.size(0) == T && compact.size(1) == N && compact.size(2) == S, name,
               ": expected a [T, N, S, slots] view with T=", T, " N=", N, " S=", S, ", got ", compact.sizes());
   TORCH_CHECK(compact.size(3) <= 1 || compact.stride(3) == 1, name, ": expected contiguous slots");
@@ -131,8 +132,7 @@ py::tuple masked_compaction(const at::Tensor& mask, bool skip_zero, bool allow) 
 void check_row_tensors(const at::Tensor& full, const at::Tensor& compact, const at::Tensor& slot, int64_t width) {
   check_cpu_float(full, "rows");
   check_cpu_float(compact, "compact");
-  TORCH_CHECK(full.scalar_type() == compact.scalar_type(), "compact: expected dtype ", full.scalar_type(), ", got ",
-              compact.scalar_type());
+  checks::check_dtype(compact, "compact", full.scalar_type());
   TORCH_CHECK(full.dim() == 3 && compact.dim() == 3 && compact.size(0) == full.size(0) &&
                   compact.size(1) == width && compact.size(2) == full.size(2),
               "expected rows [T, C, R] and compact [T, width=", width, ", R]; got ", full.sizes(), " and ",
@@ -143,7 +143,7 @@ void check_row_tensors(const at::Tensor& full, const at::Tensor& compact, const 
 void scatter_rows_out(const at::Tensor& compact, const at::Tensor& slot, at::Tensor& rows) {
   check_row_tensors(rows, compact, slot, compact.size(1));
   TORCH_CHECK(compact.size(2) <= 1 || compact.stride(2) == 1, "compact: expected a contiguous last dimension");
-  TORCH_CHECK(rows.is_contiguous(), "rows (out): expected a contiguous tensor");
+  checks::check_contiguous(rows, "rows (out)");
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "scatter_rows_cpu", [&] {
     neuronml_fast::cpu::scatter_rows<scalar_t>(compact.data_ptr<scalar_t>(), compact.stride(0), compact.stride(1),
                                                rows.size(0), rows.size(1), rows.size(2), slot.data_ptr<int64_t>(),
@@ -228,13 +228,12 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5 && weight.size(0) == x.size(0),
               "expected input [T, N, C_in, H, W] and weight [T, C_out, C_in/groups, kH, kW], got ", x.sizes(), " and ",
               weight.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "stride, padding, dilation: expected pairs");
+  checks::check_pairs(stride, padding, dilation);
   const int64_t T = x.size(0), N = x.size(1), C_in = x.size(2), C = weight.size(1);
   const int64_t H_out = (x.size(3) + 2 * padding[0] - dilation[0] * (weight.size(3) - 1) - 1) / stride[0] + 1;
   const int64_t W_out = (x.size(4) + 2 * padding[1] - dilation[1] * (weight.size(4) - 1) - 1) / stride[1] + 1;
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(weight.scalar_type() == dtype, "weight: expected dtype ", dtype, ", got ", weight.scalar_type());
+  checks::check_dtype(weight, "weight", dtype);
   const at::Tensor m = mask.contiguous();
   check_cpu_tensor(m, "mask", {T, C}, dtype);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;

@@ -6,13 +6,6 @@
 namespace neuronml_fast::cpu::bindings {
 namespace {
 
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, ": expected shape [", rows, ", ",
-              cols, "], got ", t.sizes());
-  TORCH_CHECK(cols <= 1 || t.stride(1) == 1, name, ": expected a contiguous inner dimension, got strides ",
-              t.strides());
-}
-
 // weight, grad_weight: [rows, cols] with a contiguous inner dimension (the Python layer
 // flattens any rank >= 2 weight into this form without copying where it can).
 void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_weight,
@@ -20,18 +13,18 @@ void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_wei
                             at::Tensor& sensitivity, at::Tensor& taylor) {
   check_cpu_float(weight, "weight");
   const int64_t rows = weight.size(0), cols = weight.dim() == 2 ? weight.size(1) : -1;
-  check_rows(weight, "weight", rows, cols);
+  checks::check_rows(weight, "weight", rows, cols);
   check_cpu_float(grad_weight, "grad_weight");
-  TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type(), "grad_weight: expected dtype ",
-              weight.scalar_type(), ", got ", grad_weight.scalar_type());
-  check_rows(grad_weight, "grad_weight", rows, cols);
+  checks::check_dtype(grad_weight, "grad_weight", weight.scalar_type());
+  checks::check_rows(grad_weight, "grad_weight", rows, cols);
   TORCH_CHECK(bias.has_value() == grad_bias.has_value(),
               "bias and grad_bias: expected both or neither, got only one");
-  if (bias) check_vector(*bias, "bias", rows, weight.scalar_type());
-  if (grad_bias) check_vector(*grad_bias, "grad_bias", rows, weight.scalar_type());
-  check_vector(sensitivity, "sensitivity (out)", rows, weight.scalar_type());
-  check_vector(taylor, "taylor (out)", rows, weight.scalar_type());
-  TORCH_CHECK(sensitivity.is_contiguous() && taylor.is_contiguous(), "outputs must be contiguous");
+  if (bias) check_cpu_vector(*bias, "bias", rows, weight.scalar_type());
+  if (grad_bias) check_cpu_vector(*grad_bias, "grad_bias", rows, weight.scalar_type());
+  check_cpu_vector(sensitivity, "sensitivity (out)", rows, weight.scalar_type());
+  check_cpu_vector(taylor, "taylor (out)", rows, weight.scalar_type());
+  checks::check_contiguous(sensitivity, "sensitivity (out)");
+  checks::check_contiguous(taylor, "taylor (out)");
   if (rows == 0) return;
 
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "neuron_sensitivity_cpu", [&] {
