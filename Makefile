@@ -21,7 +21,7 @@ endif
 
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.package-built
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.inc csrc/*/*.cu csrc/*/*.cuh csrc/*/*.py csrc/*/*/*.h)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h csrc/*/*.inc csrc/*/*.cu csrc/*/*.cuh csrc/*/*.py csrc/*/*/*.h csrc/*/*/*.cpp)
 
 .PHONY: setup test test-quick bench env clean gpu-check
 

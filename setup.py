@@ -8,9 +8,9 @@ Two compiled extensions, both optional at install time but never silently broken
 * ``neuronml_fast._C_cuda_emulated`` - the same CUDA C++ kernels compiled as C++ against the
   CUDA emulation in csrc/emu; ``NEURONML_FAST_CUDA_EMULATE=1`` runs them on CPU tensors (tests).
 
-Kernel sources (``csrc/*/*.cpp`` without ``bindings``, ``csrc/cuda/*.cu``) take raw pointers and
-sizes and never include torch headers, so they compile in seconds; only the two ``bindings.cpp``
-files include ``torch/extension.h``.
+Kernel sources (``csrc/cpu/*.cpp``, ``csrc/cuda/*.cu``) take raw pointers and sizes and never
+include torch headers, so they compile in seconds; only the bindings (``csrc/cpu/bindings/*.cpp``,
+one per op family, and ``csrc/cuda/bindings.cpp``) include ``torch/extension.h``.
 
 Environment switches:
   NEURONML_FAST_CPU_EXT=0|1    skip / require the CPU extension (default: build if a compiler exists)
@@ -158,7 +158,7 @@ def _extensions():
     if want_cpu is not False:
         extensions.append(cpp_extension.CppExtension(
             "neuronml_fast._C_cpu",
-            sources=_sources("cpu", "*.cpp"),
+            sources=_sources("cpu", "*.cpp") + _sources(os.path.join("cpu", "bindings"), "*.cpp"),
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=openmp,

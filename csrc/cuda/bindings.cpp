@@ -17,6 +17,7 @@
 #endif
 
 #include "common/conv_size.h"
+#include "common/torch_checks.h"
 #include "cuda/masked.h"
 #include "cuda/plastic.h"
 #include "cuda/sensitivity.h"
@@ -37,6 +38,7 @@ using KernelDeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 #endif
 
+namespace checks = neuronml_fast::checks;
 using neuronml_fast::cuda::DType;
 
 DType to_kernel_dtype(at::ScalarType t, const char* name) {
@@ -60,39 +62,37 @@ void check_launch(cudaError_t status, const char* kernel) {
   TORCH_CHECK(status == cudaSuccess, kernel, " launch failed: ", cudaGetErrorString(status));
 }
 
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, ": expected shape [", rows, ", ",
-              cols, "], got ", t.sizes());
-  TORCH_CHECK(cols <= 1 || t.stride(1) == 1, name, ": expected a contiguous inner dimension, got strides ",
-              t.strides());
+void check_on_kernel_device(const at::Tensor& t, const char* name) {
+  checks::check_device(t, name, on_kernel_device(t), kKernelDevice);
 }
 
-void check_vector(const at::Tensor& t, const at::Tensor& ref, const char* name, int64_t n, at::ScalarType dtype) {
+// A [n] vector of one dtype on ref's device.
+void check_device_vector(const at::Tensor& t, const at::Tensor& ref, const char* name, int64_t n,
+                         at::ScalarType dtype) {
   check_same_device(t, ref, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, ": expected shape [", n, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  checks::check_vector(t, name, n, dtype);
 }
 
 void neuron_sensitivity_out(const at::Tensor& weight, const at::Tensor& grad_weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& grad_bias,
                             at::Tensor& sensitivity, at::Tensor& taylor) {
-  TORCH_CHECK(on_kernel_device(weight), "weight: expected a ", kKernelDevice, " tensor, got device ", weight.device());
+  check_on_kernel_device(weight, "weight");
   const DType dtype = to_kernel_dtype(weight.scalar_type(), "weight");
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-d [rows, cols] view, got ", weight.sizes());
   const int64_t rows = weight.size(0), cols = weight.size(1);
-  check_rows(weight, "weight", rows, cols);
+  checks::check_rows(weight, "weight", rows, cols);
   check_same_device(grad_weight, weight, "grad_weight");
-  TORCH_CHECK(grad_weight.scalar_type() == weight.scalar_type(), "grad_weight: expected dtype ",
-              weight.scalar_type(), ", got ", grad_weight.scalar_type());
-  check_rows(grad_weight, "grad_weight", rows, cols);
+  checks::check_dtype(grad_weight, "grad_weight", weight.scalar_type());
+  checks::check_rows(grad_weight, "grad_weight", rows, cols);
   TORCH_CHECK(bias.has_value() == grad_bias.has_value(),
               "bias and grad_bias: expected both or neither, got only one");
-  if (bias) check_vector(*bias, weight, "bias", rows, weight.scalar_type());
-  if (grad_bias) check_vector(*grad_bias, weight, "grad_bias", rows, weight.scalar_type());
+  if (bias) check_device_vector(*bias, weight, "bias", rows, weight.scalar_type());
+  if (grad_bias) check_device_vector(*grad_bias, weight, "grad_bias", rows, weight.scalar_type());
   const at::ScalarType acc = accumulation_dtype(weight.scalar_type());
-  check_vector(sensitivity, weight, "sensitivity (out)", rows, acc);
-  check_vector(taylor, weight, "taylor (out)", rows, acc);
-  TORCH_CHECK(sensitivity.is_contiguous() && taylor.is_contiguous(), "outputs must be contiguous");
+  check_device_vector(sensitivity, weight, "sensitivity (out)", rows, acc);
+  check_device_vector(taylor, weight, "taylor (out)", rows, acc);
+  checks::check_contiguous(sensitivity, "sensitivity (out)");
+  checks::check_contiguous(taylor, "taylor (out)");
 
   const KernelDeviceGuard guard(weight.device());
   check_launch(neuronml_fast::cuda::neuron_sensitivity(
@@ -109,25 +109,19 @@ using neuronml_fast::cuda::ConvShape;
 
 void check_contiguous_like(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   check_same_device(t, ref, name);
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
-}
-
-void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  checks::check_dtype(t, name, ref.scalar_type());
+  checks::check_contiguous(t, name);
 }
 
 // Shape of the problem from x [T, N, CIN, H, W] and weight [T, COUT, CIN_G, KH, KW]; checks the
 // plan tensors order [T*G, COUT_G] and count [T*G] (int32, on the device).
 ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order, const at::Tensor& count,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(on_kernel_device(x), "input: expected a ", kKernelDevice, " tensor, got device ", x.device());
+  check_on_kernel_device(x, "input");
   to_kernel_dtype(x.scalar_type(), "input");
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "input, weight: expected 5-d task-batched tensors, got ", x.sizes(),
               " and ", weight.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "stride, padding, dilation: expected pairs");
+  checks::check_pairs(stride, padding, dilation);
   TORCH_CHECK(groups >= 1 && weight.size(1) % groups == 0 && weight.size(2) * groups == x.size(2),
               "groups: inconsistent with input ", x.sizes(), " and weight ", weight.sizes());
   check_contiguous_like(x, x, "input");
@@ -145,8 +139,8 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Te
                   count.is_contiguous(), "order, count: expected contiguous int32 tensors");
   check_same_device(order, x, "order");
   check_same_device(count, x, "count");
-  check_shape(order, {s.T * s.G, s.COUT_G}, "order");
-  check_shape(count, {s.T * s.G}, "count");
+  checks::check_shape(order, "order", {s.T * s.G, s.COUT_G});
+  checks::check_shape(count, "count", {s.T * s.G});
   return s;
 }
 
@@ -156,14 +150,14 @@ void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, cons
                              int64_t groups, at::Tensor& out, at::Tensor& pre) {
   const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
   check_contiguous_like(mask, x, "mask");
-  check_shape(mask, {s.T, s.COUT}, "mask");
+  checks::check_shape(mask, "mask", {s.T, s.COUT});
   if (bias) {
     check_contiguous_like(*bias, x, "bias");
-    check_shape(*bias, {s.T, s.COUT}, "bias");
+    checks::check_shape(*bias, "bias", {s.T, s.COUT});
   }
   for (const auto& [t, name] : {std::pair{&out, "out"}, std::pair{&pre, "pre"}}) {
     check_contiguous_like(*t, x, name);
-    check_shape(*t, {s.T, s.N, s.COUT, s.HO, s.WO}, name);
+    checks::check_shape(*t, name, {s.T, s.N, s.COUT, s.HO, s.WO});
   }
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_forward(
@@ -180,15 +174,15 @@ void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<
                                 at::Tensor& grad_input) {
   const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
   check_contiguous_like(grad_out, x, "grad_out");
-  check_shape(grad_out, {s.T, s.N, s.COUT, s.HO, s.WO}, "grad_out");
+  checks::check_shape(grad_out, "grad_out", {s.T, s.N, s.COUT, s.HO, s.WO});
   if (grad_pre) {
     check_contiguous_like(*grad_pre, x, "grad_pre");
-    check_shape(*grad_pre, grad_out.sizes(), "grad_pre");
+    checks::check_shape(*grad_pre, "grad_pre", grad_out.sizes());
   }
   check_contiguous_like(mask, x, "mask");
-  check_shape(mask, {s.T, s.COUT}, "mask");
+  checks::check_shape(mask, "mask", {s.T, s.COUT});
   check_contiguous_like(grad_input, x, "grad_input");
-  check_shape(grad_input, x.sizes(), "grad_input");
+  checks::check_shape(grad_input, "grad_input", x.sizes());
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_input_grad(
                    to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
@@ -209,20 +203,20 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
   TORCH_CHECK(splits >= 1 && pixels_per_split >= 1 && splits * pixels_per_split >= s.N * s.HO * s.WO,
               "splits, pixels_per_split: must cover all ", s.N * s.HO * s.WO, " output pixels");
   check_contiguous_like(grad_out, x, "grad_out");
-  check_shape(grad_out, {s.T, s.N, s.COUT, s.HO, s.WO}, "grad_out");
+  checks::check_shape(grad_out, "grad_out", {s.T, s.N, s.COUT, s.HO, s.WO});
   for (const auto& [t, name] : {std::pair{&grad_pre, "grad_pre"}, std::pair{&pre, "pre"}}) {
     if (*t) {
       check_contiguous_like(**t, x, name);
-      check_shape(**t, grad_out.sizes(), name);
+      checks::check_shape(**t, name, grad_out.sizes());
     }
   }
   check_contiguous_like(mask, x, "mask");
-  check_shape(mask, {s.T, s.COUT}, "mask");
+  checks::check_shape(mask, "mask", {s.T, s.COUT});
   const at::ScalarType acc = accumulation_dtype(x.scalar_type());
   const auto check_part = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
     check_same_device(t, x, name);
     TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous(), name, ": expected a contiguous ", acc, " tensor");
-    check_shape(t, shape, name);
+    checks::check_shape(t, name, shape);
   };
   if (grad_weight_part) check_part(*grad_weight_part, {splits, s.T, s.COUT, s.CIN_G * s.KH * s.KW}, "grad_weight_part");
   check_part(grad_bias_part, {splits, s.T, s.COUT}, "grad_bias_part");

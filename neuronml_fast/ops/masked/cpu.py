@@ -6,7 +6,7 @@ ATen/oneDNN on the compact weights, and the C++ kernels in ``csrc/cpu/masked.cpp
 everything around it in one pass over memory: bias, mask, the scatter back into the full
 layout with zeros for pruned neurons (forward), and the gathered ``grad_out * mask``, the bias
 gradient and the mask gradient (the sensitivity source) in the backward. The conv forward's
-launcher is C++ as well (``masked_conv2d_forward`` in csrc/cpu/bindings.cpp: it runs once per
+launcher is C++ as well (``masked_conv2d_forward`` in csrc/cpu/bindings/masked.cpp: it runs once per
 layer and step, where Python glue cost a tenth of a small layer); the backward and the linear
 layers are launched from here.
 
@@ -42,7 +42,7 @@ def compaction(mask, skip_zero, may_gather):
 
 def _compact_rows(weight, plan):
     """[T, C, ...] -> [T, A, ...]: the rows of active neurons, zero-padded per task, in weight's
-    storage order (csrc/cpu/bindings.cpp `compact_weight_rows`)."""
+    storage order (csrc/cpu/bindings/masked.cpp `compact_weight_rows`)."""
     if not plan.compacted:
         return weight
     return _extensions.cpu().compact_weight_rows(weight, plan.slot, plan.width)
@@ -218,7 +218,7 @@ def _rows(t):
 def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=False):
     """(out, pre): contiguous if ``contiguous_output`` (the caller's input was not in grouped NHWC: PyTorch's
     conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused epilogue
-    writes either layout directly. The launcher is C++ (csrc/cpu/bindings.cpp `masked_conv2d_forward`):
+    writes either layout directly. The launcher is C++ (csrc/cpu/bindings/masked.cpp `masked_conv2d_forward`):
     the compaction, the compact weights, one grouped oneDNN convolution over the active neurons and
     the fused epilogue, as in the backward below; in Python this glue cost 8 % of a 25 %-active
     Conv4 block's forward."""
