@@ -1,5 +1,5 @@
 // Per-neuron first-order Taylor sensitivity on the CPU (SPEC section 3).
-// Framework-free: raw pointers and sizes only; bindings.cpp validates tensors and calls in.
+// Framework-free: raw pointers and sizes only; bindings/sensitivity.cpp validates tensors and calls in.
 #pragma once
 #include <cstdint>
 

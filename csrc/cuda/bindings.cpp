@@ -1,8 +1,8 @@
 // Python bindings of the CUDA kernels: tensor checks (TORCH_CHECK), device guard, current
 // stream, raw pointers into the framework-free launchers, and a check of every launch.
 // Every kernel binding writes into outputs the caller allocated, so tests can hand in NaN-poisoned
-// buffers: the Python launchers (neuronml_fast/cuda/masked.py, neuronml_fast/_plastic_driver.py,
-// neuronml_fast/ops/sensitivity.py) allocate them through neuronml_fast/_alloc.py.
+// buffers: the Python launchers (neuronml_fast/ops/<family>/cuda.py and the GPU drivers
+// neuronml_fast/ops/<family>/gpu.py) allocate them through neuronml_fast/_alloc.py.
 //
 // The same file builds the emulated extension (NEURONML_FAST_CUDA_EMULATION, against csrc/emu):
 // there CPU tensors stand in for device memory and the kernels run synchronously in the emulator.
@@ -231,7 +231,7 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
                "masked_conv_weight_grad");
 }
 
-// ---- Hebbian plasticity: step kernels (time loops in neuronml_fast/_plastic_driver.py) -------
+// ---- Hebbian plasticity: step kernels (time loops in neuronml_fast/ops/plastic/gpu.py) ------
 
 using neuronml_fast::PlasticRule;
 using neuronml_fast::cuda::PlasticStep;
@@ -451,7 +451,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neuron_sensitivity_out", &neuron_sensitivity_out, "Per-neuron Taylor sensitivity (SPEC 3)",
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
-  // Constants the Python launchers need (neuronml_fast/cuda/*.py read them from here).
+  // Constants the Python launchers need (neuronml_fast/ops/*/cuda.py read them from here).
   m.attr("PLASTIC_ROWS_PER_BLOCK") = neuronml_fast::cuda::kPlasticRowsPerBlock;
   m.attr("PLASTIC_SEQUENCE_MAX_N") = neuronml_fast::cuda::kPlasticSequenceMaxN;
   m.attr("MASKED_K_STEP") = neuronml_fast::cuda::kMaskedBK;

@@ -1,6 +1,6 @@
 // Masked (structure-gated) convolution on CUDA (SPEC section 2): host-side launcher declarations.
-// Framework-free; bindings.cpp validates tensors and computes the device-side compaction
-// (order, count) with ATen, then calls in. Same design as the Triton kernels (kernels/masked.py):
+// Framework-free; bindings.cpp validates tensors and calls in with the device-side compaction
+// (order, count) that neuronml_fast/ops/masked/gpu.py computes with torch ops. Same design as the Triton kernels (kernels/masked.py):
 // implicit GEMM over the active neurons of each (task, group), mask * (conv + bias) in the forward
 // epilogue, grad_out * mask + grad_pre fused into the backward operand loads, bias and mask
 // gradients reduced inside the weight-gradient kernel. A linear layer is a 1x1 conv of a 1x1 image.
