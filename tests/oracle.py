@@ -387,9 +387,6 @@ class Op:
     fast_gradcheck_emulated: bool = False
     # "reference" as a backend too: the public op on the reference backend is not the reference itself
     reference_backend: bool = False
-    # Known kernel bugs, by backend and sample knobs: the random-shape family draws around them, a
-    # strict xfail in the op's own test file reproduces each (it fails once the bug is fixed).
-    known_bug: Callable = staticmethod(lambda backend, knobs: False)
     out_dtype: Callable = staticmethod(lambda dtype: dtype)
     skip: Callable = staticmethod(lambda backend, device, dtype, variant: None)
 
@@ -398,12 +395,6 @@ def _triton_bf16_dot(backend, device, dtype, variant):
     if backend == "triton" and device == "cpu" and dtype == BF16:
         return "the Triton interpreter's tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584)"
     return None
-
-
-def _cpu_conv_single_channel_backward(backend, knobs):
-    # The CPU backward rejects a contiguous upstream gradient of a one-channel output of one task
-    # ("pre: expected ... strides"): see test_masked.py::test_cpu_single_output_channel_backward.
-    return backend == "cpu" and knobs.get("c_out") == 1 and knobs.get("tasks") in (None, 1)
 
 
 TOL = {F64: (1e-10, 1e-10), F32: (1e-4, 1e-4), F16: (2e-2, 2e-2), BF16: (1e-1, 1e-1)}
@@ -430,7 +421,6 @@ OPS = {
         ),
         dtype_variants=("base", "wide"),
         strategies={"random": (conv_knobs().filter(_conv_fits), 20)},
-        known_bug=staticmethod(_cpu_conv_single_channel_backward),
         subsets_variants=("subsets",),
         gradcheck_variants=tuple(f"gradcheck-tasks{t}-skip{s}" for t in (None, 2) for s in (True, False)),
         second_order=(("maml", False),),

@@ -165,14 +165,12 @@ def test_conv_output_memory_format_follows_the_input(backend, device, layout):
     torch.testing.assert_close(out, masked_conv2d_reference(x, w, m, padding=1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="the CPU backward expects the output's own strides "
-                   "for a one-channel output of one task and rejects a contiguous upstream gradient")
 @pytest.mark.skipif(not nf.backends.status("cpu").devices, reason="C++ CPU extension not built")
 @pytest.mark.parametrize("tasks", [None, 1])
 def test_cpu_single_output_channel_backward(tasks):
-    # Found by the oracle's random shapes (which draw around it on the CPU backend, see known_bug
-    # in tests/oracle.py): [N, 1, H, W] is both contiguous and channels-last, and the upstream
-    # gradient torch.randn(out.shape) is contiguous where the output's strides are channels-last.
+    # Found by the oracle's random shapes: [N, 1, H, W] is both contiguous and channels-last, and the
+    # upstream gradient torch.randn(out.shape) is contiguous where the output's strides are
+    # channels-last; the backward takes both (strides of size-1 dimensions do not count).
     (x, w, m, b), kwargs = _problem("conv", tasks=tasks, batch=1, c_in=1, c_out=1, h=1, w=1, k=(1, 1),
                                     padding=(0, 1), bias=False, skip_zero=False)
     x, w, m = (t.requires_grad_() for t in (x, w, m))  # the mask's gradient takes the path that fails

@@ -26,10 +26,18 @@ void check_slots(const at::Tensor& slot, int64_t T, int64_t C, int64_t slots) {
 // tensor is a [T, N, S, J] view with contiguous slots.
 using neuronml_fast::cpu::MaskedLayout;
 
+// Whether two views of one shape address their elements alike. A dimension of size 1 is never
+// stepped along, so its stride does not count: [N, 1, H, W] is both contiguous and channels last.
+bool same_strides(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, at::ScalarType dtype) {
   check_cpu_float(t, name);
   checks::check_dtype(t, name, dtype);
-  TORCH_CHECK(t.sizes() == ref.sizes() && t.strides() == ref.strides(), name, ": expected shape ", ref.sizes(),
+  TORCH_CHECK(t.sizes() == ref.sizes() && same_strides(t, ref), name, ": expected shape ", ref.sizes(),
               " and strides ", ref.strides(), ", got ", t.sizes(), " and ", t.strides());
 }
 
