@@ -139,7 +139,8 @@ def _add_common(parser):
     parser.add_argument("--lambda-sensitivity", type=nonnegative_float, default=0.1,
                         help="NeuronML: weight of the sensitivity term (active neurons are the important ones)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the task samplers")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
 
 
@@ -235,7 +236,8 @@ def _check_backend(parser, args):
     device_type = torch.device(args.device).type
     status = package_backends.status(args.backend)
     if device_type not in status.devices:
-        usable = [b for b in BACKENDS if b in ("auto", "reference") or device_type in package_backends.status(b).devices]
+        usable = [b for b in BACKENDS
+                  if b in ("auto", "reference") or device_type in package_backends.status(b).devices]
         parser.error(f"--backend: expected a backend that runs on {device_type} here ({', '.join(usable)}), "
                      f"got {args.backend!r} ({status.state}; {status.detail})")
 

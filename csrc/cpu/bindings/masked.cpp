@@ -4,6 +4,7 @@
 
 #include <limits>
 
+#include "common/conv_size.h"
 #include "cpu/masked.h"
 
 namespace neuronml_fast::cpu::bindings {
@@ -238,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
               weight.sizes());
   checks::check_pairs(stride, padding, dilation);
   const int64_t T = x.size(0), N = x.size(1), C_in = x.size(2), C = weight.size(1);
-  const int64_t H_out = (x.size(3) + 2 * padding[0] - dilation[0] * (weight.size(3) - 1) - 1) / stride[0] + 1;
-  const int64_t W_out = (x.size(4) + 2 * padding[1] - dilation[1] * (weight.size(4) - 1) - 1) / stride[1] + 1;
+  const int64_t H_out = neuronml_fast::conv_output_size(x.size(3), weight.size(3), stride[0], padding[0], dilation[0]);
+  const int64_t W_out = neuronml_fast::conv_output_size(x.size(4), weight.size(4), stride[1], padding[1], dilation[1]);
   const auto dtype = x.scalar_type();
   checks::check_dtype(weight, "weight", dtype);
   const at::Tensor m = mask.contiguous();

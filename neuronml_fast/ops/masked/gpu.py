@@ -3,10 +3,11 @@
 A backend passes its kernels as the ``kernels`` argument, an object with ``k_step(dtype)`` (the
 pixel block of its weight-gradient reduction), ``check(geometry)`` (its own size limits),
 ``forward``, ``input_grad`` and ``weight_grad`` (one launch each; ``weight_grad`` also reduces
-the bias and mask gradients, and computes the weight gradient only where ``gw_part`` is given): `triton.TritonConvKernels`,
-`cuda.CudaConvKernels`. This module owns everything around them: contiguous operands, output
-allocation, the device-side compaction plan, the split of the weight gradient's pixel
-reduction and the sum of its partials, and the linear layers as 1x1 convolutions.
+the bias and mask gradients, and computes the weight gradient only where ``gw_part`` is given):
+`triton.TritonConvKernels`, `cuda.CudaConvKernels`. This module owns everything around them:
+contiguous operands, output allocation, the device-side compaction plan, the split of the weight
+gradient's pixel reduction and the sum of its partials, and the linear layers as 1x1
+convolutions.
 
 The planning runs on the device with torch ops: no host synchronization, so a launch never
 waits for the mask to be read back.
