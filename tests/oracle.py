@@ -614,6 +614,17 @@ def assert_close(got, want, *, op, backend, dtype, what, tol=None, scale_atol=No
     torch.testing.assert_close(g, w, atol=atol, rtol=rtol, equal_nan=False, msg=lambda m: f"{where} differs: {m}")
 
 
+def well_posed(op, sample):
+    """Whether the reference's outputs and gradients on ``sample`` are finite. A random draw can
+    overflow float64 (an identity activation under Hebbian growth compounds past 1e308 in a few
+    steps), and where the oracle itself is inf or NaN there is nothing to compare."""
+    wanted = sample.differentiable(op.grad_inputs)
+    args = leaves(sample, wanted, dtype=F64)
+    want = op.reference(**args, **sample.options)
+    grads = gradients(want, args, wanted) if wanted else []
+    return all(bool(torch.isfinite(t).all()) for t in (*_flat(want), *grads) if t is not None)
+
+
 def check_against_reference(op, backend, device, dtype, sample, wanted=None, grads=True, what=""):
     """The op on ``backend`` against its reference on float64 copies of the same inputs: the outputs
     (NaN-poisoned buffers, so an unwritten element fails) and, where ``grads``, the gradients of a

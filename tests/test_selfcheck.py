@@ -11,26 +11,23 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import neuronml_fast as nf
-from neuronml_fast import selfcheck
+from neuronml_fast import _alloc, selfcheck
 from neuronml_fast.__main__ import main as cli_main
+from neuronml_fast.ops.masked import cpu as masked_cpu
+from neuronml_fast.ops.plastic import cpu as plastic_cpu
+from neuronml_fast.ops.sensitivity import cpu as sensitivity_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_USABLE = "cpu" in nf.backends.status("cpu").devices
 needs_cpu_backend = pytest.mark.skipif(not CPU_USABLE, reason="the C++ CPU extension is not built")
 
 
-def _patch_kernel(monkeypatch, op, backend, wrap):
-    """Route ``backends.kernel(op, backend)`` through ``wrap(real_entry_point)``."""
-    real_kernel = nf.backends.kernel
-
-    def kernel(name, which):
-        entry = real_kernel(name, which)
-        return wrap(entry) if (name, which) == (op, backend) else entry
-
-    monkeypatch.setattr(nf.backends, "kernel", kernel)
+def _patch_launcher(monkeypatch, module, name, wrap):
+    """Route the launcher ``module.name`` (what ``backends.launchers(op, backend).name`` calls) through
+    ``wrap(real_launcher)``."""
+    monkeypatch.setattr(module, name, wrap(getattr(module, name)))
 
 
 def _rows(result, **where):
@@ -90,14 +87,14 @@ def test_cli_check_passes_under_the_interpreter(tmp_path):
 
 @needs_cpu_backend
 def test_perturbed_output_is_a_mismatch(monkeypatch, capsys):
-    def wrap(entry):
-        def perturbed(weight, grad, bias, grad_bias, sensitivity, taylor):
-            entry(weight, grad, bias, grad_bias, sensitivity, taylor)
-            sensitivity.mul_(1.001)  # 0.1 %: ten times float32's tolerance
+    def wrap(launcher):
+        def perturbed(*args):
+            sensitivity, taylor = launcher(*args)
+            return sensitivity * 1.001, taylor  # 0.1 %: ten times float32's tolerance
 
         return perturbed
 
-    _patch_kernel(monkeypatch, "neuron_sensitivity", "cpu", wrap)
+    _patch_launcher(monkeypatch, sensitivity_cpu, "neuron_sensitivity", wrap)
     assert cli_main(["check", "--backend", "cpu", "--op", "neuron_sensitivity", "--op", "masked_linear"]) == 1
     out = capsys.readouterr().out
     sensitivity = [line for line in out.splitlines() if line.startswith("neuron_sensitivity")]
@@ -109,16 +106,16 @@ def test_perturbed_output_is_a_mismatch(monkeypatch, capsys):
 
 @needs_cpu_backend
 def test_perturbed_gradient_is_a_mismatch(monkeypatch):
-    def wrap(entry):
+    def wrap(launcher):
         def perturbed(*args):
-            grad_input, grad_weight, grad_bias, grad_mask = entry(*args)
+            grad_input, grad_weight, grad_bias, grad_mask = launcher(*args)
             if grad_weight.numel():
                 grad_weight = grad_weight + 1e-3 * grad_weight.abs().max()
             return grad_input, grad_weight, grad_bias, grad_mask
 
         return perturbed
 
-    _patch_kernel(monkeypatch, "masked_linear_backward", "cpu", wrap)
+    _patch_launcher(monkeypatch, masked_cpu, "linear_backward", wrap)
     rows = selfcheck.run(["cpu"], functions={"masked_linear"})
     assert rows and all(r.result == "MISMATCH" for r in rows)
     assert all(r.worst in ("d weight", "d2 weight", "d2 input", "d2 mask") for r in rows), [r.worst for r in rows]
@@ -128,28 +125,29 @@ def test_perturbed_gradient_is_a_mismatch(monkeypatch):
 
 @needs_cpu_backend
 def test_unwritten_element_is_caught_by_the_nan_poison(monkeypatch):
-    def wrap(entry):
-        def forgetful(weight, grad, bias, grad_bias, sensitivity, taylor):
-            full = torch.empty_like(sensitivity)
-            entry(weight, grad, bias, grad_bias, full, taylor)
+    def wrap(launcher):
+        def forgetful(*args):
+            full, taylor = launcher(*args)
+            sensitivity = _alloc.empty(full.shape, dtype=full.dtype, device=full.device)
             sensitivity[:-1].copy_(full[:-1])  # the last neuron is never written
+            return sensitivity, taylor
 
         return forgetful
 
-    _patch_kernel(monkeypatch, "neuron_sensitivity", "cpu", wrap)
+    _patch_launcher(monkeypatch, sensitivity_cpu, "neuron_sensitivity", wrap)
     rows = selfcheck.run(["cpu"], functions={"neuron_sensitivity"})
     assert rows and all(r.result == "MISMATCH" and r.note == "NaN" and r.worst == "out" for r in rows)
 
 
 @needs_cpu_backend
 def test_raising_kernel_is_an_error_row_and_the_run_goes_on(monkeypatch, capsys):
-    def wrap(entry):
+    def wrap(launcher):
         def broken(*args):
             raise RuntimeError("injected kernel failure")
 
         return broken
 
-    _patch_kernel(monkeypatch, "plastic", "cpu", wrap)
+    _patch_launcher(monkeypatch, plastic_cpu, "plastic_forward", wrap)
     code = cli_main(["check", "--backend", "cpu", "--quick", "--op", "plastic_rnn", "--op", "neuron_sensitivity"])
     out = capsys.readouterr().out
     assert code == 1

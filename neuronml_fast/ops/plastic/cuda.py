@@ -37,5 +37,7 @@ class CudaSteps:
             reconstruct)
 
 
+# eta is read on the host only where the checkpoint interval needs it (op._eta_and_checkpoints).
+AVOIDS_HOST_READS = True
 plastic_forward = functools.partial(gpu.forward, CudaSteps())
 plastic_backward = functools.partial(gpu.backward, CudaSteps())

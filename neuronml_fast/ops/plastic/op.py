@@ -316,11 +316,17 @@ def checkpoint_every(steps, eta, clip, modulated, activation="tanh"):
 # ---- public functions ----------------------------------------------------------------------
 
 
-def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation):
+def _avoids_host_reads(backend):
+    """Whether the backend's launchers keep device-to-host reads off the launch path: a launcher
+    module declares it with ``AVOIDS_HOST_READS`` (the GPU ones, whatever tensors they run on)."""
+    return backend != "reference" and getattr(backends.launchers(OP, backend), "AVOIDS_HOST_READS", False)
+
+
+def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend):
     """Checks eta's domain and returns the checkpoint interval, reading eta on the host only where
     that costs nothing or the interval needs it.
 
-    A device tensor's launch path stays free of device-to-host syncs: eta is read only when the
+    A GPU backend's launch path stays free of device-to-host syncs: eta is read only when the
     trace reconstruction's checkpoint interval depends on it (hebb and oja under tanh, no clip, a
     device tensor), once, and that read also serves the domain check. Elsewhere (modulated rule,
     recomputed segments, a Python number) nothing is read and a device tensor's domain is checked on
@@ -331,7 +337,7 @@ def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation):
     compiling = torch.compiler.is_compiling()
     if number is not None:
         value = number
-    elif compiling or (eta.device.type != "cpu" and not needs_value):
+    elif compiling or (_avoids_host_reads(backend) and not needs_value):
         value = None
     else:
         value = float(eta.detach())
@@ -354,7 +360,7 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
     backend = backends.resolve(OP, input.device.type, input.dtype)
-    every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation)
+    every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
     output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
@@ -386,7 +392,7 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     backend = backends.resolve(OP, input.device.type, input.dtype)
     clip = None if clip is None else float(clip)
     modulated = modulation is not None or mod_weight is not None
-    every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation)
+    every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend)
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation,
                                      mod_weight, mod_bias, mod_fanout, mod_activation)

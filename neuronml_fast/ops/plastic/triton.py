@@ -82,5 +82,7 @@ def _pointer(t, fallback):
     return t if t is not None else fallback
 
 
+# eta is read on the host only where the checkpoint interval needs it (op._eta_and_checkpoints).
+AVOIDS_HOST_READS = True
 plastic_forward = functools.partial(gpu.forward, TritonSteps())
 plastic_backward = functools.partial(gpu.backward, TritonSteps())
