@@ -2,7 +2,7 @@
 // tensor checks (TORCH_CHECK, never a crash), dtype dispatch, raw pointers into the
 // framework-free kernels. The `*_out` functions and the masked epilogue / prologue write into
 // outputs the caller allocated (Python, neuronml_fast/_alloc.py), so tests can hand in
-// NaN-poisoned buffers. The rest allocate what they return: `masked_conv2d_forward` and
+// NaN-poisoned buffers. The rest allocate what they return: the masked conv2d launchers and
 // `expand_weight_grad` from the buffer pool, NaN-filled if `poison`; `compact_weight_rows` and
 // `masked_compaction` with at::empty (every element written); `pooled_empty` (uninitialized).
 //
@@ -25,6 +25,14 @@ void bind_sensitivity(py::module_& m); // sensitivity.cpp
 
 // torch.empty(size, dtype=dtype) on the CPU, with its storage from the buffer pool (runtime.cpp).
 at::Tensor pooled_empty(at::IntArrayRef size, at::ScalarType dtype);
+
+// The task-batched convolution's own kernels, checked (conv.cpp); the masked conv2d backward
+// launcher (masked.cpp) calls them too.
+void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
+                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation);
+void conv2d_input_grad_out(const at::Tensor& gy, const at::Tensor& weight, at::Tensor& grad_input,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation);
+void to_grouped_nhwc_out(const at::Tensor& src, at::Tensor& dst);
 
 // ---- tensor checks of the CPU kernels' arguments -------------------------------------------
 

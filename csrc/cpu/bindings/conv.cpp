@@ -45,6 +45,8 @@ ConvGradShape conv_grad_shape(const at::Tensor& gy, at::IntArrayRef x_sizes, con
           T * A, T * C};
 }
 
+}  // namespace
+
 // gy [N, H_out, W_out, T*A], x [N, H, W, T*C] (grouped NHWC storage), grad_weight [T, A, kH, kW, C]:
 // contiguous float32. Throws where the AVX2/FMA kernels are not in use (check conv_grad_available).
 void conv2d_weight_grad_out(const at::Tensor& gy, const at::Tensor& x, at::Tensor& grad_weight,
@@ -105,8 +107,6 @@ void to_grouped_nhwc_out(const at::Tensor& src, at::Tensor& dst) {
                                                   dst.data_ptr<scalar_t>());
   });
 }
-
-}  // namespace
 
 void bind_conv(py::module_& m) {
   m.def("conv2d_weight_grad_out", &conv2d_weight_grad_out, "NHWC conv weight gradient, AVX2 register tiles",

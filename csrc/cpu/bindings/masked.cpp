@@ -1,10 +1,14 @@
 // Bindings of the masked layers (csrc/cpu/masked.h): the compaction of the active neurons, the
-// fused epilogue / prologue around the ATen dense core, and the masked conv2d forward launcher.
+// fused epilogue / prologue around the ATen dense core, and the masked conv2d launchers.
 #include "cpu/bindings/bindings.h"
 
+#include <array>
 #include <limits>
+#include <tuple>
+#include <utility>
 
 #include "common/conv_size.h"
+#include "cpu/conv_grad.h"
 #include "cpu/masked.h"
 
 namespace neuronml_fast::cpu::bindings {
@@ -160,17 +164,34 @@ void scatter_rows_out(const at::Tensor& compact, const at::Tensor& slot, at::Ten
   });
 }
 
-// ---- masked conv2d forward: the whole launcher in C++ ---------------------------------------
-// The Python version of this glue (compaction, pooled outputs, compact weights, the grouped views
-// around one ATen convolution, the epilogue) cost 8 % of a 25 %-active Conv4 block's forward.
-// It allocates its outputs (out, pre) from the pool. Layouts: neuronml_fast/cpu/masked.py.
+// ---- masked conv2d: the launchers in C++ ------------------------------------------------
+// They run once per layer and step, where Python glue (compaction, pooled outputs, compact
+// weights, the grouped views around the dense core, the fused epilogue / prologue) cost a tenth of
+// a small layer. Outputs come from the buffer pool, NaN-filled if `poison`.
+//
+// Activations are [T, N, C, H, W] tensors stored as [N, H, W, T, C] ("grouped NHWC"): for one
+// task plain channels_last, for T tasks exactly the input layout of the grouped convolution whose
+// groups are the tasks. Why this layout and when outputs are contiguous instead:
+// neuronml_fast/ops/masked/cpu.py.
 
-// [T, N, C, H, W] stored as [N, H, W, T, C] (grouped NHWC), from the pool, NaN-filled if `poison`.
+// A pooled buffer of `sizes`, NaN-filled if `poison`.
+at::Tensor pooled_output(at::IntArrayRef sizes, at::ScalarType dtype, bool poison) {
+  at::Tensor out = pooled_empty(sizes, dtype);
+  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+// [T, N, C, H, W] stored as [N, H, W, T, C] (grouped NHWC), pooled.
 at::Tensor grouped_nhwc_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
                               bool poison) {
-  at::Tensor storage = pooled_empty({N, H, W, T, C}, dtype);
-  if (poison) storage.fill_(std::numeric_limits<double>::quiet_NaN());
-  return storage.permute({3, 0, 4, 1, 2});
+  return pooled_output({N, H, W, T, C}, dtype, poison).permute({3, 0, 4, 1, 2});
+}
+
+// A [T, N, C, H, W] output: contiguous, or in grouped NHWC.
+at::Tensor conv_output_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
+                             bool contiguous, bool poison) {
+  if (!contiguous) return grouped_nhwc_empty(T, N, C, H, W, dtype, poison);
+  return pooled_output({T, N, C, H, W}, dtype, poison);
 }
 
 // weight [T, C, ...] -> [T, width, ...] with the rows of kept channels in their slots (zero rows for
@@ -206,8 +227,7 @@ at::Tensor expand_weight_grad(const at::Tensor& grad, const at::Tensor& slot, bo
               " and strides ", grad.strides());
   const int64_t T = grad.size(0), C = slot.size(1), C_in = grad.size(2), KH = grad.size(3), KW = grad.size(4);
   check_slots(slot, T, C, grad.size(1));
-  at::Tensor full = pooled_empty({T, C, KH, KW, C_in}, grad.scalar_type());
-  if (poison) full.fill_(std::numeric_limits<double>::quiet_NaN());
+  at::Tensor full = pooled_output({T, C, KH, KW, C_in}, grad.scalar_type(), poison);
   const int64_t row = KH * KW * C_in;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "expand_weight_grad", [&] {
     neuronml_fast::cpu::scatter_rows<scalar_t>(grad.data_ptr<scalar_t>(), grad.size(1) * row, row, T, C, row,
@@ -216,13 +236,55 @@ at::Tensor expand_weight_grad(const at::Tensor& grad, const at::Tensor& slot, bo
   return full.permute({0, 1, 4, 2, 3});
 }
 
-// A [T, N, C, H, W] output from the pool: contiguous, or in grouped NHWC.
-at::Tensor conv_output_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
-                             bool contiguous, bool poison) {
-  if (!contiguous) return grouped_nhwc_empty(T, N, C, H, W, dtype, poison);
-  at::Tensor out = pooled_empty({T, N, C, H, W}, dtype);
-  if (poison) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
+// [T, N, C, H, W] in grouped NHWC storage: `t` itself when it is, else one pooled copy (the
+// register-transpose kernel of csrc/cpu/layout.h for a contiguous tensor).
+at::Tensor to_grouped_nhwc(const at::Tensor& t) {
+  const at::Tensor storage = t.permute({1, 3, 4, 0, 2});
+  if (storage.is_contiguous()) return t;
+  at::Tensor copy = pooled_empty(storage.sizes(), t.scalar_type());
+  if (t.is_contiguous()) {
+    to_grouped_nhwc_out(t, copy);
+  } else {
+    copy.copy_(storage);
+  }
+  return copy.permute({3, 0, 4, 1, 2});
+}
+
+// [T, N, C_in, H, W] -> [N, T*C_in, H, W] channels-last: the tasks become conv groups.
+at::Tensor grouped_input(const at::Tensor& x) {
+  const int64_t N = x.size(1), H = x.size(3), W = x.size(4);
+  return to_grouped_nhwc(x).permute({1, 3, 4, 0, 2}).reshape({N, H, W, x.size(0) * x.size(2)}).permute({0, 3, 1, 2});
+}
+
+// [T, A, C_in/g, kH, kW] -> [T*A, C_in/g, kH, kW] channels-last: a view of channels-last weights,
+// else one copy (an expanded weight, MAML's meta-parameters for every task, included).
+at::Tensor grouped_weight(const at::Tensor& w) {
+  return w.permute({0, 1, 3, 4, 2})
+      .reshape({w.size(0) * w.size(1), w.size(3), w.size(4), w.size(2)})
+      .contiguous()
+      .permute({0, 3, 1, 2});
+}
+
+// [T, C, C_in, kH, kW] with oneDNN's channels-last weight strides ([T*C, kH, kW, C_in] storage):
+// the layout weight gradients come out in and stay in (see channels_last_weight in cpu.py).
+at::Tensor channels_last_weight(const at::Tensor& w) { return grouped_weight(w).view(w.sizes()); }
+
+// A [T, N, C, H, W] view (grouped NHWC or contiguous) -> the [T, N, H*W, C] view the epilogue and
+// prologue take.
+at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 1, 3, 4, 2}).flatten(2, 3); }
+
+struct ConvParams {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+};
+
+void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const ConvParams& conv) {
+  check_cpu_float(x, "input");
+  TORCH_CHECK(x.dim() == 5 && weight.dim() == 5 && weight.size(0) == x.size(0),
+              "expected input [T, N, C_in, H, W] and weight [T, C_out, C_in/groups, kH, kW], got ", x.sizes(), " and ",
+              weight.sizes());
+  checks::check_dtype(weight, "weight", x.scalar_type());
+  checks::check_pairs(conv.stride, conv.padding, conv.dilation);
 }
 
 // x [T, N, C_in, H, W] (any layout; grouped NHWC is a view), weight [T, C, C_in/groups, kH, kW],
@@ -233,16 +295,12 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
                                                          std::vector<int64_t> stride, std::vector<int64_t> padding,
                                                          std::vector<int64_t> dilation, int64_t groups, bool skip_zero,
                                                          bool contiguous, bool poison) {
-  check_cpu_float(x, "input");
-  TORCH_CHECK(x.dim() == 5 && weight.dim() == 5 && weight.size(0) == x.size(0),
-              "expected input [T, N, C_in, H, W] and weight [T, C_out, C_in/groups, kH, kW], got ", x.sizes(), " and ",
-              weight.sizes());
-  checks::check_pairs(stride, padding, dilation);
-  const int64_t T = x.size(0), N = x.size(1), C_in = x.size(2), C = weight.size(1);
+  const ConvParams conv{stride, padding, dilation, groups};
+  check_conv_args(x, weight, conv);
+  const int64_t T = x.size(0), N = x.size(1), C = weight.size(1);
   const int64_t H_out = neuronml_fast::conv_output_size(x.size(3), weight.size(3), stride[0], padding[0], dilation[0]);
   const int64_t W_out = neuronml_fast::conv_output_size(x.size(4), weight.size(4), stride[1], padding[1], dilation[1]);
   const auto dtype = x.scalar_type();
-  checks::check_dtype(weight, "weight", dtype);
   const at::Tensor m = mask.contiguous();
   check_cpu_tensor(m, "mask", {T, C}, dtype);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
@@ -258,22 +316,164 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
     y = at::zeros({T, N, S, 0}, x.options());
   } else {
     const at::Tensor w = plan.compacted ? compact_weight_rows(weight, slot, A) : weight;
-    // [T*A, C_in/g, kH, kW] channels-last: a view of channels-last weights, else one copy (an
-    // expanded weight, MAML's meta-parameters for every task, included).
-    const at::Tensor grouped_w =
-        w.permute({0, 1, 3, 4, 2}).reshape({T * A, w.size(3), w.size(4), w.size(2)}).contiguous().permute({0, 3, 1, 2});
-    // The tasks become conv groups: [N, T*C_in, H, W] channels-last over grouped-NHWC storage.
-    const at::Tensor storage = x.permute({1, 3, 4, 0, 2}).contiguous();
-    const at::Tensor grouped_x =
-        storage.view({N, x.size(3), x.size(4), T * C_in}).permute({0, 3, 1, 2});
-    at::Tensor conv = at::convolution(grouped_x, grouped_w, c10::nullopt, stride, padding, dilation, false, {0, 0},
-                                      groups * T);
-    y = conv.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).view({N, S, T, A}).permute({2, 0, 1, 3});
+    const at::Tensor conv_out = at::convolution(grouped_input(x), grouped_weight(w), c10::nullopt, stride, padding,
+                                                dilation, false, {0, 0}, groups * T);
+    y = conv_out.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).view({N, S, T, A}).permute(
+        {2, 0, 1, 3});
   }
-  const auto rows = [&](const at::Tensor& t) { return t.permute({0, 1, 3, 4, 2}).flatten(2, 3); };
-  at::Tensor out_rows = rows(out), pre_rows = rows(pre);
+  at::Tensor out_rows = pixel_rows(out), pre_rows = pixel_rows(pre);
   masked_forward_epilogue_out(y, slot, m, b, out_rows, pre_rows);
   return {out, pre};
+}
+
+// Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN: its
+// weight gradient is 1.2-1.7x faster than oneDNN's at the Conv4 shapes (why this one and the
+// input gradient: csrc/cpu/conv_grad.h).
+bool uses_own_conv_grads(at::ScalarType dtype, int64_t in_channels, int64_t groups) {
+  return groups == 1 && dtype == at::kFloat && in_channels % 16 == 0 && neuronml_fast::cpu::conv2d_grad_available();
+}
+
+// Output rows (images x output pixels) per task above which one oneDNN call per task beats the
+// grouped call: on Conv4's layers (32 tasks, 3x3 stride 2) the crossover lies between 1000 and
+// 1200 rows (bench/results/design-measurements.md).
+constexpr int64_t kPerTaskBackwardRows = 1024;
+
+// Input and weight gradients of the grouped convolution (tasks x groups groups) by oneDNN, whose
+// grouped backward is slow for many large groups: tasks with at least kPerTaskBackwardRows output
+// rows get one call each on their channel slice of the grouped storage (the input gradients land
+// in one grouped-NHWC buffer); smaller tasks stay one grouped call (~0.3 ms per call saved).
+// gy [N, T*A, H_out, W_out], x [N, T*C_in, H, W], w [T*A, C_in/g, kH, kW], channels-last. Returns
+// (grad_input [N, T*C_in, H, W] channels-last, grad_weight [T*A, ...]), undefined where not needed.
+std::pair<at::Tensor, at::Tensor> onednn_conv_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+                                                       int64_t tasks, const ConvParams& conv, bool need_input_grad,
+                                                       bool need_weight_grad, bool poison) {
+  const std::array<bool, 3> need{need_input_grad, need_weight_grad, false};
+  const int64_t rows_per_task = gy.size(0) * gy.size(2) * gy.size(3);
+  if (tasks == 1 || rows_per_task < kPerTaskBackwardRows) {
+    auto [gx, gw, gb] = at::convolution_backward(gy, x, w, c10::nullopt, conv.stride, conv.padding, conv.dilation,
+                                                 false, {0, 0}, conv.groups * tasks, need);
+    return {need_input_grad ? gx.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor(), gw};
+  }
+  const int64_t c_in = x.size(1) / tasks, a = w.size(0) / tasks;
+  at::Tensor grad_input;
+  if (need_input_grad)
+    grad_input = pooled_output({x.size(0), x.size(2), x.size(3), x.size(1)}, x.scalar_type(), poison)
+                     .permute({0, 3, 1, 2});
+  std::vector<at::Tensor> weight_grads;
+  for (int64_t t = 0; t < tasks; ++t) {
+    auto [gx, gw, gb] = at::convolution_backward(gy.narrow(1, t * a, a), x.narrow(1, t * c_in, c_in),
+                                                 w.narrow(0, t * a, a), c10::nullopt, conv.stride, conv.padding,
+                                                 conv.dilation, false, {0, 0}, conv.groups, need);
+    if (need_input_grad) grad_input.narrow(1, t * c_in, c_in).copy_(gx);
+    if (need_weight_grad) weight_grads.push_back(gw);
+  }
+  return {grad_input, need_weight_grad ? at::cat(weight_grads) : at::Tensor()};
+}
+
+// Input gradient [T, N, C_in, H, W] (contiguous, or grouped NHWC) by csrc/cpu/conv_grad.cpp from the
+// compact output gradient `gy` ([N, H_out, W_out, T*A] storage) and the compact weights w [T, A, C_in, kH, kW].
+at::Tensor own_input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_sizes, const ConvParams& conv,
+                          bool contiguous, bool poison) {
+  const int64_t T = x_sizes[0], N = x_sizes[1], C = x_sizes[2], H = x_sizes[3], W = x_sizes[4];
+  const int64_t A = w.size(1), KH = w.size(3), KW = w.size(4);
+  // One weight for every task (MAML's inner step): the kernel reads it once, no per-task copies.
+  const at::Tensor w_rows = T > 1 && w.stride(0) == 0
+                                ? grouped_weight(w.narrow(0, 0, 1)).permute({0, 2, 3, 1}).expand({T, A, KH, KW, C})
+                                : grouped_weight(w).permute({0, 2, 3, 1}).reshape({T, A, KH, KW, C});
+  at::Tensor out = contiguous ? pooled_output(x_sizes, gy.scalar_type(), poison)
+                              : pooled_output({N, H, W, T * C}, gy.scalar_type(), poison);
+  conv2d_input_grad_out(gy, w_rows, out, conv.stride, conv.padding, conv.dilation);
+  return contiguous ? out : out.view({N, H, W, T, C}).permute({3, 0, 4, 1, 2});
+}
+
+// Weight gradient [T*A, C_in, kH, kW] (channels-last strides) by csrc/cpu/conv_grad.cpp from the
+// compact output gradient `gy` ([N, H_out, W_out, T*A] storage) and the input x [T, N, C_in, H, W].
+at::Tensor own_weight_grad(const at::Tensor& gy, const at::Tensor& x, int64_t A, int64_t KH, int64_t KW,
+                           const ConvParams& conv, bool poison) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
+  const at::Tensor x_rows = to_grouped_nhwc(x).permute({1, 3, 4, 0, 2}).reshape({N, H, W, T * C});
+  at::Tensor out = pooled_output({T, A, KH, KW, C}, x.scalar_type(), poison);
+  conv2d_weight_grad_out(gy, x_rows, out, conv.stride, conv.padding, conv.dilation);
+  return out.view({T * A, KH, KW, C}).permute({0, 3, 1, 2});
+}
+
+// The [T, N, H*W, C] views of grad_out, grad_pre and pre (the last two may be absent) the prologue
+// takes, in one layout: that of `pre` (the layout the forward wrote), else that of grad_out;
+// grouped NHWC or contiguous (read channels-first), a tensor in another layout copied into it.
+std::array<c10::optional<at::Tensor>, 3> prologue_rows(const at::Tensor& grad_out,
+                                                        const c10::optional<at::Tensor>& grad_pre,
+                                                        const c10::optional<at::Tensor>& pre) {
+  const at::Tensor& lead = pre ? *pre : grad_out;
+  const bool grouped = lead.permute({1, 3, 4, 0, 2}).is_contiguous();
+  const auto rows = [&](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+    if (!t) return c10::nullopt;
+    return pixel_rows(grouped ? to_grouped_nhwc(*t) : t->contiguous());
+  };
+  return {rows(grad_out), rows(grad_pre), rows(pre)};
+}
+
+// The empty tensor that stands for a gradient the caller did not ask for. A new one for each: a
+// custom op's outputs may not alias each other.
+at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// Gradients of masked_conv2d_forward: (grad_input, grad_weight, grad_bias, grad_mask). grad_input is
+// contiguous [T, N, C_in, H, W] if `contiguous_input_grad`, else grouped NHWC like the activations;
+// grad_weight has channels-last strides. The output gradient is gathered onto the active neurons
+// by the fused prologue (which also reduces the bias and mask gradients), and the dense core runs
+// on them: csrc/cpu/conv_grad.cpp where `uses_own_conv_grads`, else oneDNN.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& mask, const c10::optional<at::Tensor>& pre,
+    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+    bool skip_zero, bool need_input_grad, bool need_weight_grad, bool contiguous_input_grad, bool poison) {
+  const ConvParams conv{stride, padding, dilation, groups};
+  check_conv_args(x, weight, conv);
+  check_cpu_float(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 5, "grad_out: expected [T, N, C_out, H_out, W_out], got ", grad_out.sizes());
+  const int64_t T = grad_out.size(0), N = grad_out.size(1), C = grad_out.size(2);
+  const int64_t H_out = grad_out.size(3), W_out = grad_out.size(4);
+  const auto dtype = grad_out.scalar_type();
+  const at::Tensor m = mask.contiguous();
+  check_cpu_tensor(m, "mask", {T, C}, dtype);
+  at::Tensor slot;
+  const neuronml_fast::cpu::CompactionPlan plan = compaction_plan(m, skip_zero, groups == 1, slot);
+  const int64_t A = plan.width;
+  // The compact output gradient, [N, H_out, W_out, T*A] storage. Slots that hold no channel must be
+  // zero for the dense core; the prologue writes the rest.
+  at::Tensor gy = plan.complete ? pooled_output({N, H_out, W_out, T * A}, dtype, poison)
+                                : pooled_empty({N, H_out, W_out, T * A}, dtype).zero_();
+  at::Tensor grad_bias = pooled_output({T, C}, dtype, poison), grad_mask = pooled_output({T, C}, dtype, poison);
+  const auto [go_rows, gp_rows, pre_rows] = prologue_rows(grad_out, grad_pre, pre);
+  at::Tensor gy_rows = gy.view({N, H_out * W_out, T, A}).permute({2, 0, 1, 3});
+  masked_backward_prologue_out(*go_rows, gp_rows, pre_rows, slot, m, gy_rows, grad_bias, grad_mask);
+
+  at::Tensor grad_input = not_requested(x), grad_weight = not_requested(x);
+  if (T == 0 || A == 0 || N == 0 || !(need_input_grad || need_weight_grad)) {
+    if (need_input_grad)
+      grad_input = contiguous_input_grad
+                       ? pooled_empty(x.sizes(), dtype).zero_()
+                       : grouped_nhwc_empty(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), dtype, false).zero_();
+    if (need_weight_grad) grad_weight = channels_last_weight(at::zeros_like(weight));
+    return {grad_input, grad_weight, grad_bias, grad_mask};
+  }
+  const at::Tensor w = plan.compacted ? compact_weight_rows(weight, slot, A) : weight;
+  const bool own = uses_own_conv_grads(x.scalar_type(), x.size(2), groups);
+  at::Tensor gx, gw;
+  if (!own)
+    std::tie(gx, gw) = onednn_conv_backward(gy.permute({0, 3, 1, 2}), grouped_input(x), grouped_weight(w), T, conv,
+                                            need_input_grad, need_weight_grad, poison);
+  if (need_input_grad && own) {
+    grad_input = own_input_grad(gy, w, x.sizes(), conv, contiguous_input_grad, poison);
+  } else if (need_input_grad) {
+    grad_input = gx.permute({0, 2, 3, 1}).view({N, x.size(3), x.size(4), T, x.size(2)}).permute({3, 0, 4, 1, 2});
+    if (contiguous_input_grad) grad_input = grad_input.contiguous();
+  }
+  if (need_weight_grad) {
+    if (own) gw = own_weight_grad(gy, x, A, weight.size(3), weight.size(4), conv, poison);
+    grad_weight = channels_last_weight(gw.view({T, A, weight.size(2), weight.size(3), weight.size(4)}));
+    if (plan.compacted) grad_weight = expand_weight_grad(grad_weight, slot, poison);
+  }
+  return {grad_input, grad_weight, grad_bias, grad_mask};
 }
 
 }  // namespace
@@ -300,6 +500,16 @@ void bind_masked(py::module_& m) {
         "or in grouped NHWC",
         py::arg("input"), py::arg("weight"), py::arg("mask"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"), py::arg("skip_zero"), py::arg("contiguous"), py::arg("poison"));
+  m.def("masked_conv2d_backward", &masked_conv2d_backward,
+        "masked conv2d backward (fused prologue, then csrc/cpu/conv_grad.cpp or oneDNN on the active neurons): "
+        "(grad_input, grad_weight, grad_bias, grad_mask)",
+        py::arg("grad_out"), py::arg("grad_pre"), py::arg("input"), py::arg("weight"), py::arg("mask"), py::arg("pre"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("skip_zero"),
+        py::arg("need_input_grad"), py::arg("need_weight_grad"), py::arg("contiguous_input_grad"), py::arg("poison"));
+  m.def("masked_conv2d_uses_own_grads", &uses_own_conv_grads,
+        "whether masked_conv2d_backward computes the input and weight gradients with csrc/cpu/conv_grad.cpp "
+        "(else oneDNN), for the input's dtype, in_channels and groups",
+        py::arg("dtype"), py::arg("in_channels"), py::arg("groups"));
 }
 
 }  // namespace neuronml_fast::cpu::bindings

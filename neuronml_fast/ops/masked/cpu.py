@@ -5,10 +5,10 @@ Design: compute only the active neurons. The weights of active neurons are compa
 ATen/oneDNN on the compact weights, and the C++ kernels in ``csrc/cpu/masked.cpp`` fuse
 everything around it in one pass over memory: bias, mask, the scatter back into the full
 layout with zeros for pruned neurons (forward), and the gathered ``grad_out * mask``, the bias
-gradient and the mask gradient (the sensitivity source) in the backward. The conv forward's
-launcher is C++ as well (``masked_conv2d_forward`` in csrc/cpu/bindings/masked.cpp: it runs once per
-layer and step, where Python glue cost a tenth of a small layer); the backward and the linear
-layers are launched from here.
+gradient and the mask gradient (the sensitivity source) in the backward. The conv launchers are
+C++ (``masked_conv2d_forward`` / ``masked_conv2d_backward`` in csrc/cpu/bindings/masked.cpp: they
+run once per layer and step, where Python glue cost a tenth of a small layer); the linear
+layers, one ``bmm`` each, are launched from here.
 
 Tasks: a task-batched call is one grouped convolution (``groups = T``) or one ``bmm``.
 Grouped convolutions (``groups > 1``) are not compacted, as compaction would break the group
@@ -187,171 +187,42 @@ def is_plain_tensor(x):
             and not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-def _grouped_input(x):
-    """[T, N, C, H, W] -> [N, T*C, H, W] channels-last: the tasks become conv groups."""
-    T, N, C, H, W = x.shape
-    return to_grouped_nhwc(x).permute(1, 3, 4, 0, 2).reshape(N, H, W, T * C).permute(0, 3, 1, 2)
-
-
-def _grouped_weight(w):
-    """[T, A, C_in, kH, kW] -> [T*A, C_in, kH, kW] channels-last: a view when w is stored so, else one
-    copy (reshape, then contiguous, would copy an expanded weight twice)."""
-    T, slots, C_in, KH, KW = w.shape
-    return w.permute(0, 1, 3, 4, 2).reshape(T * slots, KH, KW, C_in).contiguous().permute(0, 3, 1, 2)
-
-
 def channels_last_weight(w):
     """[T, C_out, C_in, kH, kW] stored as oneDNN's channels-last weights ``[T*C_out, kH, kW, C_in]``.
 
     Weight gradients come out of oneDNN in this layout and stay in it: fast weights built from
     them (MAML's inner step) then reach the next convolution without a transposing copy (two
-    4.7 MB copies per Conv4 layer and meta-iteration otherwise).
+    4.7 MB copies per Conv4 layer and meta-iteration otherwise). A view when w is stored so, else
+    one copy (reshape, then contiguous, would copy an expanded weight twice).
     """
-    return _grouped_weight(w).view(w.shape)
-
-
-def _rows(t):
-    """[T, N, C, H, W] grouped NHWC or contiguous -> the [T, N, H*W, C] view the C++ kernels take."""
-    return t.permute(0, 1, 3, 4, 2).flatten(2, 3)
+    T, C_out, C_in, KH, KW = w.shape
+    return w.permute(0, 1, 3, 4, 2).reshape(T * C_out, KH, KW, C_in).contiguous().permute(0, 3, 1, 2).view(w.shape)
 
 
 def conv2d_forward(x, weight, mask, bias, stride, padding, dilation, groups, skip_zero, contiguous_output=False):
-    """(out, pre): contiguous if ``contiguous_output`` (the caller's input was not in grouped NHWC: PyTorch's
-    conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused epilogue
-    writes either layout directly. The launcher is C++ (csrc/cpu/bindings/masked.cpp `masked_conv2d_forward`):
-    the compaction, the compact weights, one grouped oneDNN convolution over the active neurons and
-    the fused epilogue, as in the backward below; in Python this glue cost 8 % of a 25 %-active
-    Conv4 block's forward."""
+    """(out, pre): contiguous if ``contiguous_output`` (the caller's input was not in grouped NHWC:
+    PyTorch's conv2d gives a contiguous input a contiguous output), else in grouped NHWC. The fused
+    epilogue writes either layout directly. The launcher is C++ (`masked_conv2d_forward` in
+    csrc/cpu/bindings/masked.cpp): the compaction, the compact weights, one grouped oneDNN
+    convolution over the active neurons and the fused epilogue."""
     return _extensions.cpu().masked_conv2d_forward(x, weight, mask, bias, list(stride), list(padding),
                                                    list(dilation), groups, skip_zero, contiguous_output,
                                                    _alloc.poisoning())
 
 
-def _full_rows(grad_out, grad_pre, pre):
-    """[T, N, C, H, W] tensors (grad_pre, pre may be None) -> the [T, N, H*W, C] views the C++
-    prologue takes, in one layout: that of ``pre`` (the layout the forward wrote), else that of
-    ``grad_out``; grouped NHWC or contiguous (read channels-first), a tensor in another layout
-    copied into it."""
-    lead = grad_out if pre is None else pre
-    into_layout = to_grouped_nhwc if is_grouped_nhwc(lead) else torch.Tensor.contiguous
-    return tuple(None if t is None else _rows(into_layout(t)) for t in (grad_out, grad_pre, pre))
-
-
 def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
                     need_input_grad, need_weight_grad, contiguous_input_grad=False):
-    """Gradients; grad_input is contiguous [T, N, C_in, H, W] if ``contiguous_input_grad``, else
-    grouped NHWC like the activations."""
-    T, N, C, Ho, Wo = grad_out.shape
-    plan = compaction(mask, skip_zero, may_gather=groups == 1)
-    slots = plan.width
-    gy = _new_compact(plan, (N, Ho, Wo, T * slots), grad_out.dtype)
-    grad_bias = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
-    grad_mask = _alloc.empty((T, C), dtype=grad_out.dtype, device="cpu")
-    go_rows, gp_rows, pre_rows = _full_rows(grad_out, grad_pre, pre)
-    _extensions.cpu().masked_backward_prologue_out(
-        go_rows, gp_rows, pre_rows, plan.slot, mask.contiguous(), gy.view(N, Ho * Wo, T, slots).permute(2, 0, 1, 3),
-        grad_bias, grad_mask)
-    grad_input, grad_weight = _not_requested(x), _not_requested(x)
-    if T == 0 or slots == 0 or N == 0 or not (need_input_grad or need_weight_grad):
-        if need_input_grad:
-            zeros = lambda s: _alloc.zeros(s, dtype=x.dtype, device=x.device)  # noqa: E731
-            grad_input = zeros(x.shape) if contiguous_input_grad else grouped_nhwc_empty(x.shape, zeros)
-        if need_weight_grad:
-            grad_weight = channels_last_weight(torch.zeros_like(weight))
-        return grad_input, grad_weight, grad_bias, grad_mask
-    w = _compact_rows(weight, plan)
-    package = _package_conv_grads(x, groups)
-    gx = gw = None
-    if (need_input_grad or need_weight_grad) and not package:
-        gx, gw = _dense_conv_backward(gy.permute(0, 3, 1, 2), _grouped_input(x), _grouped_weight(w), T, stride,
-                                      padding, dilation, groups, need_input_grad, need_weight_grad)
-    if need_input_grad and package:
-        grad_input = _input_grad(gy, w, x.shape, stride, padding, dilation, contiguous_input_grad)
-    elif need_input_grad:
-        H, W = x.shape[3:]
-        grad_input = gx.permute(0, 2, 3, 1).view(N, H, W, T, x.shape[2]).permute(3, 0, 4, 1, 2)
-        if contiguous_input_grad:
-            grad_input = grad_input.contiguous()
-    if need_weight_grad:
-        if package:
-            gw = _weight_grad(gy, x, slots, weight.shape[3:], stride, padding, dilation)
-        grad_weight = channels_last_weight(gw.view(T, slots, *weight.shape[2:]))
-        if plan.compacted:
-            grad_weight = _extensions.cpu().expand_weight_grad(grad_weight, plan.slot, _alloc.poisoning())
-    return grad_input, grad_weight, grad_bias, grad_mask
-
-
-def _package_conv_grads(x, groups):
-    """Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN.
-
-    The weight gradient is 1.2-1.7x faster than oneDNN's at the Conv4 shapes; why this one and the
-    input gradient: csrc/cpu/conv_grad.h.
-    """
-    return (groups == 1 and x.dtype == torch.float32 and x.shape[2] % 16 == 0
-            and _extensions.cpu().conv_grad_available())
-
-
-def _weight_grad(gy, x, slots, kernel_size, stride, padding, dilation):
-    """Weight gradient [T*A, C_in, kH, kW] (channels-last strides) from the compact output gradient
-    ``gy`` (storage [N, H_out, W_out, T*A]) and the task-batched input ``x [T, N, C_in, H, W]``."""
-    T, N, C, H, W = x.shape
-    x_rows = to_grouped_nhwc(x).permute(1, 3, 4, 0, 2).reshape(N, H, W, T * C)
-    out = _alloc.empty((T, slots, *kernel_size, C), dtype=x.dtype, device=x.device)
-    _extensions.cpu().conv2d_weight_grad_out(gy, x_rows, out, list(stride), list(padding), list(dilation))
-    return out.view(T * slots, *kernel_size, C).permute(0, 3, 1, 2)
-
-
-def _input_grad(gy, w, x_shape, stride, padding, dilation, contiguous):
-    """Input gradient [T, N, C_in, H, W] (in a pooled buffer; contiguous, or grouped NHWC) from the
-    compact output gradient ``gy`` (storage [N, H_out, W_out, T*A]) and the compact weights
-    ``w [T, A, C_in, kH, kW]``."""
-    T, N, C, H, W = x_shape
-    slots, KH, KW = w.shape[1], w.shape[3], w.shape[4]
-    if T > 1 and w.stride(0) == 0:  # one weight for every task (MAML's inner step): no per-task copies
-        w_rows = _grouped_weight(w[:1]).permute(0, 2, 3, 1).expand(T, slots, KH, KW, C)
-    else:
-        w_rows = _grouped_weight(w).permute(0, 2, 3, 1).reshape(T, slots, KH, KW, C)  # a view: channels-last
-    out = _alloc.empty(x_shape if contiguous else (N, H, W, T * C), dtype=gy.dtype, device=gy.device)
-    _extensions.cpu().conv2d_input_grad_out(gy, w_rows, out, list(stride), list(padding), list(dilation))
-    return out if contiguous else out.view(N, H, W, T, C).permute(3, 0, 4, 1, 2)
-
-
-# Output rows (images x output pixels) per task above which one oneDNN call per task beats the
-# grouped call: on Conv4's layers (32 tasks, 3x3 stride 2) the crossover lies between 1000 and
-# 1200 rows.
-PER_TASK_BACKWARD_ROWS = 1024
-
-
-def _dense_conv_backward(gy, x, w, tasks, stride, padding, dilation, groups, need_input_grad, need_weight_grad):
-    """Input and weight gradients of the grouped NHWC convolution (tasks x groups groups).
-
-    oneDNN's grouped backward is slow for many large groups, so tasks with at least
-    PER_TASK_BACKWARD_ROWS output rows get one call each on their channel slice of the grouped
-    storage (the input gradients land in one grouped-NHWC buffer); smaller tasks stay one grouped
-    call. Returns (grad_input [N, T*C_in, H, W] channels-last or
-    None, grad_weight [T*A, ...] or None).
-    """
-    mask = [need_input_grad, need_weight_grad, False]
-    rows_per_task = gy.shape[0] * gy.shape[2] * gy.shape[3]
-    if tasks == 1 or rows_per_task < PER_TASK_BACKWARD_ROWS:
-        # Small tasks: one grouped call beats many small ones (call overhead ~0.3 ms each).
-        gx, gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, [0, 0],
-                                                        groups * tasks, mask)
-        return (gx.contiguous(memory_format=torch.channels_last) if need_input_grad else None), gw
-    c_in, a = x.shape[1] // tasks, w.shape[0] // tasks
-    n, channels, h, w_ = x.shape
-    grad_input = _alloc.empty((n, h, w_, channels), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2) \
-        if need_input_grad else None
-    weight_grads = []
-    for t in range(tasks):
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            gy[:, t * a:(t + 1) * a], x[:, t * c_in:(t + 1) * c_in], w[t * a:(t + 1) * a], None, stride, padding,
-            dilation, False, [0, 0], groups, mask)
-        if need_input_grad:
-            grad_input[:, t * c_in:(t + 1) * c_in].copy_(gx)
-        if need_weight_grad:
-            weight_grads.append(gw)
-    return grad_input, (torch.cat(weight_grads) if need_weight_grad else None)
+    """(grad_input, grad_weight, grad_bias, grad_mask); grad_input contiguous [T, N, C_in, H, W] if
+    ``contiguous_input_grad``, else grouped NHWC like the activations; grad_weight in
+    `channels_last_weight` strides. The launcher is C++ (`masked_conv2d_backward` in
+    csrc/cpu/bindings/masked.cpp): the fused prologue gathers the output gradient onto the active
+    neurons and reduces the bias and mask gradients; the input and weight gradients of the compact
+    convolution come from csrc/cpu/conv_grad.cpp (float32, C_in a multiple of 16, no groups) or
+    oneDNN."""
+    return _extensions.cpu().masked_conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, list(stride),
+                                                    list(padding), list(dilation), groups, skip_zero,
+                                                    need_input_grad, need_weight_grad, contiguous_input_grad,
+                                                    _alloc.poisoning())
 
 
 # ---- linear --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 
 def conv_output_hw(input_hw, kernel_hw, stride, padding, dilation):
@@ -26,10 +27,6 @@ def _gate(pre, mask, skip_zero, channel_dim):
     # where() on both factors: a pruned neuron is exactly 0 with exactly-0 gradients, even if
     # its pre-activation is inf or nan.
     return torch.where(keep, mask, 0) * torch.where(keep, pre, 0)
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def masked_conv2d_reference(input, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1,
