@@ -15,10 +15,10 @@ device that is usable here and has a kernel for the op and dtype. Its last resor
 ``reference``: that is the only fallback, and ``python -m neuronml_fast`` prints where it
 happens. A backend named explicitly never falls back: it runs or raises.
 
-Every op registers itself once with `register_op`: its reference dtypes and, per kernel
-backend, the module of that backend's launchers for the op's family and its dtypes. The module
-sits in the op's folder (``neuronml_fast/ops/<family>/<backend>.py``, beside the reference and
-the custom op) and is imported on first use: the Triton one imports triton. The op calls
+Every op registers itself once with `register_op`, naming its family; `KERNELS` here lists each
+family's kernel backends and their dtypes. A backend's launchers for a family are one module in
+the family's folder (``neuronml_fast/ops/<family>/<backend>.py``, beside the reference and the
+custom op), imported on first use: the Triton one imports triton. The op calls
 ``launchers(op, backend).<function>(...)``, so the choice of backend is made here only, and a
 ``grep`` for a launcher's name finds its call and every backend's definition. One calling
 convention for all of them: a launcher takes the op's inputs, allocates its outputs (see
@@ -187,14 +187,25 @@ def use_backend(name):
 # Ops and kernels.
 
 
-def register_op(name, *, reference=FLOAT_DTYPES, launchers):
-    """Declare an op: ``launchers`` maps a kernel backend to ``(module name, dtypes)``, the module
-    holding that backend's launchers for the op's family."""
-    unknown = set(launchers) - set(BACKENDS[1:])
-    if unknown:
-        raise ValueError(f"register_op({name!r}): unknown kernel backends {sorted(unknown)}")
-    dtypes = {"reference": frozenset(reference), **{b: frozenset(d) for b, (_, d) in launchers.items()}}
-    _ops[name] = OpEntry(name, dtypes, {b: module for b, (module, _) in launchers.items()})
+# The kernel backends of each op family and the dtypes their kernels take. Backend b's launchers
+# for family f are the module ``neuronml_fast.ops.<f>.<b>``, beside the family's reference and
+# custom ops.
+KERNELS = {
+    "masked": {"cpu": FULL_DTYPES, "triton": FLOAT_DTYPES, "cuda": FLOAT_DTYPES},
+    "plastic": {"cpu": FULL_DTYPES, "triton": FULL_DTYPES, "cuda": FULL_DTYPES},
+    "sensitivity": {"cpu": FULL_DTYPES, "triton": FLOAT_DTYPES, "cuda": FLOAT_DTYPES},
+    "batch_norm": {"cpu": FULL_DTYPES},
+}
+
+
+def register_op(name, *, family, reference=FLOAT_DTYPES):
+    """Declare an op of ``family`` (the folder ``neuronml_fast/ops/<family>/``) and the dtypes its
+    reference takes; its kernel backends and their dtypes are the family's in `KERNELS`."""
+    if family not in KERNELS:
+        raise ValueError(f"register_op({name!r}): expected an op family in {sorted(KERNELS)}, got {family!r}")
+    kernels = KERNELS[family]
+    dtypes = {"reference": frozenset(reference), **kernels}
+    _ops[name] = OpEntry(name, dtypes, {backend: f"neuronml_fast.ops.{family}.{backend}" for backend in kernels})
 
 
 def ops():

@@ -35,7 +35,7 @@ from .reference import batch_norm_rows_double_backward_reference
 
 OP = "batch_norm_rows_double_backward"
 
-backends.register_op(OP, launchers={"cpu": ("neuronml_fast.ops.batch_norm.cpu", backends.FULL_DTYPES)})
+backends.register_op(OP, family="batch_norm")
 
 
 @torch.library.custom_op("neuronml_fast::batch_norm_rows_double_backward", mutates_args=())

@@ -37,13 +37,8 @@ from .reference import conv_output_shape, masked_conv2d_reference, masked_linear
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
-_LAUNCHERS = {
-    "cpu": ("neuronml_fast.ops.masked.cpu", backends.FULL_DTYPES),
-    "triton": ("neuronml_fast.ops.masked.triton", backends.FLOAT_DTYPES),
-    "cuda": ("neuronml_fast.ops.masked.cuda", backends.FLOAT_DTYPES),
-}
 for _op in (CONV, f"{CONV}_backward", LINEAR, f"{LINEAR}_backward"):
-    backends.register_op(_op, launchers=_LAUNCHERS)
+    backends.register_op(_op, family="masked")
 
 
 class MaskedLaunchers(Protocol):

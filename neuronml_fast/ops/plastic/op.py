@@ -43,13 +43,8 @@ ACTIVATIONS = ("tanh", "identity")
 # ---- argument checks -----------------------------------------------------------------------
 
 OP = "plastic"
-_LAUNCHERS = {
-    "cpu": ("neuronml_fast.ops.plastic.cpu", backends.FULL_DTYPES),
-    "triton": ("neuronml_fast.ops.plastic.triton", backends.FULL_DTYPES),
-    "cuda": ("neuronml_fast.ops.plastic.cuda", backends.FULL_DTYPES),
-}
 for _op in (OP, f"{OP}_backward"):
-    backends.register_op(_op, launchers=_LAUNCHERS)
+    backends.register_op(_op, family="plastic")
 
 
 def _eta_number(eta):

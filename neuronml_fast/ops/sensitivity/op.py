@@ -28,11 +28,7 @@ from .reference import neuron_sensitivity_reference
 
 OP = "neuron_sensitivity"
 
-backends.register_op(OP, launchers={
-    "cpu": ("neuronml_fast.ops.sensitivity.cpu", backends.FULL_DTYPES),
-    "triton": ("neuronml_fast.ops.sensitivity.triton", backends.FLOAT_DTYPES),
-    "cuda": ("neuronml_fast.ops.sensitivity.cuda", backends.FLOAT_DTYPES),
-})
+backends.register_op(OP, family="sensitivity")
 
 
 def _validate(weight, grad_weight, bias, grad_bias):
