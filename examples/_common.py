@@ -12,13 +12,18 @@ from neuronml_fast.meta.cli import nonnegative_int, number_argument, positive_fl
 fraction = number_argument(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
 
-def add_common(parser, iterations, out):
+def parser(doc, iterations, out):
+    """An example's argument parser: its description is the first paragraph of ``doc`` (the
+    script's docstring), with the options every example has."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--iterations", type=positive_int, default=iterations, help="training iterations")
     parser.add_argument("--out", default=out, help="folder for curve.csv, curve.png and summary.txt")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seeds the model and the task sampler")
     parser.add_argument("--threads", type=nonnegative_int, default=0,
                         help="CPU threads for PyTorch (0: PyTorch's default)")
+    return parser
 
 
 def add_plastic_comparison(parser, metric, eager_iterations):

@@ -36,7 +36,6 @@ and reports the time per iteration of both and how far apart their losses are.
     python examples/cue_reward.py --out runs/cue_reward
 """
 
-import argparse
 import os
 import sys
 import time
@@ -165,9 +164,7 @@ def train(model, args, dev, iterations, name):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common.add_common(parser, iterations=600, out="runs/cue_reward")
+    parser = _common.parser(__doc__, iterations=600, out="runs/cue_reward")
     parser.add_argument("--size", type=_common.positive_int, default=100, help="recurrent neurons (the paper: 200)")
     parser.add_argument("--cues", type=_common.positive_int, default=4, help="cues per episode")
     parser.add_argument("--cue-bits", type=_common.positive_int, default=20, help="bits per cue")

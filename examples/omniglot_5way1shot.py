@@ -21,7 +21,6 @@ folders) are read from ``--data-root``.
     python examples/omniglot_5way1shot.py --data-root ../shared/data/omniglot --out runs/omniglot_maml
 """
 
-import argparse
 import os
 import sys
 import time
@@ -36,9 +35,7 @@ from neuronml_fast.meta import MAML, Conv4, NeuronML, NWayKShot, Omniglot  # noq
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common.add_common(parser, iterations=600, out="runs/omniglot_5way1shot")
+    parser = _common.parser(__doc__, iterations=600, out="runs/omniglot_5way1shot")
     _meta.add_learner(parser, shots=(1, "labelled examples per class"),
                       queries=(1, "query images per class for the meta-update and the evaluations"), meta_batch=32,
                       inner_lr=0.4, hidden=64, hidden_help="filters per convolution")

@@ -26,7 +26,6 @@ time per iteration of both and how far apart their losses are.
     python examples/pattern_completion.py --out runs/pattern_completion
 """
 
-import argparse
 import copy
 import os
 import sys
@@ -122,9 +121,7 @@ def train(model, args, dev, iterations, name):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common.add_common(parser, iterations=500, out="runs/pattern_completion")
+    parser = _common.parser(__doc__, iterations=500, out="runs/pattern_completion")
     parser.add_argument("--pattern-size", type=_common.positive_int, default=1000, help="bits per pattern")
     parser.add_argument("--patterns", type=_common.positive_int, default=5, help="patterns per episode")
     parser.add_argument("--cycles", type=_common.positive_int, default=2, help="presentations of each pattern")

@@ -15,7 +15,6 @@ for the time per iteration of the eager baseline.
     python examples/sinusoid_maml.py --out runs/sinusoid_maml
 """
 
-import argparse
 import os
 import sys
 import time
@@ -30,9 +29,7 @@ from neuronml_fast.meta import MAML, MLP, SinusoidTasks  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common.add_common(parser, iterations=10000, out="runs/sinusoid_maml")
+    parser = _common.parser(__doc__, iterations=10000, out="runs/sinusoid_maml")
     _meta.add_learner(parser, shots=(10, "K: examples per task to adapt on"),
                       queries=(10, "points per task for the meta-update (the final test uses 100)"), meta_batch=25,
                       inner_lr=0.01, hidden=40, hidden_help="units per hidden layer")
