@@ -181,3 +181,25 @@ def test_conv_launcher_bad_arguments():
         ext.compact_weight_rows(torch.randn(1, 3, 2, 3, 3), slot, 1)
     with pytest.raises(RuntimeError, match="grad: expected a \\[T, width, C_in, kH, kW\\] tensor with channels-last"):
         ext.expand_weight_grad(torch.randn(1, 2, 2, 3, 3), slot, False)
+
+
+def test_conv_backward_launcher_bad_arguments():
+    x, w, m = torch.randn(1, 2, 16, 5, 5), torch.randn(1, 8, 16, 3, 3), torch.ones(1, 8)
+
+    def backward(grad_out, mask=m, pre=None, w=w):
+        return ext.masked_conv2d_backward(grad_out, None, x, w, mask, pre, [1, 1], [1, 1], [1, 1], 1, True, True,
+                                          True, False, False)
+
+    go = torch.randn(1, 2, 8, 5, 5)
+    assert [g.shape for g in backward(go)] == [x.shape, w.shape, (1, 8), (1, 8)]
+    expected = "grad_out: expected the output's shape \\[1, 2, 8, 5, 5\\], got \\[1, 2, 9, 5, 5\\]"
+    with pytest.raises(RuntimeError, match=expected):
+        backward(torch.randn(1, 2, 9, 5, 5))
+    with pytest.raises(RuntimeError, match="grad_out: expected dtype Float, got Double"):
+        backward(go.double())
+    with pytest.raises(RuntimeError, match="mask: expected shape \\[1, 8\\], got \\[1, 9\\]"):
+        backward(go, mask=torch.ones(1, 9))
+    with pytest.raises(RuntimeError, match="pre: expected shape"):
+        backward(go, pre=torch.randn(1, 2, 8, 5, 4))
+    with pytest.raises(RuntimeError, match="weight: expected dtype Float, got Double"):
+        backward(go, w=w.double())

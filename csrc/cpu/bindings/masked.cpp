@@ -428,11 +428,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
     bool skip_zero, bool need_input_grad, bool need_weight_grad, bool contiguous_input_grad, bool poison) {
   const ConvParams conv{stride, padding, dilation, groups};
   check_conv_args(x, weight, conv);
+  const int64_t T = x.size(0), N = x.size(1), C = weight.size(1);
+  const int64_t H_out = neuronml_fast::conv_output_size(x.size(3), weight.size(3), stride[0], padding[0], dilation[0]);
+  const int64_t W_out = neuronml_fast::conv_output_size(x.size(4), weight.size(4), stride[1], padding[1], dilation[1]);
+  const auto dtype = x.scalar_type();
   check_cpu_float(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 5, "grad_out: expected [T, N, C_out, H_out, W_out], got ", grad_out.sizes());
-  const int64_t T = grad_out.size(0), N = grad_out.size(1), C = grad_out.size(2);
-  const int64_t H_out = grad_out.size(3), W_out = grad_out.size(4);
-  const auto dtype = grad_out.scalar_type();
+  checks::check_dtype(grad_out, "grad_out", dtype);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({T, N, C, H_out, W_out}), "grad_out: expected the output's shape [",
+              T, ", ", N, ", ", C, ", ", H_out, ", ", W_out, "], got ", grad_out.sizes());
   const at::Tensor m = mask.contiguous();
   check_cpu_tensor(m, "mask", {T, C}, dtype);
   at::Tensor slot;
