@@ -187,9 +187,9 @@ at::Tensor grouped_nhwc_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_
   return pooled_output({N, H, W, T, C}, dtype, poison).permute({3, 0, 4, 1, 2});
 }
 
-// A [T, N, C, H, W] output: contiguous, or in grouped NHWC.
-at::Tensor conv_output_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
-                             bool contiguous, bool poison) {
+// A [T, N, C, H, W] activation or activation gradient: contiguous, or in grouped NHWC.
+at::Tensor activation_empty(int64_t T, int64_t N, int64_t C, int64_t H, int64_t W, at::ScalarType dtype,
+                            bool contiguous, bool poison) {
   if (!contiguous) return grouped_nhwc_empty(T, N, C, H, W, dtype, poison);
   return pooled_output({T, N, C, H, W}, dtype, poison);
 }
@@ -305,8 +305,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   check_cpu_tensor(m, "mask", {T, C}, dtype);
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   if (b) check_cpu_tensor(*b, "bias", {T, C}, dtype);
-  at::Tensor out = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
-  at::Tensor pre = conv_output_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
+  at::Tensor out = activation_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
+  at::Tensor pre = activation_empty(T, N, C, H_out, W_out, dtype, contiguous, poison);
   if (out.numel() == 0) return {out, pre};
   at::Tensor slot;
   const neuronml_fast::cpu::CompactionPlan plan = compaction_plan(m, skip_zero, groups == 1, slot);
@@ -452,10 +452,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
 
   at::Tensor grad_input = not_requested(x), grad_weight = not_requested(x);
   if (T == 0 || A == 0 || N == 0 || !(need_input_grad || need_weight_grad)) {
-    if (need_input_grad)
-      grad_input = contiguous_input_grad
-                       ? pooled_empty(x.sizes(), dtype).zero_()
-                       : grouped_nhwc_empty(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), dtype, false).zero_();
+    if (need_input_grad) {
+      grad_input = activation_empty(x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), dtype,
+                                     contiguous_input_grad, false)
+                       .zero_();
+    }
     if (need_weight_grad) grad_weight = channels_last_weight(at::zeros_like(weight));
     return {grad_input, grad_weight, grad_bias, grad_mask};
   }
