@@ -278,13 +278,19 @@ struct ConvParams {
   int64_t groups;
 };
 
-void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const ConvParams& conv) {
+// Checks the launchers' shared arguments; returns the output's (H_out, W_out).
+std::pair<int64_t, int64_t> check_conv_args(const at::Tensor& x, const at::Tensor& weight, const ConvParams& conv) {
   check_cpu_float(x, "input");
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5 && weight.size(0) == x.size(0),
               "expected input [T, N, C_in, H, W] and weight [T, C_out, C_in/groups, kH, kW], got ", x.sizes(), " and ",
               weight.sizes());
   checks::check_dtype(weight, "weight", x.scalar_type());
   checks::check_pairs(conv.stride, conv.padding, conv.dilation);
+  const auto size = [&](int d) {
+    return neuronml_fast::conv_output_size(x.size(3 + d), weight.size(3 + d), conv.stride[d], conv.padding[d],
+                                           conv.dilation[d]);
+  };
+  return {size(0), size(1)};
 }
 
 // x [T, N, C_in, H, W] (any layout; grouped NHWC is a view), weight [T, C, C_in/groups, kH, kW],
@@ -296,10 +302,8 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
                                                          std::vector<int64_t> dilation, int64_t groups, bool skip_zero,
                                                          bool contiguous, bool poison) {
   const ConvParams conv{stride, padding, dilation, groups};
-  check_conv_args(x, weight, conv);
+  const auto [H_out, W_out] = check_conv_args(x, weight, conv);
   const int64_t T = x.size(0), N = x.size(1), C = weight.size(1);
-  const int64_t H_out = neuronml_fast::conv_output_size(x.size(3), weight.size(3), stride[0], padding[0], dilation[0]);
-  const int64_t W_out = neuronml_fast::conv_output_size(x.size(4), weight.size(4), stride[1], padding[1], dilation[1]);
   const auto dtype = x.scalar_type();
   const at::Tensor m = mask.contiguous();
   check_cpu_tensor(m, "mask", {T, C}, dtype);
@@ -427,10 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
     std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
     bool skip_zero, bool need_input_grad, bool need_weight_grad, bool contiguous_input_grad, bool poison) {
   const ConvParams conv{stride, padding, dilation, groups};
-  check_conv_args(x, weight, conv);
+  const auto [H_out, W_out] = check_conv_args(x, weight, conv);
   const int64_t T = x.size(0), N = x.size(1), C = weight.size(1);
-  const int64_t H_out = neuronml_fast::conv_output_size(x.size(3), weight.size(3), stride[0], padding[0], dilation[0]);
-  const int64_t W_out = neuronml_fast::conv_output_size(x.size(4), weight.size(4), stride[1], padding[1], dilation[1]);
   const auto dtype = x.scalar_type();
   check_cpu_float(grad_out, "grad_out");
   checks::check_dtype(grad_out, "grad_out", dtype);
