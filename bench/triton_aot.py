@@ -104,11 +104,14 @@ def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tas
 
 
 def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, activation="tanh",
-             alpha_scalar=False, steps=3, batch=4, every=2):
-    """Forward and backward of a plastic layer through its Triton launcher (and the GPU time loops).
-    n <= 128 without clip takes the sequence kernel forward, anything else the step kernels."""
+             alpha_scalar=False, state=True, steps=3, batch=4, every=2):
+    """Forward and backward of a plastic layer through its Triton launcher (gpu.py's launchers).
+    n <= 128 in float32 (64 in float64) takes the resident forward, larger layers the streaming
+    one; every layer the one backward kernel and its reduction. ``state=False``: no initial trace,
+    y0 or upstream gradient of the trace (the kernels' HAS_* flags off)."""
 
     def run():
+        from neuronml_fast.ops.plastic import Modulator
         from neuronml_fast.ops.plastic import triton as plastic
 
         torch, dt = _torch(), _dtype(dtype)
@@ -117,16 +120,21 @@ def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, ac
         weight = torch.randn(n, d_in, dtype=dt)
         alpha = torch.randn((), dtype=dt) if alpha_scalar else torch.randn(n, d_in, dtype=dt)
         eta = torch.tensor(0.1, dtype=dt)
-        hebb = torch.randn(batch, n, d_in, dtype=dt)
-        mod = {None: None, "scalar": torch.randn(steps, batch, dtype=dt),
+        hebb = torch.randn(batch, n, d_in, dtype=dt) if state else None
+        mod = {None: None, "endogenous": None, "scalar": torch.randn(steps, batch, dtype=dt),
                "neuron": torch.randn(steps, batch, n, dtype=dt)}[modulation]
+        modulator = None
+        if modulation == "endogenous":
+            modulator = Modulator(torch.randn(n, dtype=dt), torch.randn((), dtype=dt), torch.randn(n, dtype=dt),
+                                  activation == "tanh")
         bias = None if recurrent else torch.randn(n, dtype=dt)
         drive = None if recurrent else torch.randn(steps, batch, n, dtype=dt)
-        y0 = torch.randn(batch, n, dtype=dt) if recurrent else None
+        y0 = torch.randn(batch, n, dtype=dt) if recurrent and state else None
         layer = (clip, recurrent, rule, activation, every)
-        out, trace, ckpt, _ = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod, *layer)
-        plastic.plastic_backward(torch.randn_like(out), torch.randn_like(trace), x, weight, alpha, eta, y0, mod, out,
-                                 trace, ckpt, *layer)
+        out, trace, ckpt, activity = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod, *layer,
+                                                             modulator)
+        plastic.plastic_backward(torch.randn_like(out), torch.randn_like(trace) if state else None, x, weight, alpha,
+                                 eta, y0, mod, out, trace, ckpt, *layer, modulator, activity)
 
     return run
 
@@ -179,12 +187,17 @@ def _cases():
             add(f"rnn-{s}-{size}-modulated-scalar-alpha-scalar",
                 _plastic(dt, recurrent=True, n=n, modulation="scalar", alpha_scalar=True), full_only=full)
             add(f"rnn-{s}-{size}-clip", _plastic(dt, recurrent=True, n=n, clip=0.5), full_only=full)
+            add(f"rnn-{s}-{size}-endogenous", _plastic(dt, recurrent=True, n=n, modulation="endogenous"),
+                full_only=full)
+            add(f"rnn-{s}-{size}-endogenous-clip-identity-nostate",
+                _plastic(dt, recurrent=True, n=n, modulation="endogenous", clip=0.5, activation="identity",
+                         state=False), full_only=True)
             add(f"rnn-{s}-{size}-identity", _plastic(dt, recurrent=True, n=n, activation="identity"),
                 full_only=True)
             add(f"linear-plastic-{s}-{size}", _plastic(dt, recurrent=False, n=n), full_only=full)
             add(f"linear-plastic-{s}-{size}-oja-identity",
                 _plastic(dt, recurrent=False, n=n, rule="oja", activation="identity"), full_only=True)
-        largest = 128 if dt == "float32" else 64  # the largest layer the sequence kernel takes
+        largest = 128 if dt == "float32" else 64  # the largest layer the resident forward takes
         add(f"rnn-{s}-n{largest}", _plastic(dt, recurrent=True, n=largest))
         add(f"linear-plastic-{s}-n{largest}", _plastic(dt, recurrent=False, n=largest), full_only=True)
     return cases

@@ -1,25 +1,33 @@
 """Triton kernels for the plastic layers (SPEC section 4).
 
-The kernels `_forward_sequence_kernel`, `_forward_step_kernel` and `_backward_step_kernel`;
-their launcher is ``neuronml_fast/ops/plastic/triton.py`` (behind the time loops of
-``neuronml_fast/ops/plastic/gpu.py``), beside the reference, the custom op and the other
-backends' launchers. Same algorithm and memory contract as the C++ CPU backend
-(csrc/cpu/plastic.cpp).
+The time loop runs inside the kernels: one launch for a whole forward, one for a whole backward and
+one that reduces the backward's per-sequence partial sums. Their launcher is
+``neuronml_fast/ops/plastic/triton.py`` (beside the reference, the custom op and the other
+backends' launchers). Same algorithm and memory contract as the C++ CPU backend
+(csrc/cpu/plastic.cpp); docs/design.md gives each design's bytes per step.
 
-* Small layers (N <= 128, no clip, a tile of at most 64 KiB: N <= 64 in float64): one launch
-  per sequence batch. Each program owns one sequence and keeps its whole trace, weight and alpha
-  in registers for all T steps.
-* Larger layers: one launch per step over (sequence, block of rows); a row's pre-activation and
-  its trace update happen in the same program, one pass over the trace. Launches are queued
-  back to back: no host synchronization per step.
-* Backward: one launch per step, in reverse, reconstructing each trace from the next (exact
-  checkpoints bound the rounding growth, see `checkpoint_every` in neuronml_fast/ops/plastic/op.py); under clip the
-  segments are recomputed forward from their checkpoints.
-* Offsets: across sequences and steps in 64 bits (a trace or checkpoint buffer of B x OUT x IN,
-  an output of T x B x OUT, passes 2^31 elements long before memory runs out); within one
-  sequence's [OUT, IN] matrix in 32 bits, which the launchers guarantee (`MAX_MATRIX`).
-* The step index ``t`` is not specialized: a specialization per value class (t = 1, t divisible
-  by 16, other) would compile every step kernel three times.
+One program per sequence, looping over the steps. The interpreter runs programs one after
+another, so a barrier between programs could not be interpreted: a program walks every block of
+its sequence's rows itself, and ``tl.debug_barrier()`` separates a step's phases where the program
+reads back what its own threads wrote (the step's outputs, the trace between passes).
+
+* ``_forward_resident_kernel`` (a tile of at most ``RESIDENT_MAX_TILE_BYTES``: N <= 128 in float32,
+  64 in float64): weight, alpha and the trace stay in registers for all T steps; the trace is read
+  once and written once per call.
+* ``_forward_kernel`` (any size): the trace streams through global memory, one read and one write
+  per step. The update of step t-1 is applied as the tile is read for step t's pre-activation
+  (H_t = rule(H_{t-1}, pre_{t-1}, y_{t-1}, M_{t-1}), then z_t from H_t), so every rule, the clip and
+  the endogenous modulator (whose M_{t-1} needs all of y_{t-1}, known once step t-1 has finished)
+  take one pass over the trace per step.
+* ``_backward_kernel``: the reverse walk, two passes per step: rows (H_t reconstructed from
+  H_{t+1}, or read from the segment recomputed forward from its checkpoint; the rule's share of
+  dL/dy_t and dL/dM_t), then columns (dL/dH_t, alpha, eta and the presynaptic gradient, complete
+  per column since a program owns every row). Endogenous modulation: between the two, dL/ds_t
+  from every row's dL/dM_t, and its share of dL/dy_t through mod_weight.
+* ``_reduce_kernel``: the per-sequence partial sums (alpha, eta, the modulator's parameters) summed
+  over the sequences, in a fixed order: deterministic, no atomics.
+* Offsets: across sequences and steps in 64 bits; within one sequence's [OUT, IN] matrix in 32
+  bits, which the launchers guarantee (`MAX_MATRIX`).
 """
 
 import triton
@@ -32,10 +40,10 @@ HEBB: tl.constexpr = tl.constexpr(rules.HEBB)
 OJA: tl.constexpr = tl.constexpr(rules.OJA)
 MODULATED: tl.constexpr = tl.constexpr(rules.MODULATED)
 
-SEQUENCE_KERNEL_MAX_N = 128
-# One [OUT, IN] tile of the sequence kernel; it holds three (weight, alpha, trace) in registers,
+# One [OUT, IN] tile of the resident forward; it holds three (weight, alpha, trace) in registers,
 # which at 128 x 128 float32 nearly fill a register file (float64 at that size spills kilobytes).
-SEQUENCE_KERNEL_MAX_TILE_BYTES = 128 * 128 * 4
+RESIDENT_MAX_N = 128
+RESIDENT_MAX_TILE_BYTES = 128 * 128 * 4
 MAX_MATRIX = 2**31 - 1  # elements of one sequence's [OUT, IN] trace, indexed in 32 bits
 
 
@@ -60,11 +68,36 @@ def _update(h, p, y, eta, m, clip, RULE: tl.constexpr, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _modulation(mod_ptr, t, seq, B, OUT, rows, ok, PER_NEURON: tl.constexpr, ACC: tl.constexpr):
-    """M of step t for sequence seq (int64), per row or one scalar broadcast to the rows."""
+def _clip_mask(g, h, p, y, eta, m, clip, RULE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """dL/dH' with the entries the clip held at its bound zeroed (the unclipped update left [-clip, clip])."""
+    if HAS_CLIP:
+        nxt = _update(h, p, y, eta, m, clip, RULE, False)
+        g = tl.where((nxt < -clip) | (nxt > clip), 0.0, g)
+    return g
+
+
+@triton.jit
+def _pre(x_ptr, y0_ptr, out_ptr, t, seq, B, IN, cols, ok, RECURRENT: tl.constexpr, HAS_Y0: tl.constexpr,
+         ACC: tl.constexpr):
+    """pre_t[cols] where `ok` (zeros elsewhere): x_t, or y_{t-1} with y0 (or zeros) at t = 0."""
+    if RECURRENT:
+        p = tl.load(out_ptr + ((t - 1) * B + seq) * IN + cols, mask=ok & (t > 0), other=0.0).to(ACC)
+        if HAS_Y0:
+            p += tl.load(y0_ptr + seq * IN + cols, mask=ok & (t == 0), other=0.0).to(ACC)
+        return p
+    return tl.load(x_ptr + (t * B + seq) * IN + cols, mask=ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, ok, PER_NEURON: tl.constexpr,
+                ENDOGENOUS: tl.constexpr, ACC: tl.constexpr):
+    """M_t[rows] of sequence seq: given per row or per sequence, or the modulator's
+    fanout[rows] * activity (its output at step t)."""
+    if ENDOGENOUS:
+        return tl.load(fanout_ptr + rows, mask=ok, other=0.0).to(ACC) * activity
     if PER_NEURON:
         return tl.load(mod_ptr + (t * B + seq) * OUT + rows, mask=ok, other=0.0).to(ACC)
-    return tl.zeros_like(rows).to(ACC) + tl.load(mod_ptr + (t * B + seq)).to(ACC)
+    return tl.load(mod_ptr + (t * B + seq) + rows * 0, mask=ok, other=0.0).to(ACC)  # one value, every row
 
 
 @triton.jit
@@ -82,13 +115,33 @@ def _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT: tl.conste
 
 
 @triton.jit
-def _forward_sequence_kernel(
-    x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, out_ptr, ckpt_ptr,
-    T, B, OUT, IN, clip_ptr, EVERY,
-    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, TANH: tl.constexpr,
-    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
-    HAS_Y0: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+def _activity(s, MOD_TANH: tl.constexpr):
+    return _tanh(s) if MOD_TANH else s
+
+
+@triton.jit
+def _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, N, valid, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """s_t = mod_weight . y_t + mod_bias for sequence seq, y_t read back from the output (0 unless valid)."""
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for c0 in range(0, N, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = (cols < N) & valid
+        y = tl.load(out_ptr + (t * B + seq) * N + cols, mask=ok, other=0.0).to(ACC)
+        acc += y * tl.load(mw_ptr + cols, mask=ok, other=0.0).to(ACC)
+    return tl.sum(acc, axis=0) + tl.load(mb_ptr).to(ACC)
+
+
+@triton.jit
+def _forward_resident_kernel(
+    x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
+    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
+    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr, HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
+    # One sequence, its whole [OUT, IN] matrix one register tile: z_t, y_t, (the modulator's
+    # activity), then the update, all in registers.
     seq = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_O)
     cols = tl.arange(0, BLOCK_I)
@@ -101,14 +154,14 @@ def _forward_sequence_kernel(
     else:
         a = tl.load(alpha_ptr + tile, mask=tile_ok, other=0.0).to(ACC)
     eta = tl.load(eta_ptr).to(ACC)
-    clip = tl.load(clip_ptr).to(ACC)  # a tensor: a Python float would arrive as float32
+    bound = tl.full([], clip, ACC)  # exact: an fp64 argument, or a Python float in the interpreter
     trace = seq * OUT * IN
-    h = tl.load(hebb_ptr + trace + tile, mask=tile_ok, other=0.0).to(ACC)
+    if HAS_HEBB:
+        h = tl.load(hebb_ptr + trace + tile, mask=tile_ok, other=0.0).to(ACC)
+    else:
+        h = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)
     if RECURRENT:
-        if HAS_Y0:
-            p = tl.load(y0_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
-        else:
-            p = tl.zeros([BLOCK_I], dtype=ACC)
+        p = _pre(x_ptr, y0_ptr, out_ptr, 0, seq, B, IN, cols, col_ok, RECURRENT, HAS_Y0, ACC)
     for t in range(T):
         if t % EVERY == 0:
             tl.store(ckpt_ptr + ((t // EVERY) * B + seq) * OUT * IN + tile, h, mask=tile_ok)
@@ -119,161 +172,389 @@ def _forward_sequence_kernel(
         y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         y = tl.where(row_ok, y, 0.0)
         tl.store(out_ptr + row, y, mask=row_ok)
+        activity = 0.0
+        if ENDOGENOUS:
+            s = tl.sum(y * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0) + tl.load(mb_ptr).to(ACC)
+            activity = _activity(s, MOD_TANH)
+            tl.store(activity_ptr + t * B + seq, activity)
         m = y
         if RULE == MODULATED:
-            m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
-        h = tl.where(tile_ok, _update(h, p, y, eta, m, clip, RULE, HAS_CLIP), 0.0)
+            m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS, ACC)
+        h = tl.where(tile_ok, _update(h, p, y, eta, m, bound, RULE, HAS_CLIP), 0.0)
         if RECURRENT:
             p = tl.reshape(y, [BLOCK_I])  # this step's post is the next step's pre
-    tl.store(hebb_ptr + trace + tile, h, mask=tile_ok)
+    tl.store(trace_ptr + trace + tile, h, mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["t"])
-def _forward_step_kernel(
-    x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, pre_ptr, mod_ptr, hebb_ptr, out_ptr,
-    t, B, OUT, IN, clip_ptr,
-    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, TANH: tl.constexpr,
-    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
-    UPDATE_ONLY: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
+    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
+    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr, HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    # One step for a block of rows of one sequence: z, y, then the rows' trace update. With
-    # UPDATE_ONLY the post activity is read from out_ptr (recomputing a clip segment).
-    seq, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
-    row_ok = rows < OUT
+    # One sequence; its trace streams through trace_ptr. Pass t (t = 0..T) over the tiles: H_t (the
+    # initial trace at t = 0, else step t-1's update of the stored H_{t-1}), stored (and kept as a
+    # checkpoint every EVERY steps), and z_t from it; pass T only applies the last update.
+    seq = tl.program_id(0).to(tl.int64)
     trace = seq * OUT * IN
     eta = tl.load(eta_ptr).to(ACC)
-    clip = tl.load(clip_ptr).to(ACC)
-    row = (t * B + seq) * OUT + rows
-    if UPDATE_ONLY:
-        y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
+    bound = tl.full([], clip, ACC)  # exact: an fp64 argument, or a Python float in the interpreter
+    activity = tl.zeros([1], dtype=ACC).sum(axis=0)  # the modulator's output of the previous step
+    for t in range(T + 1):
+        stepping = t < T
+        ckpt = ((t // EVERY) * B + seq) * OUT * IN
+        keep = stepping & (t % EVERY == 0)
+        for r0 in range(0, OUT, BLOCK_O):
+            rows = r0 + tl.arange(0, BLOCK_O)
+            row_ok = rows < OUT
+            y_prev = tl.load(out_ptr + ((t - 1) * B + seq) * OUT + rows, mask=row_ok & (t > 0), other=0.0).to(ACC)
+            m_prev = y_prev
+            if RULE == MODULATED:
+                m_prev = _modulation(mod_ptr, fanout_ptr, activity, t - 1, seq, B, OUT, rows, row_ok & (t > 0),
+                                     PER_NEURON, ENDOGENOUS, ACC)
+            z = tl.zeros([BLOCK_O], dtype=ACC)
+            for c0 in range(0, IN, BLOCK_I):
+                cols = c0 + tl.arange(0, BLOCK_I)
+                col_ok = cols < IN
+                ok = row_ok[:, None] & col_ok[None, :]
+                local = rows[:, None] * IN + cols[None, :]
+                h = tl.load(trace_ptr + trace + local, mask=ok & (t > 0), other=0.0).to(ACC)
+                if HAS_HEBB:
+                    h += tl.load(hebb_ptr + trace + local, mask=ok & (t == 0), other=0.0).to(ACC)
+                p_prev = _pre(x_ptr, y0_ptr, out_ptr, t - 1, seq, B, IN, cols, col_ok & (t > 0), RECURRENT, HAS_Y0,
+                              ACC)
+                h = tl.where(t > 0, _update(h, p_prev, y_prev, eta, m_prev, bound, RULE, HAS_CLIP), h)
+                tl.store(trace_ptr + trace + local, h, mask=ok)
+                tl.store(ckpt_ptr + ckpt + local, h, mask=ok & keep)
+                w = tl.load(w_ptr + local, mask=ok & stepping, other=0.0).to(ACC)
+                if ALPHA_SCALAR:
+                    a = tl.load(alpha_ptr).to(ACC)
+                else:
+                    a = tl.load(alpha_ptr + local, mask=ok & stepping, other=0.0).to(ACC)
+                p = _pre(x_ptr, y0_ptr, out_ptr, t, seq, B, IN, cols, col_ok & stepping, RECURRENT, HAS_Y0, ACC)
+                z += tl.sum((w + a * h) * p[None, :], axis=1)
+            row = (t * B + seq) * OUT + rows
+            y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok & stepping, RECURRENT, HAS_BIAS, HAS_DRIVE,
+                      TANH, ACC)
+            tl.store(out_ptr + row, y, mask=row_ok & stepping)
+        tl.debug_barrier()  # y_t, read back as the next pass's post and pre by other threads
+        if ENDOGENOUS:
+            s = _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, OUT, stepping, ACC, BLOCK_I)
+            activity = _activity(s, MOD_TANH)
+            tl.store(activity_ptr + t * B + seq, activity, mask=stepping)
+
+
+@triton.jit
+def _trace_before(t, h_ptr, final_ptr, ckpt_ptr, seg_ptr, seq, local, ok, T, B, OUT, IN, EVERY,
+                  RECOMPUTE: tl.constexpr, ACC: tl.constexpr):
+    """What the reverse step t reads as its trace: H_t from the recomputed segment, or H_{t+1} to
+    reconstruct H_t from: the forward's final trace (t = T - 1), a checkpoint (t + 1 a multiple of
+    EVERY: the reconstruction restarts from an exact trace) or the previous reverse step's."""
+    trace = seq * OUT * IN
+    if RECOMPUTE:
+        return tl.load(seg_ptr + ((t % EVERY) * B + seq) * OUT * IN + local, mask=ok, other=0.0).to(ACC)
+    earlier = t < T - 1
+    restart = earlier & ((t + 1) % EVERY == 0)
+    ckpt = (((t + 1) // EVERY) * B + seq) * OUT * IN
+    h = tl.load(final_ptr + trace + local, mask=ok & (t == T - 1), other=0.0).to(ACC)
+    h += tl.load(ckpt_ptr + ckpt + local, mask=ok & restart, other=0.0).to(ACC)
+    h += tl.load(h_ptr + trace + local, mask=ok & earlier & ((t + 1) % EVERY != 0), other=0.0).to(ACC)
+    return h
+
+
+@triton.jit
+def _unupdate(h, p, y, eta, m, RULE: tl.constexpr):
+    """H_t from H_{t+1} = rule(H_t) (no clip: clipped traces are recomputed, not reconstructed)."""
+    if RULE == HEBB:
+        return (h - eta * y[:, None] * p[None, :]) / (1.0 - eta)
+    elif RULE == OJA:
+        return (h - eta * y[:, None] * p[None, :]) / (1.0 - eta * y[:, None] * y[:, None])
     else:
-        z = tl.zeros([BLOCK_O], dtype=ACC)
+        return h - m[:, None] * y[:, None] * p[None, :]
+
+
+@triton.jit
+def _grad_trace_after(t, g_ptr, ghebb_ptr, trace, local, ok, T, HAS_GHEBB: tl.constexpr, ACC: tl.constexpr):
+    """dL/dH_{t+1}: the upstream gradient of the final trace at t = T - 1, else the previous reverse step's."""
+    g = tl.load(g_ptr + trace + local, mask=ok & (t < T - 1), other=0.0).to(ACC)
+    if HAS_GHEBB:
+        g += tl.load(ghebb_ptr + trace + local, mask=ok & (t == T - 1), other=0.0).to(ACC)
+    return g
+
+
+@triton.jit
+def _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_ptr, eta, bound, ckpt_ptr, seg_ptr,
+                       seq, T, B, OUT, IN, EVERY,
+                       RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr,
+                       ENDOGENOUS: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_Y0: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """seg[u % EVERY] = H_u for u from t's checkpoint up to t, forward from the checkpoint."""
+    start = (t // EVERY) * EVERY
+    for u in range(start, t + 1):
+        slot = ((u % EVERY) * B + seq) * OUT * IN
+        prev = (((u - 1) % EVERY) * B + seq) * OUT * IN
+        ckpt = ((u // EVERY) * B + seq) * OUT * IN
+        first = u == start
+        later = u > start
+        activity = eta * 0.0
+        if ENDOGENOUS:
+            activity = tl.load(activity_ptr + (u - 1) * B + seq, mask=later, other=0.0).to(ACC)
+        for r0 in range(0, OUT, BLOCK_O):
+            rows = r0 + tl.arange(0, BLOCK_O)
+            row_ok = rows < OUT
+            y = tl.load(out_ptr + ((u - 1) * B + seq) * OUT + rows, mask=row_ok & later, other=0.0).to(ACC)
+            m = y
+            if RULE == MODULATED:
+                m = _modulation(mod_ptr, fanout_ptr, activity, u - 1, seq, B, OUT, rows, row_ok & later,
+                                PER_NEURON, ENDOGENOUS, ACC)
+            for c0 in range(0, IN, BLOCK_I):
+                cols = c0 + tl.arange(0, BLOCK_I)
+                col_ok = cols < IN
+                ok = row_ok[:, None] & col_ok[None, :]
+                local = rows[:, None] * IN + cols[None, :]
+                h = tl.load(ckpt_ptr + ckpt + local, mask=ok & first,
+                            other=0.0).to(ACC)
+                h += tl.load(seg_ptr + prev + local, mask=ok & later, other=0.0).to(ACC)
+                p = _pre(x_ptr, y0_ptr, out_ptr, u - 1, seq, B, IN, cols, col_ok & later, RECURRENT, HAS_Y0,
+                         ACC)
+                h = tl.where(first, h, _update(h, p, y, eta, m, bound, RULE, HAS_CLIP))
+                tl.store(seg_ptr + slot + local, h, mask=ok)
+        tl.debug_barrier()  # H_u, read back as the next slot's H_{u-1}
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, w_ptr, alpha_ptr, eta_ptr, y0_ptr, out_ptr, gout_ptr, mod_ptr, activity_ptr, mw_ptr, fanout_ptr,
+    ckpt_ptr, final_ptr, ghebb_ptr, h_ptr, seg_ptr, g_ptr, gz_ptr, gpre_ptr, gmod_ptr, dm_ptr,
+    galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
+    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_Y0: tl.constexpr, HAS_GOUT: tl.constexpr, HAS_GHEBB: tl.constexpr, RECOMPUTE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    # One sequence, steps t = T-1 .. 0. h_ptr: the reconstructed trace (H_{t+1} -> H_t); g_ptr:
+    # dL/dH_{t+1} -> dL/dH_t (dL/dH_0 at the end: the hebb gradient). gpre_ptr: dL/dpre_t, which is
+    # dL/dx_t (linear) or dL/dy_{t-1} (rnn: read back by step t-1's rows; dL/dy0 at the end).
+    seq = tl.program_id(0).to(tl.int64)
+    trace = seq * OUT * IN
+    eta = tl.load(eta_ptr).to(ACC)
+    bound = tl.full([], clip, ACC)  # exact: an fp64 argument, or a Python float in the interpreter
+    zero = tl.zeros([1], dtype=ACC).sum(axis=0)
+    geta = zero
+    galpha = zero
+    gmb = zero
+    for k in range(T):
+        t = T - 1 - k
+        if RECOMPUTE:
+            if (t == T - 1) | ((t + 1) % EVERY == 0):
+                _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_ptr, eta, bound, ckpt_ptr,
+                                   seg_ptr, seq, T, B, OUT, IN, EVERY, RECURRENT, RULE, PER_NEURON, ENDOGENOUS,
+                                   HAS_CLIP, HAS_Y0, ACC, BLOCK_O, BLOCK_I)
+        activity = zero
+        if ENDOGENOUS:
+            activity = tl.load(activity_ptr + t * B + seq).to(ACC)
+        # Rows: H_t, the clip mask on dL/dH_{t+1}, the rule's share of dL/dy_t and dL/dM_t.
+        dm_sum = zero
+        for r0 in range(0, OUT, BLOCK_O):
+            rows = r0 + tl.arange(0, BLOCK_O)
+            row_ok = rows < OUT
+            row = (t * B + seq) * OUT + rows
+            y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
+            m = y
+            if RULE == MODULATED:
+                m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS,
+                                ACC)
+            dy = tl.zeros([BLOCK_O], dtype=ACC)
+            dm = tl.zeros([BLOCK_O], dtype=ACC)
+            for c0 in range(0, IN, BLOCK_I):
+                cols = c0 + tl.arange(0, BLOCK_I)
+                col_ok = cols < IN
+                ok = row_ok[:, None] & col_ok[None, :]
+                local = rows[:, None] * IN + cols[None, :]
+                p = _pre(x_ptr, y0_ptr, out_ptr, t, seq, B, IN, cols, col_ok, RECURRENT, HAS_Y0, ACC)
+                h = _trace_before(t, h_ptr, final_ptr, ckpt_ptr, seg_ptr, seq, local, ok, T, B, OUT, IN, EVERY,
+                                  RECOMPUTE, ACC)
+                if not RECOMPUTE:
+                    h = _unupdate(h, p, y, eta, m, RULE)
+                    tl.store(h_ptr + trace + local, h, mask=ok)
+                g = _grad_trace_after(t, g_ptr, ghebb_ptr, trace, local, ok, T, HAS_GHEBB, ACC)
+                g = _clip_mask(g, h, p, y, eta, m, bound, RULE, HAS_CLIP)
+                pp = p[None, :]
+                if RULE == HEBB:
+                    dy += tl.sum(g * eta * pp, axis=1)
+                elif RULE == OJA:
+                    dy += tl.sum(g * eta * (pp - 2.0 * y[:, None] * h), axis=1)
+                else:
+                    dy += tl.sum(g * m[:, None] * pp, axis=1)
+                    dm += tl.sum(g * y[:, None] * pp, axis=1)
+            gy = dy
+            if HAS_GOUT:
+                gy += tl.load(gout_ptr + row, mask=row_ok, other=0.0).to(ACC)
+            if RECURRENT:  # dL/dy_t through step t+1's pre
+                gy += tl.load(gpre_ptr + seq * OUT + rows, mask=row_ok & (t < T - 1), other=0.0).to(ACC)
+            if ENDOGENOUS:  # completed below, once dL/ds_t is known
+                tl.store(gz_ptr + row, gy, mask=row_ok)
+                tl.store(dm_ptr + seq * OUT + rows, dm, mask=row_ok)
+                dm_sum += tl.sum(dm * tl.load(fanout_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0)
+            else:
+                gz = gy * (1.0 - y * y) if TANH else gy
+                tl.store(gz_ptr + row, gz, mask=row_ok)
+                if RULE == MODULATED:
+                    if PER_NEURON:
+                        tl.store(gmod_ptr + row, dm, mask=row_ok)
+                    else:
+                        dm_sum += tl.sum(tl.where(row_ok, dm, 0.0), axis=0)
+        if RULE == MODULATED and not PER_NEURON and not ENDOGENOUS:
+            tl.store(gmod_ptr + t * B + seq, dm_sum)
+        tl.debug_barrier()  # this step's rows, read back below by other threads
+        if ENDOGENOUS:
+            # M_t = fanout * act(s_t), s_t = mod_weight . y_t + mod_bias: dL/ds_t, then its share of dL/dy_t.
+            gs = dm_sum * (1.0 - activity * activity) if MOD_TANH else dm_sum
+            gmb += gs
+            for r0 in range(0, OUT, BLOCK_O):
+                rows = r0 + tl.arange(0, BLOCK_O)
+                row_ok = rows < OUT
+                row = (t * B + seq) * OUT + rows
+                y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
+                gy = tl.load(gz_ptr + row, mask=row_ok, other=0.0).to(ACC)
+                gy += gs * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+                tl.store(gz_ptr + row, gy * (1.0 - y * y) if TANH else gy, mask=row_ok)
+                part = seq * OUT + rows
+                gmw = tl.load(gmw_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
+                tl.store(gmw_ptr + part, gmw + gs * y, mask=row_ok)
+                dm = tl.load(dm_ptr + part, mask=row_ok, other=0.0)
+                gfan = tl.load(gfanout_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
+                tl.store(gfanout_ptr + part, gfan + dm * activity, mask=row_ok)
+            tl.debug_barrier()
+        # Columns: dL/dH_t, alpha, eta and dL/dpre_t, each column's sum over every row.
         for c0 in range(0, IN, BLOCK_I):
             cols = c0 + tl.arange(0, BLOCK_I)
             col_ok = cols < IN
-            ok = row_ok[:, None] & col_ok[None, :]
-            tile = rows[:, None] * IN + cols[None, :]
-            w = tl.load(w_ptr + tile, mask=ok, other=0.0).to(ACC)
-            a = tl.load(alpha_ptr).to(ACC) if ALPHA_SCALAR else tl.load(alpha_ptr + tile, mask=ok, other=0.0).to(ACC)
-            h = tl.load(hebb_ptr + trace + tile, mask=ok, other=0.0).to(ACC)
-            p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
-            z += tl.sum((w + a * h) * p[None, :], axis=1)
-        y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
-        tl.store(out_ptr + row, y, mask=row_ok)
-    m = y
-    if RULE == MODULATED:
-        m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
-    for c0 in range(0, IN, BLOCK_I):
-        cols = c0 + tl.arange(0, BLOCK_I)
-        col_ok = cols < IN
-        ok = row_ok[:, None] & col_ok[None, :]
-        tile = rows[:, None] * IN + cols[None, :]
-        h = tl.load(hebb_ptr + trace + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)
-        tl.store(hebb_ptr + trace + tile, _update(h, p, y, eta, m, clip, RULE, HAS_CLIP), mask=ok)
-
-
-@triton.jit(do_not_specialize=["t"])
-def _backward_step_kernel(
-    w_ptr, alpha_ptr, eta_ptr, pre_ptr, out_ptr, gout_ptr, carry_ptr, mod_ptr, hebb_ptr, ghebb_ptr,
-    gz_ptr, gpre_part_ptr, galpha_part_ptr, geta_part_ptr, gmod_part_ptr,
-    t, B, OUT, IN, clip_ptr,
-    RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, TANH: tl.constexpr,
-    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, RECONSTRUCT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-):
-    # Step t in reverse for a block of rows of one sequence. hebb holds H_{t+1} (RECONSTRUCT) or
-    # H_t (recomputed: clip or identity activation) and leaves holding H_t; ghebb holds
-    # dL/dH_{t+1} -> dL/dH_t. Partial sums go to buffers owned by this program: deterministic, no
-    # atomics.
-    seq, pid = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    n_blocks = tl.num_programs(1)
-    rows = pid * BLOCK_O + tl.arange(0, BLOCK_O)
-    row_ok = rows < OUT
-    trace = seq * OUT * IN
-    eta = tl.load(eta_ptr).to(ACC)
-    clip = tl.load(clip_ptr).to(ACC)
-    row = (t * B + seq) * OUT + rows
-    y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
-    m = y * 0.0
-    if RULE == MODULATED:
-        m = _modulation(mod_ptr, t, seq, B, OUT, rows, row_ok, PER_NEURON, ACC)
-    # First pass: H_t, the clip mask on dL/dH', the rule's share of dL/dy (and dL/dM).
-    dy = tl.zeros([BLOCK_O], dtype=ACC)
-    dm = tl.zeros([BLOCK_O], dtype=ACC)
-    for c0 in range(0, IN, BLOCK_I):
-        cols = c0 + tl.arange(0, BLOCK_I)
-        col_ok = cols < IN
-        ok = row_ok[:, None] & col_ok[None, :]
-        tile = trace + rows[:, None] * IN + cols[None, :]
-        h = tl.load(hebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        g = tl.load(ghebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        yy = y[:, None]
-        if RECONSTRUCT:
-            if RULE == HEBB:
-                h = (h - eta * yy * p) / (1.0 - eta)
-            elif RULE == OJA:
-                h = (h - eta * yy * p) / (1.0 - eta * yy * yy)
+            p = _pre(x_ptr, y0_ptr, out_ptr, t, seq, B, IN, cols, col_ok, RECURRENT, HAS_Y0, ACC)
+            pp = p[None, :]
+            gp = tl.zeros([BLOCK_I], dtype=ACC)
+            for r0 in range(0, OUT, BLOCK_O):
+                rows = r0 + tl.arange(0, BLOCK_O)
+                row_ok = rows < OUT
+                ok = row_ok[:, None] & col_ok[None, :]
+                local = rows[:, None] * IN + cols[None, :]
+                row = (t * B + seq) * OUT + rows
+                y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
+                yy = y[:, None]
+                m = y
+                if RULE == MODULATED:
+                    m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON,
+                                    ENDOGENOUS, ACC)
+                gz = tl.load(gz_ptr + row, mask=row_ok, other=0.0).to(ACC)
+                if RECOMPUTE:
+                    h = _trace_before(t, h_ptr, final_ptr, ckpt_ptr, seg_ptr, seq, local, ok, T, B, OUT, IN, EVERY,
+                                      RECOMPUTE, ACC)
+                else:
+                    h = tl.load(h_ptr + trace + local, mask=ok, other=0.0).to(ACC)
+                g = _grad_trace_after(t, g_ptr, ghebb_ptr, trace, local, ok, T, HAS_GHEBB, ACC)
+                g = _clip_mask(g, h, p, y, eta, m, bound, RULE, HAS_CLIP)
+                w = tl.load(w_ptr + local, mask=ok, other=0.0).to(ACC)
+                hz = gz[:, None] * pp
+                if ALPHA_SCALAR:
+                    a = tl.load(alpha_ptr).to(ACC)
+                    galpha += tl.sum(tl.sum(hz * h, axis=1), axis=0)
+                else:
+                    a = tl.load(alpha_ptr + local, mask=ok, other=0.0).to(ACC)
+                    part = galpha_ptr + trace + local
+                    tl.store(part, tl.load(part, mask=ok & (t < T - 1), other=0.0) + hz * h, mask=ok)
+                if RULE == HEBB:
+                    d_h = 1.0 - eta
+                    d_p = eta * yy
+                    geta += tl.sum(tl.sum(g * (yy * pp - h), axis=1), axis=0)
+                elif RULE == OJA:
+                    d_h = 1.0 - eta * yy * yy
+                    d_p = eta * yy
+                    geta += tl.sum(tl.sum(g * yy * (pp - yy * h), axis=1), axis=0)
+                else:
+                    d_h = 1.0
+                    d_p = m[:, None] * yy
+                gp += tl.sum((w + a * h) * gz[:, None] + g * d_p, axis=0)
+                tl.store(g_ptr + trace + local, g * d_h + a * hz, mask=ok)
+            if RECURRENT:
+                tl.store(gpre_ptr + seq * IN + cols, gp, mask=col_ok)
             else:
-                h = h - m[:, None] * yy * p
-            tl.store(hebb_ptr + tile, h, mask=ok)
-        if HAS_CLIP:
-            nxt = _update(h, tl.reshape(p, [BLOCK_I]), y, eta, m, clip, RULE, False)
-            g = tl.where((nxt < -clip) | (nxt > clip), 0.0, g)
-            tl.store(ghebb_ptr + tile, g, mask=ok)
-        if RULE == HEBB:
-            dy += tl.sum(g * eta * p, axis=1)
-        elif RULE == OJA:
-            dy += tl.sum(g * eta * (p - 2.0 * yy * h), axis=1)
-        else:
-            dy += tl.sum(g * m[:, None] * p, axis=1)
-            dm += tl.sum(g * yy * p, axis=1)
-    gy = tl.load(gout_ptr + row, mask=row_ok, other=0.0).to(ACC) + dy
-    if RECURRENT:
-        gy += tl.load(carry_ptr + seq * OUT + rows, mask=row_ok, other=0.0).to(ACC)
-    gz = gy * (1.0 - y * y) if TANH else gy
-    gz = tl.where(row_ok, gz, 0.0)
-    tl.store(gz_ptr + row, gz, mask=row_ok)
-    if RULE == MODULATED:
-        tl.store(gmod_part_ptr + seq * OUT + rows, dm, mask=row_ok)
-    # Second pass: dL/dH_t, alpha, eta and the presynaptic gradient.
-    geta = tl.zeros([BLOCK_O], dtype=ACC)
-    ga_scalar = tl.zeros([BLOCK_O], dtype=ACC)
-    for c0 in range(0, IN, BLOCK_I):
-        cols = c0 + tl.arange(0, BLOCK_I)
-        col_ok = cols < IN
-        ok = row_ok[:, None] & col_ok[None, :]
-        local = rows[:, None] * IN + cols[None, :]
-        tile = trace + local
-        h = tl.load(hebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        g = tl.load(ghebb_ptr + tile, mask=ok, other=0.0).to(ACC)
-        p = tl.load(pre_ptr + seq * IN + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        w = tl.load(w_ptr + local, mask=ok, other=0.0).to(ACC)
-        a = tl.load(alpha_ptr).to(ACC) if ALPHA_SCALAR else tl.load(alpha_ptr + local, mask=ok, other=0.0).to(ACC)
-        yy = y[:, None]
-        hz = gz[:, None] * p
-        if ALPHA_SCALAR:
-            ga_scalar += tl.sum(hz * h, axis=1)
-        else:
-            part = galpha_part_ptr + tile
-            tl.store(part, tl.load(part, mask=ok, other=0.0) + hz * h, mask=ok)
-        if RULE == HEBB:
-            d_h = 1.0 - eta
-            d_p = eta * yy
-            geta += tl.sum(g * (yy * p - h), axis=1)
-        elif RULE == OJA:
-            d_h = 1.0 - eta * yy * yy
-            d_p = eta * yy
-            geta += tl.sum(g * yy * (p - yy * h), axis=1)
-        else:
-            d_h = 1.0
-            d_p = m[:, None] * yy
-        gp = tl.sum((w + a * h) * gz[:, None] + g * d_p, axis=0)
-        tl.store(gpre_part_ptr + (pid * B + seq) * IN + cols, gp, mask=col_ok)
-        tl.store(ghebb_ptr + tile, g * d_h + a * hz, mask=ok)
-    slot = seq * n_blocks + pid
-    tl.store(geta_part_ptr + slot, tl.load(geta_part_ptr + slot) + tl.sum(geta, axis=0))
+                tl.store(gpre_ptr + (t * B + seq) * IN + cols, gp, mask=col_ok)
+        tl.debug_barrier()  # dL/dH_t, H_t and dL/dy_{t-1}, read back by the next reverse step
+    tl.store(geta_ptr + seq, geta)
     if ALPHA_SCALAR:
-        tl.store(galpha_part_ptr + slot, tl.load(galpha_part_ptr + slot) + tl.sum(ga_scalar, axis=0))
+        tl.store(galpha_ptr + seq, galpha)
+    if ENDOGENOUS:
+        tl.store(gmb_ptr + seq, gmb)
+
+
+@triton.jit
+def _sum_rows(src_ptr, dst_ptr, rows, width, offsets, ok, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[offsets] = sum over r < rows of src[r, offsets] (src [rows, width]), in row order."""
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    src = src_ptr + offsets
+    for _ in range(0, rows):
+        acc += tl.load(src, mask=ok, other=0.0).to(ACC)
+        src += width  # 64-bit pointer arithmetic: rows * width may pass 2^31
+    tl.store(dst_ptr + offsets, acc, mask=ok)
+
+
+@triton.jit
+def _reduce_kernel(x_ptr, y0_ptr, out_ptr, gz_ptr, galpha_part_ptr, geta_part_ptr, gmw_part_ptr, gmb_part_ptr,
+                   gfanout_part_ptr, gw_ptr, gbias_ptr, galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr,
+                   T, B, OUT, IN,
+                   RECURRENT: tl.constexpr, HAS_Y0: tl.constexpr, ALPHA_SCALAR: tl.constexpr,
+                   ENDOGENOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # Program (i, j) owns the [BLOCK_O, BLOCK_I] tile (i, j) of the weight gradient, the sum over
+    # k = (t, b) of dL/dz_t[b] (x) pre_t[b], and of alpha's, the sum over b of its partial sums;
+    # column tile 0 also the bias gradient (linear), program (0, 0) the scalars and the modulator's.
+    # pre_t[b] is row k of x (linear), or of the output shifted by one step with y0 first (rnn).
+    pid_o, pid_i = tl.program_id(0), tl.program_id(1)
+    rows = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_ok, col_ok = rows < OUT, cols < IN
+    ok = row_ok[:, None] & col_ok[None, :]
+    local = rows[:, None] * IN + cols[None, :]
+    steps = T * B
+    gw = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)
+    gb = tl.zeros([BLOCK_O], dtype=ACC)
+    for k0 in range(0, steps, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < steps
+        gz = tl.load(gz_ptr + ks[:, None] * OUT + rows[None, :], mask=k_ok[:, None] & row_ok[None, :],
+                     other=0.0).to(ACC)
+        pre_ok = k_ok[:, None] & col_ok[None, :]
+        if RECURRENT:
+            pre = tl.load(out_ptr + (ks[:, None] - B) * IN + cols[None, :], mask=pre_ok & (ks[:, None] >= B),
+                          other=0.0).to(ACC)
+            if HAS_Y0:
+                pre += tl.load(y0_ptr + ks[:, None] * IN + cols[None, :], mask=pre_ok & (ks[:, None] < B),
+                               other=0.0).to(ACC)
+        else:
+            pre = tl.load(x_ptr + ks[:, None] * IN + cols[None, :], mask=pre_ok, other=0.0).to(ACC)
+        gw += tl.sum(gz[:, :, None] * pre[:, None, :], axis=0)
+        gb += tl.sum(gz, axis=0)
+    tl.store(gw_ptr + local, gw, mask=ok)
+    if not RECURRENT:
+        tl.store(gbias_ptr + rows, gb, mask=row_ok & (pid_i == 0))
+    if not ALPHA_SCALAR:
+        acc = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)
+        part = galpha_part_ptr + local
+        for _ in range(0, B):
+            acc += tl.load(part, mask=ok, other=0.0).to(ACC)
+            part += OUT * IN  # 64-bit pointer arithmetic: B * OUT * IN may pass 2^31
+        tl.store(galpha_ptr + local, acc, mask=ok)
+    if (pid_o == 0) & (pid_i == 0):
+        first = tl.arange(0, BLOCK_I)
+        _sum_rows(geta_part_ptr, geta_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
+        if ALPHA_SCALAR:
+            _sum_rows(galpha_part_ptr, galpha_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
+        if ENDOGENOUS:
+            _sum_rows(gmb_part_ptr, gmb_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
+            for c0 in range(0, OUT, BLOCK_I):
+                cols = c0 + first
+                _sum_rows(gmw_part_ptr, gmw_ptr, B, OUT, cols, cols < OUT, ACC, BLOCK_I)
+                _sum_rows(gfanout_part_ptr, gfanout_ptr, B, OUT, cols, cols < OUT, ACC, BLOCK_I)

@@ -17,10 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Tensors of the plastic kernels that grow with steps or sequences: their addresses need 64 bits.
 PLASTIC_LARGE = {
-    "_forward_sequence_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "out_ptr", "ckpt_ptr"},
-    "_forward_step_kernel": {"x_ptr", "drive_ptr", "pre_ptr", "mod_ptr", "hebb_ptr", "out_ptr"},
-    "_backward_step_kernel": {"pre_ptr", "out_ptr", "gout_ptr", "carry_ptr", "mod_ptr", "hebb_ptr", "ghebb_ptr",
-                              "gz_ptr", "gpre_part_ptr", "galpha_part_ptr", "geta_part_ptr", "gmod_part_ptr"},
+    "_forward_resident_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "trace_ptr", "out_ptr",
+                                 "ckpt_ptr", "activity_ptr"},
+    "_forward_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "trace_ptr", "out_ptr", "ckpt_ptr",
+                        "activity_ptr"},
+    "_backward_kernel": {"x_ptr", "y0_ptr", "out_ptr", "gout_ptr", "mod_ptr", "activity_ptr", "ckpt_ptr", "final_ptr",
+                         "ghebb_ptr", "h_ptr", "seg_ptr", "g_ptr", "gz_ptr", "gpre_ptr", "gmod_ptr", "dm_ptr",
+                         "galpha_ptr", "geta_ptr", "gmw_ptr", "gmb_ptr", "gfanout_ptr"},
+    # the weight gradient's (t, b) rows; alpha's partial sums are walked by 64-bit pointer increments
+    "_reduce_kernel": {"x_ptr", "y0_ptr", "out_ptr", "gz_ptr"},
 }
 
 
@@ -55,7 +60,7 @@ def _specs_of(captured, kernel):
 def test_capture_records_what_the_launchers_launch(captured):
     kernels = {s["kernel"].split(":")[1] for s in captured["specs"].values()}
     assert kernels == {"_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel",
-                       "_forward_step_kernel", "_backward_step_kernel", "_neuron_sensitivity_kernel"}
+                       "_forward_kernel", "_backward_kernel", "_reduce_kernel", "_neuron_sensitivity_kernel"}
     (grad,) = _specs_of(captured, "_conv_input_grad_kernel")
     assert grad["dtype"] == "fp16" and grad["signature"]["go_ptr"] == "*fp16"
     assert grad["constexprs"]["KH"] == grad["constexprs"]["KW"] == 7
@@ -66,11 +71,11 @@ def test_capture_records_what_the_launchers_launch(captured):
         assert all(size <= limit for size, limit in zip(grid, MAX_GRID)), (name, grid)
 
 
-def test_step_kernels_compile_once_for_every_step(captured):
-    # Three steps (t = 0, 1, 2) would be three specializations if t were specialized.
-    for kernel in ("_forward_step_kernel", "_backward_step_kernel"):
+def test_plastic_kernels_compile_once_for_every_length(captured):
+    # The time loop runs inside the kernels: T is an argument, not a specialization.
+    for kernel in ("_forward_kernel", "_backward_kernel"):
         (spec,) = _specs_of(captured, kernel)
-        assert spec["signature"]["t"] == "i32" and "t" not in spec["attrs"] and "t" not in spec["constexprs"]
+        assert spec["signature"]["T"] == "i32" and "T" not in spec["constexprs"]
 
 
 def test_pointer_offset_widths_from_ttir():
@@ -108,10 +113,10 @@ def test_default_aot_check_passes(tmp_path):
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     assert report["summary"]["failures"] == 0
     assert report["summary"]["dot_kernels_without_tensor_cores"] == 0
-    # Only the sequence kernel's largest tile spills: three 128 x 128 float32 tiles (weight, alpha,
-    # trace) nearly fill the register file, and a few hundred bytes per thread beat T launches.
+    # Only the resident forward's largest tile spills: three 128 x 128 float32 tiles (weight, alpha,
+    # trace) nearly fill the register file, and a few hundred bytes per thread beat streaming the trace.
     spilling = {(r["kernel"], r["constexprs"]) for r in report["results"] if r.get("spill_bytes")}
-    assert all(k == "_forward_sequence_kernel" and "BLOCK_O=128 BLOCK_I=128" in c for k, c in spilling), spilling
+    assert all(k == "_forward_resident_kernel" and "BLOCK_O=128 BLOCK_I=128" in c for k, c in spilling), spilling
 
 
 @pytest.mark.aot

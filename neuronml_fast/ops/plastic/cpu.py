@@ -4,7 +4,7 @@ time-stepping kernels of csrc/cpu/plastic.cpp, which run the whole time loop."""
 import torch
 
 from ... import _alloc, _extensions
-from .op import recomputes
+from .op import dense_grads, modulator_grads, recomputes
 from .rules import MODULATED, RULE_CODES
 
 
@@ -46,6 +46,8 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
 def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
                      clip, recurrent, rule, activation, every, modulator=None, activity=None):
     """`op.py`'s plastic_backward contract."""
+    if modulator is not None:  # the modulated rule's backward with the M_t the modulator produced
+        modulation = modulator.modulation(activity)
     T, B = x.shape[:2]
     out_features, in_features = weight.shape
     dtype = x.dtype
@@ -67,4 +69,8 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
         _rule_code(rule, modulation), activation == "tanh", every, c(output), c(grad_output), c(checkpoints), trace,
         grad_trace, grad_z, grad_pre, grad_y0, grad_alpha, grad_eta, grad_mod, segment, mod_weight, mod_fanout,
         mod_tanh, c(activity), grad_s)
-    return (grad_z, grad_pre, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace, grad_y0, grad_mod, grad_s)
+    grad_input, grad_weight, grad_bias, grad_drive = dense_grads(x, y0, output, grad_z, grad_pre, recurrent)
+    modulator_grad = (None,) * 3 if modulator is None else modulator_grads(grad_s, grad_mod, output, activity,
+                                                                            x.dtype)
+    return (grad_input, grad_weight, grad_alpha.view(alpha.shape), grad_eta.view(()), grad_trace, grad_bias,
+            grad_drive, grad_y0, None if modulator is not None else grad_mod, *modulator_grad)

@@ -4,7 +4,7 @@ of ``gpu.py`` (the same contract as the Triton steps of ``triton.py``)."""
 import functools
 
 from ... import _extensions
-from . import gpu
+from . import step_loops as gpu
 
 
 class CudaSteps:

@@ -1,18 +1,13 @@
-"""The time loops of the GPU plastic backends (Triton and CUDA C++), written once.
+"""The launchers the GPU plastic backends (Triton and CUDA C++) share: one call's tensors, its
+buffers and the order of its launches, written once.
 
-A backend passes its step kernels as the `steps` argument, an object with `rows_per_block`,
-`forward_step` (over sequence x block of rows), `sequence_forward` (the whole sequence in one
-launch, or False where it does not apply) and `backward_step` (the reverse step):
-`triton.TritonSteps`, `cuda.CudaSteps` (duck-typed: no common base class). This module owns
-everything around them: buffers, checkpoints, the restart of the trace reconstruction from exact
-checkpoints, the forward recomputation of segments (clip, identity activation) and the reductions
-of per-program partial sums. Same algorithm as the C++ CPU backend (csrc/cpu/plastic_kernels.inc).
-No host synchronization inside the loops.
-
-Partial-sum contract of a reverse step, ``blocks = ceil(OUT / rows_per_block)``:
-``gpre_part [blocks, B, IN]`` (written), ``galpha_part [B, OUT, IN]`` or ``[B * blocks]`` for a
-scalar alpha (accumulated), ``geta_part [B * blocks]`` (accumulated), ``gmod_rows [B, OUT]``
-(written, modulated rule only), ``grad_z [T, B, OUT]`` (row t written).
+The time loop runs inside the kernels. A forward is one launch; a backward is two: the reverse
+walk, then the reductions over (t, b) (weight and bias gradients) and over the sequences (the
+reverse walk's per-sequence partial sums). A backend passes its kernels as the `kernels` argument,
+an object with ``forward(call, buffers)``, ``backward(call, buffers)`` and ``reduce(call,
+buffers)``: `triton.TritonKernels`, `cuda.CudaKernels` (duck-typed: no common base class). No
+host synchronization, no ATen kernel around the launches: the kernels read the optional tensors
+(initial trace, upstream gradients) where given and start from zeros where not.
 """
 
 import dataclasses
@@ -27,7 +22,7 @@ from .rules import MODULATED, RULE_CODES
 
 @dataclasses.dataclass
 class PlasticCall:
-    """One plastic call's tensors (contiguous) and options, as the step kernels take them."""
+    """One plastic call's tensors (contiguous) and options, as the kernels take them."""
 
     x: torch.Tensor
     weight: torch.Tensor
@@ -36,16 +31,21 @@ class PlasticCall:
     bias: Optional[torch.Tensor]
     drive: Optional[torch.Tensor]
     y0: Optional[torch.Tensor]
-    modulation: Optional[torch.Tensor]
-    clip: torch.Tensor  # [1] in the accumulation dtype (0 when unused)
+    modulation: Optional[torch.Tensor]  # given M_t [T, B] or [T, B, out]
+    mod_weight: Optional[torch.Tensor]  # the modulator neuron's (endogenous modulation)
+    mod_bias: Optional[torch.Tensor]
+    mod_fanout: Optional[torch.Tensor]
+    clip: float  # 0 when unused
+    every: int  # steps between checkpoints
     recurrent: bool
     rule: int
     per_neuron: bool
+    endogenous: bool
+    mod_tanh: bool
     tanh: bool
     alpha_scalar: bool
     has_clip: bool
-    output: Optional[torch.Tensor] = None
-    grad_output: Optional[torch.Tensor] = None
+    recompute: bool  # the backward recomputes segments forward (clip, identity) instead of reconstructing
 
     T = property(lambda self: self.x.shape[0])  # steps
     B = property(lambda self: self.x.shape[1])  # sequences
@@ -56,128 +56,116 @@ class PlasticCall:
     def acc(self):
         return _alloc.accumulation_dtype(self.x.dtype)
 
-    def pre(self, t):
-        """Presynaptic activity of step t: x_t, or y_{t-1} (y0 or zeros at t = 0)."""
-        if not self.recurrent:
-            return self.x[t]
-        if t > 0:
-            return self.output[t - 1]
-        return self.y0 if self.y0 is not None else self.x.new_zeros(self.x.shape[1:])
+
+@dataclasses.dataclass
+class ForwardBuffers:
+    hebb: Optional[torch.Tensor]  # the initial trace [B, out, in], or None for zeros
+    trace: torch.Tensor  # the final trace [B, out, in] (written)
+    output: torch.Tensor  # [T, B, out] (written)
+    checkpoints: torch.Tensor  # [ceil(T / every), B, out, in]: H_0, H_every, ... (written)
+    activity: Optional[torch.Tensor]  # the modulator's output [T, B] (written; endogenous only)
+
+
+@dataclasses.dataclass
+class BackwardBuffers:
+    output: torch.Tensor  # the forward's [T, B, out]
+    grad_output: Optional[torch.Tensor]  # [T, B, out], or None for zeros
+    hebb_final: torch.Tensor  # the forward's final trace
+    checkpoints: torch.Tensor
+    activity: Optional[torch.Tensor]
+    grad_hebb_in: Optional[torch.Tensor]  # dL/dH_T, or None for zeros
+    trace: Optional[torch.Tensor]  # [B, out, in] scratch: the reconstructed trace (reconstructing only)
+    segment: Optional[torch.Tensor]  # [every, B, out, in] scratch: a recomputed segment (recomputing only)
+    grad_hebb: torch.Tensor  # dL/dH_0 [B, out, in] (written)
+    grad_z: torch.Tensor  # dL/dz [T, B, out] (written)
+    grad_pre: torch.Tensor  # dL/dx [T, B, in] (linear) or dL/dy0 [B, out] (rnn) (written)
+    grad_mod: Optional[torch.Tensor]  # like the given modulation (written)
+    mod_rows: Optional[torch.Tensor]  # [B, out] scratch: dL/dM_t (endogenous)
+    alpha_part: torch.Tensor  # [B, out, in], or [B] for a 0-d alpha (written)
+    eta_part: torch.Tensor  # [B] (written)
+    mod_weight_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
+    mod_bias_part: Optional[torch.Tensor]  # [B] (written; endogenous)
+    mod_fanout_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
+    grad_weight: torch.Tensor  # the reductions (written by reduce)
+    grad_bias: Optional[torch.Tensor]  # [out] (linear)
+    grad_alpha: torch.Tensor
+    grad_eta: torch.Tensor
+    grad_mod_weight: Optional[torch.Tensor]
+    grad_mod_bias: Optional[torch.Tensor]
+    grad_mod_fanout: Optional[torch.Tensor]
 
 
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
-def _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation):
-    acc = _alloc.accumulation_dtype(x.dtype)
+def _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation, every,
+                  modulator):
     c = _contiguous
+    endogenous = modulator is not None
     return PlasticCall(
         x=c(x), weight=c(weight), alpha=c(alpha), eta=c(eta), bias=c(bias), drive=c(drive), y0=c(y0),
-        modulation=c(modulation),
-        clip=torch.tensor([float(clip) if clip is not None else 0.0], dtype=acc, device=x.device),
-        recurrent=recurrent, rule=MODULATED if modulation is not None else RULE_CODES[rule],
-        per_neuron=modulation is not None and modulation.dim() == 3, tanh=activation == "tanh",
-        alpha_scalar=alpha.dim() == 0, has_clip=clip is not None)
+        modulation=c(modulation), mod_weight=c(modulator.weight) if endogenous else None,
+        mod_bias=c(modulator.bias) if endogenous else None, mod_fanout=c(modulator.fanout) if endogenous else None,
+        clip=float(clip) if clip is not None else 0.0, every=every, recurrent=recurrent,
+        rule=MODULATED if modulation is not None or endogenous else RULE_CODES[rule],
+        per_neuron=modulation is not None and modulation.dim() == 3, endogenous=endogenous,
+        mod_tanh=endogenous and modulator.tanh, tanh=activation == "tanh", alpha_scalar=alpha.dim() == 0,
+        has_clip=clip is not None, recompute=recomputes(clip, activation))
 
 
-def forward(steps, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
+def forward(kernels, x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
             every, modulator=None):
     """Returns (output, final trace, checkpoints, the modulator's activity [T, B] or None)."""
-    if modulator is not None:  # M_t is filled in step by step (see _modulated_step)
-        modulation = torch.zeros((x.shape[0], x.shape[1], weight.shape[0]), dtype=x.dtype, device=x.device)
-    p = _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation)
+    p = _plastic_call(x, weight, alpha, eta, bias, drive, y0, modulation, clip, recurrent, rule, activation, every,
+                      modulator)
+    T, B, O, I = p.T, p.B, p.out_features, p.in_features
     new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
-    trace = new(p.B, p.out_features, p.in_features)
-    trace.copy_(hebb) if hebb is not None else trace.zero_()
-    p.output = _alloc.empty((p.T, p.B, p.out_features), dtype=x.dtype, device=x.device)
-    checkpoints = new(-(-p.T // every), p.B, p.out_features, p.in_features)
-    activity = None if modulator is None else x.new_zeros((p.T, p.B))
-    unclipped = None if modulator is None else dataclasses.replace(p, has_clip=False)
-    if p.T == 0 or p.B == 0 or (modulator is None and steps.sequence_forward(p, trace, checkpoints, every)):
-        return p.output, trace, checkpoints, activity
-    for t in range(p.T):
-        if t % every == 0:
-            checkpoints[t // every].copy_(trace)
-        if modulator is None:
-            steps.forward_step(p, t, p.pre(t).contiguous(), trace, update_only=False)
-        else:
-            _modulated_step(steps, p, unclipped, t, trace, modulator, activity)
-    return p.output, trace, checkpoints, activity
+    buffers = ForwardBuffers(
+        hebb=_contiguous(hebb), trace=new(B, O, I), output=_alloc.empty((T, B, O), dtype=x.dtype, device=x.device),
+        checkpoints=new(-(-T // every), B, O, I), activity=new(T, B) if p.endogenous else None)
+    if B > 0:
+        kernels.forward(p, buffers)
+    return buffers.output, buffers.trace, buffers.checkpoints, buffers.activity
 
 
-def _modulated_step(steps, p, unclipped, t, trace, modulator, activity):
-    """Endogenous modulation: y_t first (a step of `unclipped`, p without its clip, whose update
-    adds M_t = 0: the trace is unchanged), then the modulator's M_t from y_t, then the step's
-    update with it."""
-    pre = p.pre(t).contiguous()
-    steps.forward_step(unclipped, t, pre, trace, update_only=False)
-    s = p.output[t].to(p.acc) @ modulator.weight.to(p.acc) + modulator.bias.to(p.acc)
-    activity[t] = torch.tanh(s) if modulator.tanh else s
-    p.modulation[t] = activity[t][:, None] * modulator.fanout
-    steps.forward_step(p, t, pre, trace, update_only=True)
-
-
-def _modulator_step_grad(p, t, pre, h, grad_trace, modulator, activity, carry):
-    """Before the reverse step t: M_t was computed from y_t, so dL/dy_t also has the share through
-    the modulator, dL/ds_t[b] * mod_weight[j], added into `carry`; returns dL/ds_t [B].
-    dL/dM_t[b, j] = y_j <dL/dH_{t+1}[j, :], pre> (zero where the clip held the update)."""
-    y = p.output[t].to(p.acc)
-    g = grad_trace
-    if p.has_clip:  # h is H_t (clip segments are recomputed)
-        c = p.clip[0]
-        nxt = h + (p.modulation[t].to(p.acc) * y)[:, :, None] * pre[:, None, :]
-        g = torch.where((nxt < -c) | (nxt > c), torch.zeros((), dtype=g.dtype, device=g.device), g)
-    grad_m = y * torch.bmm(g, pre[:, :, None])[:, :, 0]
-    a = activity[t]
-    grad_s = (grad_m @ modulator.fanout.to(p.acc)) * ((1 - a * a) if modulator.tanh else 1)
-    carry += grad_s[:, None] * modulator.weight.to(p.acc)
-    return grad_s
-
-
-def backward(steps, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
+def backward(kernels, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,
              clip, recurrent, rule, activation, every, modulator=None, activity=None):
-    """`op.py`'s plastic_backward contract. Under a modulator, `modulation` is the M_t its forward computed."""
-    p = _plastic_call(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation)
-    p.output, p.grad_output = _contiguous(output), _contiguous(grad_output)
-    T, B, O, I, acc = p.T, p.B, p.out_features, p.in_features, p.acc
-    blocks = -(-O // steps.rows_per_block(O, I))
-    new = lambda *shape: _alloc.empty(shape, dtype=acc, device=x.device)  # noqa: E731
-    zeros = lambda *shape: torch.zeros(shape, dtype=acc, device=x.device)  # noqa: E731
-    trace = hebb_final.detach().to(acc).clone()
-    grad_trace = (zeros(B, O, I) if grad_hebb is None else grad_hebb.detach().to(acc).clone()).contiguous()
-    buffers = dict(grad_trace=grad_trace, grad_z=new(T, B, O), gpre_part=new(blocks, B, I),
-                   galpha_part=zeros(B * blocks) if p.alpha_scalar else zeros(B, O, I), geta_part=zeros(B * blocks),
-                   gmod_rows=zeros(B, O))
-    grad_pre = None if recurrent else new(T, B, I)
-    grad_mod = None if modulation is None else zeros(*modulation.shape)
-    carry = zeros(B, O)
-    grad_s = None if modulator is None else zeros(T, B)
-    recompute = recomputes(clip, activation)
-    segment, segment_start = None, None
-    for t in range(T - 1, -1, -1):
-        if recompute and (segment_start is None or t < segment_start):
-            segment_start = (t // every) * every
-            segment = [checkpoints[t // every].to(acc).clone()]
-            for u in range(segment_start, t):
-                segment.append(segment[-1].clone())
-                steps.forward_step(p, u, p.pre(u).contiguous(), segment[-1], update_only=True)
-        if not recompute and (t + 1) % every == 0 and t + 1 < T:
-            trace.copy_(checkpoints[(t + 1) // every])  # restart the reconstruction from an exact trace
-        h = segment[t - segment_start] if recompute else trace
-        pre = p.pre(t).to(acc).contiguous()
-        if modulator is not None:
-            grad_s[t] = _modulator_step_grad(p, t, pre, h, buffers["grad_trace"], modulator, activity, carry)
-        steps.backward_step(p, t, pre, h, carry, reconstruct=not recompute, **buffers)
-        gp = buffers["gpre_part"].sum(0)
-        if recurrent:
-            carry = gp
-        else:
-            grad_pre[t] = gp
-        if grad_mod is not None:
-            grad_mod[t] = buffers["gmod_rows"] if modulation.dim() == 3 else buffers["gmod_rows"].sum(1)
-    galpha = buffers["galpha_part"]
-    grad_alpha = galpha.sum() if p.alpha_scalar else galpha.sum(0)
-    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
-    return (buffers["grad_z"], grad_pre, cast(grad_alpha).view(alpha.shape), cast(buffers["geta_part"].sum()),
-            cast(grad_trace), cast(carry) if recurrent else None, cast(grad_mod), grad_s)
+    """`op.py`'s plastic_backward contract."""
+    p = _plastic_call(x, weight, alpha, eta, None, None, y0, modulation, clip, recurrent, rule, activation, every,
+                      modulator)
+    T, B, O, I = p.T, p.B, p.out_features, p.in_features
+    new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
+    endogenous = lambda *shape: new(*shape) if p.endogenous else None  # noqa: E731
+    b = BackwardBuffers(
+        output=_contiguous(output), grad_output=_contiguous(grad_output), hebb_final=_contiguous(hebb_final),
+        checkpoints=_contiguous(checkpoints), activity=_contiguous(activity), grad_hebb_in=_contiguous(grad_hebb),
+        trace=None if p.recompute else new(B, O, I), segment=new(min(every, T), B, O, I) if p.recompute else None,
+        grad_hebb=new(B, O, I), grad_z=new(T, B, O), grad_pre=new(B, O) if recurrent else new(T, B, I),
+        grad_mod=None if modulation is None else new(*modulation.shape), mod_rows=endogenous(B, O),
+        alpha_part=new(B) if p.alpha_scalar else new(B, O, I), eta_part=new(B), mod_weight_part=endogenous(B, O),
+        mod_bias_part=endogenous(B), mod_fanout_part=endogenous(B, O), grad_weight=new(O, I),
+        grad_bias=None if recurrent else new(O), grad_alpha=new(*alpha.shape),
+        grad_eta=new(), grad_mod_weight=endogenous(O), grad_mod_bias=endogenous(), grad_mod_fanout=endogenous(O))
+    if T == 0:
+        _no_steps(b)
+    elif B > 0:
+        kernels.backward(p, b)
+    kernels.reduce(p, b)
+    if recurrent:  # the input enters z directly
+        grad_input, grad_drive, grad_y0 = b.grad_z, None, b.grad_pre
+    else:
+        grad_input, grad_drive, grad_y0 = b.grad_pre, b.grad_z, None
+    return (grad_input, b.grad_weight, b.grad_alpha, b.grad_eta, b.grad_hebb, b.grad_bias, grad_drive, grad_y0,
+            b.grad_mod, b.grad_mod_weight, b.grad_mod_bias, b.grad_mod_fanout)
+
+
+def _no_steps(b):
+    """An empty sequence: the trace passes through, nothing else has a gradient."""
+    if b.grad_hebb_in is None:
+        b.grad_hebb.zero_()
+    else:
+        b.grad_hebb.copy_(b.grad_hebb_in)
+    for part in (b.grad_pre, b.alpha_part, b.eta_part, b.mod_weight_part, b.mod_bias_part, b.mod_fanout_part):
+        if part is not None:
+            part.zero_()

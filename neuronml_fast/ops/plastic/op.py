@@ -15,12 +15,14 @@ Where things are (this folder):
 
 * ``reference.py``: `plastic_linear_reference`, `plastic_rnn_reference`, the oracle.
 * ``op.py`` (here): argument checks, the custom ops ``neuronml_fast::plastic`` and
-  ``plastic_backward``, their fakes and autograd, the gradients that are the same on every
-  backend (weight, bias, drive, the modulator's), the checkpoint policy, the public functions.
+  ``plastic_backward``, their fakes and autograd, the GEMM-shaped gradients (weight, bias, the
+  modulator's) for a launcher whose kernels do not form them, the checkpoint policy, the public
+  functions.
 * launchers, one module per backend, each with ``plastic_forward`` and ``plastic_backward`` (the
   contract below): ``cpu.py`` (the whole time loop in C++: csrc/cpu/plastic.cpp); ``gpu.py``, the
-  time loops the GPU backends share, with their step kernels in ``triton.py`` (kernels/plastic.py)
-  and ``cuda.py`` (csrc/cuda/plastic.cu). ``rules.py``: the rule codes every kernel takes.
+  launchers the GPU backends share, with their kernels (each running the whole time loop) in
+  ``triton.py`` (kernels/plastic.py) and ``cuda.py`` (csrc/cuda/plastic.cu). ``rules.py``: the
+  rule codes every kernel takes.
 
 All: one fused pass over the trace per step (pre-activation row and trace update together), and
 a backward that walks time in reverse, reconstructing each trace from the next (the rules are
@@ -122,13 +124,13 @@ def _validate_modulator(input, modulator, modulation):
 #       -> (output, final hebb, checkpoints, the modulator's activity [T, B] or None)
 #   plastic_backward(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
 #                    checkpoints, clip, recurrent, rule, activation, checkpoint_every, modulator, activity)
-#       -> (grad_z [T, B, out], grad_pre [T, B, in] (None for the rnn), and the grads of alpha, eta, hebb,
-#           y0 (None for a linear layer) and modulation (None without one), then dL/ds [T, B] (the
-#           modulator neuron's pre-activation) or None)
-#      grad_z (dL/dz_t, z the pre-activation), grad_pre and dL/ds in the accumulation dtype, the
-#      rest in the input's; `_dense_grads` and `_modulator_grads` make the GEMM-shaped rest.
-# `modulator` is None or a `Modulator` with every tensor present; under it the backward receives
-# the per-neuron modulation M_t the forward computed, as if it had been given.
+#       -> the gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, mod_weight,
+#           mod_bias, mod_fanout) in the input's dtype, None for one the call does not have (y0 of a
+#           linear layer, bias and drive of the rnn, the modulator's without one); `dense_grads` and
+#           `modulator_grads` form the GEMM-shaped ones from the reverse walk's dL/dz for a launcher
+#           whose kernels do not.
+# `modulator` is None or a `Modulator` with every tensor present; `activity` is the modulator's
+# output [T, B] the forward returned (M_t = activity_t * fanout).
 
 
 class Modulator(NamedTuple):
@@ -186,46 +188,36 @@ def plastic_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, mod_weight, mod_bias,
     mod_fanout); an empty tensor stands for a gradient the call does not have (y0 of a linear layer, say)."""
-    modulator = _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh)
-    if modulator is not None:
-        modulation = modulator.modulation(activity)
-    grad_z, grad_pre, *grads, grad_s = backends.launchers(OP, backend).plastic_backward(
+    grads = backends.launchers(OP, backend).plastic_backward(
         grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, clip,
-        recurrent, rule, activation, checkpoint_every, modulator, activity if modulator is not None else None)
-    grad_alpha, grad_eta, grad_hebb, grad_y0, grad_modulation = grads
-    grad_input, grad_weight, grad_bias, grad_drive = _dense_grads(input, y0, output, grad_z, grad_pre, recurrent)
-    grads = [grad_input, grad_weight, grad_alpha, grad_eta, grad_hebb, grad_bias, grad_drive, grad_y0,
-             grad_modulation, None, None, None]
-    if modulator is not None:
-        grads[8:] = [None, *_modulator_grads(grad_s, grad_modulation, output, activity, input.dtype)]
+        recurrent, rule, activation, checkpoint_every, _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh),
+        activity if mod_weight is not None else None)
     return tuple(input.new_empty((0,)) if g is None else g for g in grads)
 
 
-def _presynaptic(x, y0, output, recurrent):
-    """The presynaptic activity of every step [T, B, in]: x_t, or y_{t-1} with y0 (or zeros) first."""
-    if not recurrent:
-        return x
-    T, B, N = output.shape
-    if T == 0:
-        return x.new_zeros((0, B, N))
-    first = (y0 if y0 is not None else x.new_zeros((B, N))).unsqueeze(0)
-    return torch.cat([first, output[:-1]])
-
-
-def _dense_grads(x, y0, output, grad_z, grad_pre, recurrent):
+def dense_grads(x, y0, output, grad_z, grad_pre, recurrent):
     """Gradients of (input, weight, bias, drive) from dL/dz [T, B, out] and, for a linear layer, dL/dx:
-    GEMM-shaped reductions over time and batch, the same on every backend. The rnn's input enters
-    z directly, so its gradient is dL/dz itself."""
-    pre = _presynaptic(x, y0, output, recurrent).to(grad_z.dtype)
+    GEMM-shaped reductions over time and batch. The rnn's input enters
+    z directly, so its gradient is dL/dz itself, and it has no bias. The weight's is one matrix
+    product over (t, b) of dL/dz_t and the presynaptic activity (x_t; y_{t-1}, with y0 first,
+    taken from the output and y0 in place)."""
+    features = grad_z.shape[-1]
+    gz = grad_z.reshape(-1, features)
     cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
-    grad_input, grad_drive = (grad_z, None) if recurrent else (grad_pre, grad_z)
-    return (cast(grad_input), cast(torch.einsum("tbo,tbi->oi", grad_z, pre)), cast(grad_z.sum((0, 1))),
-            cast(grad_drive))
+    if not recurrent:
+        grad_weight = gz.t() @ x.reshape(-1, x.shape[-1]).to(gz.dtype)
+        return cast(grad_pre), cast(grad_weight), cast(grad_z.sum((0, 1))), cast(grad_z)
+    batch = x.shape[1]
+    previous = output[:-1].reshape(-1, features).to(gz.dtype)
+    grad_weight = gz[batch:].t() @ previous
+    if y0 is not None and grad_z.shape[0] > 0:
+        grad_weight = torch.addmm(grad_weight, gz[:batch].t(), y0.to(gz.dtype))
+    return cast(grad_z), cast(grad_weight), None, None
 
 
-def _modulator_grads(grad_s, grad_modulation, output, activity, dtype):
+def modulator_grads(grad_s, grad_modulation, output, activity, dtype):
     """Gradients of (mod_weight, mod_bias, mod_fanout) from dL/ds [T, B] (s = mod_weight . y_t + mod_bias)
-    and dL/dM [T, B, N]: GEMM-shaped reductions over time and batch, the same on every backend."""
+    and dL/dM [T, B, N]: reductions over time and batch."""
     acc = grad_s.dtype
     return (torch.einsum("tb,tbj->j", grad_s, output.to(acc)).to(dtype), grad_s.sum().to(dtype),
             torch.einsum("tbj,tb->j", grad_modulation.to(acc), activity).to(dtype))
@@ -239,8 +231,10 @@ def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output,
     absent = lambda: input.new_empty((0,))  # noqa: E731  (one each: outputs may not alias each other)
     endogenous = mod_weight is not None
     return (input.new_empty(input.shape), weight.new_empty(weight.shape), alpha.new_empty(alpha.shape),
-            eta.new_empty(()), input.new_empty((B, out_features, in_features)), input.new_empty((out_features,)),
-            input.new_empty((T, B, out_features)), input.new_empty((B, out_features)) if recurrent else absent(),
+            eta.new_empty(()), input.new_empty((B, out_features, in_features)),
+            absent() if recurrent else input.new_empty((out_features,)),
+            absent() if recurrent else input.new_empty((T, B, out_features)),
+            input.new_empty((B, out_features)) if recurrent else absent(),
             absent() if modulation is None else modulation.new_empty(modulation.shape),
             input.new_empty((out_features,)) if endogenous else absent(),
             input.new_empty(()) if endogenous else absent(),
@@ -339,7 +333,8 @@ def _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, 
     if uses_eta and value is not None and not 0.0 <= value < 1.0:
         raise ValueError(f"eta: expected 0 <= eta < 1 for rule {rule!r}, got {value}")
     if uses_eta and value is None and not compiling:
-        torch._assert_async((eta.detach() >= 0) & (eta.detach() < 1), f"eta: expected 0 <= eta < 1 for rule {rule!r}")
+        # floor(eta) == 0 is 0 <= eta < 1 (NaN fails too): two elementwise kernels and the assert.
+        torch._assert_async(eta.detach().floor() == 0, f"eta: expected 0 <= eta < 1 for rule {rule!r}")
     return checkpoint_every(input.shape[0], value, clip, modulated, activation)
 
 

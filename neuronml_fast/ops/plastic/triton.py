@@ -1,4 +1,4 @@
-"""The Triton step kernels of the plastic layers (kernels/plastic.py) behind the shared time loops of
+"""The Triton kernels of the plastic layers (kernels/plastic.py) behind the shared launchers of
 ``gpu.py``: tiles, grids and launches. Importing this module imports triton."""
 
 import functools
@@ -9,66 +9,84 @@ from ...kernels import plastic as kernels
 from .._triton_launch import accumulation_tl_dtype, launch
 from . import gpu
 
-class TritonSteps:
-    @staticmethod
-    def rows_per_block(out_features, in_features):
-        return min(32, triton.next_power_of_2(max(out_features, 1)))
+# (rows, columns, steps) of the reducing kernel's weight-gradient tile and its chunk of the (t, b) sum,
+# by element size: the chunk's outer products are a [steps, rows, columns] register block.
+REDUCE_TILE = {4: (32, 32, 8), 8: (32, 32, 4)}
 
+
+class TritonKernels:
     @staticmethod
-    def _cols(p):
-        """Columns per tile of the step kernels: 64, or 32 for float64, whose tiles take twice the
-        registers (64 columns of float64 spill in the backward step)."""
+    def tile(p):
+        """(rows, columns, warps) of the streaming kernels' tile: 32 x 64 on 4 warps, 32 x 32 for
+        float64, whose tiles take twice the registers (the backward's column pass holds five)."""
         widest = 32 if p.x.dtype.itemsize == 8 else 64
-        return min(widest, triton.next_power_of_2(max(p.in_features, 1)))
+        rows = min(32, triton.next_power_of_2(max(p.out_features, 1)))
+        cols = min(widest, triton.next_power_of_2(max(p.in_features, 1)))
+        return rows, cols, 4
 
     @staticmethod
-    def _flags(p):
-        _check_matrix(p)
-        return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, TANH=p.tanh,
-                    ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip, ACC=accumulation_tl_dtype(p.x.dtype))
-
-    def sequence_forward(self, p, trace, checkpoints, every):
+    def resident_tile(p):
+        """(rows, columns, warps) of the resident forward, or None where the layer does not fit it."""
         block_o, block_i = triton.next_power_of_2(p.out_features), triton.next_power_of_2(p.in_features)
         if p.recurrent:
             block_o = block_i = max(block_o, block_i)
         tile_bytes = block_o * block_i * p.acc.itemsize
-        if (max(p.out_features, p.in_features) > kernels.SEQUENCE_KERNEL_MAX_N
-                or tile_bytes > kernels.SEQUENCE_KERNEL_MAX_TILE_BYTES or p.has_clip):
-            return False
+        if max(p.out_features, p.in_features) > kernels.RESIDENT_MAX_N or tile_bytes > kernels.RESIDENT_MAX_TILE_BYTES:
+            return None
+        # weight, alpha and trace tiles in registers for all T steps: at most 32 registers of each
+        # per thread (a 128 x 128 float32 layer on 4 warps spills kilobytes).
+        return block_o, block_i, max(4, min(16, tile_bytes // (32 * 32 * 4)))
+
+    @staticmethod
+    def _flags(p):
+        _check_matrix(p)
+        return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, ENDOGENOUS=p.endogenous,
+                    MOD_TANH=p.mod_tanh, TANH=p.tanh, ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip,
+                    ACC=accumulation_tl_dtype(p.x.dtype))
+
+    def forward(self, p, f):
+        resident = self.resident_tile(p)
+        kernel = kernels._forward_resident_kernel if resident else kernels._forward_kernel
+        block_o, block_i, warps = resident or self.tile(p)
         x = p.x
         launch(
-            kernels._forward_sequence_kernel, (p.B,),
+            kernel, (p.B,),
             x, p.weight, p.alpha, p.eta, _pointer(p.bias, x), _pointer(p.drive, x), _pointer(p.y0, x),
-            _pointer(p.modulation, x), trace, p.output, checkpoints, p.T, p.B, p.out_features, p.in_features, p.clip,
-            every,
+            _pointer(p.modulation, x), _pointer(f.hebb, x), f.trace, f.output, f.checkpoints, _pointer(f.activity, x),
+            _pointer(p.mod_weight, x), _pointer(p.mod_bias, x), _pointer(p.mod_fanout, x), p.T, p.B, p.out_features,
+            p.in_features, p.clip, p.every,
             HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
-            BLOCK_O=block_o, BLOCK_I=block_i, num_warps=_sequence_warps(tile_bytes), **self._flags(p))
-        return True
+            HAS_HEBB=f.hebb is not None, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
 
-    def forward_step(self, p, t, pre, trace, update_only):
-        block_o = self.rows_per_block(p.out_features, p.in_features)
+    def backward(self, p, b):
+        block_o, block_i, warps = self.tile(p)
         x = p.x
         launch(
-            kernels._forward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
-            x, p.weight, p.alpha, p.eta, _pointer(p.bias, x), _pointer(p.drive, x), pre, _pointer(p.modulation, x),
-            trace, p.output, t, p.B, p.out_features, p.in_features, p.clip, HAS_BIAS=p.bias is not None,
-            HAS_DRIVE=p.drive is not None, UPDATE_ONLY=update_only, BLOCK_O=block_o,
-            BLOCK_I=self._cols(p), **self._flags(p))
+            kernels._backward_kernel, (p.B,),
+            x, p.weight, p.alpha, p.eta, _pointer(p.y0, x), b.output, _pointer(b.grad_output, x),
+            _pointer(p.modulation, x), _pointer(b.activity, x), _pointer(p.mod_weight, x), _pointer(p.mod_fanout, x),
+            b.checkpoints, b.hebb_final, _pointer(b.grad_hebb_in, x), _pointer(b.trace, x), _pointer(b.segment, x),
+            b.grad_hebb, b.grad_z, b.grad_pre, _pointer(b.grad_mod, x), _pointer(b.mod_rows, x), b.alpha_part,
+            b.eta_part, _pointer(b.mod_weight_part, x), _pointer(b.mod_bias_part, x), _pointer(b.mod_fanout_part, x),
+            p.T, p.B, p.out_features, p.in_features, p.clip, p.every,
+            HAS_Y0=p.y0 is not None, HAS_GOUT=b.grad_output is not None, HAS_GHEBB=b.grad_hebb_in is not None,
+            RECOMPUTE=p.recompute, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
 
-    def backward_step(self, p, t, pre, h, carry, reconstruct, grad_trace, grad_z, gpre_part, galpha_part, geta_part,
-                      gmod_rows):
-        block_o = self.rows_per_block(p.out_features, p.in_features)
+    @staticmethod
+    def reduce(p, b):
+        x = p.x
+        # float64 tiles take twice the registers: half the steps per chunk of the (t, b) sum
+        block_o, block_i, block_k = REDUCE_TILE[x.dtype.itemsize]
+        block_o = min(block_o, triton.next_power_of_2(max(p.out_features, 1)))
+        block_i = min(block_i, triton.next_power_of_2(max(p.in_features, 1)))
         launch(
-            kernels._backward_step_kernel, (p.B, triton.cdiv(p.out_features, block_o)),
-            p.weight, p.alpha, p.eta, pre, p.output, p.grad_output, carry, _pointer(p.modulation, p.x), h, grad_trace,
-            grad_z, gpre_part, galpha_part, geta_part, gmod_rows, t, p.B, p.out_features, p.in_features, p.clip,
-            RECONSTRUCT=reconstruct, BLOCK_O=block_o, BLOCK_I=self._cols(p), **self._flags(p))
-
-
-def _sequence_warps(tile_bytes):
-    """The sequence kernel keeps weight, alpha and trace tiles in registers for all T steps: at
-    most 32 registers of each per thread (a 128 x 128 float32 layer on 4 warps spills kilobytes)."""
-    return max(4, min(16, tile_bytes // (32 * 32 * 4)))
+            kernels._reduce_kernel, (triton.cdiv(p.out_features, block_o), triton.cdiv(p.in_features, block_i)),
+            x, _pointer(p.y0, x), b.output, b.grad_z, b.alpha_part, b.eta_part, _pointer(b.mod_weight_part, x),
+            _pointer(b.mod_bias_part, x), _pointer(b.mod_fanout_part, x), b.grad_weight, _pointer(b.grad_bias, x),
+            b.grad_alpha, b.grad_eta, _pointer(b.grad_mod_weight, x), _pointer(b.grad_mod_bias, x),
+            _pointer(b.grad_mod_fanout, x), p.T, p.B, p.out_features, p.in_features,
+            RECURRENT=p.recurrent, HAS_Y0=p.y0 is not None, ALPHA_SCALAR=p.alpha_scalar, ENDOGENOUS=p.endogenous,
+            ACC=accumulation_tl_dtype(x.dtype), BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=block_k)
 
 
 def _check_matrix(p):
@@ -84,5 +102,5 @@ def _pointer(t, fallback):
 
 # eta is read on the host only where the checkpoint interval needs it (op._eta_and_checkpoints).
 AVOIDS_HOST_READS = True
-plastic_forward = functools.partial(gpu.forward, TritonSteps())
-plastic_backward = functools.partial(gpu.backward, TritonSteps())
+plastic_forward = functools.partial(gpu.forward, TritonKernels())
+plastic_backward = functools.partial(gpu.backward, TritonKernels())
