@@ -155,6 +155,9 @@ def _plastic_rnn(T, B, N, eta=0.2, modulation=None):
             args["modulation"] = _randn(gen, T, B, scale=0.5)
         elif modulation == "neuron":
             args["modulation"] = _randn(gen, T, B, N, scale=0.5)
+        elif modulation == "endogenous":  # backpropamine's modulator neuron
+            args.update(mod_weight=_randn(gen, N, scale=N ** -0.5), mod_bias=_randn(gen, scale=0.3),
+                        mod_fanout=_randn(gen, N, scale=0.5))
         return args
 
     return inputs
@@ -227,9 +230,17 @@ CASES = (
     Case("plastic_rnn", "modulated per sequence, identity, T=10", _PLASTIC_KERNELS,
          _plastic_rnn(10, 2, 4, modulation="sequence"), plastic_rnn_reference, dict(activation="identity"),
          outputs=("out", "hebb")),
-    # N > 128: the GPU backends' step-by-step path instead of the whole-sequence launch.
+    Case("plastic_rnn", "endogenous modulation, clip 0.5, T=8", _PLASTIC_KERNELS,
+         _plastic_rnn(8, 3, 6, modulation="endogenous"), plastic_rnn_reference, dict(clip=0.5),
+         outputs=("out", "hebb"), quick=True),
+    # N > 128: the Triton forward streams the trace instead of keeping it in registers.
     Case("plastic_rnn", "hebb, tanh, N=160, T=12", _PLASTIC_KERNELS,
          _plastic_rnn(12, 2, 160), plastic_rnn_reference, dict(rule="hebb", activation="tanh"),
+         outputs=("out", "hebb"), devices=_GPU),
+    # A float64 trace past shared memory: the CUDA kernels split each sequence over the blocks of a
+    # cooperative launch that meet at grid barriers.
+    Case("plastic_rnn", "oja, clip 0.5, N=300, B=2, T=9", _PLASTIC_KERNELS,
+         _plastic_rnn(9, 2, 300), plastic_rnn_reference, dict(rule="oja", clip=0.5),
          outputs=("out", "hebb"), devices=_GPU),
     Case("batch_norm_rows", "12 rows x 5 channels, 2nd order", ("batch_norm_rows_double_backward",),
          _batch_norm_rows(12, 5), batch_norm_rows_reference, second_order=True, quick=True),

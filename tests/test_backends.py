@@ -46,8 +46,8 @@ def test_the_cuda_launchers_read_the_kernels_constants():
     module = _extensions.load("_C_cuda_emulated") or _extensions.load("_C_cuda")
     if module is None:
         pytest.skip("no CUDA extension built")
-    # One warp per row in blocks of 8 rows, the whole-sequence forward up to 128 neurons, 16-deep K steps.
-    assert (module.PLASTIC_ROWS_PER_BLOCK, module.PLASTIC_SEQUENCE_MAX_N, module.MASKED_K_STEP) == (8, 128, 16)
+    # 16-deep K steps (the plastic kernels plan their own blocks: plastic_plan).
+    assert module.MASKED_K_STEP == 16
 
 
 def test_available_lists_known_backends_in_order():

@@ -31,7 +31,8 @@ def emulator():
     saved = module.emulation_state()
     yield module
     module.configure_emulation(order=saved["order"], seed=saved["seed"], max_grid_yz=saved["max_grid_yz"],
-                               optin_shared_bytes=saved["optin_shared_bytes"])
+                               optin_shared_bytes=saved["optin_shared_bytes"],
+                               multiprocessors=saved["multiprocessors"], dry_run=saved["dry_run"])
 
 
 def _ints(n):
@@ -135,18 +136,85 @@ def test_launch_limits(emulator):
         emulator.emulation_selftest("grid", out, 5)
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_missing_grid_barrier_is_exposed(emulator, order):
+    # A cooperative launch keeps every block resident and runs them by turns between grid
+    # barriers: block k reads block k+1's slot, right only with the barrier between.
+    emulator.configure_emulation(order=order)
+    blocks = 5
+    expected = (torch.arange(blocks, dtype=torch.int32) + 1) % blocks + 1
+    out = _ints(2 * blocks)
+    before = emulator.emulation_state()["grid_barriers"]
+    emulator.emulation_selftest("grid_barrier", out, blocks)
+    torch.testing.assert_close(out[:blocks], expected)
+    assert emulator.emulation_state()["grid_barriers"] == before + 1
+    out = _ints(2 * blocks)
+    emulator.emulation_selftest("grid_barrier_skipped", out, blocks)
+    assert not torch.equal(out[:blocks], expected), "a read of another block's slot before the grid barrier went unnoticed"
+
+
+@pytest.mark.parametrize("name,message", [
+    ("grid_barrier_not_cooperative", "outside a cooperative launch"),
+    ("grid_barrier_after_exit", "can never complete: block .* has exited"),
+    ("grid_barrier_against_block_barrier", "__syncthreads .* can never complete: other threads of its block wait at "
+                                           "the grid barrier"),
+])
+def test_grid_barrier_misuse_fails(emulator, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        emulator.emulation_selftest(name, _ints(8), 4)
+
+
+def test_a_cooperative_grid_the_device_cannot_hold_fails(emulator):
+    # 64-thread blocks: 32 a multiprocessor (its block limit), so 4 multiprocessors hold 128 of them.
+    emulator.configure_emulation(multiprocessors=4)
+    emulator.emulation_selftest("grid_barrier", _ints(256), 128)
+    with pytest.raises(RuntimeError, match="cooperative launch of 129 blocks; the device holds at most 128"):
+        emulator.emulation_selftest("grid_barrier", _ints(258), 129)
+
+
+def test_a_cooperative_grid_after_a_larger_one(emulator):
+    # The blocks a larger grid left resident are not this grid's.
+    emulator.emulation_selftest("grid_barrier", _ints(16), 8)
+    out = _ints(6)
+    emulator.emulation_selftest("grid_barrier", out, 3)
+    assert out[:3].tolist() == [2, 3, 1]
+
+
+def test_a_dry_run_counts_launches_and_runs_no_block(emulator):
+    emulator.configure_emulation(dry_run=True)
+    out = _ints(32 * 8)
+    before = emulator.emulation_state()["launches"]
+    emulator.emulation_selftest("warp_ops", out)
+    emulator.configure_emulation(dry_run=False)
+    assert emulator.emulation_state()["launches"] == before + 1 and (out == -7).all()
+
+
 def test_atomics(emulator):
     f, d = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
     emulator.emulation_selftest("atomic_sums", f, 3, out2=d)
     assert f.item() == 3 * 256 and d.item() == 3 * 256 * 0.5
 
 
-def test_a_failed_kernel_launch_is_an_error_naming_the_kernel(emulator):
-    emulator.configure_emulation(max_grid_yz=1)  # the plastic step kernels put a sequence's row blocks on y
+def test_a_failed_kernel_launch_is_an_error_naming_the_kernel(emulator, monkeypatch):
+    from neuronml_fast.ops.plastic import cuda as launcher
+
+    emulator.configure_emulation(max_grid_yz=2)  # the plastic kernels put a sequence's blocks on grid y
+    monkeypatch.setattr(launcher.CudaKernels, "requested_parts", 3)
     x = torch.randn(3, 2, 16, dtype=torch.float64)
     weight, alpha = torch.randn(16, 16, dtype=torch.float64), torch.randn(16, 16, dtype=torch.float64)
-    with nf.use_backend("cuda"), pytest.raises(RuntimeError, match="plastic_forward_step launch failed"):
+    with nf.use_backend("cuda"), pytest.raises(RuntimeError, match="plastic_forward launch failed.*grid"):
         nf.plastic_rnn(x, 0.1 * weight, 0.1 * alpha, 0.1, clip=1.0)
+
+
+def test_a_plan_the_device_cannot_run_names_it(emulator, monkeypatch):
+    from neuronml_fast.ops.plastic import cuda as launcher
+
+    emulator.configure_emulation(multiprocessors=1)  # 8 blocks of 256 threads at once
+    monkeypatch.setattr(launcher.CudaKernels, "requested_parts", 5)
+    x = torch.randn(3, 2, 16, dtype=torch.float64)
+    weight = torch.randn(16, 16, dtype=torch.float64)
+    with nf.use_backend("cuda"), pytest.raises(RuntimeError, match="5 blocks per sequence cannot run 2 sequences"):
+        nf.plastic_rnn(x, 0.1 * weight, 0.1 * weight, 0.1)
 
 
 # ---- the CUDA kernels' launch geometry on a device with small grid limits ----------------------

@@ -8,7 +8,7 @@ torch.compile: tests/test_oracle.py, over the rows plastic_linear and plastic_rn
 import pytest
 import torch
 import neuronml_fast as nf
-from neuronml_fast.ops.plastic import plastic_rnn_reference
+from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
 
 from neuronml_fast._memory import saved_bytes
 from conftest import interpreted, kernel_backends
@@ -340,3 +340,88 @@ def test_plastic_layers_eta_parameterization_and_state_dict(kind):
     assert frozen.eta.item() == 0.0 and not frozen.eta_logit.requires_grad
     with pytest.raises(ValueError, match="eta: expected 0 <= eta < 1, got 1.0"):
         _plastic_layer(kind, 4, eta=1.0)
+
+
+# ---- every GPU kernel design, at sizes a test runs ----------------------------------------------
+#
+# At the oracle's sizes each GPU backend takes its small-layer design (Triton: the trace in
+# registers; CUDA: in shared memory, one block per sequence). These force the others: the Triton
+# forward that streams the trace, with tiles small enough that every loop over row and column
+# blocks turns; the CUDA kernels with the trace streamed by one block per sequence, and split over
+# three blocks per sequence meeting at grid barriers (a cooperative launch). T = 19 crosses
+# several checkpoints (every 8 steps at eta = 0.5; every 4 when segments are recomputed).
+
+def _triton_streamed(monkeypatch):
+    from neuronml_fast.ops.plastic import triton as launcher
+
+    monkeypatch.setattr(launcher.TritonKernels, "resident_tile", staticmethod(lambda p: None))
+    monkeypatch.setattr(launcher.TritonKernels, "tile", staticmethod(lambda p: (4, 8, 4)))
+
+
+def _cuda_plan(parts, resident):
+    def force(monkeypatch):
+        from neuronml_fast.ops.plastic import cuda as launcher
+
+        monkeypatch.setattr(launcher.CudaKernels, "requested_parts", parts)
+        monkeypatch.setattr(launcher.CudaKernels, "requested_resident", resident)
+    return force
+
+
+GPU_DESIGNS = {"triton": {"streamed": _triton_streamed},
+               "cuda": {"resident": _cuda_plan(1, 1), "streamed": _cuda_plan(1, 0), "cooperative": _cuda_plan(3, 0)}}
+DESIGN_CASES = [pytest.param(backend, device, design, id=f"{backend}-{device}-{design}")
+                for backend, device in (p.values for p in BACKENDS) for design in GPU_DESIGNS.get(backend, {})]
+RNN_DESIGN_VARIANTS = {  # identity: small weights, or the activity overflows over 19 steps
+    "hebb": dict(), "oja": dict(rule="oja"), "clip": dict(clip=0.1), "identity": dict(activation="identity", scale=0.3),
+    "modulated-sequence": dict(modulation="sequence"), "modulated-neuron-clip": dict(modulation="neuron", clip=0.1),
+    "endogenous": dict(modulation="endogenous"),
+    "endogenous-clip-identity": dict(modulation="endogenous", clip=0.1, mod_activation="identity"),
+    "alpha0d-no-state": dict(alpha_scalar=True, y0=False, hebb=False),
+}
+
+
+def _compare_with_reference(fn, reference, args, options, hebb_grad=True):
+    leaves = {k: v for k, v in args.items() if torch.is_tensor(v) and v.requires_grad}
+    got = fn(**args, **options)
+    want = reference(**args, **options)
+    assert all(t.isfinite().all() for t in want)
+    gen = torch.Generator().manual_seed(5)
+    upstream = [torch.randn(t.shape, generator=gen, dtype=F64) for t in want]
+    if not hebb_grad:
+        upstream[1] = None
+    grads = [torch.autograd.grad([t for t, u in zip(outs, upstream) if u is not None], list(leaves.values()),
+                                 [u for u in upstream if u is not None], allow_unused=True, materialize_grads=True)
+             for outs in (got, want)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8)
+    for name, g, w in zip(leaves, *grads):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("backend,device,design", DESIGN_CASES)
+@pytest.mark.parametrize("variant", sorted(RNN_DESIGN_VARIANTS))
+def test_plastic_rnn_every_gpu_design_matches_the_reference(backend, device, design, variant, monkeypatch):
+    GPU_DESIGNS[backend][design](monkeypatch)
+    sample = plastic_rnn_sample(F64, device, T=19, B=2, N=13, **RNN_DESIGN_VARIANTS[variant])
+    args = _args(sample)
+    if sample.options["activation"] == "tanh":  # identity: unbounded activity, eta 0.5 would overflow
+        with torch.no_grad():
+            args["eta"].fill_(0.5)
+    options = dict(sample.options)
+    with nf.use_backend(backend):
+        _compare_with_reference(nf.plastic_rnn, plastic_rnn_reference, args, options,
+                                hebb_grad=variant != "alpha0d-no-state")
+
+
+@pytest.mark.parametrize("backend,device,design", DESIGN_CASES)
+@pytest.mark.parametrize("rule,activation", [("hebb", "tanh"), ("oja", "identity")])
+def test_plastic_linear_every_gpu_design_matches_the_reference(backend, device, design, rule, activation,
+                                                               monkeypatch):
+    GPU_DESIGNS[backend][design](monkeypatch)
+    sample = plastic_linear_sample(F64, device, T=19, B=2, d_in=11, d_out=13, rule=rule, activation=activation)
+    args = _args(sample)
+    if activation == "tanh":  # reconstructed traces: a checkpoint every 8 steps (identity: every 4, recomputed)
+        with torch.no_grad():
+            args["eta"].fill_(0.5)
+    with nf.use_backend(backend):
+        _compare_with_reference(nf.plastic_linear, plastic_linear_reference, args, dict(sample.options))

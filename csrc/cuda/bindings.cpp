@@ -231,126 +231,205 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
                "masked_conv_weight_grad");
 }
 
-// ---- Hebbian plasticity: step kernels (time loops in neuronml_fast/ops/plastic/gpu.py) ------
+// ---- Hebbian plasticity: the whole time loop in three kernels (launchers: neuronml_fast/ops/plastic/gpu.py) ----
 
 using neuronml_fast::PlasticRule;
-using neuronml_fast::cuda::PlasticStep;
-using Named = std::pair<const at::Tensor*, const char*>;
+using neuronml_fast::cuda::PlasticPlan;
+using neuronml_fast::cuda::PlasticShape;
+using OptionalTensor = c10::optional<at::Tensor>;
 
-const void* optional_ptr(const c10::optional<at::Tensor>& t, const at::Tensor& ref, const char* name) {
-  if (!t) return nullptr;
-  check_contiguous_like(*t, ref, name);
-  return t->data_ptr();
+// The data of a contiguous tensor like `ref` (dtype, device) of `numel` elements.
+void* plastic_tensor(const at::Tensor& t, const at::Tensor& ref, const char* name, int64_t numel) {
+  check_contiguous_like(t, ref, name);
+  TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " elements, got shape ", t.sizes());
+  return t.data_ptr();
 }
 
-PlasticStep plastic_step(const at::Tensor& weight, const at::Tensor& trace, int64_t t, bool recurrent, int64_t rule,
-                         bool per_neuron, bool tanh, bool alpha_scalar, bool has_clip, bool has_bias, bool has_drive) {
-  TORCH_CHECK(on_kernel_device(weight) && weight.dim() == 2, "weight: expected a 2-d ", kKernelDevice, " tensor, got ",
-              weight.sizes(), " on ", weight.device());
+void* plastic_optional(const OptionalTensor& t, const at::Tensor& ref, const char* name, int64_t numel) {
+  return t ? plastic_tensor(*t, ref, name, numel) : nullptr;
+}
+
+PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double clip,
+                           int64_t every, bool recurrent, int64_t rule, bool per_neuron, bool endogenous,
+                           bool mod_tanh, bool tanh, bool has_clip, bool recompute) {
+  check_on_kernel_device(weight, "weight");
+  TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-d [out, in] tensor, got shape ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
               "weight: expected float32 or float64, got ", weight.scalar_type());
+  check_contiguous_like(weight, weight, "weight");
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(!recurrent || out == in, "weight: a recurrent layer needs a square weight, got shape ", weight.sizes());
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == (recurrent ? out : in), "input: expected [T, B, ", recurrent ? out : in,
+              "], got shape ", x.sizes());
+  check_contiguous_like(x, weight, "input");
+  TORCH_CHECK(alpha.dim() == 0 || (alpha.dim() == 2 && alpha.size(0) == out && alpha.size(1) == in),
+              "alpha: expected a 0-d tensor or shape [", out, ", ", in, "], got ", alpha.sizes());
+  check_contiguous_like(alpha, weight, "alpha");
   TORCH_CHECK(rule >= 0 && rule <= 2, "rule: expected 0, 1 or 2, got ", rule);
-  TORCH_CHECK(trace.dim() == 3 && trace.size(1) == weight.size(0) && trace.size(2) == weight.size(1),
-              "trace: expected [B, ", weight.size(0), ", ", weight.size(1), "], got ", trace.sizes());
-  check_contiguous_like(trace, weight, "trace");
-  return PlasticStep{trace.size(0), weight.size(0), weight.size(1), t, recurrent, per_neuron, tanh, alpha_scalar,
-                     has_clip, has_bias, has_drive, static_cast<PlasticRule>(rule)};
-}
-
-void plastic_forward_step(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
-                          const at::Tensor& eta, const at::Tensor& clip, const c10::optional<at::Tensor>& bias,
-                          const c10::optional<at::Tensor>& drive, const at::Tensor& pre,
-                          const c10::optional<at::Tensor>& modulation, at::Tensor& trace, at::Tensor& output,
-                          int64_t t, bool recurrent, int64_t rule, bool per_neuron, bool tanh, bool has_clip,
-                          bool update_only) {
-  const PlasticStep s = plastic_step(weight, trace, t, recurrent, rule, per_neuron, tanh, alpha.numel() == 1 &&
-                                     alpha.dim() == 0, has_clip, bias.has_value(), drive.has_value());
-  for (const auto& [tensor, name] : std::initializer_list<Named>{Named{&x, "input"}, Named{&alpha, "alpha"}, Named{&eta, "eta"},
-                                     Named{&clip, "clip"}, Named{&pre, "pre"}, Named{&output, "output"}}) {
-    check_contiguous_like(*tensor, weight, name);
-  }
-  TORCH_CHECK(t >= 0 && t < x.size(0) && output.size(0) == x.size(0), "t: step ", t, " out of range");
-  TORCH_CHECK(pre.numel() == s.B * s.IN && output.numel() == x.size(0) * s.B * s.OUT, "pre, output: wrong sizes");
-  const KernelDeviceGuard guard(weight.device());
-  check_launch(neuronml_fast::cuda::plastic_forward_step(
-                   weight.scalar_type() == at::kDouble, s, x.data_ptr(), weight.data_ptr(), alpha.data_ptr(),
-                   eta.data_ptr(), clip.data_ptr(), optional_ptr(bias, weight, "bias"),
-                   optional_ptr(drive, weight, "drive"), pre.data_ptr(), optional_ptr(modulation, weight, "modulation"),
-                   trace.data_ptr(), output.data_ptr(), update_only, current_stream()),
-               "plastic_forward_step");
-}
-
-// Returns whether the whole-sequence kernel ran (false: the layer is too large for it, or has a
-// clip; the caller runs the step kernels).
-bool plastic_forward_sequence(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
-                              const at::Tensor& eta, const c10::optional<at::Tensor>& bias,
-                              const c10::optional<at::Tensor>& drive, const c10::optional<at::Tensor>& y0,
-                              const c10::optional<at::Tensor>& modulation, at::Tensor& hebb, at::Tensor& output,
-                              at::Tensor& checkpoints, int64_t every, bool recurrent, int64_t rule, bool per_neuron,
-                              bool tanh, bool has_clip) {
-  const PlasticStep s = plastic_step(weight, hebb, 0, recurrent, rule, per_neuron, tanh, alpha.dim() == 0, has_clip,
-                                     bias.has_value(), drive.has_value());
-  for (const auto& [tensor, name] : std::initializer_list<Named>{Named{&x, "input"}, Named{&alpha, "alpha"},
-                                     Named{&eta, "eta"}, Named{&output, "output"}, Named{&checkpoints, "checkpoints"}}) {
-    check_contiguous_like(*tensor, weight, name);
-  }
   TORCH_CHECK(every >= 1, "every: expected >= 1, got ", every);
-  const int64_t steps = x.size(0);
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == s.B && x.size(2) == (recurrent ? s.OUT : s.IN), "input: expected [T, ",
-              s.B, ", ", recurrent ? s.OUT : s.IN, "], got ", x.sizes());
-  TORCH_CHECK(output.numel() == steps * s.B * s.OUT, "output: expected ", steps * s.B * s.OUT, " elements, got ",
-              output.numel());
-  TORCH_CHECK(checkpoints.numel() >= ((steps + every - 1) / every) * s.B * s.OUT * s.IN,
-              "checkpoints: too small for ", steps, " steps every ", every);
-  TORCH_CHECK(!recurrent || s.OUT == s.IN, "weight: a recurrent layer needs OUT == IN, got ", weight.sizes());
-  const KernelDeviceGuard guard(weight.device());
-  bool launched = false;
-  check_launch(neuronml_fast::cuda::plastic_forward_sequence(
-                   weight.scalar_type() == at::kDouble, s, steps, every, x.data_ptr(), weight.data_ptr(),
-                   alpha.data_ptr(), eta.data_ptr(), optional_ptr(bias, weight, "bias"),
-                   optional_ptr(drive, weight, "drive"), optional_ptr(y0, weight, "y0"),
-                   optional_ptr(modulation, weight, "modulation"), hebb.data_ptr(), output.data_ptr(),
-                   checkpoints.data_ptr(), &launched, current_stream()),
-               "plastic_forward_sequence");
-  return launched;
+  TORCH_CHECK(!has_clip || clip > 0, "clip: expected a positive bound, got ", clip);
+  PlasticShape s{};
+  s.T = x.size(0), s.B = x.size(1), s.OUT = out, s.IN = in, s.every = every, s.clip = clip;
+  s.rule = static_cast<PlasticRule>(rule);
+  s.recurrent = recurrent, s.per_neuron = per_neuron, s.endogenous = endogenous, s.mod_tanh = mod_tanh;
+  s.tanh = tanh, s.alpha_scalar = alpha.dim() == 0, s.has_clip = has_clip, s.recompute = recompute;
+  return s;
 }
 
-void plastic_backward_step(const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& eta,
-                           const at::Tensor& clip, const at::Tensor& pre, const at::Tensor& output,
-                           const at::Tensor& grad_output, const at::Tensor& carry,
-                           const c10::optional<at::Tensor>& modulation, at::Tensor& h, at::Tensor& grad_trace,
-                           at::Tensor& grad_z, at::Tensor& gpre_part, at::Tensor& galpha_part, at::Tensor& geta_part,
-                           at::Tensor& gmod_rows, int64_t t, bool recurrent, int64_t rule, bool per_neuron, bool tanh,
-                           bool has_clip, bool reconstruct) {
-  const PlasticStep s = plastic_step(weight, h, t, recurrent, rule, per_neuron, tanh, alpha.dim() == 0, has_clip,
-                                     false, false);
-  for (const auto& [tensor, name] : std::initializer_list<Named>{
-       Named{&alpha, "alpha"}, Named{&eta, "eta"}, Named{&clip, "clip"}, Named{&pre, "pre"},
-        Named{&output, "output"}, Named{&grad_output, "grad_output"}, Named{&carry, "carry"},
-        Named{&grad_trace, "grad_trace"}, Named{&grad_z, "grad_z"}, Named{&gpre_part, "gpre_part"},
-        Named{&galpha_part, "galpha_part"}, Named{&geta_part, "geta_part"}, Named{&gmod_rows, "gmod_rows"}}) {
-    check_contiguous_like(*tensor, weight, name);
-  }
-  const int64_t blocks = (s.OUT + neuronml_fast::cuda::kPlasticRowsPerBlock - 1) / neuronml_fast::cuda::kPlasticRowsPerBlock;
-  TORCH_CHECK(gpre_part.numel() == blocks * s.B * s.IN && geta_part.numel() == s.B * blocks &&
-                  grad_trace.sizes() == h.sizes() && carry.numel() == s.B * s.OUT &&
-                  galpha_part.numel() == (s.alpha_scalar ? s.B * blocks : s.B * s.OUT * s.IN),
-              "partial-sum buffers: sizes do not match the step contract");
-  TORCH_CHECK(t >= 0 && t < output.size(0), "t: step ", t, " out of range");
+bool is_double(const at::Tensor& weight) { return weight.scalar_type() == at::kDouble; }
+
+// (blocks per sequence, whether the forward keeps the trace in shared memory) for B sequences of
+// this layer on the current device; requested_parts 0 and requested_resident -1 let the kernels choose.
+std::tuple<int64_t, bool> plastic_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                                       bool recurrent, int64_t requested_parts, int64_t requested_resident) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, 0.0, 1, recurrent, 0, false, false, false, true, false, false);
+  TORCH_CHECK(requested_parts >= 0, "parts: expected >= 0 (0: chosen), got ", requested_parts);
+  TORCH_CHECK(requested_resident >= -1 && requested_resident <= 1, "resident: expected -1 (chosen), 0 or 1, got ",
+              requested_resident);
   const KernelDeviceGuard guard(weight.device());
-  check_launch(neuronml_fast::cuda::plastic_backward_step(
-                   weight.scalar_type() == at::kDouble, s, weight.data_ptr(), alpha.data_ptr(), eta.data_ptr(),
-                   clip.data_ptr(), pre.data_ptr(), output.data_ptr(), grad_output.data_ptr(), carry.data_ptr(),
-                   optional_ptr(modulation, weight, "modulation"), h.data_ptr(), grad_trace.data_ptr(),
-                   grad_z.data_ptr(), gpre_part.data_ptr(), galpha_part.data_ptr(), geta_part.data_ptr(),
-                   gmod_rows.data_ptr(), reconstruct, current_stream()),
-               "plastic_backward_step");
+  PlasticPlan plan{};
+  const cudaError_t err = neuronml_fast::cuda::plastic_plan(is_double(weight), s, requested_parts,
+                                                            static_cast<int>(requested_resident), &plan);
+  TORCH_CHECK(err != cudaErrorInvalidValue, "plastic_plan: ", requested_parts, " blocks per sequence",
+              requested_resident == 1 ? " with a resident trace" : "", " cannot run ", s.B, " sequences of a ", s.OUT,
+              " x ", s.IN, " layer on this device");
+  check_launch(err, "plastic_plan");
+  return {plan.parts, plan.resident};
+}
+
+void plastic_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& eta,
+                     const OptionalTensor& bias, const OptionalTensor& drive, const OptionalTensor& y0,
+                     const OptionalTensor& modulation, const OptionalTensor& hebb, const OptionalTensor& mod_weight,
+                     const OptionalTensor& mod_bias, const OptionalTensor& mod_fanout, at::Tensor& trace,
+                     at::Tensor& output, at::Tensor& checkpoints, const OptionalTensor& activity, double clip,
+                     int64_t every, bool recurrent, int64_t rule, bool per_neuron, bool mod_tanh, bool tanh,
+                     bool has_clip, int64_t parts, bool resident) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, clip, every, recurrent, rule, per_neuron,
+                                       mod_weight.has_value(), mod_tanh, tanh, has_clip, false);
+  const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
+  TORCH_CHECK(!s.endogenous || (activity && mod_bias && mod_fanout),
+              "mod_weight: the modulator needs mod_bias, mod_fanout and activity");
+  TORCH_CHECK(parts >= 1, "parts: expected >= 1, got ", parts);
+  neuronml_fast::cuda::PlasticForwardArgs a{};
+  a.x = x.data_ptr(), a.weight = weight.data_ptr(), a.alpha = alpha.data_ptr();
+  a.eta = plastic_tensor(eta, weight, "eta", 1);
+  a.bias = plastic_optional(bias, weight, "bias", O);
+  a.drive = plastic_optional(drive, weight, "drive", T * B * O);
+  a.y0 = plastic_optional(y0, weight, "y0", B * O);
+  a.modulation = plastic_optional(modulation, weight, "modulation", per_neuron ? T * B * O : T * B);
+  a.hebb = plastic_optional(hebb, weight, "hebb", B * matrix);
+  a.mod_weight = plastic_optional(mod_weight, weight, "mod_weight", O);
+  a.mod_bias = plastic_optional(mod_bias, weight, "mod_bias", 1);
+  a.mod_fanout = plastic_optional(mod_fanout, weight, "mod_fanout", O);
+  a.trace = plastic_tensor(trace, weight, "trace", B * matrix);
+  a.output = plastic_tensor(output, weight, "output", T * B * O);
+  a.checkpoints = plastic_tensor(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
+  a.activity = plastic_optional(activity, weight, "activity", T * B);
+  TORCH_CHECK(rule != static_cast<int64_t>(PlasticRule::kModulated) || a.modulation || a.mod_weight,
+              "modulation: the modulated rule needs a modulation or a modulator");
+  const KernelDeviceGuard guard(weight.device());
+  check_launch(neuronml_fast::cuda::plastic_forward(is_double(weight), s, a, PlasticPlan{parts, resident},
+                                                    current_stream()),
+               "plastic_forward");
+}
+
+void plastic_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& eta,
+                      const OptionalTensor& y0, const at::Tensor& output, const OptionalTensor& grad_output,
+                      const OptionalTensor& modulation, const OptionalTensor& activity,
+                      const OptionalTensor& mod_weight, const OptionalTensor& mod_fanout,
+                      const at::Tensor& checkpoints, const at::Tensor& hebb_final,
+                      const OptionalTensor& grad_hebb_in, const OptionalTensor& trace, const OptionalTensor& segment,
+                      at::Tensor& grad_hebb, at::Tensor& grad_z, at::Tensor& grad_pre, const OptionalTensor& grad_mod,
+                      const OptionalTensor& mod_rows, at::Tensor& alpha_part, at::Tensor& eta_part,
+                      const OptionalTensor& mod_weight_part, const OptionalTensor& mod_bias_part,
+                      const OptionalTensor& mod_fanout_part, double clip, int64_t every, bool recurrent, int64_t rule,
+                      bool per_neuron, bool mod_tanh, bool tanh, bool has_clip, bool recompute, int64_t parts) {
+  const PlasticShape s = plastic_shape(x, weight, alpha, clip, every, recurrent, rule, per_neuron,
+                                       mod_weight.has_value(), mod_tanh, tanh, has_clip, recompute);
+  const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
+  const bool modulated = rule == static_cast<int64_t>(PlasticRule::kModulated);
+  TORCH_CHECK(parts >= 1, "parts: expected >= 1, got ", parts);
+  TORCH_CHECK(recompute ? segment.has_value() : trace.has_value(),
+              recompute ? "segment: expected a buffer when segments are recomputed"
+                        : "trace: expected a buffer when traces are reconstructed");
+  TORCH_CHECK(!s.endogenous || (activity && mod_fanout && mod_weight_part && mod_bias_part && mod_fanout_part),
+              "mod_weight: the modulator's backward needs activity, mod_fanout and its partial-sum buffers");
+  TORCH_CHECK(!modulated || mod_rows, "mod_rows: expected a buffer for the modulated rule");
+  TORCH_CHECK(!modulated || s.endogenous || (modulation && grad_mod),
+              "modulation: the given modulation and its gradient buffer are needed");
+  neuronml_fast::cuda::PlasticBackwardArgs a{};
+  a.x = x.data_ptr(), a.weight = weight.data_ptr(), a.alpha = alpha.data_ptr();
+  a.eta = plastic_tensor(eta, weight, "eta", 1);
+  a.y0 = plastic_optional(y0, weight, "y0", B * O);
+  a.output = plastic_tensor(output, weight, "output", T * B * O);
+  a.grad_output = plastic_optional(grad_output, weight, "grad_output", T * B * O);
+  a.modulation = plastic_optional(modulation, weight, "modulation", per_neuron ? T * B * O : T * B);
+  a.activity = plastic_optional(activity, weight, "activity", T * B);
+  a.mod_weight = plastic_optional(mod_weight, weight, "mod_weight", O);
+  a.mod_fanout = plastic_optional(mod_fanout, weight, "mod_fanout", O);
+  a.checkpoints = plastic_tensor(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
+  a.hebb_final = plastic_tensor(hebb_final, weight, "hebb_final", B * matrix);
+  a.grad_hebb_in = plastic_optional(grad_hebb_in, weight, "grad_hebb", B * matrix);
+  a.trace = plastic_optional(trace, weight, "trace", B * matrix);
+  a.segment = plastic_optional(segment, weight, "segment", (every < T ? every : T) * B * matrix);
+  a.grad_hebb = plastic_tensor(grad_hebb, weight, "grad_hebb (out)", B * matrix);
+  a.grad_z = plastic_tensor(grad_z, weight, "grad_z", T * B * O);
+  a.grad_pre = plastic_tensor(grad_pre, weight, "grad_pre", recurrent ? B * O : T * B * I);
+  a.grad_mod = plastic_optional(grad_mod, weight, "grad_mod", per_neuron ? T * B * O : T * B);
+  a.mod_rows = plastic_optional(mod_rows, weight, "mod_rows", B * O);
+  a.alpha_part = plastic_tensor(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
+  a.eta_part = plastic_tensor(eta_part, weight, "eta_part", B * parts);
+  a.mod_weight_part = plastic_optional(mod_weight_part, weight, "mod_weight_part", B * O);
+  a.mod_bias_part = plastic_optional(mod_bias_part, weight, "mod_bias_part", B);
+  a.mod_fanout_part = plastic_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
+  const KernelDeviceGuard guard(weight.device());
+  check_launch(neuronml_fast::cuda::plastic_backward(is_double(weight), s, a, PlasticPlan{parts, false},
+                                                     current_stream()),
+               "plastic_backward");
+}
+
+void plastic_reduce(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
+                    const OptionalTensor& y0, const at::Tensor& output, const at::Tensor& grad_z,
+                    const at::Tensor& alpha_part, const at::Tensor& eta_part, const OptionalTensor& mod_weight_part,
+                    const OptionalTensor& mod_bias_part, const OptionalTensor& mod_fanout_part,
+                    at::Tensor& grad_weight, const OptionalTensor& grad_bias, at::Tensor& grad_alpha,
+                    at::Tensor& grad_eta, const OptionalTensor& grad_mod_weight, const OptionalTensor& grad_mod_bias,
+                    const OptionalTensor& grad_mod_fanout, bool recurrent, int64_t parts) {
+  const bool endogenous = mod_weight_part.has_value();
+  const PlasticShape s = plastic_shape(x, weight, alpha, 0.0, 1, recurrent, 0, false, endogenous, false, true, false,
+                                       false);
+  const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
+  TORCH_CHECK(parts >= 1, "parts: expected >= 1, got ", parts);
+  TORCH_CHECK(recurrent || grad_bias, "grad_bias: expected a buffer for a linear layer");
+  TORCH_CHECK(!endogenous || (mod_bias_part && mod_fanout_part && grad_mod_weight && grad_mod_bias && grad_mod_fanout),
+              "mod_weight_part: the modulator's reduction needs every one of its buffers");
+  neuronml_fast::cuda::PlasticReduceArgs a{};
+  a.x = x.data_ptr();
+  a.y0 = plastic_optional(y0, weight, "y0", B * O);
+  a.output = plastic_tensor(output, weight, "output", T * B * O);
+  a.grad_z = plastic_tensor(grad_z, weight, "grad_z", T * B * O);
+  a.alpha_part = plastic_tensor(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
+  a.eta_part = plastic_tensor(eta_part, weight, "eta_part", B * parts);
+  a.mod_weight_part = plastic_optional(mod_weight_part, weight, "mod_weight_part", B * O);
+  a.mod_bias_part = plastic_optional(mod_bias_part, weight, "mod_bias_part", B);
+  a.mod_fanout_part = plastic_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
+  a.grad_weight = plastic_tensor(grad_weight, weight, "grad_weight", matrix);
+  a.grad_bias = recurrent ? nullptr : plastic_optional(grad_bias, weight, "grad_bias", O);
+  a.grad_alpha = plastic_tensor(grad_alpha, weight, "grad_alpha", s.alpha_scalar ? 1 : matrix);
+  a.grad_eta = plastic_tensor(grad_eta, weight, "grad_eta", 1);
+  a.grad_mod_weight = plastic_optional(grad_mod_weight, weight, "grad_mod_weight", O);
+  a.grad_mod_bias = plastic_optional(grad_mod_bias, weight, "grad_mod_bias", 1);
+  a.grad_mod_fanout = plastic_optional(grad_mod_fanout, weight, "grad_mod_fanout", O);
+  const KernelDeviceGuard guard(weight.device());
+  check_launch(neuronml_fast::cuda::plastic_reduce(is_double(weight), s, a, parts, current_stream()),
+               "plastic_reduce");
 }
 
 #ifdef NEURONML_FAST_CUDA_EMULATION
 // The emulated device and schedule (csrc/emu/cuda_emu.h); unset values keep their setting.
 void configure_emulation(const c10::optional<std::string>& order, const c10::optional<int64_t>& seed,
-                         const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes) {
+                         const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes,
+                         const c10::optional<int64_t>& multiprocessors, const c10::optional<bool>& dry_run) {
   nf_emu::Config& c = nf_emu::config();
   if (order) {
     TORCH_CHECK(*order == "forward" || *order == "reverse" || *order == "random",
@@ -369,6 +448,12 @@ void configure_emulation(const c10::optional<std::string>& order, const c10::opt
                 "optin_shared_bytes: expected ", c.default_shared_bytes, "..", 1 << 20, ", got ", *optin_shared_bytes);
     c.optin_shared_bytes = *optin_shared_bytes;
   }
+  if (multiprocessors) {
+    TORCH_CHECK(*multiprocessors >= 1 && *multiprocessors <= 1024, "multiprocessors: expected 1..1024, got ",
+                *multiprocessors);
+    c.multiprocessors = *multiprocessors;
+  }
+  if (dry_run) c.dry_run = *dry_run;
 }
 
 // One of the emulation's own checks (csrc/emu/selftest.cu), writing into `out` (and `out2`).
@@ -407,6 +492,16 @@ void emulation_selftest(const std::string& name, at::Tensor& out, int64_t arg, b
   } else if (name == "too_many_threads") {
     need(at::kInt, 1);
     err = st::too_many_threads(out.data_ptr<int>());
+  } else if (name.rfind("grid_barrier", 0) == 0) {
+    need(at::kInt, 2 * arg);
+    const st::GridMode mode = name == "grid_barrier"                  ? st::GridMode::kBarrier
+                              : name == "grid_barrier_skipped"        ? st::GridMode::kNone
+                              : name == "grid_barrier_not_cooperative" ? st::GridMode::kNotCooperative
+                              : name == "grid_barrier_after_exit"     ? st::GridMode::kExit
+                                                                      : st::GridMode::kSplit;
+    TORCH_CHECK(mode != st::GridMode::kSplit || name == "grid_barrier_against_block_barrier",
+                "name: unknown emulation self-test '", name, "'");
+    err = st::grid_barrier(mode, static_cast<int>(arg), out.data_ptr<int>());
   } else if (name == "atomic_sums") {
     need(at::kFloat, 1);
     TORCH_CHECK(out2 && out2->scalar_type() == at::kDouble && out2->numel() >= 1, "out2: expected a float64 tensor");
@@ -425,7 +520,10 @@ py::dict emulation_state() {
   d["seed"] = c.seed;
   d["max_grid_yz"] = c.max_grid_yz;
   d["optin_shared_bytes"] = c.optin_shared_bytes;
+  d["multiprocessors"] = c.multiprocessors;
+  d["dry_run"] = c.dry_run;
   d["launches"] = s.launches.load();
+  d["grid_barriers"] = s.grid_barriers.load();
   d["failed_launches"] = s.failed_launches.load();
   d["blocks"] = s.blocks.load();
   d["threads"] = s.threads.load();
@@ -441,7 +539,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuronml_fast CUDA C++ kernels, emulated on the CPU";
   m.def("configure_emulation", &configure_emulation, "set the emulated schedule and device limits",
         py::arg("order") = py::none(), py::arg("seed") = py::none(), py::arg("max_grid_yz") = py::none(),
-        py::arg("optin_shared_bytes") = py::none());
+        py::arg("optin_shared_bytes") = py::none(), py::arg("multiprocessors") = py::none(),
+        py::arg("dry_run") = py::none());
   m.def("emulation_state", &emulation_state, "the emulated schedule, limits and counters");
   m.def("emulation_selftest", &emulation_selftest, "one of the emulation's own checks", py::arg("name"),
         py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none());
@@ -452,16 +551,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("grad_weight"), py::arg("bias"), py::arg("grad_bias"), py::arg("sensitivity"),
         py::arg("taylor"));
   // Constants the Python launchers need (neuronml_fast/ops/*/cuda.py read them from here).
-  m.attr("PLASTIC_ROWS_PER_BLOCK") = neuronml_fast::cuda::kPlasticRowsPerBlock;
-  m.attr("PLASTIC_SEQUENCE_MAX_N") = neuronml_fast::cuda::kPlasticSequenceMaxN;
   m.attr("MASKED_K_STEP") = neuronml_fast::cuda::kMaskedBK;
   m.attr("PLASTIC_RULE_CODES") = py::dict(py::arg("hebb") = static_cast<int>(PlasticRule::kHebb),
                                           py::arg("oja") = static_cast<int>(PlasticRule::kOja),
                                           py::arg("modulated") = static_cast<int>(PlasticRule::kModulated));
-  m.def("plastic_forward_sequence", &plastic_forward_sequence,
-        "whole-sequence plastic forward for small layers, trace in shared memory (SPEC 4)");
-  m.def("plastic_forward_step", &plastic_forward_step, "one plastic forward step (SPEC 4)");
-  m.def("plastic_backward_step", &plastic_backward_step, "one plastic reverse step (SPEC 4)");
+  m.def("plastic_plan", &plastic_plan, "blocks per sequence and resident trace of the plastic kernels (SPEC 4)");
+  m.def("plastic_forward", &plastic_forward, "the plastic forward, the whole time loop in one launch (SPEC 4)");
+  m.def("plastic_backward", &plastic_backward, "the plastic reverse walk, one launch (SPEC 4)");
+  m.def("plastic_reduce", &plastic_reduce, "the plastic backward's reductions, one launch (SPEC 4)");
   m.def("masked_conv_forward_out", &masked_conv_forward_out, "masked conv forward (SPEC 2)");
   m.def("masked_conv_input_grad_out", &masked_conv_input_grad_out, "masked conv grad_input (SPEC 2)");
   m.def("masked_conv_weight_grad_out", &masked_conv_weight_grad_out,

@@ -1,3 +1,5 @@
+#include <cooperative_groups.h>
+
 #include "cuda/common.cuh"
 #include "cuda/plastic.h"
 
@@ -5,329 +7,557 @@ namespace neuronml_fast::cuda {
 
 namespace {
 
-constexpr int kThreads = kPlasticRowsPerBlock * 32;
+constexpr int kWarps = kPlasticThreads / 32;
+constexpr int kTile = kPlasticReduceTile;
 
-template <typename T> __device__ __forceinline__ T activation(T z, bool tanh_act) {
-  return tanh_act ? tanh(z) : z;
-}
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-template <typename T>
-__device__ __forceinline__ T modulation_of(const PlasticStep& s, const T* mod, int64_t b, int64_t j) {
-  return s.per_neuron ? mod[(s.t * s.B + b) * s.OUT + j] : mod[s.t * s.B + b];
-}
+template <typename T> __device__ __forceinline__ T activation(T z, bool tanh_act) { return tanh_act ? tanh(z) : z; }
 
 template <typename T>
-__device__ __forceinline__ T update(const PlasticStep& s, T h, T p, T y, T eta, T m, T clip, bool clamp) {
-  T next = s.rule == PlasticRule::kHebb ? (T(1) - eta) * h + eta * y * p
-         : s.rule == PlasticRule::kOja ? h + eta * y * (p - y * h)
-                       : h + m * y * p;
+__device__ __forceinline__ T update(const PlasticShape& s, T h, T p, T y, T eta, T m, T clip, bool clamp) {
+  T next = s.rule == PlasticRule::kHebb  ? (T(1) - eta) * h + eta * y * p
+           : s.rule == PlasticRule::kOja ? h + eta * y * (p - y * h)
+                                         : h + m * y * p;
   if (clamp) next = next < -clip ? -clip : (next > clip ? clip : next);
   return next;
 }
 
-// Forward step: warp per row j of sequence b.
+// H_t from H_{t+1} = rule(H_t) (unclipped: clipped traces are recomputed, not reconstructed).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-forward_step_kernel(PlasticStep s, const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ alpha,
-                    const T* __restrict__ eta_ptr, const T* __restrict__ clip_ptr, const T* __restrict__ bias,
-                    const T* __restrict__ drive, const T* __restrict__ pre, const T* __restrict__ mod,
-                    T* __restrict__ trace, T* __restrict__ output, bool update_only) {
-  const int lane = threadIdx.x & 31;
-  const int64_t b = blockIdx.x, j = static_cast<int64_t>(blockIdx.y) * kPlasticRowsPerBlock + (threadIdx.x >> 5);
-  if (j >= s.OUT) return;
-  const T eta = *eta_ptr, clip = *clip_ptr;
-  const T* p = pre + b * s.IN;
-  T* h = trace + (b * s.OUT + j) * s.IN;
-  const int64_t row = (s.t * s.B + b) * s.OUT + j;
-  T y;
-  if (update_only) {
-    y = output[row];
-  } else {
-    T z = T(0);
-    for (int64_t i = lane; i < s.IN; i += 32) {
-      const T a = s.alpha_scalar ? alpha[0] : alpha[j * s.IN + i];
-      z += (weight[j * s.IN + i] + a * h[i]) * p[i];
-    }
-    z = warp_all_sum(z);
-    if (s.recurrent) {
-      z += x[row];
-    } else {
-      if (s.has_bias) z += bias[j];
-      if (s.has_drive) z += drive[row];
-    }
-    y = activation(z, s.tanh);
-    if (lane == 0) output[row] = y;
-  }
-  const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, mod, b, j) : T(0);
-  for (int64_t i = lane; i < s.IN; i += 32) h[i] = update(s, h[i], p[i], y, eta, m, clip, s.has_clip);
+__device__ __forceinline__ T unupdate(const PlasticShape& s, T h, T p, T y, T eta, T m) {
+  return s.rule == PlasticRule::kHebb  ? (h - eta * y * p) / (T(1) - eta)
+         : s.rule == PlasticRule::kOja ? (h - eta * y * p) / (T(1) - eta * y * y)
+                                       : h - m * y * p;
 }
 
-// Reverse step for a block of rows of sequence b: rows first (warp per row), then columns.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-backward_step_kernel(PlasticStep s, const T* __restrict__ weight, const T* __restrict__ alpha,
-                     const T* __restrict__ eta_ptr, const T* __restrict__ clip_ptr, const T* __restrict__ pre,
-                     const T* __restrict__ output, const T* __restrict__ grad_output, const T* __restrict__ carry,
-                     const T* __restrict__ mod, T* __restrict__ h_all, T* __restrict__ gh_all, T* __restrict__ grad_z,
-                     T* __restrict__ gpre_part, T* __restrict__ galpha_part, T* __restrict__ geta_part,
-                     T* __restrict__ gmod_rows, bool reconstruct) {
-  __shared__ T gz_s[kPlasticRowsPerBlock], y_s[kPlasticRowsPerBlock], m_s[kPlasticRowsPerBlock];
-  __shared__ T red_eta[kThreads], red_alpha[kThreads];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t b = blockIdx.x, blk = blockIdx.y, blocks = gridDim.y;
-  const int64_t j0 = blk * kPlasticRowsPerBlock;
-  const T eta = *eta_ptr, clip = *clip_ptr;
-  const T* p = pre + b * s.IN;
-
-  // Rows: H_t (reconstructed in place), the clip mask on dL/dH', the rule's share of dL/dy.
-  const int64_t j = j0 + warp;
-  if (j < s.OUT) {
-    const int64_t row = (s.t * s.B + b) * s.OUT + j;
-    const T y = output[row];
-    const T m = s.rule == PlasticRule::kModulated ? modulation_of(s, mod, b, j) : T(0);
-    T* h = h_all + (b * s.OUT + j) * s.IN;
-    T* gh = gh_all + (b * s.OUT + j) * s.IN;
-    T dy = T(0), dm = T(0);
-    for (int64_t i = lane; i < s.IN; i += 32) {
-      T hv = h[i];
-      if (reconstruct) {
-        hv = s.rule == PlasticRule::kHebb ? (hv - eta * y * p[i]) / (T(1) - eta)
-           : s.rule == PlasticRule::kOja ? (hv - eta * y * p[i]) / (T(1) - eta * y * y)
-                         : hv - m * y * p[i];
-        h[i] = hv;
-      }
-      T g = gh[i];
-      if (s.has_clip) {
-        const T next = update(s, hv, p[i], y, eta, m, clip, false);
-        if (next < -clip || next > clip) g = T(0);
-        gh[i] = g;
-      }
-      dy += s.rule == PlasticRule::kHebb  ? g * eta * p[i]
-          : s.rule == PlasticRule::kOja ? g * eta * (p[i] - T(2) * y * hv) : g * m * p[i];
-      if (s.rule == PlasticRule::kModulated) dm += g * y * p[i];
-    }
-    dy = warp_all_sum(dy);
-    dm = warp_all_sum(dm);
-    if (lane == 0) {
-      const T gy = grad_output[row] + dy + (s.recurrent ? carry[b * s.OUT + j] : T(0));
-      const T gz = gy * (s.tanh ? T(1) - y * y : T(1));
-      grad_z[row] = gz;
-      gz_s[warp] = gz;
-      y_s[warp] = y;
-      m_s[warp] = m;
-      if (s.rule == PlasticRule::kModulated) gmod_rows[b * s.OUT + j] = dm;
-    }
-  }
-  __syncthreads();
-  // Columns: dL/dH_t, alpha, eta and this block's share of the presynaptic gradient.
-  const int rows = static_cast<int>(s.OUT - j0 < kPlasticRowsPerBlock ? s.OUT - j0 : kPlasticRowsPerBlock);
-  T eta_sum = T(0), alpha_sum = T(0);
-  for (int64_t i = threadIdx.x; i < s.IN; i += kThreads) {
-    T gp = T(0);
-    for (int r = 0; r < rows; ++r) {
-      const int64_t jr = j0 + r;
-      const int64_t e = (b * s.OUT + jr) * s.IN + i;
-      const T hv = h_all[e], g = gh_all[e], y = y_s[r], gz = gz_s[r];
-      const T a = s.alpha_scalar ? alpha[0] : alpha[jr * s.IN + i];
-      const T hz = gz * p[i];
-      if (s.alpha_scalar) alpha_sum += hz * hv; else galpha_part[e] += hz * hv;
-      T d_h, d_p;
-      if (s.rule == PlasticRule::kHebb) {
-        d_h = T(1) - eta, d_p = eta * y;
-        eta_sum += g * (y * p[i] - hv);
-      } else if (s.rule == PlasticRule::kOja) {
-        d_h = T(1) - eta * y * y, d_p = eta * y;
-        eta_sum += g * y * (p[i] - y * hv);
-      } else {
-        d_h = T(1), d_p = m_s[r] * y;
-      }
-      gp += (weight[jr * s.IN + i] + a * hv) * gz + g * d_p;
-      gh_all[e] = g * d_h + a * hz;
-    }
-    gpre_part[(blk * s.B + b) * s.IN + i] = gp;
-  }
-  red_eta[threadIdx.x] = eta_sum;
-  red_alpha[threadIdx.x] = alpha_sum;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      red_eta[threadIdx.x] += red_eta[threadIdx.x + stride];
-      red_alpha[threadIdx.x] += red_alpha[threadIdx.x + stride];
-    }
+// Every block of the sequence (every block of the grid, when a sequence is several blocks of a
+// cooperative launch) past this point before any goes on.
+__device__ __forceinline__ void sequence_sync() {
+  if (gridDim.y > 1) {
+    cooperative_groups::this_grid().sync();
+  } else {
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    geta_part[b * blocks + blk] += red_eta[0];
-    if (s.alpha_scalar) galpha_part[b * blocks + blk] += red_alpha[0];
-  }
 }
 
-// Whole-sequence forward for small layers (OUT, IN <= kPlasticSequenceMaxN, no clip): one block
-// per sequence keeps its trace in shared memory for all T steps, so the trace never leaves the
-// chip between steps and there is one launch per sequence batch. Warp per row: z_j and the
-// update of row j in the same pass, as in the step kernel; the block synchronizes once per step
-// so every warp sees the new presynaptic vector.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-forward_sequence_kernel(PlasticStep s, int64_t steps, int64_t every, const T* __restrict__ x,
-                        const T* __restrict__ weight, const T* __restrict__ alpha, const T* __restrict__ eta_ptr,
-                        const T* __restrict__ bias, const T* __restrict__ drive, const T* __restrict__ y0,
-                        const T* __restrict__ mod, T* __restrict__ hebb, T* __restrict__ output,
-                        T* __restrict__ checkpoints) {
-  extern __shared__ unsigned char smem_raw[];
-  T* h = reinterpret_cast<T*>(smem_raw);   // [OUT, IN]
-  T* p = h + s.OUT * s.IN;                 // [IN]: this step's presynaptic activity
-  T* y_next = p + s.IN;                    // [OUT]: this step's post (the next step's pre, rnn)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int64_t b = blockIdx.x, size = s.OUT * s.IN;
-  T* trace = hebb + b * size;
-  const T eta = *eta_ptr;
-  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) h[e] = trace[e];
-  for (int64_t i = threadIdx.x; i < s.IN; i += blockDim.x) {
-    p[i] = s.recurrent ? (y0 ? y0[b * s.IN + i] : T(0)) : x[b * s.IN + i];
-  }
+// The sum of v over the block, in every thread, added in one order (deterministic).
+template <typename T> __device__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_all_sum(v);
+  __syncthreads();  // the scratch's previous use is over
+  if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  for (int64_t t = 0; t < steps; ++t) {
-    if (t % every == 0) {
-      T* ckpt = checkpoints + ((t / every) * s.B + b) * size;
-      for (int64_t e = threadIdx.x; e < size; e += blockDim.x) ckpt[e] = h[e];
-      __syncthreads();  // the copy reads rows other warps are about to update
-    }
-    for (int64_t j = warp; j < s.OUT; j += warps) {
-      T* row_h = h + j * s.IN;
+  T total = T(0);
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  return total;
+}
+
+// The rows [first, last) of part `part` of `parts` of a sequence's n rows (or columns).
+struct Span {
+  int64_t first, last;
+  __device__ Span(int64_t n, int64_t part, int64_t parts) {
+    const int64_t size = (n + parts - 1) / parts;
+    first = min64(n, part * size);
+    last = min64(n, first + size);
+  }
+};
+
+// The column pass's threads: `width` consecutive columns (a power of two up to a warp, no wider
+// than the block's columns need) by `groups` groups of rows; each column's sum over its groups'
+// partial sums is added in group order (deterministic).
+struct ColumnLayout {
+  int width, groups, lane, group;
+  __device__ explicit ColumnLayout(int64_t columns) {
+    width = 1;
+    while (width < columns && width < 32) width *= 2;
+    groups = kPlasticThreads / width;
+    lane = static_cast<int>(threadIdx.x) % width;
+    group = static_cast<int>(threadIdx.x) / width;
+  }
+};
+
+template <typename T> struct Layer {
+  PlasticShape s;
+  const T *x, *y0, *out, *mod, *fanout;
+
+  // pre_t of sequence b: x_t, or y_{t-1} (y0, or null for zeros, at t = 0).
+  __device__ const T* pre(int64_t t, int64_t b) const {
+    if (!s.recurrent) return x + (t * s.B + b) * s.IN;
+    if (t > 0) return out + ((t - 1) * s.B + b) * s.IN;
+    return y0 ? y0 + b * s.IN : nullptr;
+  }
+  // M_t[j] of sequence b: given, or the modulator's fanout[j] * activity.
+  __device__ T modulation(int64_t t, int64_t b, int64_t j, T activity) const {
+    if (s.rule != PlasticRule::kModulated) return T(0);
+    if (s.endogenous) return fanout[j] * activity;
+    return s.per_neuron ? mod[(t * s.B + b) * s.OUT + j] : mod[t * s.B + b];
+  }
+};
+
+template <typename T> struct Forward {
+  Layer<T> l;
+  bool resident;
+  const T *weight, *alpha, *eta, *bias, *drive, *hebb, *mod_weight, *mod_bias;
+  T *trace, *checkpoints, *activity, *output;
+};
+
+// Pass t = 0..T over the block's rows, a warp per row: H_t (the initial trace at t = 0, else step
+// t-1's update of H_{t-1}: the update waits for the next pass, where M_{t-1} is known even when
+// the modulator computes it from every row's y_{t-1}), stored (and kept every `every` steps), and
+// z_t from it; pass T only applies the last update.
+template <typename T>
+__global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) {
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ T scratch[kWarps];
+  const PlasticShape& s = k.l.s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.x, part = blockIdx.y, matrix = s.OUT * s.IN;
+  const Span rows(s.OUT, part, gridDim.y);
+  T* h = k.resident ? reinterpret_cast<T*>(smem_raw) : k.trace + b * matrix;
+  const T* hebb = k.hebb ? k.hebb + b * matrix : nullptr;
+  const T eta = *k.eta, clip = static_cast<T>(s.clip);
+  T activity = T(0);  // the modulator's output of the previous step
+  for (int64_t t = 0; t <= s.T; ++t) {
+    const bool stepping = t < s.T, keep = stepping && t % s.every == 0;
+    const T* p = stepping ? k.l.pre(t, b) : nullptr;
+    const T* p_prev = t > 0 ? k.l.pre(t - 1, b) : nullptr;
+    T* checkpoint = k.checkpoints + ((t / s.every) * s.B + b) * matrix;
+    for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
+      T* hr = h + j * s.IN;
+      const T y_prev = t > 0 ? k.output[((t - 1) * s.B + b) * s.OUT + j] : T(0);
+      const T m_prev = t > 0 ? k.l.modulation(t - 1, b, j, activity) : T(0);
       T z = T(0);
       for (int64_t i = lane; i < s.IN; i += 32) {
-        const T a = s.alpha_scalar ? alpha[0] : alpha[j * s.IN + i];
-        z += (weight[j * s.IN + i] + a * row_h[i]) * p[i];
+        T hv;
+        if (t == 0) {
+          hv = hebb ? hebb[j * s.IN + i] : T(0);
+        } else {
+          hv = update(s, hr[i], p_prev ? p_prev[i] : T(0), y_prev, eta, m_prev, clip, s.has_clip);
+        }
+        hr[i] = hv;
+        if (keep) checkpoint[j * s.IN + i] = hv;
+        if (p) {
+          const T a = s.alpha_scalar ? k.alpha[0] : k.alpha[j * s.IN + i];
+          z += (k.weight[j * s.IN + i] + a * hv) * p[i];
+        }
       }
       z = warp_all_sum(z);
-      const int64_t row = (t * s.B + b) * s.OUT + j;
-      if (s.recurrent) {
-        z += x[row];
-      } else {
-        if (s.has_bias) z += bias[j];
-        if (s.has_drive) z += drive[row];
+      if (stepping && lane == 0) {
+        const int64_t row = (t * s.B + b) * s.OUT + j;
+        if (s.recurrent) {
+          z += k.l.x[row];
+        } else {
+          if (k.bias) z += k.bias[j];
+          if (k.drive) z += k.drive[row];
+        }
+        k.output[row] = activation(z, s.tanh);
       }
-      const T y = activation(z, s.tanh);
-      if (lane == 0) {
-        output[row] = y;
-        y_next[j] = y;
-      }
-      PlasticStep at_t = s;
-      at_t.t = t;
-      const T m = s.rule == PlasticRule::kModulated ? modulation_of(at_t, mod, b, j) : T(0);
-      for (int64_t i = lane; i < s.IN; i += 32) row_h[i] = update(s, row_h[i], p[i], y, eta, m, T(0), false);
     }
-    __syncthreads();  // every row has read p and written y_next
-    if (t + 1 < steps) {
-      for (int64_t i = threadIdx.x; i < s.IN; i += blockDim.x) {
-        p[i] = s.recurrent ? y_next[i] : x[((t + 1) * s.B + b) * s.IN + i];
+    sequence_sync();  // y_t: the next pass's post and pre, and the modulator's input, in every block
+    if (s.endogenous && stepping) {
+      T partial = T(0);
+      for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) {
+        partial += k.mod_weight[j] * k.output[(t * s.B + b) * s.OUT + j];
       }
+      const T input = block_sum(partial, scratch) + *k.mod_bias;
+      activity = s.mod_tanh ? tanh(input) : input;
+      if (part == 0 && threadIdx.x == 0) k.activity[t * s.B + b] = activity;
+    }
+  }
+  if (k.resident) {
+    for (int64_t e = threadIdx.x; e < matrix; e += blockDim.x) k.trace[b * matrix + e] = h[e];
+  }
+}
+
+template <typename T> struct Backward {
+  Layer<T> l;
+  const T *weight, *alpha, *eta, *grad_output, *activity, *mod_weight, *checkpoints, *hebb_final, *grad_hebb_in;
+  T *trace, *segment, *grad_hebb, *grad_z, *grad_pre, *grad_mod, *mod_rows, *alpha_part, *eta_part,
+      *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+};
+
+// The segment of step t's checkpoint, recomputed forward up to H_t: segment slot u % every holds
+// H_u. Each block recomputes its own rows (a row's update reads nothing of the others).
+template <typename T>
+__device__ void recompute_segment(const Backward<T>& k, int64_t t, int64_t b, const Span& rows, T eta, T clip) {
+  const PlasticShape& s = k.l.s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t matrix = s.OUT * s.IN, start = (t / s.every) * s.every;
+  for (int64_t u = start; u <= t; ++u) {
+    T* slot = k.segment + ((u % s.every) * s.B + b) * matrix;
+    const T* prev = k.segment + (((u - 1) % s.every) * s.B + b) * matrix;
+    const T* checkpoint = k.checkpoints + ((u / s.every) * s.B + b) * matrix;
+    const T* p = u > start ? k.l.pre(u - 1, b) : nullptr;
+    const T activity = u > start && s.endogenous ? k.activity[(u - 1) * s.B + b] : T(0);
+    for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
+      const T y = u > start ? k.l.out[((u - 1) * s.B + b) * s.OUT + j] : T(0);
+      const T m = u > start ? k.l.modulation(u - 1, b, j, activity) : T(0);
+      for (int64_t i = lane; i < s.IN; i += 32) {  // the same lane wrote prev's element: no barrier
+        const int64_t e = j * s.IN + i;
+        slot[e] = u == start ? checkpoint[e] : update(s, prev[e], p ? p[i] : T(0), y, eta, m, clip, s.has_clip);
+      }
+    }
+  }
+}
+
+// dL/dH' with the entries the clip held at its bound zeroed.
+template <typename T>
+__device__ __forceinline__ T clip_mask(const PlasticShape& s, T g, T h, T p, T y, T eta, T m, T clip) {
+  if (!s.has_clip) return g;
+  const T next = update(s, h, p, y, eta, m, clip, false);
+  return next < -clip || next > clip ? T(0) : g;
+}
+
+// Steps t = T-1..0 in reverse. Rows (a warp per row of the block's span): H_t, the clip mask on
+// dL/dH_{t+1}, the rule's share of dL/dy_t and dL/dM_t, and dL/dz_t. Columns (the block's span of
+// columns, each summed over every row: ColumnLayout): dL/dH_t, alpha, eta and dL/dpre_t.
+template <typename T>
+__global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k) {
+  __shared__ T scratch[kWarps];
+  __shared__ T column_sums[kPlasticThreads];
+  const PlasticShape& s = k.l.s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.x, part = blockIdx.y, parts = gridDim.y, matrix = s.OUT * s.IN;
+  const Span rows(s.OUT, part, parts), cols(s.IN, part, parts);
+  const ColumnLayout layout(cols.last - cols.first);
+  const T eta = *k.eta, clip = static_cast<T>(s.clip);
+  const bool modulated = s.rule == PlasticRule::kModulated;
+  T* trace = k.trace ? k.trace + b * matrix : nullptr;
+  T* grad_hebb = k.grad_hebb + b * matrix;
+  T eta_sum = T(0), alpha_sum = T(0), mod_bias_sum = T(0);
+  for (int64_t t = s.T - 1; t >= 0; --t) {
+    const bool last = t == s.T - 1;
+    if (s.recompute && (last || (t + 1) % s.every == 0)) recompute_segment(k, t, b, rows, eta, clip);
+    const T activity = s.endogenous ? k.activity[t * s.B + b] : T(0);
+    const T* p = k.l.pre(t, b);
+    // What this step reads as its trace: H_t (recomputed), or H_{t+1} to reconstruct H_t from.
+    const T* source = s.recompute ? k.segment + ((t % s.every) * s.B + b) * matrix
+                      : last      ? k.hebb_final + b * matrix
+                      : (t + 1) % s.every == 0 ? k.checkpoints + (((t + 1) / s.every) * s.B + b) * matrix
+                                               : trace;
+    const T* h_t = s.recompute ? source : trace;
+    const T* g_next = last ? (k.grad_hebb_in ? k.grad_hebb_in + b * matrix : nullptr) : grad_hebb;  // dL/dH_{t+1}
+    for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
+      const int64_t row = (t * s.B + b) * s.OUT + j;
+      const T y = k.l.out[row], m = k.l.modulation(t, b, j, activity);
+      T dy = T(0), dm = T(0);
+      for (int64_t i = lane; i < s.IN; i += 32) {
+        const int64_t e = j * s.IN + i;
+        const T pi = p ? p[i] : T(0);
+        T hv = source[e];
+        if (!s.recompute) {
+          hv = unupdate(s, hv, pi, y, eta, m);
+          trace[e] = hv;
+        }
+        const T g = clip_mask(s, g_next ? g_next[e] : T(0), hv, pi, y, eta, m, clip);
+        if (s.rule == PlasticRule::kHebb) {
+          dy += g * eta * pi;
+        } else if (s.rule == PlasticRule::kOja) {
+          dy += g * eta * (pi - T(2) * y * hv);
+        } else {
+          dy += g * m * pi;
+          dm += g * y * pi;
+        }
+      }
+      dy = warp_all_sum(dy);
+      dm = warp_all_sum(dm);
+      if (lane == 0) {
+        T gy = dy + (k.grad_output ? k.grad_output[row] : T(0));
+        if (s.recurrent && !last) gy += k.grad_pre[b * s.OUT + j];  // dL/dy_t through step t+1's pre
+        if (s.endogenous) {  // completed below, once dL/ds_t is known
+          k.grad_z[row] = gy;
+        } else {
+          k.grad_z[row] = s.tanh ? gy * (T(1) - y * y) : gy;
+        }
+        if (modulated && s.per_neuron && !s.endogenous) {
+          k.grad_mod[row] = dm;
+        } else if (modulated) {
+          k.mod_rows[b * s.OUT + j] = dm;
+        }
+      }
+    }
+    sequence_sync();  // every row's dL/dz_t (and dL/dM_t) before the columns read them
+    if (s.endogenous) {
+      // M_t = fanout * act(s_t), s_t = mod_weight . y_t + mod_bias: dL/ds_t, then its share of dL/dy_t.
+      T partial = T(0);
+      for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) partial += k.l.fanout[j] * k.mod_rows[b * s.OUT + j];
+      const T total = block_sum(partial, scratch);
+      const T gs = s.mod_tanh ? total * (T(1) - activity * activity) : total;
+      mod_bias_sum += gs;
+      for (int64_t j = rows.first + threadIdx.x; j < rows.last; j += blockDim.x) {
+        const int64_t row = (t * s.B + b) * s.OUT + j, slot = b * s.OUT + j;
+        const T y = k.l.out[row], gy = k.grad_z[row] + gs * k.mod_weight[j];
+        k.grad_z[row] = s.tanh ? gy * (T(1) - y * y) : gy;
+        k.mod_weight_part[slot] = (last ? T(0) : k.mod_weight_part[slot]) + gs * y;
+        k.mod_fanout_part[slot] = (last ? T(0) : k.mod_fanout_part[slot]) + k.mod_rows[slot] * activity;
+      }
+      sequence_sync();
+    } else if (modulated && !s.per_neuron && part == 0) {
+      T partial = T(0);
+      for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) partial += k.mod_rows[b * s.OUT + j];
+      const T total = block_sum(partial, scratch);
+      if (threadIdx.x == 0) k.grad_mod[t * s.B + b] = total;
+    }
+    const T* grad_z = k.grad_z + (t * s.B + b) * s.OUT;
+    const T* y_t = k.l.out + (t * s.B + b) * s.OUT;
+    for (int64_t c0 = cols.first; c0 < cols.last; c0 += layout.width) {
+      const int64_t i = c0 + layout.lane;
+      T gp = T(0);
+      if (i < cols.last) {
+        const T pi = p ? p[i] : T(0);
+        for (int64_t j = layout.group; j < s.OUT; j += layout.groups) {
+          const int64_t e = j * s.IN + i;
+          const T y = y_t[j], gz = grad_z[j], m = k.l.modulation(t, b, j, activity);
+          const T hv = h_t[e];
+          const T g = clip_mask(s, g_next ? g_next[e] : T(0), hv, pi, y, eta, m, clip);
+          const T a = s.alpha_scalar ? k.alpha[0] : k.alpha[e];
+          const T hz = gz * pi;
+          if (s.alpha_scalar) {
+            alpha_sum += hz * hv;
+          } else {
+            T* slot = k.alpha_part + b * matrix + e;
+            *slot = (last ? T(0) : *slot) + hz * hv;
+          }
+          T d_h, d_p;
+          if (s.rule == PlasticRule::kHebb) {
+            d_h = T(1) - eta, d_p = eta * y;
+            eta_sum += g * (y * pi - hv);
+          } else if (s.rule == PlasticRule::kOja) {
+            d_h = T(1) - eta * y * y, d_p = eta * y;
+            eta_sum += g * y * (pi - y * hv);
+          } else {
+            d_h = T(1), d_p = m * y;
+          }
+          gp += (k.weight[e] + a * hv) * gz + g * d_p;
+          grad_hebb[e] = g * d_h + a * hz;
+        }
+      }
+      column_sums[threadIdx.x] = gp;
+      __syncthreads();
+      if (threadIdx.x < layout.width && c0 + threadIdx.x < cols.last) {
+        T sum = T(0);
+        for (int q = 0; q < layout.groups; ++q) sum += column_sums[q * layout.width + threadIdx.x];
+        k.grad_pre[(s.recurrent ? b : t * s.B + b) * s.IN + c0 + threadIdx.x] = sum;
+      }
+      __syncthreads();  // column_sums is reused
+    }
+    sequence_sync();  // dL/dH_t, H_t and dL/dy_{t-1}, read by the next step in every block
+  }
+  const T eta_total = block_sum(eta_sum, scratch), alpha_total = block_sum(alpha_sum, scratch);
+  if (threadIdx.x == 0) {
+    k.eta_part[b * parts + part] = eta_total;
+    if (s.alpha_scalar) k.alpha_part[b * parts + part] = alpha_total;
+    if (s.endogenous && part == 0) k.mod_bias_part[b] = mod_bias_sum;
+  }
+}
+
+template <typename T> struct Reduce {
+  PlasticShape s;
+  int64_t parts;
+  const T *x, *y0, *output, *grad_z, *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+  T *grad_weight, *grad_bias, *grad_alpha, *grad_eta, *grad_mod_weight, *grad_mod_bias, *grad_mod_fanout;
+};
+
+// Block (x, y) owns the [16, 16] tile (rows y, columns x) of the weight gradient, the sum over
+// k = (t, b) of dL/dz_t[b] (x) pre_t[b] (a tiled matrix product through shared memory), and of
+// alpha's, the sum of its partial sums over the sequences; column tile 0 the bias gradient
+// (linear); block (0, 0) the scalars and the modulator's. Every sum in a fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
+  __shared__ T gz_tile[kTile][kTile + 1], pre_tile[kTile][kTile + 1];
+  const PlasticShape& s = k.s;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kTile + tx, j = static_cast<int64_t>(blockIdx.y) * kTile + ty;
+  const int64_t steps = s.T * s.B;
+  T weight_sum = T(0), bias_sum = T(0);
+  for (int64_t k0 = 0; k0 < steps; k0 += kTile) {
+    const int64_t kk = k0 + ty;  // this thread loads row kk of both tiles
+    const int64_t gz_col = static_cast<int64_t>(blockIdx.y) * kTile + tx;
+    gz_tile[ty][tx] = kk < steps && gz_col < s.OUT ? k.grad_z[kk * s.OUT + gz_col] : T(0);
+    T pre = T(0);
+    if (kk < steps && i < s.IN) {
+      if (!s.recurrent) {
+        pre = k.x[kk * s.IN + i];
+      } else if (kk >= s.B) {
+        pre = k.output[(kk - s.B) * s.IN + i];
+      } else if (k.y0) {
+        pre = k.y0[kk * s.IN + i];
+      }
+    }
+    pre_tile[ty][tx] = pre;
+    __syncthreads();
+    for (int q = 0; q < kTile; ++q) {
+      weight_sum += gz_tile[q][ty] * pre_tile[q][tx];
+      bias_sum += gz_tile[q][ty];
     }
     __syncthreads();
   }
-  for (int64_t e = threadIdx.x; e < size; e += blockDim.x) trace[e] = h[e];
+  if (j < s.OUT && i < s.IN) {
+    const int64_t e = j * s.IN + i;
+    k.grad_weight[e] = weight_sum;
+    if (!s.alpha_scalar) {
+      T sum = T(0);
+      for (int64_t b = 0; b < s.B; ++b) sum += k.alpha_part[b * s.OUT * s.IN + e];
+      k.grad_alpha[e] = sum;
+    }
+  }
+  if (!s.recurrent && blockIdx.x == 0 && tx == 0 && j < s.OUT) k.grad_bias[j] = bias_sum;
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
+    const int flat = ty * kTile + tx;
+    const int64_t parts = s.B * k.parts;
+    if (flat == 0) {
+      T eta = T(0), alpha = T(0), bias = T(0);
+      for (int64_t q = 0; q < parts; ++q) eta += k.eta_part[q];
+      *k.grad_eta = eta;
+      if (s.alpha_scalar) {
+        for (int64_t q = 0; q < parts; ++q) alpha += k.alpha_part[q];
+        *k.grad_alpha = alpha;
+      }
+      if (s.endogenous) {
+        for (int64_t b = 0; b < s.B; ++b) bias += k.mod_bias_part[b];
+        *k.grad_mod_bias = bias;
+      }
+    }
+    if (s.endogenous) {
+      for (int64_t n = flat; n < s.OUT; n += kTile * kTile) {
+        T weight = T(0), fanout = T(0);
+        for (int64_t b = 0; b < s.B; ++b) {
+          weight += k.mod_weight_part[b * s.OUT + n];
+          fanout += k.mod_fanout_part[b * s.OUT + n];
+        }
+        k.grad_mod_weight[n] = weight;
+        k.grad_mod_fanout[n] = fanout;
+      }
+    }
+  }
 }
 
-// Sequences on grid x (up to 2^31 - 1), a sequence's blocks of rows on y (65535 blocks: 524k rows).
-dim3 step_grid(const PlasticStep& s) {
-  return dim3(static_cast<unsigned>(s.B), static_cast<unsigned>(ceil_div(s.OUT, kPlasticRowsPerBlock)));
-}
+template <typename T> const T* in(const void* p) { return static_cast<const T*>(p); }
+template <typename T> T* out(void* p) { return static_cast<T*>(p); }
 
 template <typename T>
-size_t sequence_shared_bytes(const PlasticStep& s) {
-  return sizeof(T) * static_cast<size_t>(s.OUT * s.IN + s.IN + s.OUT);
+Layer<T> layer(const PlasticShape& s, const void* x, const void* y0, const void* output, const void* mod,
+               const void* fanout) {
+  return Layer<T>{s, in<T>(x), in<T>(y0), in<T>(output), in<T>(mod), in<T>(fanout)};
 }
 
+// Blocks of each kernel one multiprocessor holds at once, and the device's multiprocessors.
 template <typename T>
-cudaError_t forward_sequence(const PlasticStep& s, int64_t steps, int64_t every, const void* x, const void* w,
-                             const void* a, const void* eta, const void* bias, const void* drive, const void* y0,
-                             const void* mod, void* hebb, void* output, void* checkpoints, bool* launched,
-                             cudaStream_t stream) {
-  *launched = false;
-  if (s.OUT > kPlasticSequenceMaxN || s.IN > kPlasticSequenceMaxN || s.has_clip || every < 1) return cudaSuccess;
-  const size_t bytes = sequence_shared_bytes<T>(s);
-  int device = 0, optin = 0;
+cudaError_t capacity(int64_t* blocks, int* multiprocessors, int* cooperative, int* optin_shared) {
+  int device = 0, forward = 0, backward = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  if (bytes > static_cast<size_t>(optin)) return cudaSuccess;  // too big for this GPU: step kernels
-  err = cudaFuncSetAttribute(forward_sequence_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(bytes));
-  if (err != cudaSuccess) return err;
-  *launched = true;
-  if (s.B == 0 || steps == 0) return cudaSuccess;
-  forward_sequence_kernel<T><<<static_cast<unsigned>(s.B), kThreads, bytes, stream>>>(
-      s, steps, every, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(a),
-      static_cast<const T*>(eta), static_cast<const T*>(bias), static_cast<const T*>(drive),
-      static_cast<const T*>(y0), static_cast<const T*>(mod), static_cast<T*>(hebb), static_cast<T*>(output),
-      static_cast<T*>(checkpoints));
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(cooperative, cudaDevAttrCooperativeLaunch, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(optin_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&forward, forward_kernel<T>, kPlasticThreads, 0);
+  }
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&backward, backward_kernel<T>, kPlasticThreads, 0);
+  }
+  *blocks = static_cast<int64_t>(forward < backward ? forward : backward) * *multiprocessors;
+  return err;
+}
+
+template <typename T>
+cudaError_t plan(const PlasticShape& s, int64_t requested_parts, int requested_resident, PlasticPlan* plan) {
+  int64_t most = 0;
+  int multiprocessors = 0, cooperative = 0, optin = 0;
+  if (const cudaError_t err = capacity<T>(&most, &multiprocessors, &cooperative, &optin); err != cudaSuccess) {
+    return err;
+  }
+  const bool fits = static_cast<int64_t>(sizeof(T)) * s.OUT * s.IN <= optin - 1024;  // beside the static scratch
+  int64_t parts = 1;
+  if (requested_parts > 0) {
+    parts = requested_parts;
+  } else if (!(fits && requested_resident != 0) && cooperative && s.B < multiprocessors) {
+    const int64_t by_rows = (s.OUT + kWarps - 1) / kWarps;  // at least a warp's row each
+    const int64_t by_device = most / (s.B > 0 ? s.B : 1);
+    parts = by_rows < by_device ? by_rows : by_device;
+    if (parts < 1) parts = 1;
+  }
+  if (parts > 1 && (!cooperative || s.B * parts > most || parts > 65535)) return cudaErrorInvalidValue;
+  if (requested_resident == 1 && (parts > 1 || !fits)) return cudaErrorInvalidValue;
+  plan->parts = parts;
+  plan->resident = parts == 1 && fits && requested_resident != 0;
+  return cudaSuccess;
+}
+
+template <typename Params>
+cudaError_t launch(void (*kernel)(Params), const PlasticPlan& plan, int64_t B, size_t shared_bytes, Params params,
+                   cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(plan.parts));
+  if (shared_bytes > 48 * 1024) {
+    if (const cudaError_t err =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+        err != cudaSuccess) {
+      return err;
+    }
+  }
+  if (plan.parts > 1) {
+    void* args[] = {&params};
+    return cudaLaunchCooperativeKernel(kernel, grid, dim3(kPlasticThreads), args, shared_bytes, stream);
+  }
+  kernel<<<grid, kPlasticThreads, shared_bytes, stream>>>(params);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t forward_step(const PlasticStep& s, const void* x, const void* w, const void* a, const void* eta,
-                         const void* clip, const void* bias, const void* drive, const void* pre, const void* mod,
-                         void* trace, void* output, bool update_only, cudaStream_t stream) {
-  const dim3 grid = step_grid(s);
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  forward_step_kernel<T><<<grid, kThreads, 0, stream>>>(
-      s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(a), static_cast<const T*>(eta),
-      static_cast<const T*>(clip), static_cast<const T*>(bias), static_cast<const T*>(drive),
-      static_cast<const T*>(pre), static_cast<const T*>(mod), static_cast<T*>(trace), static_cast<T*>(output),
-      update_only);
-  return cudaGetLastError();
+cudaError_t forward(const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan, cudaStream_t stream) {
+  if (s.B == 0) return cudaSuccess;
+  Forward<T> k{layer<T>(s, a.x, a.y0, a.output, a.modulation, a.mod_fanout), plan.resident, in<T>(a.weight),
+               in<T>(a.alpha), in<T>(a.eta), in<T>(a.bias), in<T>(a.drive), in<T>(a.hebb), in<T>(a.mod_weight),
+               in<T>(a.mod_bias), out<T>(a.trace), out<T>(a.checkpoints), out<T>(a.activity), out<T>(a.output)};
+  const size_t shared = plan.resident ? sizeof(T) * static_cast<size_t>(s.OUT * s.IN) : 0;
+  return launch(forward_kernel<T>, plan, s.B, shared, k, stream);
 }
 
 template <typename T>
-cudaError_t backward_step(const PlasticStep& s, const void* w, const void* a, const void* eta, const void* clip,
-                          const void* pre, const void* output, const void* grad_output, const void* carry,
-                          const void* mod, void* h, void* gh, void* gz, void* gpre, void* galpha, void* geta,
-                          void* gmod, bool reconstruct, cudaStream_t stream) {
-  const dim3 grid = step_grid(s);
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
-  backward_step_kernel<T><<<grid, kThreads, 0, stream>>>(
-      s, static_cast<const T*>(w), static_cast<const T*>(a), static_cast<const T*>(eta), static_cast<const T*>(clip),
-      static_cast<const T*>(pre), static_cast<const T*>(output), static_cast<const T*>(grad_output),
-      static_cast<const T*>(carry), static_cast<const T*>(mod), static_cast<T*>(h), static_cast<T*>(gh),
-      static_cast<T*>(gz), static_cast<T*>(gpre), static_cast<T*>(galpha), static_cast<T*>(geta),
-      static_cast<T*>(gmod), reconstruct);
+cudaError_t backward(const PlasticShape& s, const PlasticBackwardArgs& a, const PlasticPlan& plan,
+                     cudaStream_t stream) {
+  if (s.B == 0 || s.T == 0) return cudaSuccess;
+  Backward<T> k{layer<T>(s, a.x, a.y0, a.output, a.modulation, a.mod_fanout), in<T>(a.weight), in<T>(a.alpha),
+                in<T>(a.eta), in<T>(a.grad_output), in<T>(a.activity), in<T>(a.mod_weight), in<T>(a.checkpoints),
+                in<T>(a.hebb_final), in<T>(a.grad_hebb_in), out<T>(a.trace), out<T>(a.segment), out<T>(a.grad_hebb),
+                out<T>(a.grad_z), out<T>(a.grad_pre), out<T>(a.grad_mod), out<T>(a.mod_rows), out<T>(a.alpha_part),
+                out<T>(a.eta_part), out<T>(a.mod_weight_part), out<T>(a.mod_bias_part), out<T>(a.mod_fanout_part)};
+  return launch(backward_kernel<T>, PlasticPlan{plan.parts, false}, s.B, 0, k, stream);
+}
+
+template <typename T>
+cudaError_t reduce(const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts, cudaStream_t stream) {
+  Reduce<T> k{s, parts, in<T>(a.x), in<T>(a.y0), in<T>(a.output), in<T>(a.grad_z), in<T>(a.alpha_part),
+              in<T>(a.eta_part), in<T>(a.mod_weight_part), in<T>(a.mod_bias_part), in<T>(a.mod_fanout_part),
+              out<T>(a.grad_weight), out<T>(a.grad_bias), out<T>(a.grad_alpha), out<T>(a.grad_eta),
+              out<T>(a.grad_mod_weight), out<T>(a.grad_mod_bias), out<T>(a.grad_mod_fanout)};
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.IN > 0 ? s.IN : 1, kTile)),
+                  static_cast<unsigned>(ceil_div(s.OUT > 0 ? s.OUT : 1, kTile)));
+  reduce_kernel<T><<<grid, dim3(kTile, kTile), 0, stream>>>(k);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t plastic_forward_sequence(bool is_double, const PlasticStep& s, int64_t steps, int64_t every, const void* x,
-                                     const void* weight, const void* alpha, const void* eta, const void* bias,
-                                     const void* drive, const void* y0, const void* modulation, void* hebb,
-                                     void* output, void* checkpoints, bool* launched, cudaStream_t stream) {
-  return is_double ? forward_sequence<double>(s, steps, every, x, weight, alpha, eta, bias, drive, y0, modulation, hebb,
-                                              output, checkpoints, launched, stream)
-                   : forward_sequence<float>(s, steps, every, x, weight, alpha, eta, bias, drive, y0, modulation, hebb,
-                                             output, checkpoints, launched, stream);
+cudaError_t plastic_plan(bool is_double, const PlasticShape& s, int64_t requested_parts, int requested_resident,
+                         PlasticPlan* p) {
+  return is_double ? plan<double>(s, requested_parts, requested_resident, p)
+                   : plan<float>(s, requested_parts, requested_resident, p);
 }
 
-cudaError_t plastic_forward_step(bool is_double, const PlasticStep& s, const void* x, const void* weight,
-                                 const void* alpha, const void* eta, const void* clip, const void* bias,
-                                 const void* drive, const void* pre, const void* modulation, void* trace,
-                                 void* output, bool update_only, cudaStream_t stream) {
-  return is_double ? forward_step<double>(s, x, weight, alpha, eta, clip, bias, drive, pre, modulation, trace, output,
-                                          update_only, stream)
-                   : forward_step<float>(s, x, weight, alpha, eta, clip, bias, drive, pre, modulation, trace, output,
-                                         update_only, stream);
+cudaError_t plastic_forward(bool is_double, const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan,
+                            cudaStream_t stream) {
+  return is_double ? forward<double>(s, a, plan, stream) : forward<float>(s, a, plan, stream);
 }
 
-cudaError_t plastic_backward_step(bool is_double, const PlasticStep& s, const void* weight, const void* alpha,
-                                  const void* eta, const void* clip, const void* pre, const void* output,
-                                  const void* grad_output, const void* carry, const void* modulation, void* h,
-                                  void* grad_trace, void* grad_z, void* gpre_part, void* galpha_part, void* geta_part,
-                                  void* gmod_rows, bool reconstruct, cudaStream_t stream) {
-  return is_double ? backward_step<double>(s, weight, alpha, eta, clip, pre, output, grad_output, carry, modulation, h,
-                                           grad_trace, grad_z, gpre_part, galpha_part, geta_part, gmod_rows,
-                                           reconstruct, stream)
-                   : backward_step<float>(s, weight, alpha, eta, clip, pre, output, grad_output, carry, modulation, h,
-                                          grad_trace, grad_z, gpre_part, galpha_part, geta_part, gmod_rows,
-                                          reconstruct, stream);
+cudaError_t plastic_backward(bool is_double, const PlasticShape& s, const PlasticBackwardArgs& a,
+                             const PlasticPlan& plan, cudaStream_t stream) {
+  return is_double ? backward<double>(s, a, plan, stream) : backward<float>(s, a, plan, stream);
+}
+
+cudaError_t plastic_reduce(bool is_double, const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts,
+                           cudaStream_t stream) {
+  return is_double ? reduce<double>(s, a, parts, stream) : reduce<float>(s, a, parts, stream);
 }
 
 }  // namespace neuronml_fast::cuda

@@ -1,6 +1,14 @@
-// Hebbian plasticity on CUDA (SPEC section 4): the step kernels behind the shared time loops of
-// neuronml_fast/ops/plastic/gpu.py (same contract as the Triton step kernels in kernels/plastic.py).
-// Framework-free; bindings.cpp validates tensors and calls in. float and double only.
+// Hebbian plasticity on CUDA (SPEC section 4): the whole time loop in the kernels, behind the
+// launchers of neuronml_fast/ops/plastic/gpu.py (the same buffers as the Triton kernels in
+// kernels/plastic.py). A call is three launches: the forward, the reverse walk, and the reduction
+// of the reverse walk's partial sums (with the weight and bias gradients). Framework-free;
+// bindings.cpp validates tensors and calls in. float and double only (the accumulation type).
+//
+// Each sequence is `parts` blocks. One part: the block walks every row of its sequence, and the
+// forward may keep the trace in shared memory (`resident`). Several parts: a cooperative launch
+// (every block resident at once) whose blocks split the sequence's rows (and, in the reverse
+// walk's column pass, its columns) and meet at a grid barrier between a step's phases, so a
+// large layer of a few sequences streams its trace through every multiprocessor, not one.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>
@@ -9,40 +17,61 @@
 
 namespace neuronml_fast::cuda {
 
-constexpr int kPlasticRowsPerBlock = 8;  // one warp per row
-constexpr int64_t kPlasticSequenceMaxN = 128;  // largest OUT and IN of the whole-sequence forward
+constexpr int kPlasticThreads = 256;  // 8 warps: a warp per row, a thread per column
+constexpr int kPlasticReduceTile = 16;  // the reduction's [16, 16] tile of the weight gradient
 
-struct PlasticStep {
-  int64_t B, OUT, IN, t;
-  bool recurrent, per_neuron, tanh, alpha_scalar, has_clip, has_bias, has_drive;
+struct PlasticShape {
+  int64_t T, B, OUT, IN, every;  // steps, sequences, features, steps between checkpoints
+  double clip;                   // the trace's bound (has_clip)
   PlasticRule rule;
+  bool recurrent, per_neuron, endogenous, mod_tanh, tanh, alpha_scalar, has_clip;
+  bool recompute;  // the reverse walk recomputes segments from checkpoints (clip, identity) instead of reconstructing
 };
 
-// The whole forward of a small layer (OUT, IN <= kPlasticSequenceMaxN, no clip) in one launch:
-// one block per sequence, its trace in shared memory for all `steps` steps. Sets *launched to
-// false (and launches nothing) when the layer does not qualify or its trace does not fit this
-// GPU's shared memory; the caller then runs the step kernels. hebb [B, OUT, IN]: initial trace
-// in, final out; checkpoints [ceil(steps / every), B, OUT, IN]: the trace before steps 0, every, ...
-// y0 [B, OUT] (rnn, may be null), others as plastic_forward_step. s.t is ignored.
-cudaError_t plastic_forward_sequence(bool is_double, const PlasticStep& s, int64_t steps, int64_t every, const void* x,
-                                     const void* weight, const void* alpha, const void* eta, const void* bias,
-                                     const void* drive, const void* y0, const void* modulation, void* hebb,
-                                     void* output, void* checkpoints, bool* launched, cudaStream_t stream);
+struct PlasticPlan {
+  int64_t parts;  // blocks per sequence (> 1: a cooperative launch)
+  bool resident;  // parts == 1: the forward keeps the trace in shared memory
+};
 
-// One forward step (or, with update_only, only the trace update with post read from output).
-// x [T, B, IN or OUT], weight/alpha [OUT, IN] (alpha may be [1]), eta/clip [1] on the device,
-// pre [B, IN], modulation [T, B(, OUT)], trace [B, OUT, IN] (accumulation type), output [T, B, OUT].
-cudaError_t plastic_forward_step(bool is_double, const PlasticStep& s, const void* x, const void* weight,
-                                 const void* alpha, const void* eta, const void* clip, const void* bias,
-                                 const void* drive, const void* pre, const void* modulation, void* trace,
-                                 void* output, bool update_only, cudaStream_t stream);
+// The plan for a shape on the current device. requested_parts 0 and requested_resident -1 choose:
+// resident when the trace fits in shared memory; else, when the sequences alone leave
+// multiprocessors idle and the device runs cooperative launches, as many parts as keep every
+// multiprocessor busy (at most one warp's row each). Requests that cannot run (a resident trace
+// too large, a grid the device cannot hold at once) are cudaErrorInvalidValue.
+cudaError_t plastic_plan(bool is_double, const PlasticShape& s, int64_t requested_parts, int requested_resident,
+                         PlasticPlan* plan);
 
-// One reverse step; buffers as in neuronml_fast/ops/plastic/gpu.py (all in the accumulation type
-// except output / grad_output / weight / alpha / modulation, in the input type).
-cudaError_t plastic_backward_step(bool is_double, const PlasticStep& s, const void* weight, const void* alpha,
-                                  const void* eta, const void* clip, const void* pre, const void* output,
-                                  const void* grad_output, const void* carry, const void* modulation, void* h,
-                                  void* grad_trace, void* grad_z, void* gpre_part, void* galpha_part, void* geta_part,
-                                  void* gmod_rows, bool reconstruct, cudaStream_t stream);
+// Pointers: input and accumulation type (they are the same: float or double); null where absent.
+struct PlasticForwardArgs {
+  const void *x, *weight, *alpha, *eta, *bias, *drive, *y0, *modulation, *hebb, *mod_weight, *mod_bias, *mod_fanout;
+  void *trace, *output, *checkpoints, *activity;  // [B, OUT, IN], [T, B, OUT], [ceil(T / every), B, OUT, IN], [T, B]
+};
+
+struct PlasticBackwardArgs {
+  const void *x, *weight, *alpha, *eta, *y0, *output, *grad_output, *modulation, *activity, *mod_weight, *mod_fanout,
+      *checkpoints, *hebb_final, *grad_hebb_in;
+  void *trace, *segment;  // scratch: [B, OUT, IN] (reconstructing), [min(every, T), B, OUT, IN] (recomputing)
+  void *grad_hebb, *grad_z, *grad_pre;  // [B, OUT, IN], [T, B, OUT], [T, B, IN] (linear) or [B, OUT] (rnn: dL/dy0)
+  void *grad_mod, *mod_rows;  // like the given modulation; [B, OUT] scratch (modulated)
+  // partial sums: alpha [B, OUT, IN] or [B * parts], eta [B * parts], the modulator's [B, OUT], [B], [B, OUT]
+  void *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+};
+
+struct PlasticReduceArgs {
+  const void *x, *y0, *output, *grad_z, *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+  void *grad_weight, *grad_bias, *grad_alpha, *grad_eta, *grad_mod_weight, *grad_mod_bias, *grad_mod_fanout;
+};
+
+// The forward: trace (and the checkpoints H_0, H_every, ...), output and the modulator's activity.
+cudaError_t plastic_forward(bool is_double, const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan,
+                            cudaStream_t stream);
+
+// The reverse walk (T >= 1): dL/dH_0, dL/dz, dL/dpre, the modulation's gradient and the partial sums.
+cudaError_t plastic_backward(bool is_double, const PlasticShape& s, const PlasticBackwardArgs& a,
+                             const PlasticPlan& plan, cudaStream_t stream);
+
+// The sums over (t, b) (weight, bias) and over the sequences' parts (alpha, eta, the modulator's).
+cudaError_t plastic_reduce(bool is_double, const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts,
+                           cudaStream_t stream);
 
 }  // namespace neuronml_fast::cuda

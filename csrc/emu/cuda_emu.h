@@ -10,6 +10,12 @@
 // * warps advance together only at __syncthreads: between two barriers each warp runs as far as it
 //   can before the next warp starts, in forward, reverse or random warp (and lane) order
 //   (`config().order`); a missing barrier then gives order-dependent results;
+// * a cooperative launch (cudaLaunchCooperativeKernel) keeps every block of its grid resident, as
+//   a GPU does: the blocks run by turns between grid barriers (cooperative_groups'
+//   this_grid().sync()), in forward, reverse or random block order per turn, so a read of another
+//   block's writes without the barrier between them gives order-dependent results; a grid larger
+//   than the device holds at once fails as on a GPU, and so does a grid barrier that some thread
+//   can never reach (it exited, or waits at __syncthreads);
 // * shared memory (static and dynamic) is filled with 0xff bytes (NaN) at every block start;
 // * launch limits are checked as a GPU checks them (1024 threads a block, grid y/z <= 65535, the
 //   48 KiB dynamic shared memory default and the cudaFuncSetAttribute opt-in), and misuse of the
@@ -63,6 +69,7 @@ enum cudaError_t {
   cudaErrorLaunchOutOfResources = 701,
   cudaErrorAssert = 710,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
 };
 
 struct CUstream_st;
@@ -85,6 +92,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrCooperativeLaunch = 95,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
@@ -104,13 +112,16 @@ struct Config {
   int64_t default_shared_bytes = 48 * 1024;  // per block without the opt-in
   int64_t optin_shared_bytes = 227 * 1024;   // an H100/H200's opt-in maximum
   int64_t multiprocessors = 132;
+  int64_t threads_per_multiprocessor = 2048;
+  int64_t shared_bytes_per_multiprocessor = 228 * 1024;
   int64_t stack_bytes = 128 * 1024;          // per emulated thread
+  bool dry_run = false;                      // check and count launches, run no block (counting launches)
 };
 
 Config& config();
 
 struct Stats {  // counters over every host thread that launches
-  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, switches{0}, failed_launches{0};
+  std::atomic<uint64_t> launches{0}, blocks{0}, threads{0}, switches{0}, failed_launches{0}, grid_barriers{0};
 };
 Stats& stats();
 
@@ -130,6 +141,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 
 void sync_threads();
 int sync_threads_count(int predicate);
+void grid_sync();  // cooperative_groups::this_grid().sync()
 void* static_shared(size_t bytes, size_t align);
 void* dynamic_shared();
 unsigned active_mask();
@@ -137,7 +149,11 @@ unsigned active_mask();
 
 // Host side.
 using Body = std::function<void()>;
-cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const Body& body);
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const Body& body,
+                   bool cooperative = false);
+// Blocks of `threads` threads and `shared_bytes` of dynamic shared memory one multiprocessor holds
+// at once (by threads and shared memory: the emulation cannot count registers).
+int max_active_blocks(int threads, size_t shared_bytes);
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);
 cudaError_t take_last_error();
 cudaError_t peek_last_error();
@@ -275,6 +291,22 @@ inline cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// A cooperative launch of a kernel that takes one parameter (a struct of its arguments), as
+// cudaLaunchCooperativeKernel passes it: args[0] points to it.
+template <typename Param>
+cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(Param), dim3 grid, dim3 block, void** args, size_t shared_bytes,
+                                        cudaStream_t) {
+  const Param param = *static_cast<const Param*>(args[0]);
+  ::nf_emu::launch(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, [&param, kernel]() { kernel(param); },
+                   true);
+  return ::nf_emu::take_last_error();
+}
+template <typename... Params>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*)(Params...), int threads,
+                                                          size_t shared_bytes) {
+  *blocks = ::nf_emu::max_active_blocks(threads, shared_bytes);
+  return cudaSuccess;
+}
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;

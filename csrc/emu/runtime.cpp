@@ -60,7 +60,7 @@ nf_emu_switch:
 )");
 #endif
 
-enum class State { kReady, kWarp, kBlock, kDone };
+enum class State { kReady, kWarp, kBlock, kGrid, kDone };
 
 struct WarpWait {
   WarpOp op;
@@ -96,6 +96,14 @@ struct Block {
   std::string message;
 };
 
+// A block on the emulated device: its threads and its shared-memory arena. A launch keeps one
+// resident at a time; a cooperative launch keeps every block of its grid resident.
+struct Resident {
+  Block block;
+  std::vector<Thread> threads;
+  std::vector<unsigned char> shared;
+};
+
 constexpr uint64_t kCanary = 0x6e66656d7563616eull;
 constexpr size_t kGuardBytes = 4096;
 constexpr size_t kSharedAlign = 128;
@@ -107,10 +115,11 @@ size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 struct Worker {
   char* stacks = nullptr;
   size_t stack_bytes = 0, stack_count = 0;
-  std::vector<Thread> threads;
-  std::vector<unsigned char> shared;
+  std::vector<Resident> residents;
+  Resident* resident = nullptr;  // the block whose threads run
+  Block* block = nullptr;        // its Block
+  bool cooperative = false;      // the launch keeps every block resident (grid barriers allowed)
   Thread* current = nullptr;
-  Block* block = nullptr;
 #if defined(__x86_64__)
   void* scheduler_sp = nullptr;
 #else
@@ -163,6 +172,7 @@ const char* error_name(cudaError_t code) {
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorAssert: return "device-side assert triggered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
   }
   return "unknown error";
 }
@@ -314,6 +324,7 @@ bool resolve_group(Thread* lanes[32], int first) {
     if (t.state == State::kWarp && t.wait.mask == w.mask && t.wait.op == w.op) continue;
     std::string problem = t.state == State::kDone    ? "has exited"
                           : t.state == State::kBlock ? "waits at __syncthreads"
+                          : t.state == State::kGrid  ? "waits at the grid barrier"
                           : t.state == State::kWarp  ? std::string("waits at ") + op_name(t.wait.op) + " with mask " +
                                                           std::to_string(t.wait.mask)
                                                      : "";
@@ -380,26 +391,43 @@ void run_warp(std::vector<Thread>& threads, int warp, uint64_t salt) {
   }
 }
 
-void run_block(Block& block, std::vector<Thread>& threads, uint64_t salt) {
+// Runs a block until each of its threads has exited or waits at the grid barrier, completing its
+// __syncthreads barriers as they fill.
+void run_block(Resident& r, uint64_t salt) {
+  Block& block = r.block;
+  std::vector<Thread>& threads = r.threads;
+  worker.resident = &r;
+  worker.block = &block;
   const int warps = static_cast<int>((threads.size() + 31) / 32);
   for (uint64_t phase = 0;; ++phase) {
     for (int w : ordering(warps, salt + phase * 7919)) {
       run_warp(threads, w, salt + phase * 104729 + static_cast<uint64_t>(w));
       if (block.error != cudaSuccess) return;
     }
-    int done = 0, at_barrier = 0, predicates = 0;
+    int done = 0, at_barrier = 0, at_grid = 0, predicates = 0;
     for (const Thread& t : threads) {
       done += t.state == State::kDone;
       at_barrier += t.state == State::kBlock;
+      at_grid += t.state == State::kGrid;
       predicates += t.state == State::kBlock && t.predicate != 0;
     }
-    if (done == static_cast<int>(threads.size())) return;
-    if (done + at_barrier != static_cast<int>(threads.size())) {
+    if (done + at_grid == static_cast<int>(threads.size())) return;
+    if (done + at_barrier + at_grid != static_cast<int>(threads.size())) {
       for (const Thread& t : threads) {
         if (t.state == State::kWarp) {
           block_error(cudaErrorLaunchFailure, std::string(op_name(t.wait.op)) + " at " + where(t) +
                                                   " can never complete: other threads wait at __syncthreads "
                                                   "(a deadlock on a GPU)");
+          return;
+        }
+      }
+    }
+    if (at_grid > 0) {
+      for (const Thread& t : threads) {
+        if (t.state == State::kBlock) {
+          block_error(cudaErrorLaunchFailure, "__syncthreads at " + where(t) +
+                                                  " can never complete: other threads of its block wait at the grid "
+                                                  "barrier (a deadlock on a GPU)");
           return;
         }
       }
@@ -479,6 +507,27 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 
 void sync_threads() { sync_threads_count(0); }
 
+void grid_sync() {
+  Thread& t = running();
+  if (!worker.cooperative) {
+    fail(cudaErrorLaunchFailure, ("grid barrier at " + where(t) +
+                                  " outside a cooperative launch (cudaLaunchCooperativeKernel): its blocks need not be "
+                                  "resident together")
+                                     .c_str());
+  }
+  t.state = State::kGrid;
+  suspend(t);
+}
+
+int max_active_blocks(int threads, size_t shared_bytes) {
+  const Config& c = config();
+  if (threads <= 0) return 0;
+  const int64_t by_threads = c.threads_per_multiprocessor / threads;
+  const int64_t by_shared = static_cast<int64_t>(c.shared_bytes_per_multiprocessor) /
+                            static_cast<int64_t>(round_up(shared_bytes, kSharedAlign) + 1024);  // 1 KiB reserved a block
+  return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>({by_threads, by_shared, 32})));
+}
+
 int sync_threads_count(int predicate) {
   Thread& t = running();
   t.predicate = predicate;
@@ -490,9 +539,10 @@ int sync_threads_count(int predicate) {
 unsigned active_mask() {
   Thread& t = running();
   unsigned mask = 0;
+  const std::vector<Thread>& threads = worker.resident->threads;
   const size_t first = static_cast<size_t>(t.warp) * 32;
-  for (size_t i = first; i < first + 32 && i < worker.threads.size(); ++i) {
-    if (worker.threads[i].state != State::kDone) mask |= 1u << (i - first);
+  for (size_t i = first; i < first + 32 && i < threads.size(); ++i) {
+    if (threads[i].state != State::kDone) mask |= 1u << (i - first);
   }
   return mask;
 }
@@ -506,7 +556,7 @@ void* static_shared(size_t bytes, size_t align) {
       fail(cudaErrorLaunchFailure, ("__shared__ declaration " + std::to_string(index) + " at " + where(t) +
                                     " differs in size between threads of one block").c_str());
     }
-    return worker.shared.data() + b.allocations[index].offset;
+    return worker.resident->shared.data() + b.allocations[index].offset;
   }
   const size_t offset = round_up(b.static_end, std::max(align, size_t{16}));
   if (offset + bytes > static_cast<size_t>(config().default_shared_bytes) ||
@@ -519,14 +569,15 @@ void* static_shared(size_t bytes, size_t align) {
   }
   b.allocations.push_back({offset, bytes});
   b.static_end = offset + bytes;
-  std::memset(worker.shared.data() + offset, 0xff, bytes);
-  return worker.shared.data() + offset;
+  std::memset(worker.resident->shared.data() + offset, 0xff, bytes);
+  return worker.resident->shared.data() + offset;
 }
 
 void* dynamic_shared() {
   running();
   Block& b = *worker.block;
-  return worker.shared.data() + worker.shared.size() - round_up(b.dynamic_bytes, kSharedAlign);
+  std::vector<unsigned char>& arena = worker.resident->shared;
+  return arena.data() + arena.size() - round_up(b.dynamic_bytes, kSharedAlign);
 }
 
 void fail(cudaError_t code, const char* message) {
@@ -537,19 +588,98 @@ void fail(cudaError_t code, const char* message) {
   std::abort();
 }
 
-cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_bytes, const Body& body) {
+namespace {
+
+// Makes `r` block `linear` of the launch: fresh threads (fibers on stacks from `first_stack` on),
+// poisoned dynamic shared memory, no static allocations yet.
+void start_block(Resident& r, uint64_t linear, dim3 grid, dim3 block_dim, size_t shared_bytes, const Body& body,
+                 size_t first_stack) {
+  const size_t threads = static_cast<size_t>(block_dim.x) * block_dim.y * block_dim.z;
+  const size_t arena = round_up(static_cast<size_t>(config().optin_shared_bytes), kSharedAlign) + kSharedAlign;
+  if (r.shared.size() != arena) r.shared.assign(arena, 0xff);
+  r.block = Block{};
+  r.block.body = &body;
+  r.block.dynamic_bytes = shared_bytes;
+  r.block.shared_limit = shared_bytes > static_cast<size_t>(config().default_shared_bytes)
+                             ? static_cast<size_t>(config().optin_shared_bytes)
+                             : static_cast<size_t>(config().default_shared_bytes);
+  r.block.shared_limit -= std::min(r.block.shared_limit, shared_bytes);
+  std::memset(r.shared.data() + r.shared.size() - round_up(shared_bytes, kSharedAlign), 0xff,
+              round_up(shared_bytes, kSharedAlign));
+  const uint3 block_idx{static_cast<unsigned>(linear % grid.x), static_cast<unsigned>((linear / grid.x) % grid.y),
+                        static_cast<unsigned>(linear / (static_cast<uint64_t>(grid.x) * grid.y))};
+  r.threads.assign(threads, Thread{});
+  worker.resident = &r;
+  worker.block = &r.block;
+  for (size_t i = 0; i < threads; ++i) {
+    Thread& t = r.threads[i];
+    t.view = ThreadView{{static_cast<unsigned>(i % block_dim.x), static_cast<unsigned>((i / block_dim.x) % block_dim.y),
+                         static_cast<unsigned>(i / (block_dim.x * block_dim.y))},
+                        block_idx, block_dim, grid};
+    t.warp = static_cast<int>(i / 32);
+    t.lane = static_cast<int>(i % 32);
+    start_fiber(t, first_stack + i);
+  }
+}
+
+// The grid of a cooperative launch, every block resident: the blocks run by turns, each until its
+// threads wait at the grid barrier (or have exited); when all of them wait there, the barrier
+// opens for every thread.
+void run_cooperative(std::vector<Resident>& residents, size_t count, uint64_t salt) {
+  for (uint64_t turn = 0;; ++turn) {
+    for (int k : ordering(static_cast<int>(count), salt + turn * 31337)) {
+      run_block(residents[k], salt + static_cast<uint64_t>(k) * 7 + turn * 104729);
+      if (residents[k].block.error != cudaSuccess) return;
+    }
+    const Thread* exited = nullptr;
+    const Thread* waiting = nullptr;
+    for (size_t k = 0; k < count; ++k) {
+      for (const Thread& t : residents[k].threads) {
+        if (t.state == State::kDone && exited == nullptr) exited = &t;
+        if (t.state == State::kGrid && waiting == nullptr) waiting = &t;
+      }
+    }
+    if (waiting == nullptr) return;  // every thread has exited
+    if (exited != nullptr) {
+      worker.block = &residents.front().block;
+      block_error(cudaErrorLaunchFailure, "the grid barrier at " + where(*waiting) + " can never complete: " +
+                                              where(*exited) + " has exited (a deadlock on a GPU)");
+      return;
+    }
+    ++stats().grid_barriers;
+    for (size_t k = 0; k < count; ++k) {
+      for (Thread& t : residents[k].threads) t.state = State::kReady;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_bytes, const Body& body,
+                   bool cooperative) {
   ++stats().launches;
   if (worker.current != nullptr) {
     return set_error(cudaErrorLaunchFailure, "a kernel launched another (dynamic parallelism) is not emulated");
   }
   if (const cudaError_t err = check_launch(kernel, grid, block_dim, shared_bytes); err != cudaSuccess) return err;
   const size_t threads = static_cast<size_t>(block_dim.x) * block_dim.y * block_dim.z;
-  if (!worker.reserve(threads)) return set_error(cudaErrorMemoryAllocation, "no memory for the fiber stacks");
-  const size_t arena = round_up(static_cast<size_t>(config().optin_shared_bytes), kSharedAlign) + kSharedAlign;
-  if (worker.shared.size() != arena) worker.shared.assign(arena, 0xff);
-  worker.threads.assign(threads, Thread{});
-
   const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  if (cooperative) {
+    const uint64_t most = static_cast<uint64_t>(max_active_blocks(static_cast<int>(threads), shared_bytes)) *
+                          static_cast<uint64_t>(config().multiprocessors);
+    if (blocks > most) {
+      return set_error(cudaErrorCooperativeLaunchTooLarge,
+                       "a cooperative launch of " + std::to_string(blocks) + " blocks; the device holds at most " +
+                           std::to_string(most) + " such blocks at once");
+    }
+  }
+  if (config().dry_run) return cudaSuccess;
+  const size_t resident_count = cooperative ? blocks : 1;
+  if (!worker.reserve(threads * resident_count)) {
+    return set_error(cudaErrorMemoryAllocation, "no memory for the fiber stacks");
+  }
+  if (worker.residents.size() < resident_count) worker.residents.resize(resident_count);
+
   const uint64_t salt = stats().launches.load() * 0x2545f4914f6cdd1dull;
   std::vector<uint64_t> order;
   if (config().order == Order::kRandom && blocks > 1) {
@@ -558,44 +688,45 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_
     std::mt19937_64 rng(config().seed + salt);
     std::shuffle(order.begin(), order.end(), rng);
   }
-  Block block;
-  block.body = &body;
-  block.dynamic_bytes = shared_bytes;
-  block.shared_limit = shared_bytes > static_cast<size_t>(config().default_shared_bytes)
-                           ? static_cast<size_t>(config().optin_shared_bytes)
-                           : static_cast<size_t>(config().default_shared_bytes);
-  block.shared_limit -= std::min(block.shared_limit, shared_bytes);
-  worker.block = &block;
-  for (uint64_t n = 0; n < blocks; ++n) {
-    const uint64_t linear = order.empty() ? (config().order == Order::kReverse ? blocks - 1 - n : n) : order[n];
-    const uint3 block_idx{static_cast<unsigned>(linear % grid.x), static_cast<unsigned>((linear / grid.x) % grid.y),
-                          static_cast<unsigned>(linear / (static_cast<uint64_t>(grid.x) * grid.y))};
-    block.allocations.clear();
-    block.static_end = 0;
-    std::memset(worker.shared.data() + worker.shared.size() - round_up(shared_bytes, kSharedAlign), 0xff,
-                round_up(shared_bytes, kSharedAlign));
-    for (size_t i = 0; i < threads; ++i) {
-      Thread& t = worker.threads[i];
-      t = Thread{};
-      t.view = ThreadView{{static_cast<unsigned>(i % block_dim.x),
-                           static_cast<unsigned>((i / block_dim.x) % block_dim.y),
-                           static_cast<unsigned>(i / (block_dim.x * block_dim.y))},
-                          block_idx, block_dim, grid};
-      t.warp = static_cast<int>(i / 32);
-      t.lane = static_cast<int>(i % 32);
-      start_fiber(t, i);
+  const auto linear_of = [&](uint64_t n) {
+    return order.empty() ? (config().order == Order::kReverse ? blocks - 1 - n : n) : order[n];
+  };
+  worker.cooperative = cooperative;
+  cudaError_t error = cudaSuccess;
+  std::string message;
+  const auto take_error = [&](const Block& b) {
+    if (error == cudaSuccess && b.error != cudaSuccess) {
+      error = b.error;
+      message = b.message;
     }
-    run_block(block, worker.threads, salt + linear);
-    ++stats().blocks;
-    stats().threads += threads;
-    if (!check_stacks(threads)) {
-      block_error(cudaErrorLaunchOutOfResources, "a thread overflowed its " + std::to_string(worker.stack_bytes) +
-                                                     "-byte emulated stack");
+  };
+  if (cooperative) {
+    for (uint64_t n = 0; n < blocks; ++n) {
+      start_block(worker.residents[n], linear_of(n), grid, block_dim, shared_bytes, body, n * threads);
     }
-    if (block.error != cudaSuccess) break;
+    run_cooperative(worker.residents, blocks, salt);
+    for (uint64_t n = 0; n < blocks; ++n) take_error(worker.residents[n].block);
+    stats().blocks += blocks;
+    stats().threads += blocks * threads;
+  } else {
+    Resident& r = worker.residents.front();
+    for (uint64_t n = 0; n < blocks && error == cudaSuccess; ++n) {
+      const uint64_t linear = linear_of(n);
+      start_block(r, linear, grid, block_dim, shared_bytes, body, 0);
+      run_block(r, salt + linear);
+      ++stats().blocks;
+      stats().threads += threads;
+      take_error(r.block);
+    }
+  }
+  if (!check_stacks(threads * resident_count) && error == cudaSuccess) {
+    error = cudaErrorLaunchOutOfResources;
+    message = "a thread overflowed its " + std::to_string(worker.stack_bytes) + "-byte emulated stack";
   }
   worker.block = nullptr;
-  if (block.error != cudaSuccess) return set_error(block.error, block.message);
+  worker.resident = nullptr;
+  worker.cooperative = false;
+  if (error != cudaSuccess) return set_error(error, message);
   return cudaSuccess;
 }
 
@@ -642,6 +773,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
     case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(c.optin_shared_bytes); break;
+    case cudaDevAttrCooperativeLaunch: *value = 1; break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;

@@ -1,6 +1,8 @@
 // Kernels that check the CUDA emulation itself (tests/test_cuda_emulation.py): the warp intrinsics'
 // results, the races and misuse it must expose, and the launch limits it must enforce. Written as
 // CUDA, translated and built like csrc/cuda/*.cu, bound only in the emulated extension.
+#include <cooperative_groups.h>
+
 #include "emu/selftest.h"
 
 namespace nf_emu::selftest {
@@ -85,6 +87,26 @@ __global__ void grid_kernel(int* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0 && blockIdx.z == 0) out[blockIdx.y] = static_cast<int>(blockIdx.y);
 }
 
+// Each block publishes its number, then reads the next block's: correct only with the grid
+// barrier between the two. The other modes misuse the barrier.
+struct GridProbe {
+  GridMode mode;
+  int* out;    // [blocks]: what each block read
+  int* slots;  // [blocks]: what each block published
+};
+
+__global__ void grid_barrier_kernel(GridProbe p) {
+  const int block = static_cast<int>(blockIdx.x), blocks = static_cast<int>(gridDim.x);
+  if (threadIdx.x == 0) p.slots[block] = block + 1;
+  if (p.mode == GridMode::kExit && block == 0) return;  // the whole block leaves before the barrier
+  if (p.mode == GridMode::kSplit && threadIdx.x >= 32) {
+    __syncthreads();  // half the block waits here while the other half waits at the grid barrier
+  } else if (p.mode != GridMode::kNone) {
+    cooperative_groups::this_grid().sync();
+  }
+  if (threadIdx.x == 0) p.out[block] = p.slots[(block + 1) % blocks];
+}
+
 __global__ void atomic_kernel(float* f, double* d) {
   atomicAdd(f, 1.0f);
   atomicAdd(d, 0.5);
@@ -145,6 +167,16 @@ cudaError_t grid(unsigned y, int* out) {
 cudaError_t too_many_threads(int* out) {
   grid_kernel<<<1, 1025>>>(out);
   return cudaGetLastError();
+}
+
+cudaError_t grid_barrier(GridMode mode, int blocks, int* out) {
+  GridProbe probe{mode, out, out + blocks};
+  if (mode == GridMode::kNotCooperative) {
+    grid_barrier_kernel<<<blocks, 64>>>(probe);
+    return cudaGetLastError();
+  }
+  void* args[] = {&probe};
+  return cudaLaunchCooperativeKernel(grid_barrier_kernel, dim3(blocks), dim3(64), args, 0, nullptr);
 }
 
 cudaError_t atomic_sums(int blocks, float* f, double* d) {

@@ -17,4 +17,9 @@ cudaError_t grid(unsigned y, int* out);                       // out [y]
 cudaError_t too_many_threads(int* out);                       // fails: 1025 threads
 cudaError_t atomic_sums(int blocks, float* f, double* d);
 
+// A cooperative launch of `blocks` blocks that meet at a grid barrier (kBarrier), skip it (kNone:
+// a race), reach it outside a cooperative launch, after a block exited, or against a block barrier.
+enum class GridMode { kBarrier, kNone, kNotCooperative, kExit, kSplit };
+cudaError_t grid_barrier(GridMode mode, int blocks, int* out);  // out [2 * blocks]
+
 }  // namespace nf_emu::selftest

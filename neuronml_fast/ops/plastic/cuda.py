@@ -1,43 +1,52 @@
-"""CUDA C++ step kernels of the plastic layers (csrc/cuda/plastic.cu) behind the shared time loops
-of ``gpu.py`` (the same contract as the Triton steps of ``triton.py``)."""
+"""The CUDA C++ kernels of the plastic layers (csrc/cuda/plastic.cu) behind the shared launchers of
+``gpu.py`` (the same buffers as the Triton kernels of ``triton.py``); the extension checks every
+tensor and plans each launch's blocks (``plastic_plan``: one or several blocks per sequence, the
+forward's trace in shared memory or streamed)."""
 
 import functools
 
 from ... import _extensions
-from . import step_loops as gpu
+from . import gpu
 
 
-class CudaSteps:
+class CudaKernels:
+    # What the plan is asked for: 0 and -1 let the extension choose; tests set them to run every
+    # design at small sizes (several blocks per sequence; the trace streamed or resident).
+    requested_parts = 0
+    requested_resident = -1
+
+    def plan(self, p):
+        """(blocks per sequence, whether the forward keeps the trace in shared memory)."""
+        return _extensions.cuda().plastic_plan(p.x, p.weight, p.alpha, p.recurrent, self.requested_parts,
+                                               self.requested_resident)
+
+    def parts_per_sequence(self, p):
+        return self.plan(p)[0]
+
+    def forward(self, p, f):
+        parts, resident = self.plan(p)
+        _extensions.cuda().plastic_forward(
+            p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, f.hebb, p.mod_weight, p.mod_bias,
+            p.mod_fanout, f.trace, f.output, f.checkpoints, f.activity, p.clip, p.every, p.recurrent, p.rule,
+            p.per_neuron, p.mod_tanh, p.tanh, p.has_clip, parts, resident)
+
+    def backward(self, p, b):
+        _extensions.cuda().plastic_backward(
+            p.x, p.weight, p.alpha, p.eta, p.y0, b.output, b.grad_output, p.modulation, b.activity, p.mod_weight,
+            p.mod_fanout, b.checkpoints, b.hebb_final, b.grad_hebb_in, b.trace, b.segment, b.grad_hebb, b.grad_z,
+            b.grad_pre, b.grad_mod, b.mod_rows, b.alpha_part, b.eta_part, b.mod_weight_part, b.mod_bias_part,
+            b.mod_fanout_part, p.clip, p.every, p.recurrent, p.rule, p.per_neuron, p.mod_tanh, p.tanh, p.has_clip,
+            p.recompute, b.parts)
+
     @staticmethod
-    def rows_per_block(out_features, in_features):
-        return _extensions.cuda().PLASTIC_ROWS_PER_BLOCK  # one warp per row
-
-    @staticmethod
-    def sequence_forward(p, trace, checkpoints, every):
-        """One launch for the whole sequence when N <= 128 and no clip (trace in shared memory);
-        False (nothing launched) otherwise, and the driver runs the step kernels."""
-        if max(p.out_features, p.in_features) > _extensions.cuda().PLASTIC_SEQUENCE_MAX_N or p.has_clip:
-            return False
-        return _extensions.cuda().plastic_forward_sequence(
-            p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, trace, p.output, checkpoints, every,
-            p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip)
-
-    @staticmethod
-    def forward_step(p, t, pre, trace, update_only):
-        _extensions.cuda().plastic_forward_step(
-            p.x, p.weight, p.alpha, p.eta, p.clip, p.bias, p.drive, pre, p.modulation, trace, p.output, t,
-            p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip, update_only)
-
-    @staticmethod
-    def backward_step(p, t, pre, h, carry, reconstruct, grad_trace, grad_z, gpre_part, galpha_part, geta_part,
-                      gmod_rows):
-        _extensions.cuda().plastic_backward_step(
-            p.weight, p.alpha, p.eta, p.clip, pre, p.output, p.grad_output, carry, p.modulation, h, grad_trace, grad_z,
-            gpre_part, galpha_part, geta_part, gmod_rows, t, p.recurrent, p.rule, p.per_neuron, p.tanh, p.has_clip,
-            reconstruct)
+    def reduce(p, b):
+        _extensions.cuda().plastic_reduce(
+            p.x, p.weight, p.alpha, p.y0, b.output, b.grad_z, b.alpha_part, b.eta_part, b.mod_weight_part,
+            b.mod_bias_part, b.mod_fanout_part, b.grad_weight, b.grad_bias, b.grad_alpha, b.grad_eta,
+            b.grad_mod_weight, b.grad_mod_bias, b.grad_mod_fanout, p.recurrent, b.parts)
 
 
 # eta is read on the host only where the checkpoint interval needs it (op._eta_and_checkpoints).
 AVOIDS_HOST_READS = True
-plastic_forward = functools.partial(gpu.forward, CudaSteps())
-plastic_backward = functools.partial(gpu.backward, CudaSteps())
+plastic_forward = functools.partial(gpu.forward, CudaKernels())
+plastic_backward = functools.partial(gpu.backward, CudaKernels())

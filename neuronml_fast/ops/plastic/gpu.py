@@ -4,8 +4,10 @@ buffers and the order of its launches, written once.
 The time loop runs inside the kernels. A forward is one launch; a backward is two: the reverse
 walk, then the reductions over (t, b) (weight and bias gradients) and over the sequences (the
 reverse walk's per-sequence partial sums). A backend passes its kernels as the `kernels` argument,
-an object with ``forward(call, buffers)``, ``backward(call, buffers)`` and ``reduce(call,
-buffers)``: `triton.TritonKernels`, `cuda.CudaKernels` (duck-typed: no common base class). No
+an object with ``parts_per_sequence(call)`` (the programs or blocks that share a sequence and
+each leave their partial sums), ``forward(call, buffers)``, ``backward(call, buffers)`` and
+``reduce(call, buffers)``: `triton.TritonKernels`, `cuda.CudaKernels` (duck-typed: no common base
+class). No
 host synchronization, no ATen kernel around the launches: the kernels read the optional tensors
 (initial trace, upstream gradients) where given and start from zeros where not.
 """
@@ -80,9 +82,10 @@ class BackwardBuffers:
     grad_z: torch.Tensor  # dL/dz [T, B, out] (written)
     grad_pre: torch.Tensor  # dL/dx [T, B, in] (linear) or dL/dy0 [B, out] (rnn) (written)
     grad_mod: Optional[torch.Tensor]  # like the given modulation (written)
-    mod_rows: Optional[torch.Tensor]  # [B, out] scratch: dL/dM_t (endogenous)
-    alpha_part: torch.Tensor  # [B, out, in], or [B] for a 0-d alpha (written)
-    eta_part: torch.Tensor  # [B] (written)
+    mod_rows: Optional[torch.Tensor]  # [B, out] scratch: dL/dM_t (modulated)
+    parts: int  # partial sums per sequence of eta and a 0-d alpha
+    alpha_part: torch.Tensor  # [B, out, in], or [B * parts] for a 0-d alpha (written)
+    eta_part: torch.Tensor  # [B * parts] (written)
     mod_weight_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
     mod_bias_part: Optional[torch.Tensor]  # [B] (written; endogenous)
     mod_fanout_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
@@ -137,13 +140,16 @@ def backward(kernels, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulat
     T, B, O, I = p.T, p.B, p.out_features, p.in_features
     new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
     endogenous = lambda *shape: new(*shape) if p.endogenous else None  # noqa: E731
+    parts = kernels.parts_per_sequence(p)
     b = BackwardBuffers(
         output=_contiguous(output), grad_output=_contiguous(grad_output), hebb_final=_contiguous(hebb_final),
         checkpoints=_contiguous(checkpoints), activity=_contiguous(activity), grad_hebb_in=_contiguous(grad_hebb),
         trace=None if p.recompute else new(B, O, I), segment=new(min(every, T), B, O, I) if p.recompute else None,
         grad_hebb=new(B, O, I), grad_z=new(T, B, O), grad_pre=new(B, O) if recurrent else new(T, B, I),
-        grad_mod=None if modulation is None else new(*modulation.shape), mod_rows=endogenous(B, O),
-        alpha_part=new(B) if p.alpha_scalar else new(B, O, I), eta_part=new(B), mod_weight_part=endogenous(B, O),
+        grad_mod=None if modulation is None else new(*modulation.shape),
+        mod_rows=new(B, O) if p.rule == MODULATED else None,
+        parts=parts, alpha_part=new(B * parts) if p.alpha_scalar else new(B, O, I), eta_part=new(B * parts),
+        mod_weight_part=endogenous(B, O),
         mod_bias_part=endogenous(B), mod_fanout_part=endogenous(B, O), grad_weight=new(O, I),
         grad_bias=None if recurrent else new(O), grad_alpha=new(*alpha.shape),
         grad_eta=new(), grad_mod_weight=endogenous(O), grad_mod_bias=endogenous(), grad_mod_fanout=endogenous(O))

@@ -38,6 +38,10 @@ class TritonKernels:
         return block_o, block_i, max(4, min(16, tile_bytes // (32 * 32 * 4)))
 
     @staticmethod
+    def parts_per_sequence(p):
+        return 1  # one program per sequence
+
+    @staticmethod
     def _flags(p):
         _check_matrix(p)
         return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, ENDOGENOUS=p.endogenous,
