@@ -176,7 +176,7 @@ def _forward_resident_kernel(
         if ENDOGENOUS:
             s = tl.sum(y * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0) + tl.load(mb_ptr).to(ACC)
             activity = _activity(s, MOD_TANH)
-            tl.store(activity_ptr + t * B + seq, activity)
+            tl.store(activity_ptr + (t * B + seq), activity)
         m = y
         if RULE == MODULATED:
             m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS, ACC)
@@ -244,7 +244,7 @@ def _forward_kernel(
         if ENDOGENOUS:
             s = _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, OUT, stepping, ACC, BLOCK_I)
             activity = _activity(s, MOD_TANH)
-            tl.store(activity_ptr + t * B + seq, activity, mask=stepping)
+            tl.store(activity_ptr + (t * B + seq), activity, mask=stepping)
 
 
 @triton.jit
@@ -301,7 +301,7 @@ def _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_
         later = u > start
         activity = eta * 0.0
         if ENDOGENOUS:
-            activity = tl.load(activity_ptr + (u - 1) * B + seq, mask=later, other=0.0).to(ACC)
+            activity = tl.load(activity_ptr + ((u - 1) * B + seq), mask=later, other=0.0).to(ACC)
         for r0 in range(0, OUT, BLOCK_O):
             rows = r0 + tl.arange(0, BLOCK_O)
             row_ok = rows < OUT
@@ -355,7 +355,7 @@ def _backward_kernel(
                                    HAS_CLIP, HAS_Y0, ACC, BLOCK_O, BLOCK_I)
         activity = zero
         if ENDOGENOUS:
-            activity = tl.load(activity_ptr + t * B + seq).to(ACC)
+            activity = tl.load(activity_ptr + (t * B + seq)).to(ACC)
         # Rows: H_t, the clip mask on dL/dH_{t+1}, the rule's share of dL/dy_t and dL/dM_t.
         dm_sum = zero
         for r0 in range(0, OUT, BLOCK_O):
@@ -408,7 +408,7 @@ def _backward_kernel(
                     else:
                         dm_sum += tl.sum(tl.where(row_ok, dm, 0.0), axis=0)
         if RULE == MODULATED and not PER_NEURON and not ENDOGENOUS:
-            tl.store(gmod_ptr + t * B + seq, dm_sum)
+            tl.store(gmod_ptr + (t * B + seq), dm_sum)
         tl.debug_barrier()  # this step's rows, read back below by other threads
         if ENDOGENOUS:
             # M_t = fanout * act(s_t), s_t = mod_weight . y_t + mod_bias: dL/ds_t, then its share of dL/dy_t.

@@ -109,7 +109,7 @@ def _rnn_call(T, B, N, dtype, rule="hebb", modulation=None, clip=None, activatio
 
     def call():
         out, trace = nf.plastic_rnn(**args, clip=clip, rule=rule, activation=activation)
-        torch.autograd.grad((out, trace), leaves, upstream)
+        torch.autograd.grad((out, trace), leaves, upstream, allow_unused=True)
 
     return call
 
@@ -126,7 +126,7 @@ def _linear_call(T, B, d_in, d_out, dtype, rule="hebb", activation="tanh", alpha
 
     def call():
         out, trace = nf.plastic_linear(**args, rule=rule, activation=activation)
-        torch.autograd.grad((out, trace), leaves, upstream)
+        torch.autograd.grad((out, trace), leaves, upstream, allow_unused=True)
 
     return call
 
