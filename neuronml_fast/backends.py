@@ -251,6 +251,11 @@ def resolve(op, device_type, dtype, requested=None):
     return requested
 
 
+def supports(op, backend, dtype):
+    """Whether ``backend`` runs ``op`` in ``dtype`` (a kernel for it, or the reference)."""
+    return dtype in _ops[op].dtypes.get(backend, ())
+
+
 def launchers(op, backend):
     """The launcher module of ``op`` on a kernel backend."""
     key = (op, backend)

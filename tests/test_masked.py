@@ -76,18 +76,25 @@ def test_gpu_large_problem_matches_reference(backend):
 def test_conv_bad_inputs_name_the_argument():
     (x, w, m, b), _ = _problem("conv")
     cases = [
-        ((x[0], w, m, b), {}, ValueError, r"input: expected \[N, C_in, H, W\]"),
-        ((x, w[0], m, b), {}, ValueError, "weight: expected a 4-d tensor"),
-        ((x, w[:, :3], m, b), {}, ValueError, "weight: expected C_in/groups = 4/1"),
+        ((x[0, 0], w, m, b), {}, ValueError, r"input: expected \[N, C_in, H, W\] or unbatched \[C_in, H, W\]"),
+        ((x.unsqueeze(0), w, m, b), {}, ValueError, r"a 5-d input is the task-batched form"),
+        ((x, w[0], m, b), {}, ValueError, r"weight: expected \[C_out, C_in/groups, kH, kW\]"),
+        ((x, w[:, :3], m, b), {}, ValueError, r"input: expected 3 channels \(weight.shape\[-3\] x groups = 3 x 1\), "
+                                              r"got 4 channels"),
         ((x, w, m[:4], b), {}, ValueError, r"mask: expected shape \[6\], got \[4\]"),
         ((x, w, m > 0, b), {}, TypeError, "mask: expected a floating-point tensor"),
         ((x, w, m.float(), b), {}, TypeError, "mask: expected dtype torch.float64"),
         ((x, w, m, b[:2]), {}, ValueError, r"bias: expected shape \[6\], got \[2\]"),
-        ((x, w.to("meta"), m, b), {}, ValueError, "weight: expected device cpu"),
-        ((x, w, m, b), {"groups": 4}, ValueError, "weight: expected C_in/groups"),
+        ((x, w.to("meta"), m, b), {}, ValueError, "input: expected device meta"),
+        ((x.float(), w, m, b), {}, TypeError, "input: expected dtype torch.float64 \\(the dtype of weight\\)"),
+        ((x, w, m, b), {"groups": 4}, ValueError, r"input: expected 16 channels \(weight.shape\[-3\] x groups = 4 x 4\)"),
         ((x, w, m, b), {"groups": 0}, ValueError, "groups: expected a positive int"),
-        ((x, w, m, b), {"stride": 0}, ValueError, "stride, padding, dilation: expected stride >= 1"),
+        ((x, w, m, b), {"stride": 0}, ValueError, "stride, dilation: expected stride >= 1"),
+        ((x, w, m, b), {"padding": -1}, ValueError, "padding: expected padding >= 0"),
         ((x, w, m, b), {"padding": (1, 2, 3)}, TypeError, "padding: expected an int or a pair of ints"),
+        ((x, w, m, b), {"stride": 1.5}, TypeError, "stride: expected an int or a pair of ints, got 1.5"),
+        ((x, w, m, b), {"padding": "full"}, ValueError, "padding: expected 'same', 'valid', an int or a pair"),
+        ((x, w, m, b), {"padding": "same", "stride": 2}, ValueError, "padding: 'same' is not supported for strided"),
         ((x[..., :1, :1], w, m, b), {}, ValueError, "input: spatial size"),
         ((x.unsqueeze(0), w.unsqueeze(0).expand(2, -1, -1, -1, -1), m, b), {}, ValueError, "weight: expected 1 tasks"),
     ]
@@ -103,7 +110,7 @@ def test_linear_bad_inputs_name_the_argument():
         ((x[:, :3], w, m, b), ValueError, "input: expected 5 features"),
         ((x, w.unsqueeze(0), m.unsqueeze(0), b.unsqueeze(0)), ValueError, r"input: expected \[T=1, \.\.\., in\]"),
         ((x, w, m.int(), b), TypeError, "mask: expected a floating-point tensor"),
-        ((x.float(), w, m, b), TypeError, "weight: expected dtype torch.float32"),
+        ((x.float(), w, m, b), TypeError, r"input: expected dtype torch.float64 \(the dtype of weight\)"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):

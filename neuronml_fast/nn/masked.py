@@ -118,6 +118,9 @@ class _MaskedMixin:
             gate = NeuronGate(num_neurons, mode="hard").to(**factory)
         if gate is not None and not isinstance(gate, NeuronGate):
             raise TypeError(f"gate: expected a NeuronGate, True or None, got {type(gate).__name__}")
+        if gate is not None and gate.logits.shape[-1] != num_neurons:
+            raise ValueError(f"gate: expected a NeuronGate of {num_neurons} neurons (one per output channel or "
+                             f"feature), got one of {gate.logits.shape[-1]}")
         self.gate = gate
         self.skip_zero = skip_zero
         self.track_sensitivity = track_sensitivity
@@ -182,9 +185,10 @@ class _MaskedMixin:
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose output channels are gated by a structure mask (SPEC section 2).
 
-    Same constructor arguments and state_dict keys as nn.Conv2d (``padding_mode`` other than
-    ``"zeros"`` is pre-padded in PyTorch), plus ``gate`` (a NeuronGate, or True for a hard
-    NeuronGate whose mask starts at exactly 1), ``skip_zero`` and ``track_sensitivity``.
+    Same constructor arguments, input forms and state_dict keys as nn.Conv2d (string padding
+    ``"same"`` / ``"valid"``, every ``padding_mode``, which is pre-padded in PyTorch, unbatched
+    ``[C_in, H, W]`` inputs), plus ``gate`` (a NeuronGate, or True for a hard NeuronGate whose
+    mask starts at exactly 1), ``skip_zero`` and ``track_sensitivity``.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -192,15 +196,12 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
                  track_sensitivity=False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding: string padding {self.padding!r} is not supported by MaskedConv2d; "
-                             f"give the padding in pixels")
         self._init_masking(out_channels, gate, skip_zero, track_sensitivity)
 
     def forward(self, input, mask=None):
         mask = self._tracked(self.current_mask(mask))
         padding = self.padding
-        if self.padding_mode != "zeros":
+        if self.padding_mode != "zeros":  # as nn.Conv2d: the padding (string padding's too) by F.pad
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
         return masked_conv2d(input, self.weight, mask, self.bias, self.stride, padding, self.dilation, self.groups,
