@@ -50,3 +50,13 @@ def both_or_neither(name_a, a, name_b, b):
     if (a is None) != (b is None):
         given = name_a if a is not None else name_b
         raise ValueError(f"{name_a} and {name_b}: expected both or neither, got only {given}")
+
+
+def like_in_dtypes(name, value, ref_name, ref, dtypes, *, shape=None):
+    """`like`, where ``value``'s dtype may be any of ``dtypes``: {dtype: what it is}."""
+    floating_tensor(name, value)
+    if value.dtype not in dtypes:
+        expected = " or ".join(f"{dtype} ({what})" for dtype, what in dtypes.items())
+        raise TypeError(f"{name}: expected dtype {expected}, got {value.dtype}")
+    same_dtype = ref.new_empty((0,), dtype=value.dtype)  # only its dtype and device are read
+    return like(name, value, ref_name, same_dtype, shape=ref.shape if shape is None else shape)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from .._alloc import accumulation_dtype
 from ..ops.masked import masked_conv2d, masked_linear
 
@@ -261,6 +262,7 @@ class _MaskedBatchNorm:
             mask = self._mask_source.current_mask()
         if mask is None:
             return super().forward(input)
+        self._check_mask(mask, input)
         keep = mask != 0
         updating = self.training and self.track_running_stats and self.running_mean is not None
         if not updating:
@@ -277,7 +279,16 @@ class _MaskedBatchNorm:
                 self.running_var.copy_(torch.where(keep, var, self.running_var))
         shape = (1, -1) + (1,) * (input.dim() - 2)
         keep = keep.view(shape)
-        return torch.where(keep, mask.view(shape), 0) * torch.where(keep, out, 0)
+        return torch.where(keep, mask.view(shape).to(out.dtype), 0) * torch.where(keep, out, 0)
+
+    def _check_mask(self, mask, input):
+        """One value per neuron, floating, on the input's device, as the masked layers take it; in the
+        input's dtype or the layer's (the dtype of the mask a followed layer gives, also when autocast
+        runs the layers in a lower precision)."""
+        own = next((t.dtype for t in (self.weight, self.running_mean) if t is not None), input.dtype)
+        accepted = {input.dtype: "the dtype of input"}
+        accepted.setdefault(own, "the dtype of the layer")
+        _checks.like_in_dtypes("mask", mask, "input", input, accepted, shape=(self.num_features,))
 
 
 class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
@@ -307,18 +318,65 @@ def convert(module, *, gate=False, skip_zero=True, track_sensitivity=False):
       ``skip_zero=True`` a neuron whose gate reaches 0 gets no gradient from the loss and stays
       pruned; pass ``skip_zero=False`` to let pruned neurons come back.
 
+    * A layer used in several places (the same module object registered twice, as in tied or
+      repeated layers) becomes one masked layer, registered in each place: pruning it prunes every
+      use.
+    * A layer that is already masked stays the same object; ``gate=True`` attaches its gate where
+      it has none (the gate starts at the layer's 0/1 mask buffer, so outputs stay the same), and
+      ``skip_zero=False`` and ``track_sensitivity=True`` apply to it too.
+
     Returns ``module`` (or its replacement when ``module`` itself is a Conv2d / Linear).
     """
+    return _convert(module, gate, skip_zero, track_sensitivity, {})
+
+
+def _convert(module, gate, skip_zero, track_sensitivity, converted):
+    """`convert` with ``converted``: {id(module): its replacement} of the modules already visited, so
+    each module is converted once, whatever the number of places it is registered in."""
+    if id(module) in converted:
+        return converted[id(module)]
     replacement = _masked_twin(module, gate, skip_zero, track_sensitivity)
+    converted[id(module)] = replacement if replacement is not None else module
     if replacement is not None:
         return replacement
+    if isinstance(module, _MaskedMixin):
+        _apply_options(module, gate, skip_zero, track_sensitivity)
     previous = None
-    for name, child in list(module.named_children()):
-        child = convert(child, gate=gate, skip_zero=skip_zero, track_sensitivity=track_sensitivity)
-        child = _norm_following(child, previous)
+    # module._modules, not named_children(): that one lists a module registered twice only once.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        seen = id(child) in converted  # then it is converted already, as its first place decided
+        child = _convert(child, gate, skip_zero, track_sensitivity, converted)
+        if not seen:
+            child = _norm_following(child, previous, converted)
         setattr(module, name, child)
         previous = child
     return module
+
+
+def _apply_options(layer, gate, skip_zero, track_sensitivity):
+    """`convert`'s options, on a layer that is already masked: those given away from their defaults."""
+    if gate and layer.gate is None:
+        layer.gate = _gate_holding(layer)
+    if not skip_zero:
+        layer.skip_zero = False
+    if track_sensitivity:
+        layer.track_sensitivity = True
+
+
+def _gate_holding(layer):
+    """A hard gate whose mask is ``layer``'s mask buffer (0/1 values only, what a hard gate can hold)."""
+    mask = layer.mask.detach()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"gate: expected a layer whose mask buffer holds only 0 and 1 (what a hard gate can start "
+                         f"from), got a {type(layer).__name__} with mask values "
+                         f"{mask.unique().tolist()[:6]}; attach a NeuronGate by hand")
+    gate = NeuronGate(mask.numel(), mode="hard").to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        gate.logits.copy_(torch.where(mask != 0, gate.logits, -gate.logits))
+    gate.train(layer.training)
+    return gate
 
 
 def _masked_twin(module, gate, skip_zero, track_sensitivity):
@@ -342,9 +400,9 @@ def _masked_twin(module, gate, skip_zero, track_sensitivity):
 _MASKED_NORMS = {nn.BatchNorm2d: (MaskedConv2d, MaskedBatchNorm2d), nn.BatchNorm1d: (MaskedLinear, MaskedBatchNorm1d)}
 
 
-def _norm_following(module, previous):
+def _norm_following(module, previous, converted):
     """``module``, or its masked twin following ``previous`` where ``module`` is the BatchNorm of
-    ``previous``'s output (see `convert`)."""
+    ``previous``'s output (see `convert`); ``converted`` records the twin for the module's other places."""
     layer_type, twin_type = _MASKED_NORMS.get(type(module), (None, None))
     if layer_type is None or not isinstance(previous, layer_type) or previous.mask.numel() != module.num_features:
         return module
@@ -353,4 +411,5 @@ def _norm_following(module, previous):
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         setattr(twin, name, tensor)
     twin.train(module.training)
+    converted[id(module)] = twin
     return twin.follow(previous)
