@@ -57,6 +57,6 @@ def like_in_dtypes(name, value, ref_name, ref, dtypes, *, shape=None):
     floating_tensor(name, value)
     if value.dtype not in dtypes:
         expected = " or ".join(f"{dtype} ({what})" for dtype, what in dtypes.items())
-        raise TypeError(f"{name}: expected dtype {expected}, got {value.dtype}")
+        raise ArgumentTypeError(f"{name}: expected dtype {expected}, got {value.dtype}")
     same_dtype = ref.new_empty((0,), dtype=value.dtype)  # only its dtype and device are read
     return like(name, value, ref_name, same_dtype, shape=ref.shape if shape is None else shape)

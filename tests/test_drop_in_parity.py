@@ -281,3 +281,51 @@ def test_where_a_backend_lacks_the_autocast_dtype_it_computes_in_float32():
     assert out.dtype == torch.bfloat16
     exact = F.conv2d(x[0], w[0], padding=1).unsqueeze(0).to(torch.bfloat16)
     assert torch.equal(out, exact) or (out.float() - exact.float()).abs().max() <= 2 ** -7 * exact.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
+@pytest.mark.parametrize("layer", ["rnn", "linear", "backpropamine"])
+def test_plastic_layers_under_cpu_autocast_compute_as_the_rnn_cells(backend, layer):
+    torch.manual_seed(0)
+    net = {"rnn": lambda: nf.nn.PlasticRNN(6), "linear": lambda: nf.nn.PlasticLinear(6, 4),
+           "backpropamine": lambda: nf.nn.PlasticRNN(6, clip=1.0, modulator="neuron")}[layer]()
+    x = torch.randn(5, 2, 6)
+    with nf.use_backend("reference"):
+        ref, _ = net(x)
+    with nf.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = net(x)
+        hebb = state[1] if isinstance(state, tuple) else state
+        out2, _ = net(x, state) if layer != "linear" else net(x, hebb=hebb)  # the returned state carries
+    assert out.dtype == out2.dtype == torch.bfloat16 and hebb.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out2.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)
+
+
+def test_sensitivity_and_batch_norm_rows_under_autocast():
+    w, g = torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = nf.neuron_sensitivity(w.bfloat16(), g)  # mixed dtypes are taken, as sum would take them
+        x = torch.randn(16, 4).bfloat16().requires_grad_()
+        y = nf.batch_norm_rows(x, torch.ones(4, requires_grad=True), torch.zeros(4))
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, nf.neuron_sensitivity(w.bfloat16().float(), g))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.batch_norm(x.float(), None, None, training=True), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+def test_cuda_autocast_plastic_on_the_gpu_backends_computes_in_float32_without_16_bit_kernels(backend, device):
+    from neuronml_fast.ops.plastic.op import plastic_op
+
+    torch.manual_seed(0)
+    x, w, a = torch.randn(4, 2, 5), torch.randn(5, 5) * 0.3, torch.randn(5, 5) * 0.3
+    args = (x, w, a, torch.tensor(0.1), None, None, None, None, None, None, True, "hebb", "tanh", 2, None, None,
+            None, True, backend)
+    policy = _autocast.Policy(_autocast.LOWER, state_inputs=(4,), cast_outputs=(0,))
+    computed, wanted = _autocast.compute_dtype("plastic", backend, _autocast.LOWER, torch.float16, torch.float32)
+    output, hebb, _, _ = _autocast.run(plastic_op, "plastic", policy, torch.float16, args)
+    assert output.dtype == wanted == torch.float16 and hebb.dtype == torch.float32
+    assert computed == (torch.float16 if nf.backends.supports("plastic", backend, torch.float16) else torch.float32)
+    ref, _ = nf.ops.plastic.plastic_rnn_reference(x, w, a, torch.tensor(0.1))
+    torch.testing.assert_close(output.float(), ref, rtol=2e-3, atol=2e-3)

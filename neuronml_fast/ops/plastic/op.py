@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ... import _alloc, _checks, backends
+from .. import _autocast
 from .reference import plastic_linear_reference, plastic_rnn_reference
 
 RULES = ("hebb", "oja")
@@ -288,6 +289,10 @@ def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
 
 
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
+# The RNN cells' autocast, the trace (argument 4, output 1) kept in float32; checkpoints and the
+# modulator's activity are the backward's, in the dtype it computes in.
+_autocast.register(plastic_op, OP, _autocast.Policy(_autocast.LOWER, state_inputs=(4,), cast_outputs=(0,)))
+_autocast.register(plastic_backward_op, f"{OP}_backward", _autocast.Policy(_autocast.AS_GIVEN))
 
 
 # ---- the checkpoint policy (every backend keeps the traces the op asks for) -----------------
@@ -366,11 +371,15 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     number), ``hebb [B, out, in]`` (zeros by default), ``drive [T, B, out]``. Returns
     ``(output [T, B, out], hebb [B, out, in])``; the trace is in `trace_dtype` (float32 for 16-bit
     inputs), and ``hebb=`` takes that dtype or the input's, so ``out, h = f(x, ..., hebb=h)`` carries it.
+    Under ``torch.autocast`` it computes as the RNN cells do: inputs and output in the autocast dtype,
+    the trace in float32 (`neuronml_fast.ops._autocast`).
     """
     number, eta = _eta_number(eta), _as_eta(eta, input)
+    backend, (input, weight, alpha, eta, hebb, bias, drive) = _autocast.autocast_inputs(
+        OP, _autocast.LOWER, input.device.type, input.dtype, (input, weight, alpha, eta, hebb, bias, drive),
+        state_inputs=(4,))
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
-    backend = backends.resolve(OP, input.device.type, input.dtype)
     every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
@@ -395,7 +404,9 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
       ``mod_bias`` 0-d (default 0), ``mod_fanout [N]`` (default ones) and ``mod_activation``
       ``"tanh"`` (default) or ``"identity"``. All three get gradients.
 
-    Under either form ``eta`` is ignored, and it gets no gradient: ``eta.grad`` stays None (not a
+    Under ``torch.autocast`` it computes as `plastic_linear` does.
+
+    Under either form of neuromodulation ``eta`` is ignored, and it gets no gradient: ``eta.grad`` stays None (not a
     tensor of zeros), on every backend, as for any parameter a computation does not use (an
     optimizer's weight decay then leaves it alone, as it leaves an unused parameter).
     """
@@ -403,9 +414,13 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     modulator = None if mod_weight is None else (mod_weight, mod_bias, mod_fanout, mod_activation)
     if mod_weight is None and (mod_bias is not None or mod_fanout is not None):
         raise ValueError("mod_weight: expected a tensor when mod_bias or mod_fanout is given, got None")
+    backend, (input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout) = (
+        _autocast.autocast_inputs(OP, _autocast.LOWER, input.device.type, input.dtype,
+                                  (input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout),
+                                  state_inputs=(5,)))
+    modulator = None if mod_weight is None else (mod_weight, mod_bias, mod_fanout, mod_activation)
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=True, rule=rule, activation=activation, y0=y0,
                       modulation=modulation, clip=clip, modulator=modulator)
-    backend = backends.resolve(OP, input.device.type, input.dtype)
     clip = None if clip is None else float(clip)
     modulated = modulation is not None or mod_weight is not None
     every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend)
