@@ -310,3 +310,21 @@ def test_masked_batch_norm_checks_its_mask_like_the_masked_layers(kind):
         with pytest.raises(error, match=message):
             bn(h, mask)
     bn(h, torch.ones(8))  # the right mask still runs
+
+
+def test_a_gate_of_another_size_is_refused_at_construction():
+    with pytest.raises(ValueError, match="gate: expected a NeuronGate of 16 neurons .* got one of 10"):
+        nf.nn.MaskedConv2d(8, 16, 3, gate=nf.nn.NeuronGate(10))
+    with pytest.raises(ValueError, match="gate: expected a NeuronGate of 4 neurons"):
+        nf.nn.MaskedLinear(3, 4, gate=nf.nn.NeuronGate(3))
+
+
+def test_a_layer_given_the_wrong_channel_count_names_the_input():
+    conv = nf.nn.MaskedConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match=r"input: expected 4 channels .* got 5 channels in input of shape \[2, 5, 8, 8\]"):
+        conv(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"a 5-d input is the task-batched form \[T, N, C_in, H, W\], which takes "
+                                         r"a task-batched weight"):
+        conv(torch.randn(3, 2, 4, 8, 8))
+    with pytest.raises(TypeError, match=r"stride: expected an int or a pair of ints, got 1.5"):
+        nf.masked_conv2d(torch.randn(2, 4, 8, 8), conv.weight, conv.mask, stride=1.5)
