@@ -226,6 +226,16 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         return masked_linear(input, self.weight, mask, self.bias, skip_zero=self.skip_zero)
 
 
+class _Reference:
+    """A module held by another without being its submodule (its parameters stay out of the holder's
+    state_dict and parameters()). Not an nn.Module attribute: nn.Module.__setattr__, and tools that
+    rebuild a module tree attribute by attribute (higher's innerloop_ctx), register a module value as
+    a child. copy.deepcopy and pickling copy the module it holds once, with the rest of the tree."""
+
+    def __init__(self, module):
+        self.module = module
+
+
 class _MaskedBatchNorm:
     """BatchNorm that keeps pruned neurons silent: ``mask[c] * BN(x)[c]``.
 
@@ -238,14 +248,16 @@ class _MaskedBatchNorm:
     Mask source: the ``mask=`` argument of ``forward``, else the current mask of the layer set
     with ``follow(layer)`` (what `convert` sets up), else none (plain BatchNorm). The followed
     layer is a reference, not a submodule: its parameters stay out of this module's state_dict.
+    copy.deepcopy and pickling keep the link inside the copy; a tool that rebuilds the module tree
+    itself (higher's innerloop_ctx) keeps it to the original layer, whose gate then gives the mask.
     """
 
-    _mask_source = None
+    _mask_source = None  # a _Reference to the followed layer
 
     @property
     def mask_source(self):
         """The masked layer whose mask this norm applies when ``forward`` gets none (or None)."""
-        return self._mask_source
+        return None if self._mask_source is None else self._mask_source.module
 
     def follow(self, layer):
         """Apply ``layer``'s current mask (a MaskedConv2d or MaskedLinear; None: no mask). Returns self."""
@@ -254,12 +266,12 @@ class _MaskedBatchNorm:
         if layer is not None and layer.mask.numel() != self.num_features:
             raise ValueError(f"layer: expected a masked layer with {self.num_features} neurons (num_features), "
                              f"got {layer.mask.numel()}")
-        object.__setattr__(self, "_mask_source", layer)  # bypasses nn.Module: not a submodule
+        self._mask_source = None if layer is None else _Reference(layer)
         return self
 
     def forward(self, input, mask=None):
         if mask is None and self._mask_source is not None:
-            mask = self._mask_source.current_mask()
+            mask = self._mask_source.module.current_mask()
         if mask is None:
             return super().forward(input)
         self._check_mask(mask, input)
