@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ... import _checks, backends
 from .. import _autocast
+from .._functorch import TransformableOp
 from .._vmap import merge_batch
 from .reference import conv_output_hw, conv_output_shape, masked_conv2d_reference, masked_linear_reference
 
@@ -353,10 +354,11 @@ def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, 
 
 class _OpPair:
     """A masked layer's forward and backward custom ops, called with the argument order of the
-    comment above: one set of autograd functions serves the conv and the linear layer."""
+    comment above: one set of autograd functions serves the conv and the linear layer.
+    ``forward_op`` and ``backward_op`` are set by `_register` (`TransformableOp`s)."""
 
-    def __init__(self, forward_op, backward_op, n_layer_args, forward_only_args=()):
-        self.forward_op, self.backward_op, self.n_layer_args = forward_op, backward_op, n_layer_args
+    def __init__(self, n_layer_args, forward_only_args=()):
+        self.n_layer_args = n_layer_args
         # Arguments of the forward op alone, after layer_args: their values for the forward calls
         # of the double backward (where they change layouts, never values).
         self.forward_only_args = forward_only_args
@@ -460,35 +462,40 @@ def _make_backward_autograd(layer):
     return setup_context, backward
 
 
-def _merge_into_tasks(op, n_tensors):
-    """vmap rule: the vmapped dim joins the task dim (dim 0) of the first n_tensors args."""
+def _merge_into_tasks(n_tensors):
+    """The vmap rule of ``op`` (a `TransformableOp`, given by its constructor): the vmapped dim joins
+    the task dim (dim 0) of the first n_tensors args."""
 
-    def rule(info, in_dims, *args):
-        batch = info.batch_size
-        merged = [merge_batch(a, d, batch) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])]
-        merged += list(args[n_tensors:])
-        outs = op(*merged)
-        results, dims = [], []
-        for o in outs:
-            if o.dim() == 1 and o.numel() == 0:  # a gradient that was not asked for
-                results.append(o)
-                dims.append(None)
-            else:
-                results.append(o.unflatten(0, (batch, -1)))
-                dims.append(0)
-        return tuple(results), tuple(dims)
+    def rule_for(op):
+        def rule(info, in_dims, *args):
+            batch = info.batch_size
+            merged = [merge_batch(a, d, batch) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+            merged += list(args[n_tensors:])
+            outs = op(*merged)
+            results, dims = [], []
+            for o in outs:
+                if o.dim() == 1 and o.numel() == 0:  # a gradient that was not asked for
+                    results.append(o)
+                    dims.append(None)
+                else:
+                    results.append(o.unflatten(0, (batch, -1)))
+                    dims.append(0)
+            return tuple(results), tuple(dims)
 
-    return rule
+        return rule
+
+    return rule_for
 
 
-_CONV_LAYER = _OpPair(masked_conv2d_op, masked_conv2d_backward_op, 5, forward_only_args=(False,))
-_LINEAR_LAYER = _OpPair(masked_linear_op, masked_linear_backward_op, 0)
-for _layer in (_CONV_LAYER, _LINEAR_LAYER):
-    for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
-        _setup, _backward = _make(_layer)
-        _op_def.register_autograd(_backward, setup_context=_setup)
-    _layer.forward_op.register_vmap(_merge_into_tasks(_layer.forward_op, 4))
-    _layer.backward_op.register_vmap(_merge_into_tasks(_layer.backward_op, 6))
+def _register(layer, forward_op, backward_op):
+    """Autograd and vmap for a layer's pair of ops, and the callables the layer calls them through."""
+    layer.forward_op = TransformableOp(forward_op, *_make_forward_autograd(layer), _merge_into_tasks(4))
+    layer.backward_op = TransformableOp(backward_op, *_make_backward_autograd(layer), _merge_into_tasks(6))
+    return layer
+
+
+_CONV_LAYER = _register(_OpPair(5, forward_only_args=(False,)), masked_conv2d_op, masked_conv2d_backward_op)
+_LINEAR_LAYER = _register(_OpPair(0), masked_linear_op, masked_linear_backward_op)
 for _op_def, _name, _policy in ((masked_conv2d_op, CONV, _autocast.Policy(_autocast.LOWER, cast_outputs=(0, 1))),
                                 (masked_linear_op, LINEAR, _autocast.Policy(_autocast.LOWER, cast_outputs=(0, 1))),
                                 (masked_conv2d_backward_op, f"{CONV}_backward", _autocast.Policy(_autocast.AS_GIVEN)),
@@ -536,8 +543,8 @@ def _masked_conv2d_tasks(input, weight, mask, bias, stride, padding, dilation, g
     A backend that convolves in a layout of its own converts the input here, so that autograd keeps
     the converted input for the backward, whose input gradient comes back in the caller's layout."""
     input, contiguous_input_grad, contiguous_output = _layout(backend).prepare(input, channels_last)
-    return masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
-                            contiguous_output, skip_zero, backend)[0]
+    return _CONV_LAYER.forward_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
+                                  contiguous_output, skip_zero, backend)[0]
 
 
 def _masked_conv2d_single(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend):
@@ -580,6 +587,7 @@ def masked_linear(input, weight, mask, bias=None, skip_zero=True):
         bias = None if bias is None else bias.unsqueeze(0)
     tasks, lead = input.shape[0], input.shape[1:-1]
     rows = math.prod(lead)
-    out = masked_linear_op(input.reshape(tasks, rows, input.shape[-1]), weight, mask, bias, skip_zero, backend)[0]
+    out = _LINEAR_LAYER.forward_op(input.reshape(tasks, rows, input.shape[-1]), weight, mask, bias, skip_zero,
+                                   backend)[0]
     out = out.view(tasks, *lead, weight.shape[1])
     return out if batched else out.squeeze(0)
