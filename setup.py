@@ -257,7 +257,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "hypothesis", "expecttest"],
+        # higher, torchopt, torchvision: the research workflows of tests/test_drop_in_workflows.py.
+        "test": ["pytest", "hypothesis", "expecttest", "higher", "torchopt", "torchvision"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "meta": ["pillow", "matplotlib", "tqdm"],
     },
