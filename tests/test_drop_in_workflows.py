@@ -248,10 +248,9 @@ def test_maml_with_higher_innerloop_ctx(backend):
     assert_all_close(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="higher's innerloop_ctx rebuilds the module tree without copy's memo: a "
-                                       "MaskedBatchNorm keeps following the original layer, whose gate holds the "
-                                       "initial logits, not the fast ones")
 def test_maml_with_higher_on_a_gated_model_equals_functional_call():
+    """higher's innerloop_ctx rebuilds the module tree without copy's memo: its masked BatchNorms keep
+    the reference to the original layers, and must still apply the masks the fast gates give."""
     torch.manual_seed(0)
     model = nf.nn.convert(Conv4().double(), gate=True)
     batch = episode()

@@ -123,6 +123,7 @@ class _MaskedMixin:
             raise ValueError(f"gate: expected a NeuronGate of {num_neurons} neurons (one per output channel or "
                              f"feature), got one of {gate.logits.shape[-1]}")
         self.gate = gate
+        self._last_mask = _LastMask()
         self.skip_zero = skip_zero
         self.track_sensitivity = track_sensitivity
         self.register_buffer("sensitivity", torch.zeros(num_neurons, device=self.weight.device,
@@ -145,6 +146,20 @@ class _MaskedMixin:
         if self.gate is not None:
             return self.gate().to(self.weight.dtype)
         return self.mask
+
+    def _published(self, mask):
+        """``mask``, kept as the mask of this layer's latest forward for the norms that follow it
+        (`last_mask`)."""
+        self._last_mask.mask = mask
+        return mask
+
+    def last_mask(self):
+        """The mask of this layer's latest forward (its ``mask=`` argument, or its gate's or buffer's
+        mask), or its current mask before any. A following norm applies this one: the mask the layer
+        itself computed with, also when a tool runs the layer as a rebuilt copy (higher's
+        innerloop_ctx copies this attribute by reference, so the copy's forward lands here)."""
+        mask = self._last_mask.mask
+        return self.current_mask() if mask is None else mask
 
     def _tracked(self, mask):
         """With track_sensitivity, route |mask * dL/dmask| into the sensitivity buffer.
@@ -200,7 +215,7 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
         self._init_masking(out_channels, gate, skip_zero, track_sensitivity)
 
     def forward(self, input, mask=None):
-        mask = self._tracked(self.current_mask(mask))
+        mask = self._tracked(self._published(self.current_mask(mask)))
         padding = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d: the padding (string padding's too) by F.pad
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -222,8 +237,23 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         self._init_masking(out_features, gate, skip_zero, track_sensitivity)
 
     def forward(self, input, mask=None):
-        mask = self._tracked(self.current_mask(mask))
+        mask = self._tracked(self._published(self.current_mask(mask)))
         return masked_linear(input, self.weight, mask, self.bias, skip_zero=self.skip_zero)
+
+
+class _LastMask:
+    """Where a masked layer keeps the mask of its latest forward (`_MaskedMixin.last_mask`). A plain
+    object, so that a copy of the layer made attribute by attribute shares it; copy.deepcopy and
+    pickling give the copy an empty one (the mask belongs to one forward's graph)."""
+
+    def __init__(self):
+        self.mask = None
+
+    def __deepcopy__(self, memo):
+        return _LastMask()
+
+    def __getstate__(self):
+        return {"mask": None}
 
 
 class _Reference:
@@ -245,11 +275,12 @@ class _MaskedBatchNorm:
     exact zeros with zero gradients, and their running statistics are left untouched. Give
     the conv the same mask (it then skips the pruned neurons' compute).
 
-    Mask source: the ``mask=`` argument of ``forward``, else the current mask of the layer set
-    with ``follow(layer)`` (what `convert` sets up), else none (plain BatchNorm). The followed
-    layer is a reference, not a submodule: its parameters stay out of this module's state_dict.
-    copy.deepcopy and pickling keep the link inside the copy; a tool that rebuilds the module tree
-    itself (higher's innerloop_ctx) keeps it to the original layer, whose gate then gives the mask.
+    Mask source: the ``mask=`` argument of ``forward``, else the mask of the latest forward of
+    the layer set with ``follow(layer)`` (what `convert` sets up; `last_mask`), else none (plain
+    BatchNorm). The followed layer is a reference, not a submodule: its parameters stay out of
+    this module's state_dict. copy.deepcopy and pickling keep the link inside the copy; a tool
+    that rebuilds the module tree itself (higher's innerloop_ctx) keeps the reference to the
+    original layer, whose `last_mask` is then the mask its rebuilt copy computed.
     """
 
     _mask_source = None  # a _Reference to the followed layer
@@ -271,7 +302,7 @@ class _MaskedBatchNorm:
 
     def forward(self, input, mask=None):
         if mask is None and self._mask_source is not None:
-            mask = self._mask_source.module.current_mask()
+            mask = self._mask_source.module.last_mask()
         if mask is None:
             return super().forward(input)
         self._check_mask(mask, input)
