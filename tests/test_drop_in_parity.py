@@ -28,14 +28,23 @@ SHAPES = {
     "N=1": (1, 3, 5, 5, 4, 3),
     "C_out=1": (2, 3, 5, 5, 1, 3),
 }
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CL}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CL, "NHWC storage": "nhwc"}
+
+
+def _laid_out(t, layout):
+    """``t`` in a layout: torch's two memory formats (``contiguous(memory_format=...)`` keeps the
+    strides of a tensor that already is in the format, such as one with one channel), or NHWC
+    storage whatever the shape (the strides a permuted NHWC tensor has)."""
+    if layout == "nhwc":
+        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return t.contiguous(memory_format=layout)
 
 
 def _layout_problem(shape, input_layout, weight_layout, dtype=F64):
     n, c, h, w, o, k = shape
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, h, w, dtype=dtype, generator=g).contiguous(memory_format=LAYOUTS[input_layout])
-    weight = torch.randn(o, c, k, k, dtype=dtype, generator=g).contiguous(memory_format=LAYOUTS[weight_layout])
+    x = _laid_out(torch.randn(n, c, h, w, dtype=dtype, generator=g), LAYOUTS[input_layout])
+    weight = _laid_out(torch.randn(o, c, k, k, dtype=dtype, generator=g), LAYOUTS[weight_layout])
     mask = (torch.arange(o) % 3 != 1).to(dtype)
     return x.requires_grad_(), weight, mask, k // 2
 
