@@ -118,6 +118,28 @@ def test_launch_runs_on_the_device_of_its_tensors(monkeypatch):
     assert events == [("launch", (3,))]
 
 
+def test_an_intercepted_launch_goes_to_the_handler_and_not_to_the_kernel():
+    launched, handled = [], []
+
+    class Kernel:
+        __name__ = "kernel"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    x = torch.zeros(2)
+    with _triton_launch.intercepted(lambda kernel, grid, args, kwargs: handled.append((kernel, grid, args, kwargs))):
+        _triton_launch.launch(Kernel(), (3,), x, 5, FLAG=True)
+        with _triton_launch.intercepted(None):  # what a handler that also runs the kernel does
+            _triton_launch.launch(Kernel(), (4,), x)
+    _triton_launch.launch(Kernel(), (5,), x)
+    assert [(type(k).__name__, g, a[1:], kw) for k, g, a, kw in handled] == [("Kernel", (3,), (5,), {"FLAG": True})]
+    assert handled[0][2][0] is x
+    assert launched == [(4,), (5,)]
+    with pytest.raises(ValueError, match="over the CUDA limit"), _triton_launch.intercepted(handled.append):
+        _triton_launch.launch(Kernel(), (2**31,), x)  # the grid is checked before any handler
+
+
 def _subscript_calls(tree):
     """`something[grid](...)` calls: direct Triton launches."""
     return [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)]

@@ -350,7 +350,8 @@ void plastic_backward_step(const at::Tensor& weight, const at::Tensor& alpha, co
 #ifdef NEURONML_FAST_CUDA_EMULATION
 // The emulated device and schedule (csrc/emu/cuda_emu.h); unset values keep their setting.
 void configure_emulation(const c10::optional<std::string>& order, const c10::optional<int64_t>& seed,
-                         const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes) {
+                         const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes,
+                         const c10::optional<bool>& count_only) {
   nf_emu::Config& c = nf_emu::config();
   if (order) {
     TORCH_CHECK(*order == "forward" || *order == "reverse" || *order == "random",
@@ -369,6 +370,7 @@ void configure_emulation(const c10::optional<std::string>& order, const c10::opt
                 "optin_shared_bytes: expected ", c.default_shared_bytes, "..", 1 << 20, ", got ", *optin_shared_bytes);
     c.optin_shared_bytes = *optin_shared_bytes;
   }
+  if (count_only) c.count_only = *count_only;
 }
 
 // One of the emulation's own checks (csrc/emu/selftest.cu), writing into `out` (and `out2`).
@@ -425,6 +427,7 @@ py::dict emulation_state() {
   d["seed"] = c.seed;
   d["max_grid_yz"] = c.max_grid_yz;
   d["optin_shared_bytes"] = c.optin_shared_bytes;
+  d["count_only"] = c.count_only;
   d["launches"] = s.launches.load();
   d["failed_launches"] = s.failed_launches.load();
   d["blocks"] = s.blocks.load();
@@ -441,7 +444,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "neuronml_fast CUDA C++ kernels, emulated on the CPU";
   m.def("configure_emulation", &configure_emulation, "set the emulated schedule and device limits",
         py::arg("order") = py::none(), py::arg("seed") = py::none(), py::arg("max_grid_yz") = py::none(),
-        py::arg("optin_shared_bytes") = py::none());
+        py::arg("optin_shared_bytes") = py::none(), py::arg("count_only") = py::none());
   m.def("emulation_state", &emulation_state, "the emulated schedule, limits and counters");
   m.def("emulation_selftest", &emulation_selftest, "one of the emulation's own checks", py::arg("name"),
         py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none());
