@@ -240,6 +240,20 @@ def _conv_weight_grad_kernel(
     sum_mask = tl.zeros([BLOCK_M], dtype=ACC)
     reduce_here = pid_n == 0
     split_base = split.to(tl.int64) * SPLIT_STRIDE
+    # The zeros of the pruned channels of this block of channels, first: nothing of this stays live
+    # through the GEMM loop (all channels are computed under skip_zero=False, so none).
+    if SKIP_ZERO:
+        own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pruned = (own < COUT_G) & ~_kept(mask_row, own, COUT_G, True)
+        zero_row = (t * COUT + g * COUT_G + own).to(tl.int64)
+        if COMPUTE_GW:
+            tl.store(gw_ptr + split_base + zero_row[:, None] * K + col[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_N], dtype=gw_ptr.dtype.element_ty),
+                     mask=pruned[:, None] & col_ok[None, :])
+        if reduce_here:
+            zeros = tl.zeros([BLOCK_M], dtype=gb_ptr.dtype.element_ty)
+            tl.store(gb_ptr + GB_OFFSET + split_base + zero_row, zeros, mask=pruned)
+            tl.store(gm_ptr + GM_OFFSET + split_base + zero_row, zeros.to(gm_ptr.dtype.element_ty), mask=pruned)
     if tl.max(active.to(tl.int32), 0) > 0:
         mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
         start = split * PIX_PER_SPLIT
@@ -272,20 +286,6 @@ def _conv_weight_grad_kernel(
         if reduce_here:
             tl.store(gb_ptr + GB_OFFSET + split_base + row, sum_gy.to(gb_ptr.dtype.element_ty), mask=active)
             tl.store(gm_ptr + GM_OFFSET + split_base + row, sum_mask.to(gm_ptr.dtype.element_ty), mask=active)
-    # The zeros of the pruned channels of this block of channels (all of them under skip_zero=False
-    # are computed, so none).
-    if SKIP_ZERO:
-        own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pruned = (own < COUT_G) & ~_kept(mask_row, own, COUT_G, True)
-        row = (t * COUT + g * COUT_G + own).to(tl.int64)
-        if COMPUTE_GW:
-            tl.store(gw_ptr + split_base + row[:, None] * K + col[None, :],
-                     tl.zeros([BLOCK_M, BLOCK_N], dtype=gw_ptr.dtype.element_ty),
-                     mask=pruned[:, None] & col_ok[None, :])
-        if reduce_here:
-            zeros = tl.zeros([BLOCK_M], dtype=gb_ptr.dtype.element_ty)
-            tl.store(gb_ptr + GB_OFFSET + split_base + row, zeros, mask=pruned)
-            tl.store(gm_ptr + GM_OFFSET + split_base + row, zeros.to(gm_ptr.dtype.element_ty), mask=pruned)
 
 
 @triton.jit
