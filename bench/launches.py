@@ -175,6 +175,17 @@ class Tally:
     bytes: float = 0.0
     flops: float = 0.0
     ops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    op_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def launched(self, what, nbytes, kernels=0):
+        """One ATen op, or ``kernels`` launches of our own, named ``what``, moving ``nbytes``."""
+        if kernels:
+            self.kernels += kernels
+        else:
+            self.aten += 1
+        self.ops[what] += max(kernels, 1)
+        self.bytes += nbytes
+        self.op_bytes[what] += nbytes
 
     @property
     def launches(self):
@@ -187,10 +198,12 @@ class Tally:
         self.bytes += other.bytes
         self.flops += other.flops
         self.ops.update(other.ops)
+        self.op_bytes.update(other.op_bytes)
 
     def as_dict(self):
         return {"launches": self.launches, "kernels": self.kernels, "aten": self.aten, "syncs": self.syncs,
-                "bytes": self.bytes, "flops": self.flops, "ops": dict(sorted(self.ops.items()))}
+                "bytes": self.bytes, "flops": self.flops, "ops": dict(sorted(self.ops.items())),
+                "op_bytes": dict(sorted(self.op_bytes.items()))}
 
 
 class AtenCounter(TorchDispatchMode):
@@ -216,13 +229,11 @@ class AtenCounter(TorchDispatchMode):
             self.tally.syncs += 1
             self.tally.ops[f"sync:{name}"] += 1
         elif launches_a_kernel(func, [*args, *kwargs.values()], out):
-            self.tally.aten += 1
-            self.tally.ops[f"aten:{name}"] += 1
             written = {i for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and
                        a.alias_info.is_write}
             reads = [a for i, a in enumerate(args) if i not in written]
-            self.tally.bytes += _moved_bytes(list(_tensors([*reads, *kwargs.values()])),
-                                             list(_tensors([out])))
+            self.tally.launched(f"aten:{name}", _moved_bytes(list(_tensors([*reads, *kwargs.values()])),
+                                                             list(_tensors([out]))))
             flops = _flop_formulas().get(func.overloadpacket)
             if flops is not None:
                 self.tally.flops += flops(*args, **kwargs, out_val=out)
@@ -247,9 +258,7 @@ class KernelRecorder:
     def triton(self, kernel, grid, args, kwargs):
         from neuronml_fast.ops import _triton_launch
 
-        self.tally.kernels += 1
-        self.tally.ops[f"triton:{kernel.__name__}"] += 1
-        self.tally.bytes += _moved_bytes(list(_tensors(args)), [])
+        self.tally.launched(f"triton:{kernel.__name__}", _moved_bytes(list(_tensors(args)), []), kernels=1)
         if not self.record_only:
             with self.aten.pause(), _triton_launch.intercepted(None):
                 _triton_launch.launch(kernel, grid, *args, **kwargs)
@@ -298,9 +307,8 @@ class _CountedExtension:
             result = attr(*args, **kwargs)
             launched = module.emulation_state()["launches"] - before
             if launched:
-                tally.kernels += launched
-                tally.ops[f"cuda:{name}"] += launched
-                tally.bytes += _moved_bytes(list(_tensors([*args, *kwargs.values()])), [])
+                tally.launched(f"cuda:{name}", _moved_bytes(list(_tensors([*args, *kwargs.values()])), []),
+                              kernels=launched)
             return result
 
         return counted
