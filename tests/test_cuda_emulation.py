@@ -31,7 +31,7 @@ def emulator():
     saved = module.emulation_state()
     yield module
     module.configure_emulation(order=saved["order"], seed=saved["seed"], max_grid_yz=saved["max_grid_yz"],
-                               optin_shared_bytes=saved["optin_shared_bytes"])
+                               optin_shared_bytes=saved["optin_shared_bytes"], count_only=saved["count_only"])
 
 
 def _ints(n):
@@ -139,6 +139,22 @@ def test_atomics(emulator):
     f, d = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
     emulator.emulation_selftest("atomic_sums", f, 3, out2=d)
     assert f.item() == 3 * 256 and d.item() == 3 * 256 * 0.5
+
+
+def test_count_only_checks_and_counts_launches_but_runs_no_block(emulator):
+    # What bench/launches.py counts the launches of problems too large to emulate with.
+    out = _ints(8)
+    emulator.configure_emulation(count_only=True)
+    before = emulator.emulation_state()
+    emulator.emulation_selftest("grid", out, 8)
+    after = emulator.emulation_state()
+    assert after["count_only"] and after["launches"] == before["launches"] + 1 and after["blocks"] == before["blocks"]
+    assert torch.equal(out, _ints(8))  # no block wrote
+    with pytest.raises(RuntimeError, match="too_many_threads launch failed"):  # still checked
+        emulator.emulation_selftest("too_many_threads", _ints(1))
+    emulator.configure_emulation(count_only=False)
+    emulator.emulation_selftest("grid", out, 8)
+    assert not torch.equal(out, _ints(8))
 
 
 def test_a_failed_kernel_launch_is_an_error_naming_the_kernel(emulator):

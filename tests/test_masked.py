@@ -188,3 +188,65 @@ def test_cpu_single_output_channel_backward(tasks):
                                torch.ones(out.shape, dtype=out.dtype))
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e)
+
+
+# ---- the GPU backends: the active neurons found in the kernels, the split weight gradient ---------
+
+GPU_BACKENDS = [p for p in BACKENDS if p.values[0] in ("triton", "cuda")]
+
+
+def _active_patterns(channels):
+    """Masks over many channels that stress the kernels' search for the active ones: every density,
+    the actives in runs at either end, and one active channel past the first windows."""
+    gen = torch.Generator().manual_seed(11)
+    alternate = torch.arange(channels) % 2 == 0
+    late = torch.zeros(channels, dtype=torch.bool)
+    late[-1] = True
+    return {
+        "all": torch.ones(channels, dtype=torch.bool), "none": torch.zeros(channels, dtype=torch.bool),
+        "random-10%": torch.rand(channels, generator=gen) < 0.1,
+        "random-70%": torch.rand(channels, generator=gen) < 0.7,
+        "alternate": alternate, "last-only": late, "last-third": torch.arange(channels) >= 2 * channels // 3,
+    }
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("pattern", list(_active_patterns(4)))
+def test_gpu_kernels_find_the_active_neurons_among_many(backend, device, pattern):
+    # 300 outputs: several of the windows a kernel program searches its active neurons in (64 on
+    # Triton, 256 on CUDA) and several blocks of slots; two tasks with different patterns.
+    out_features = 300
+    keep = torch.stack([_active_patterns(out_features)[pattern], _active_patterns(out_features)["random-70%"]])
+    sample = linear_sample(F64, device, tasks=2, lead=(3,), d_in=5, d_out=out_features, seed=7)
+    sample.tensors["mask"] = sample.tensors["mask"] * keep.to(F64)
+    check_against_reference(OPS["masked_linear"], backend, device, F64, sample)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("skip_zero", [True, False])
+def test_gpu_grouped_conv_finds_the_active_neurons_of_each_group(backend, device, skip_zero):
+    sample = conv_sample(F64, device, tasks=2, batch=2, c_in=4, c_out=140, h=4, w=3, groups=2, zeros=0.6,
+                         skip_zero=skip_zero, seed=9)
+    check_against_reference(OPS["masked_conv2d"], backend, device, F64, sample)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("need", ["weight", "no-weight"])
+def test_gpu_weight_gradient_split_over_pixels_is_summed_once(backend, device, need, monkeypatch):
+    # Large problems split the weight gradient's pixels over programs and add the partial sums in a
+    # second launch; forced here on a small one (a split every 16 pixels).
+    from neuronml_fast.ops.masked import gpu
+
+    splits = []
+    original = gpu.weight_grad_splits
+
+    def small_splits(pixels, block):
+        split = original(pixels, block, pixels_per_program=16)
+        splits.append(split[0])
+        return split
+
+    monkeypatch.setattr(gpu, "weight_grad_splits", small_splits)
+    sample = conv_sample(F64, device, tasks=2, batch=3, c_in=3, c_out=5, h=5, w=4, zeros=0.4, seed=4)
+    wanted = ("input", "weight", "mask", "bias") if need == "weight" else ("input", "mask", "bias")
+    check_against_reference(OPS["masked_conv2d"], backend, device, F64, sample, wanted=wanted)
+    assert splits and min(splits) > 1

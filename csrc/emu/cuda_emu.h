@@ -105,6 +105,9 @@ struct Config {
   int64_t optin_shared_bytes = 227 * 1024;   // an H100/H200's opt-in maximum
   int64_t multiprocessors = 132;
   int64_t stack_bytes = 128 * 1024;          // per emulated thread
+  // A launch is checked and counted but no block runs (bench/launches.py counts the launches of
+  // problems too large to emulate); outputs are left as they were.
+  bool count_only = false;
 };
 
 Config& config();

@@ -543,6 +543,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_
     return set_error(cudaErrorLaunchFailure, "a kernel launched another (dynamic parallelism) is not emulated");
   }
   if (const cudaError_t err = check_launch(kernel, grid, block_dim, shared_bytes); err != cudaSuccess) return err;
+  if (config().count_only) return cudaSuccess;
   const size_t threads = static_cast<size_t>(block_dim.x) * block_dim.y * block_dim.z;
   if (!worker.reserve(threads)) return set_error(cudaErrorMemoryAllocation, "no memory for the fiber stacks");
   const size_t arena = round_up(static_cast<size_t>(config().optin_shared_bytes), kSharedAlign) + kSharedAlign;
