@@ -32,7 +32,7 @@ $(DEPS_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	-$(PY) -m pip install -q --upgrade pip  # optional: an offline GPU box keeps its pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(BUILD_INPUTS)

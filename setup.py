@@ -236,12 +236,11 @@ setup(
     description="Fused Triton and CUDA C++ kernels for brain-inspired meta-learning (NeuronML, differentiable plasticity)",
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
-    license="MIT",
+    license="MIT",  # an SPDX expression (PEP 639); no license classifier beside it
     license_files=["LICENSE"],
     classifiers=[
         "Development Status :: 3 - Alpha",
         "Intended Audience :: Science/Research",
-        "License :: OSI Approved :: MIT License",
         "Operating System :: POSIX :: Linux",
         "Programming Language :: C++",
         "Programming Language :: Python :: 3",
@@ -258,7 +257,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "hypothesis", "expecttest"],
+        # higher, torchopt, torchvision: the research workflows of tests/test_drop_in_workflows.py.
+        "test": ["pytest", "hypothesis", "expecttest", "higher", "torchopt", "torchvision"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "meta": ["pillow", "matplotlib", "tqdm"],
     },

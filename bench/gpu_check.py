@@ -15,6 +15,9 @@ minutes); a failing step does not stop the next. Steps:
              CUDA kernel, every dtype)
   racecheck  compute-sanitizer --tool racecheck, same
   bench      python -m bench on a few GPU cases: eager reference vs triton vs cuda
+  launches   python -m bench.launches --device cuda on the plastic cases: each path's CUDA
+             kernels per fwd+bwd (torch.profiler) and its time, beside the launches the counter
+             finds on the CPU and the time its H100 model implies
   tests      pytest -k "triton or cuda" (skipped, with a line saying so, where pytest or
              hypothesis is missing)
 
@@ -23,7 +26,7 @@ run fails, unless ``--no-gpu-ok`` (to check this script's plumbing on a CPU mach
 
 Writes under the output folder (default bench/out/gpu-check/): gpu-check.log (everything),
 <step>.log per step, gpu-check.json and gpu-check.md (the summary), check.json (the self-check
-rows), pytest.xml, and the bench's gpu.md, gpu.json, gpu.csv and plots. Exit status 1 if any step
+rows), pytest.xml, the bench's gpu.md, gpu.json, gpu.csv and plots, and launches.json. Exit status 1 if any step
 failed or timed out.
 """
 
@@ -42,17 +45,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "out", "gpu-check")
 # The open-ended step (the test suite, its Triton compiles) last: the others have fixed costs, and
 # what the budget leaves goes to it.
-STEPS = ("env", "build", "report", "check", "memcheck", "racecheck", "bench", "tests")
-GPU_STEPS = frozenset({"build", "tests", "memcheck", "racecheck", "bench"})
+STEPS = ("env", "build", "report", "check", "memcheck", "racecheck", "bench", "launches", "tests")
+GPU_STEPS = frozenset({"build", "tests", "memcheck", "racecheck", "bench", "launches"})
 # Upper bounds per step, seconds; the budget caps their sum.
 TIMEOUTS = {"env": 60, "build": 240, "report": 60, "check": 150, "memcheck": 90, "racecheck": 90, "bench": 120,
-            "tests": 300}
+            "launches": 120, "tests": 300}
 MIN_STEP_S = 15  # a step that would get less than this is skipped: its timeout would only truncate it
 KILL_GRACE_S = 10
 # Bench cases (substrings of case ids, bench/cases.py) that time each op family in a minute.
 BENCH_CASES = ("conv4 fwd+bwd active=100%", "conv4 fwd+bwd active=50%", "32 tasks x 16 img fwd+bwd active=50%",
                "256x1024 fwd+bwd active=50%", "resnet 512x512x3x3", "B=16 N=256 T=100 hebb",
                "B=16 N=128 T=100 modulated")
+# Launch-counter cases (substrings of bench/launches.py case names) the launches step times.
+LAUNCH_CASES = ("plastic_rnn",)
 
 _PROBE = """
 import importlib.util, json
@@ -260,6 +265,9 @@ def commands(args, gpu):
                        "--error-exitcode", "1", "--print-limit", "20", *sanitized_check], {}, True, no_sanitizer),
         "bench": ([py, "-m", "bench", "--device", "cuda", "--no-compile", "--rounds", "5", "--out", args.out,
                    "--tag", "gpu", "--cases", *BENCH_CASES], {}, True, None),
+        # Its own budget, inside the step's timeout: half counts on the CPU, half runs on the GPU.
+        "launches": ([py, "-m", "bench.launches", "--device", "cuda", "--budget", str(TIMEOUTS["launches"] - 20),
+                      "--json", os.path.join(args.out, "launches.json"), "--cases", *LAUNCH_CASES], {}, True, None),
     }
 
 

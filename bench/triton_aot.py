@@ -171,7 +171,11 @@ def _cases():
         add(f"conv-{s}-k3-gradpre-nopre", _conv(dt, 3, grad_pre=True, pre=False), full_only=dt != "float16")
         add(f"conv-{s}-k3-weightgrad-only", _conv(dt, 3, input_grad=False), full_only=True)
         add(f"conv-{s}-k3-inputgrad-only", _conv(dt, 3, weight_grad=False), full_only=True)
+        # 25 images of 14 x 14: over the pixels one weight-gradient program takes, so the pixels are
+        # split and the partial sums added by the split reduction.
+        add(f"conv-{s}-k3-split", _conv(dt, 3, batch=25, tasks=1), full_only=dt == "bfloat16")
         add(f"linear-{s}", _linear(dt))
+        add(f"linear-{s}-split", _linear(dt, rows=5000, tasks=1), full_only=dt != "float32")
         add(f"linear-{s}-nobias-gradpre", _linear(dt, bias=False, grad_pre=True), full_only=True)
         add(f"sensitivity-{s}-conv", _sensitivity(dt, rows=64, cols=576))
         add(f"sensitivity-{s}-wide-nobias", _sensitivity(dt, rows=5, cols=4096, bias=False), full_only=dt != "float32")

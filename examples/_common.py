@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from neuronml_fast.meta.cli import nonnegative_int, number_argument, positive_float, positive_int
+from neuronml_fast import _outputs
+from neuronml_fast.meta.cli import missing_package_note, nonnegative_int, number_argument, positive_float, positive_int
 
 fraction = number_argument(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
@@ -54,7 +55,10 @@ def device(parser, name):
 
 
 def setup(parser, args):
-    """Applies --threads and --seed and returns the device."""
+    """Checks --out (before the work that fills it), applies --threads and --seed and returns the device."""
+    problem = _outputs.folder_problem("--out", args.out)
+    if problem:
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -100,8 +104,8 @@ def write_curve(out, rows, x, series, ylabel, title, log_y=False):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"note: matplotlib is not installed, so {os.path.join(out, 'curve.png')} was not drawn "
-              f"(curve.csv holds the same numbers)")
+        print(missing_package_note("matplotlib", f"{os.path.join(out, 'curve.png')} is not drawn (curve.csv holds "
+                                   "the same numbers)"))
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for column, label in series:

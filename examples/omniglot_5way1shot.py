@@ -68,6 +68,8 @@ def main(argv=None):
         test = NWayKShot(evaluation, args.ways, args.shots, args.queries, seed=args.seed + 2)
     except (OSError, ValueError) as error:
         parser.error(f"--data-root: {error}")
+    except ImportError as error:  # pillow missing: the error says how to get it
+        parser.error(str(error))
     to = lambda batch: tuple(t.to(dev) for t in batch)  # noqa: E731
 
     model = Conv4(args.ways, hidden=args.hidden, image_size=args.image_size).to(dev)

@@ -1,8 +1,8 @@
 """Triton kernels for the masked (structure-gated) conv2d and linear layers (SPEC section 2).
 
-The kernels `_conv_forward_kernel`, `_conv_input_grad_kernel` and `_conv_weight_grad_kernel`;
-their launcher is ``neuronml_fast/ops/masked/triton.py``, beside the reference, the custom ops
-and the other backends' launchers of the op family.
+The kernels `_conv_forward_kernel`, `_conv_input_grad_kernel`, `_conv_weight_grad_kernel` and
+`_sum_splits_kernel`; their launcher is ``neuronml_fast/ops/masked/triton.py``, beside the
+reference, the custom ops and the other backends' launchers of the op family.
 
 Design:
 
@@ -11,14 +11,22 @@ Design:
   weights, bias and mask. The grid is 1-D (`_tile_ids` unflattens it): its x axis takes 2^31 - 1
   blocks where y and z stop at 65535, which tasks x groups x splits or the pixel blocks of a large
   problem exceed.
-* Pruning without host synchronization: per (task, group) the channels are ordered active
-  first (``order``) and counted (``count``) on the device. A program whose block of slots lies
-  past ``count`` computes nothing (compute follows the active fraction) but still writes its
-  pruned channels as exact zeros, so every output element is written exactly once.
+* Pruning without host synchronization and without a planning launch: a (task, group)'s active
+  channels, in increasing order, are its compacted *slots*, and each program derives the channels
+  of its own block of slots from the group's mask row (`_slot_channels`: a prefix count in
+  windows, which stops once the block is filled). A program whose slots are all past the active
+  count computes nothing (compute follows the active fraction); the exact zeros of the pruned
+  channels are written by the program whose block of *channels* holds them, so every output
+  element is written exactly once. The input-gradient kernel walks the active channels of its
+  group window by window (`_next_active`).
 * ``mask * (conv + bias)`` is the forward epilogue; ``grad_out * mask + grad_pre`` is computed
   while loading the GEMM operand of both backward kernels (no materialized gy); the bias and
   mask gradients (the sensitivity source) are reduced inside the weight-gradient kernel, from
   the same tiles, instead of a separate pass.
+* The weight gradient reduces over every output pixel. With few programs it is split over
+  pixels; each split writes its partial sums in the accumulation dtype and `_sum_splits_kernel`
+  adds them in a fixed order (deterministic, unlike atomics) and writes the weight, bias and mask
+  gradients in the output dtype, in one launch. Without a split the kernel writes them itself.
 * A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.
 * Accumulation in float32 (float64 for float64 inputs); ``tl.dot`` in IEEE float32 (no TF32)
   so that results match the reference to rounding. The GEMM operands stay in the input dtype
@@ -48,36 +56,79 @@ def _tile_ids(M_BLOCKS, N_BLOCKS):
 
 
 @triton.jit
-def _slots(order_ptr, count_ptr, v, slot_start, COUT_G, BLOCK: tl.constexpr):
-    """Channels (within the group) of a block of slots, and which of them are active."""
+def _kept(mask_row_ptr, channel, COUT_G, SKIP_ZERO: tl.constexpr):
+    """Which of these channels of a group (its mask row at ``mask_row_ptr``) are computed: those
+    whose mask is not 0 under skip_zero, every channel otherwise."""
+    in_range = (channel >= 0) & (channel < COUT_G)
+    if SKIP_ZERO:
+        return in_range & (tl.load(mask_row_ptr + channel, mask=in_range, other=0.0) != 0)
+    return in_range
+
+
+@triton.jit
+def _slot_channels(mask_row_ptr, COUT_G, slot_start, SKIP_ZERO: tl.constexpr, BLOCK: tl.constexpr,
+                   SCAN: tl.constexpr):
+    """The channels (within the group) in compacted slots [slot_start, slot_start + BLOCK): slot s
+    holds the group's s-th active channel. Returns (channel, active): ``active`` is False for a
+    slot past the last active channel (its channel is then 0)."""
     slots = slot_start + tl.arange(0, BLOCK)
-    in_range = slots < COUT_G
-    channel = tl.load(order_ptr + v * COUT_G + slots, mask=in_range, other=0)
-    count = tl.load(count_ptr + v)
-    return channel, in_range, in_range & (slots < count), count
+    if not SKIP_ZERO:
+        return slots, slots < COUT_G
+    channel = tl.zeros([BLOCK], dtype=tl.int32)
+    hits = tl.zeros([BLOCK], dtype=tl.int32)
+    before = slot_start * 0  # active channels before the window
+    c0 = slot_start * 0
+    while (c0 < COUT_G) & (before < slot_start + BLOCK):
+        c = c0 + tl.arange(0, SCAN)
+        keep = _kept(mask_row_ptr, c, COUT_G, True).to(tl.int32)
+        rank = before + tl.cumsum(keep, 0) - 1  # the slot of each active channel of the window
+        hit = (keep[None, :] != 0) & (rank[None, :] == slots[:, None])  # [BLOCK, SCAN]: one hit per slot at most
+        channel += tl.sum(tl.where(hit, c[None, :], 0), axis=1)
+        hits += tl.sum(hit.to(tl.int32), axis=1)
+        before += tl.sum(keep, 0)
+        c0 += SCAN
+    return channel, hits > 0
+
+
+@triton.jit
+def _next_active(mask_row_ptr, COUT_G, c0, SKIP_ZERO: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """The next (up to) BLOCK active channels of a group from channel c0 on, looked for in the window
+    [c0, c0 + SCAN): (channel, valid, where the next search starts)."""
+    c = c0 + tl.arange(0, SCAN)
+    keep = _kept(mask_row_ptr, c, COUT_G, SKIP_ZERO)
+    rank = tl.cumsum(keep.to(tl.int32), 0) - 1
+    take = keep & (rank < BLOCK)
+    hit = take[None, :] & (rank[None, :] == tl.arange(0, BLOCK)[:, None])  # [BLOCK, SCAN]
+    channel = tl.sum(tl.where(hit, c[None, :], 0), axis=1)
+    valid = tl.sum(hit.to(tl.int32), axis=1) > 0
+    taken = tl.sum(take.to(tl.int32), 0)
+    last = tl.max(tl.where(take, c, -1), 0)
+    return channel, valid, tl.where(taken == BLOCK, last + 1, c0 + SCAN)
 
 
 @triton.jit
 def _conv_forward_kernel(
-    x_ptr, w_ptr, mask_ptr, bias_ptr, order_ptr, count_ptr, out_ptr, pre_ptr,
+    x_ptr, w_ptr, mask_ptr, bias_ptr, out_ptr, pre_ptr,
     N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_PRE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, SKIP_ZERO: tl.constexpr,
     ACC: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
     pid_m, pid_n, v = _tile_ids(tl.cdiv(N * HO * WO, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N))
     t, g = v // G, v % G
-    channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_n * BLOCK_N, COUT_G, BLOCK_N)
-    oc = g * COUT_G + channel  # output channel
+    mask_row = mask_ptr + t * COUT + g * COUT_G
+    channel, active = _slot_channels(mask_row, COUT_G, pid_n * BLOCK_N, SKIP_ZERO, BLOCK_N, SCAN)
+    oc = g * COUT_G + channel  # output channel of each slot
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixel over (n, ho, wo)
     pix_ok = pix < N * HO * WO
     n, p = pix // (HO * WO), pix % (HO * WO)
     ho, wo = p // WO, p % WO
+    image = (t * N + n).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    if pid_n * BLOCK_N < count:  # blocks of pruned neurons only write zeros
+    if tl.max(active.to(tl.int32), 0) > 0:  # blocks of slots past the active count skip the GEMM
         K = CIN_G * KH * KW
-        x_base = (t * N + n).to(tl.int64) * CIN + g * CIN_G
+        x_base = image * CIN + g * CIN_G
         w_base = (t * COUT + oc).to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -89,16 +140,20 @@ def _conv_forward_kernel(
             a = tl.load(x_ptr + ((x_base[:, None] + ci[None, :]) * H + hi) * W + wi, mask=a_ok, other=0.0)
             b = tl.load(w_ptr + w_base[None, :] + k[:, None], mask=k_ok[:, None] & active[None, :], other=0.0)
             acc = _dot(a, b, acc, USE_DOT)
-    mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)[None, :]
-    pre = tl.where(active[None, :], acc, 0.0)
-    out = tl.where(active[None, :], pre * mval[None, :], 0.0)
-    offset = ((t * N + n).to(tl.int64)[:, None] * COUT + oc[None, :]) * (HO * WO) + p[:, None]
-    store_ok = pix_ok[:, None] & in_range[None, :]
-    tl.store(out_ptr + offset, out.to(out_ptr.dtype.element_ty), mask=store_ok)
-    if WRITE_PRE:
-        tl.store(pre_ptr + offset, pre.to(pre_ptr.dtype.element_ty), mask=store_ok)
+        mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)[None, :]
+        offset = (image[:, None] * COUT + oc[None, :]) * (HO * WO) + p[:, None]
+        store_ok = pix_ok[:, None] & active[None, :]
+        tl.store(out_ptr + offset, (acc * mval[None, :]).to(out_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(pre_ptr + offset, acc.to(pre_ptr.dtype.element_ty), mask=store_ok)
+    if SKIP_ZERO:  # the exact zeros of the pruned channels of this block of channels
+        own = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pruned = (own < COUT_G) & ~_kept(mask_row, own, COUT_G, True)
+        offset = (image[:, None] * COUT + (g * COUT_G + own)[None, :]) * (HO * WO) + p[:, None]
+        zero_ok = pix_ok[:, None] & pruned[None, :]
+        tl.store(out_ptr + offset, tl.zeros([BLOCK_M, BLOCK_N], dtype=out_ptr.dtype.element_ty), mask=zero_ok)
+        tl.store(pre_ptr + offset, tl.zeros([BLOCK_M, BLOCK_N], dtype=pre_ptr.dtype.element_ty), mask=zero_ok)
 
 
 @triton.jit
@@ -112,16 +167,16 @@ def _load_gy(go_ptr, gp_ptr, offset, ok, mval, HAS_GP: tl.constexpr, ACC: tl.con
 
 @triton.jit
 def _conv_input_grad_kernel(
-    go_ptr, gp_ptr, w_ptr, mask_ptr, order_ptr, count_ptr, gx_ptr,
+    go_ptr, gp_ptr, w_ptr, mask_ptr, gx_ptr,
     N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, SKIP_ZERO: tl.constexpr, ACC: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
-    # grad_input[pixel, ci] = sum over active slots j and taps (kh, kw) of gy[out pixel, j] * w[j, ci, kh, kw]
+    # grad_input[pixel, ci] = sum over active channels j and taps (kh, kw) of gy[out pixel, j] * w[j, ci, kh, kw]
     pid_m, pid_n, v = _tile_ids(tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N))
     t, g = v // G, v % G
-    count = tl.load(count_ptr + v)
+    mask_row = mask_ptr + t * COUT + g * COUT_G
     pix = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixel over (n, h, w)
     pix_ok = pix < N * H * W
     n, q = pix // (H * W), pix % (H * W)
@@ -130,10 +185,10 @@ def _conv_input_grad_kernel(
     ci_ok = ci < CIN_G
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     go_base = (t * N + n).to(tl.int64) * COUT
-    for j0 in range(0, count, BLOCK_K):
-        slots = j0 + tl.arange(0, BLOCK_K)
-        slot_ok = slots < count
-        oc = g * COUT_G + tl.load(order_ptr + v * COUT_G + slots, mask=slot_ok, other=0)
+    c0 = pid_m * 0
+    while c0 < COUT_G:  # BLOCK_K active channels at a time
+        channel, slot_ok, c0 = _next_active(mask_row, COUT_G, c0, SKIP_ZERO, BLOCK_K, SCAN)
+        oc = g * COUT_G + channel
         mval = tl.load(mask_ptr + t * COUT + oc, mask=slot_ok, other=0.0).to(ACC)
         w_row = (t * COUT + oc).to(tl.int64) * CIN_G
         # A runtime loop over the taps: unrolled (49 taps for 7x7), the software pipeliner takes
@@ -154,17 +209,19 @@ def _conv_input_grad_kernel(
 
 @triton.jit
 def _conv_weight_grad_kernel(
-    go_ptr, gp_ptr, pre_ptr, x_ptr, mask_ptr, order_ptr, count_ptr, gw_ptr, gb_ptr, gm_ptr,
-    T, N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G, SPLITS, PIX_PER_SPLIT,
+    go_ptr, gp_ptr, pre_ptr, x_ptr, mask_ptr, gw_ptr, gb_ptr, gm_ptr,
+    N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G, SPLITS, PIX_PER_SPLIT, SPLIT_STRIDE, GB_OFFSET, GM_OFFSET,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, HAS_PRE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, HAS_PRE: tl.constexpr, SKIP_ZERO: tl.constexpr,
     COMPUTE_GW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
     # grad_weight[j, (ci, kh, kw)] = sum over output pixels of gy[pixel, j] * x[patch(pixel), ci, kh, kw],
-    # split over pixels (the slowest grid dimension is v * SPLITS + split) into partial sums
-    # [SPLITS, T, C_out, ...]; the first column block also reduces grad_bias = sum gy and
-    # grad_mask = sum grad_out * pre from the same gy tiles.
+    # over the pixels of one split (the slowest grid dimension is v * SPLITS + split); the first
+    # column block also reduces grad_bias = sum gy and grad_mask = sum grad_out * pre from the
+    # same gy tiles. Split s writes at gw_ptr + s * SPLIT_STRIDE (and gb, gm at their offsets
+    # from there): the final gradients when SPLITS == 1, partial sums for `_sum_splits_kernel`
+    # otherwise.
     K = CIN_G * KH * KW
     col_blocks = 1
     if COMPUTE_GW:
@@ -172,7 +229,8 @@ def _conv_weight_grad_kernel(
     pid_m, pid_n, pid_z = _tile_ids(tl.cdiv(COUT_G, BLOCK_M), col_blocks)
     v, split = pid_z // SPLITS, pid_z % SPLITS
     t, g = v // G, v % G
-    channel, in_range, active, count = _slots(order_ptr, count_ptr, v, pid_m * BLOCK_M, COUT_G, BLOCK_M)
+    mask_row = mask_ptr + t * COUT + g * COUT_G
+    channel, active = _slot_channels(mask_row, COUT_G, pid_m * BLOCK_M, SKIP_ZERO, BLOCK_M, SCAN)
     oc = g * COUT_G + channel
     col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = col < K
@@ -181,7 +239,22 @@ def _conv_weight_grad_kernel(
     sum_gy = tl.zeros([BLOCK_M], dtype=ACC)
     sum_mask = tl.zeros([BLOCK_M], dtype=ACC)
     reduce_here = pid_n == 0
-    if pid_m * BLOCK_M < count:
+    split_base = split.to(tl.int64) * SPLIT_STRIDE
+    # The zeros of the pruned channels of this block of channels, first: nothing of this stays live
+    # through the GEMM loop (all channels are computed under skip_zero=False, so none).
+    if SKIP_ZERO:
+        own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pruned = (own < COUT_G) & ~_kept(mask_row, own, COUT_G, True)
+        zero_row = (t * COUT + g * COUT_G + own).to(tl.int64)
+        if COMPUTE_GW:
+            tl.store(gw_ptr + split_base + zero_row[:, None] * K + col[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_N], dtype=gw_ptr.dtype.element_ty),
+                     mask=pruned[:, None] & col_ok[None, :])
+        if reduce_here:
+            zeros = tl.zeros([BLOCK_M], dtype=gb_ptr.dtype.element_ty)
+            tl.store(gb_ptr + GB_OFFSET + split_base + zero_row, zeros, mask=pruned)
+            tl.store(gm_ptr + GM_OFFSET + split_base + zero_row, zeros.to(gm_ptr.dtype.element_ty), mask=pruned)
+    if tl.max(active.to(tl.int32), 0) > 0:
         mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
         start = split * PIX_PER_SPLIT
         stop = tl.minimum(start + PIX_PER_SPLIT, N * HO * WO)
@@ -206,9 +279,29 @@ def _conv_weight_grad_kernel(
                     go = tl.load(go_ptr + offset, mask=ok, other=0.0).to(ACC)
                     pre = tl.load(pre_ptr + offset, mask=ok, other=0.0).to(ACC)
                     sum_mask += tl.sum(go * pre, axis=1)
-    row = (split * T + t).to(tl.int64) * COUT + oc  # partial-sum row of this split
-    if COMPUTE_GW:
-        tl.store(gw_ptr + row[:, None] * K + col[None, :], acc, mask=in_range[:, None] & col_ok[None, :])
-    if reduce_here:
-        tl.store(gb_ptr + row, sum_gy, mask=in_range)
-        tl.store(gm_ptr + row, sum_mask, mask=in_range)
+        row = (t * COUT + oc).to(tl.int64)
+        if COMPUTE_GW:
+            tl.store(gw_ptr + split_base + row[:, None] * K + col[None, :], acc.to(gw_ptr.dtype.element_ty),
+                     mask=active[:, None] & col_ok[None, :])
+        if reduce_here:
+            tl.store(gb_ptr + GB_OFFSET + split_base + row, sum_gy.to(gb_ptr.dtype.element_ty), mask=active)
+            tl.store(gm_ptr + GM_OFFSET + split_base + row, sum_mask.to(gm_ptr.dtype.element_ty), mask=active)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, gw_ptr, gb_ptr, gm_ptr, SPLITS, SPLIT_STRIDE, N_W, N_B, BLOCK: tl.constexpr):
+    """The weight-gradient partial sums ``part [SPLITS, SPLIT_STRIDE]`` (rows: N_W weight-gradient
+    elements, then N_B bias-gradient and N_B mask-gradient ones) added in split order, written
+    to the three gradients in their dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N_W + 2 * N_B
+    acc = tl.load(part_ptr + i, mask=ok, other=0.0)
+    offset = i
+    for _ in range(1, SPLITS):
+        offset += SPLIT_STRIDE
+        acc += tl.load(part_ptr + offset, mask=ok, other=0.0)
+    tl.store(gw_ptr + i, acc.to(gw_ptr.dtype.element_ty), mask=i < N_W)
+    b = i - N_W
+    tl.store(gb_ptr + b, acc.to(gb_ptr.dtype.element_ty), mask=(b >= 0) & (b < N_B))
+    m = b - N_B
+    tl.store(gm_ptr + m, acc.to(gm_ptr.dtype.element_ty), mask=(m >= 0) & (m < N_B))

@@ -21,7 +21,8 @@ backends.refresh()  # probe once, outside any torch.compile trace
 
 
 class BackendWarning(UserWarning):
-    """A compiled backend that ``auto`` would use here did not load: its ops run the reference."""
+    """A compiled backend that ``auto`` would use here did not load (its ops run the reference), or
+    ``NEURONML_FAST_BACKEND`` names no backend (its ops raise an error)."""
 
 
 def _warn_missing_backends():
@@ -34,6 +35,16 @@ def _warn_missing_backends():
 
 
 _warn_missing_backends()
+
+
+def _warn_bad_environment():
+    problem = backends.environment_problem()
+    if problem:
+        warnings.warn(f"{problem}. Until then every op raises this error; `python -m neuronml_fast` shows what "
+                      "runs where.", BackendWarning, stacklevel=3)
+
+
+_warn_bad_environment()
 
 __all__ = [
     "BackendWarning",

@@ -76,8 +76,15 @@ def environment():
         "CPU": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "GPU": ", ".join(devices) or "none visible",
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
-        "requested backend": backends.get_backend(),
+        "requested backend": _requested_backend_line(),
     }
+
+
+def _requested_backend_line():
+    problem = backends.environment_problem()
+    if problem:
+        return f"{backends.get_backend()!r}  <- NOT a backend, every op raises this error: {problem}"
+    return backends.get_backend()
 
 
 def report():

@@ -158,10 +158,25 @@ def _check_backend_name(name, allow_auto=True):
     return name
 
 
-_requested = _check_backend_name(os.environ.get("NEURONML_FAST_BACKEND", AUTO).strip() or AUTO)
+ENV_VAR = "NEURONML_FAST_BACKEND"
+# The requested backend. Read from the environment once, unchecked: a bad value must not break
+# ``import neuronml_fast``, nor ``python -m neuronml_fast``, the report that diagnoses it. An op
+# that resolves its backend raises `environment_problem` instead.
+_requested = os.environ.get(ENV_VAR, "").strip() or AUTO
+
+
+def environment_problem():
+    """Why the requested backend, ``NEURONML_FAST_BACKEND``'s value, names no backend; None when it does."""
+    if _requested in (AUTO,) + BACKENDS:
+        return None
+    choices = ", ".join(map(repr, (AUTO,) + BACKENDS))
+    return (f"{ENV_VAR}: expected one of {choices}, got {_requested!r} (fix or unset the environment variable, "
+            f"or call neuronml_fast.set_backend)")
 
 
 def get_backend():
+    """The requested backend: "auto", a name of `BACKENDS`, or NEURONML_FAST_BACKEND's value as
+    given (then `environment_problem` says why it names none)."""
     return _requested
 
 
@@ -231,7 +246,10 @@ def _can_run(entry, backend, device_type, dtype, assume_device=False):
 def resolve(op, device_type, dtype, requested=None):
     """Name of the backend that runs ``op`` on tensors of this device type and dtype."""
     entry = _ops[op]
-    requested = _requested if requested is None else requested
+    if requested is None:
+        requested = _requested
+        if environment_problem():
+            raise ValueError(environment_problem())
     if requested == AUTO:
         for backend in AUTO_ORDER.get(device_type, _OTHER_DEVICE_ORDER):
             if _can_run(entry, backend, device_type, dtype):
@@ -249,6 +267,11 @@ def resolve(op, device_type, dtype, requested=None):
         supported = ", ".join(sorted(str(d).replace("torch.", "") for d in entry.dtypes[requested]))
         raise TypeError(f"{op}: backend {requested!r} expected dtype in ({supported}), got {dtype}")
     return requested
+
+
+def supports(op, backend, dtype):
+    """Whether ``backend`` runs ``op`` in ``dtype`` (a kernel for it, or the reference)."""
+    return dtype in _ops[op].dtypes.get(backend, ())
 
 
 def launchers(op, backend):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import neuronml_fast as nf
-from neuronml_fast import _alloc, backends
+from neuronml_fast import _alloc, _outputs, backends
 from neuronml_fast.ops.plastic import checkpoint_every
 from neuronml_fast.ops.masked import masked_conv2d_reference, masked_linear_reference
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
@@ -420,6 +420,17 @@ def present_devices():
     return {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
 
 
+def _missing_device(device):
+    """Why no backend can run on ``device`` tensors here (a device type `present_devices` lacks)."""
+    note = f"no {device} device here (torch.cuda.is_available() is False"
+    if torch.version.cuda is None:
+        note += f"; torch {torch.__version__} is a CPU-only build"
+    emulated = [name for name in ("triton", "cuda") if "cpu" in backends.status(name).devices]
+    if emulated:
+        note += f"; {', '.join(emulated)} run their GPU kernels on cpu tensors here: --device cpu"
+    return note + ")"
+
+
 def case_dtypes(case, backend):
     """Dtypes ``backend`` registers for every kernel the case runs (empty: not its op)."""
     registered = backends.ops()
@@ -457,6 +468,8 @@ def plan(backend_names=None, devices=None, dtypes=None, quick=False, functions=N
             if not set(state.devices) & present_devices():
                 unusable.append(Row("-", "-", name, "-", "-", "UNAVAILABLE",
                                     note=state.state + (f" ({state.detail})" if state.detail else "")))
+    for device in sorted(set(devices or ()) - present_devices()):
+        unusable.append(Row("-", "-", "-", device, "-", "UNAVAILABLE", note=_missing_device(device)))
     selected = [c for c in cases if (c.quick or not quick) and (functions is None or _runs_any(c, functions))]
     runs = []
     for case in selected:
@@ -565,7 +578,11 @@ def parser(prog="python -m neuronml_fast check"):
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    problem = args.json and _outputs.file_problem("--json", args.json)
+    if problem:
+        p.error(problem)  # before the work, not after it
     start = time.perf_counter()
     print(header(), flush=True)
     rows = run(args.backend, set(args.device) if args.device else None, set(args.dtype) if args.dtype else None,

@@ -383,6 +383,8 @@ class Op:
     vmap: tuple = ()
     # torch.compile(fullgraph=True): (variant, compiler, backends or None for every backend)
     compile: tuple = ()
+    # torch.func.grad, first and second order: variants
+    functorch: tuple = ()
     # The Triton interpreter and the CUDA emulation are slow: gradcheck random directions there (fast_mode)
     fast_gradcheck_emulated: bool = False
     # "reference" as a backend too: the public op on the reference backend is not the reference itself
@@ -424,6 +426,7 @@ OPS = {
         subsets_variants=("subsets",),
         gradcheck_variants=tuple(f"gradcheck-tasks{t}-skip{s}" for t in (None, 2) for s in (True, False)),
         second_order=(("maml", False),),
+        functorch=("maml",),
         vmap=(("tasks", dict(input=0, weight=0, mask=0, bias=0)),),
         compile=(("base", "inductor", ("cpu",)),),
         opchecks=_masked_opchecks,  # the conv's and the linear's ops
@@ -442,6 +445,7 @@ OPS = {
         subsets_variants=("subsets",),
         gradcheck_variants=tuple(f"gradcheck-tasks{t}-skip{s}" for t in (None, 2) for s in (True, False)),
         second_order=(("tasks", False),),
+        functorch=("tasks",),
         vmap=(("tasks", dict(input=0, weight=0, mask=0, bias=0)),),
         compile=(("base", "inductor", ("cpu",)),),
         **_MASKED_COMMON,

@@ -32,7 +32,7 @@ def emulator():
     yield module
     module.configure_emulation(order=saved["order"], seed=saved["seed"], max_grid_yz=saved["max_grid_yz"],
                                optin_shared_bytes=saved["optin_shared_bytes"],
-                               multiprocessors=saved["multiprocessors"], dry_run=saved["dry_run"])
+                               multiprocessors=saved["multiprocessors"], count_only=saved["count_only"])
 
 
 def _ints(n):
@@ -180,19 +180,26 @@ def test_a_cooperative_grid_after_a_larger_one(emulator):
     assert out[:3].tolist() == [2, 3, 1]
 
 
-def test_a_dry_run_counts_launches_and_runs_no_block(emulator):
-    emulator.configure_emulation(dry_run=True)
-    out = _ints(32 * 8)
-    before = emulator.emulation_state()["launches"]
-    emulator.emulation_selftest("warp_ops", out)
-    emulator.configure_emulation(dry_run=False)
-    assert emulator.emulation_state()["launches"] == before + 1 and (out == -7).all()
-
-
 def test_atomics(emulator):
     f, d = torch.zeros(1), torch.zeros(1, dtype=torch.float64)
     emulator.emulation_selftest("atomic_sums", f, 3, out2=d)
     assert f.item() == 3 * 256 and d.item() == 3 * 256 * 0.5
+
+
+def test_count_only_checks_and_counts_launches_but_runs_no_block(emulator):
+    # What bench/launches.py counts the launches of problems too large to emulate with.
+    out = _ints(8)
+    emulator.configure_emulation(count_only=True)
+    before = emulator.emulation_state()
+    emulator.emulation_selftest("grid", out, 8)
+    after = emulator.emulation_state()
+    assert after["count_only"] and after["launches"] == before["launches"] + 1 and after["blocks"] == before["blocks"]
+    assert torch.equal(out, _ints(8))  # no block wrote
+    with pytest.raises(RuntimeError, match="too_many_threads launch failed"):  # still checked
+        emulator.emulation_selftest("too_many_threads", _ints(1))
+    emulator.configure_emulation(count_only=False)
+    emulator.emulation_selftest("grid", out, 8)
+    assert not torch.equal(out, _ints(8))
 
 
 def test_a_failed_kernel_launch_is_an_error_naming_the_kernel(emulator, monkeypatch):

@@ -170,3 +170,18 @@ def test_omniglot_names_a_bad_data_root(tmp_path, capsys):
     with pytest.raises(SystemExit):
         example.main(["--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "run")])
     assert "--data-root" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sinusoid_maml", "pattern_completion", "cue_reward", "omniglot_5way1shot"])
+def test_an_out_that_cannot_be_a_folder_is_a_usage_error_before_the_work(tmp_path, capsys, name):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    example = _load(name)
+    for out, expected in [(a_file, f"--out: expected a folder, got {str(a_file)!r}, a file"),
+                          (a_file / "run", f"({a_file} is a file)")]:
+        with pytest.raises(SystemExit) as stop:
+            example.main(["--out", str(out), "--iterations", "1"] + (["--data-root", str(tmp_path)]
+                                                                      if name == "omniglot_5way1shot" else []))
+        captured = capsys.readouterr()
+        assert stop.value.code == 2 and expected in captured.err and "Traceback" not in captured.err
+        assert captured.out == ""  # stopped before the work

@@ -35,6 +35,16 @@ def test_a_pure_python_build_must_be_asked_for(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "neuronml_fast"
 
 
+def test_the_package_metadata_raises_no_deprecation_warning():
+    """setuptools warns about a license classifier beside an SPDX `license` (PEP 639) in every
+    build: the metadata states the license once."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not re.search("deprecat", out.stdout + out.stderr, re.I), out.stderr
+
+
 def _import_warnings(code):
     out = subprocess.run([sys.executable, "-c", code + "\nimport neuronml_fast"], capture_output=True, text=True,
                          timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})

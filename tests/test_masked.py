@@ -76,18 +76,25 @@ def test_gpu_large_problem_matches_reference(backend):
 def test_conv_bad_inputs_name_the_argument():
     (x, w, m, b), _ = _problem("conv")
     cases = [
-        ((x[0], w, m, b), {}, ValueError, r"input: expected \[N, C_in, H, W\]"),
-        ((x, w[0], m, b), {}, ValueError, "weight: expected a 4-d tensor"),
-        ((x, w[:, :3], m, b), {}, ValueError, "weight: expected C_in/groups = 4/1"),
+        ((x[0, 0], w, m, b), {}, ValueError, r"input: expected \[N, C_in, H, W\] or unbatched \[C_in, H, W\]"),
+        ((x.unsqueeze(0), w, m, b), {}, ValueError, r"a 5-d input is the task-batched form"),
+        ((x, w[0], m, b), {}, ValueError, r"weight: expected \[C_out, C_in/groups, kH, kW\]"),
+        ((x, w[:, :3], m, b), {}, ValueError, r"input: expected 3 channels \(weight.shape\[-3\] x groups = 3 x 1\), "
+                                              r"got 4 channels"),
         ((x, w, m[:4], b), {}, ValueError, r"mask: expected shape \[6\], got \[4\]"),
         ((x, w, m > 0, b), {}, TypeError, "mask: expected a floating-point tensor"),
         ((x, w, m.float(), b), {}, TypeError, "mask: expected dtype torch.float64"),
         ((x, w, m, b[:2]), {}, ValueError, r"bias: expected shape \[6\], got \[2\]"),
-        ((x, w.to("meta"), m, b), {}, ValueError, "weight: expected device cpu"),
-        ((x, w, m, b), {"groups": 4}, ValueError, "weight: expected C_in/groups"),
+        ((x, w.to("meta"), m, b), {}, ValueError, "input: expected device meta"),
+        ((x.float(), w, m, b), {}, TypeError, "input: expected dtype torch.float64 \\(the dtype of weight\\)"),
+        ((x, w, m, b), {"groups": 4}, ValueError, r"input: expected 16 channels \(weight.shape\[-3\] x groups = 4 x 4\)"),
         ((x, w, m, b), {"groups": 0}, ValueError, "groups: expected a positive int"),
-        ((x, w, m, b), {"stride": 0}, ValueError, "stride, padding, dilation: expected stride >= 1"),
+        ((x, w, m, b), {"stride": 0}, ValueError, "stride, dilation: expected stride >= 1"),
+        ((x, w, m, b), {"padding": -1}, ValueError, "padding: expected padding >= 0"),
         ((x, w, m, b), {"padding": (1, 2, 3)}, TypeError, "padding: expected an int or a pair of ints"),
+        ((x, w, m, b), {"stride": 1.5}, TypeError, "stride: expected an int or a pair of ints, got 1.5"),
+        ((x, w, m, b), {"padding": "full"}, ValueError, "padding: expected 'same', 'valid', an int or a pair"),
+        ((x, w, m, b), {"padding": "same", "stride": 2}, ValueError, "padding: 'same' is not supported for strided"),
         ((x[..., :1, :1], w, m, b), {}, ValueError, "input: spatial size"),
         ((x.unsqueeze(0), w.unsqueeze(0).expand(2, -1, -1, -1, -1), m, b), {}, ValueError, "weight: expected 1 tasks"),
     ]
@@ -103,7 +110,7 @@ def test_linear_bad_inputs_name_the_argument():
         ((x[:, :3], w, m, b), ValueError, "input: expected 5 features"),
         ((x, w.unsqueeze(0), m.unsqueeze(0), b.unsqueeze(0)), ValueError, r"input: expected \[T=1, \.\.\., in\]"),
         ((x, w, m.int(), b), TypeError, "mask: expected a floating-point tensor"),
-        ((x.float(), w, m, b), TypeError, "weight: expected dtype torch.float32"),
+        ((x.float(), w, m, b), TypeError, r"input: expected dtype torch.float64 \(the dtype of weight\)"),
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
@@ -181,3 +188,65 @@ def test_cpu_single_output_channel_backward(tasks):
                                torch.ones(out.shape, dtype=out.dtype))
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e)
+
+
+# ---- the GPU backends: the active neurons found in the kernels, the split weight gradient ---------
+
+GPU_BACKENDS = [p for p in BACKENDS if p.values[0] in ("triton", "cuda")]
+
+
+def _active_patterns(channels):
+    """Masks over many channels that stress the kernels' search for the active ones: every density,
+    the actives in runs at either end, and one active channel past the first windows."""
+    gen = torch.Generator().manual_seed(11)
+    alternate = torch.arange(channels) % 2 == 0
+    late = torch.zeros(channels, dtype=torch.bool)
+    late[-1] = True
+    return {
+        "all": torch.ones(channels, dtype=torch.bool), "none": torch.zeros(channels, dtype=torch.bool),
+        "random-10%": torch.rand(channels, generator=gen) < 0.1,
+        "random-70%": torch.rand(channels, generator=gen) < 0.7,
+        "alternate": alternate, "last-only": late, "last-third": torch.arange(channels) >= 2 * channels // 3,
+    }
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("pattern", list(_active_patterns(4)))
+def test_gpu_kernels_find_the_active_neurons_among_many(backend, device, pattern):
+    # 300 outputs: several of the windows a kernel program searches its active neurons in (64 on
+    # Triton, 256 on CUDA) and several blocks of slots; two tasks with different patterns.
+    out_features = 300
+    keep = torch.stack([_active_patterns(out_features)[pattern], _active_patterns(out_features)["random-70%"]])
+    sample = linear_sample(F64, device, tasks=2, lead=(3,), d_in=5, d_out=out_features, seed=7)
+    sample.tensors["mask"] = sample.tensors["mask"] * keep.to(F64)
+    check_against_reference(OPS["masked_linear"], backend, device, F64, sample)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("skip_zero", [True, False])
+def test_gpu_grouped_conv_finds_the_active_neurons_of_each_group(backend, device, skip_zero):
+    sample = conv_sample(F64, device, tasks=2, batch=2, c_in=4, c_out=140, h=4, w=3, groups=2, zeros=0.6,
+                         skip_zero=skip_zero, seed=9)
+    check_against_reference(OPS["masked_conv2d"], backend, device, F64, sample)
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("need", ["weight", "no-weight"])
+def test_gpu_weight_gradient_split_over_pixels_is_summed_once(backend, device, need, monkeypatch):
+    # Large problems split the weight gradient's pixels over programs and add the partial sums in a
+    # second launch; forced here on a small one (a split every 16 pixels).
+    from neuronml_fast.ops.masked import gpu
+
+    splits = []
+    original = gpu.weight_grad_splits
+
+    def small_splits(pixels, block):
+        split = original(pixels, block, pixels_per_program=16)
+        splits.append(split[0])
+        return split
+
+    monkeypatch.setattr(gpu, "weight_grad_splits", small_splits)
+    sample = conv_sample(F64, device, tasks=2, batch=3, c_in=3, c_out=5, h=5, w=4, zeros=0.4, seed=4)
+    wanted = ("input", "weight", "mask", "bias") if need == "weight" else ("input", "mask", "bias")
+    check_against_reference(OPS["masked_conv2d"], backend, device, F64, sample, wanted=wanted)
+    assert splits and min(splits) > 1

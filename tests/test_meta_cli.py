@@ -189,3 +189,136 @@ def test_compare_reports_each_stage_as_it_goes(capsys):
     for stage in ("warm-up 1/1", "repeat 1/2", "repeat 2/2"):
         for name in medians:
             assert f"{stage}: {name} " in err
+
+
+# ---- --resume continues the run it finds, with its settings ------------------------------------------------------
+
+
+def test_resume_with_other_settings_names_each_difference(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out, iterations=3)
+    before = (out / "results.json").read_text()
+    resume = ["train", *TINY, "--resume", "--out", str(out)]
+    for change, expected in [
+        (["--algo", "neuronml", "--iterations", "4"], "--algo neuronml (the run has maml)"),
+        (["--meta-batch", "4", "--iterations", "4"], "--meta-batch 4 (the run has 2)"),
+        (["--inner-lr", "0.5", "--seed", "3", "--iterations", "4"],
+         "--inner-lr 0.5 (the run has 0.01), --seed 3 (the run has 0)"),
+        (["--iterations", "2"], "--iterations: expected at least 3 to resume the run in"),
+    ]:
+        code, err = _usage_error(capsys, [*resume, *change])
+        assert code == 2 and expected in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()[-1]) > len(expected)
+        assert (out / "results.json").read_text() == before
+    code, err = _usage_error(capsys, [*resume, "--meta-batch", "4", "--iterations", "4"])
+    assert "only --iterations (not below the iterations done), --time-limit" in err
+    # what may change does: more iterations, other evaluation sizes
+    results = cli.main([*resume, "--iterations", "4", "--test-tasks", "3", "--eval-tasks", "3"])
+    assert results["iterations"] == 4 and results["meta_batch"] == 2 and results["test_tasks"] == 3
+
+
+def test_resume_with_another_dataset_is_a_usage_error_not_a_state_dict_traceback(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out)
+    data = _tiny_omniglot(str(tmp_path), "background")
+    _tiny_omniglot(data, "evaluation")
+    code, err = _usage_error(capsys, ["train", "--dataset", "omniglot", "--data-root", data, "--backend", "reference",
+                                      "--meta-batch", "2", "--queries", "2", "--iterations", "3", "--resume",
+                                      "--out", str(out)])
+    assert code == 2 and "--dataset omniglot (the run has sinusoid)" in err and "Traceback" not in err
+
+
+# ---- output paths are checked before the work --------------------------------------------------------------------
+
+
+def test_output_paths_that_cannot_be_written_are_usage_errors_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    for argv, expected in [
+        (["train", *TINY, "--out", str(a_file)], f"--out: expected a folder, got {str(a_file)!r}, a file"),
+        (["train", *TINY, "--out", str(a_file / "run")], f"({a_file} is a file)"),
+        (["compare", "--dataset", "sinusoid", "--json", str(tmp_path / "no" / "dir" / "x.json")],
+         f"--json: expected a file in an existing folder, got {str(tmp_path / 'no' / 'dir' / 'x.json')!r}"),
+        (["compare", "--dataset", "sinusoid", "--json", str(tmp_path)], "--json: expected a file to write"),
+        (["scaling", "--dataset", "sinusoid", "--json", str(a_file / "x.json")], f"({a_file} is a file)"),
+    ]:
+        code, err = _usage_error(capsys, argv)
+        assert code == 2 and expected in err and "Traceback" not in err, err
+        assert "timing" not in err  # stopped before the work
+    assert a_file.read_text() == ""
+
+
+# ---- missing optional packages -----------------------------------------------------------------------------------
+
+_WITHOUT = """
+import sys
+for name in {names!r}:
+    sys.modules[name] = None  # import raises ImportError, as when the package is not installed
+from neuronml_fast.meta import cli
+cli.main({argv!r})
+"""
+
+
+def _run_without(packages, argv):
+    import subprocess
+    import sys
+
+    code = _WITHOUT.format(names=packages, argv=argv)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_train_without_tqdm_and_matplotlib_says_so_and_prints_plain_progress(tmp_path):
+    out = tmp_path / "run"
+    done = _run_without(["tqdm", "matplotlib", "matplotlib.pyplot"],
+                        ["train", *TINY, "--iterations", "3", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    err = done.stderr
+    assert "note: tqdm is not installed, so progress is printed as plain lines" in err
+    assert "note: matplotlib is not installed, so" in err and "curve.png is not drawn" in err
+    assert err.count("pip install 'neuronml_fast[meta]' installs it") == 2
+    assert "iteration 3/3: meta_loss" in err
+    assert (out / "curve.csv").exists() and not (out / "curve.png").exists()
+
+
+def test_omniglot_without_pillow_names_it_and_the_extra(tmp_path):
+    data = _tiny_omniglot(str(tmp_path), "background")
+    _tiny_omniglot(data, "evaluation")
+    done = _run_without(["PIL", "PIL.Image"], ["train", "--data-root", data, "--out", str(tmp_path / "run")])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "Omniglot: decoding its PNG images needs pillow, which is not installed" in done.stderr
+    assert "pip install 'neuronml_fast[meta]'" in done.stderr
+
+
+def test_the_meta_extra_installs_the_optional_packages():
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    assert '"meta": ["pillow", "matplotlib", "tqdm"]' in setup
+
+
+# ---- what the timing commands report -----------------------------------------------------------------------------
+
+
+def _parsed(argv):
+    args = cli.build_parser().parse_args(argv)
+    return cli._defaults(args)
+
+
+def test_timing_reports_name_only_what_applies():
+    sinusoid = cli._timing_setup(_parsed(["compare", "--dataset", "sinusoid"]))
+    assert sinusoid.startswith("maml sinusoid 10-shot regression, 10 queries, meta-batch 25") and "way" not in sinusoid
+    plastic = cli._timing_setup(_parsed(["compare", "--algo", "plastic", "--data-root", "."]))
+    assert "order" not in plastic and "no inner steps" in plastic and "5-way 1-shot" in plastic
+    assert "(random images)" in cli._timing_setup(_parsed(["compare", "--synthetic"]))
+    assert "(random images)" in cli._timing_setup(_parsed(["scaling"]))
+    assert "second order" in cli._timing_setup(_parsed(["compare", "--data-root", "."]))
+
+
+def test_scaling_takes_no_data_root_and_its_default_meta_batch_fits_the_ranks(capsys):
+    assert "--data-root" not in [s for action in _options(cli.build_parser().commands["scaling"])
+                                 for s in action.option_strings]
+    code, err = _usage_error(capsys, ["scaling", "--data-root", "."])
+    assert code == 2 and "unrecognized arguments: --data-root" in err
+    assert _parsed(["scaling", "--dataset", "sinusoid"]).meta_batch == 26  # 25 rounded up to 2 ranks
+    assert _parsed(["scaling", "--dataset", "sinusoid", "--ranks", "5"]).meta_batch == 25
+    assert _parsed(["scaling", "--ranks", "3"]).meta_batch == 33
+    assert _parsed(["scaling", "--dataset", "sinusoid", "--meta-batch", "7"]).meta_batch == 7  # given: kept
+    cli._check_world(cli.build_parser().commands["scaling"], _parsed(["scaling", "--dataset", "sinusoid"]), 1)

@@ -240,3 +240,91 @@ def test_convert_leaves_train_and_eval_outputs_unchanged_at_initialization(gate)
         model.train()
         model(x).square().sum().backward()
         assert model[0].gate.logits.grad.abs().sum() > 0  # straight through: the gate learns
+
+
+# ---- shared layers, converted models, the norm's mask ---------------------------------------------------------
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a  # the same layer under a second name
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_convert_turns_every_use_of_a_shared_layer_into_one_masked_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 4)
+    want = model(x)
+    nf.nn.convert(model)
+    assert isinstance(model[0], nf.nn.MaskedLinear) and model[2] is model[0]
+    torch.testing.assert_close(model(x), want)
+    model[0].mask[1] = 0  # pruning the layer prunes both of its uses
+    assert (model(x)[:, 1] == 0).all()
+
+    tied = nf.nn.convert(_Tied())
+    assert isinstance(tied.a, nf.nn.MaskedLinear) and tied.b is tied.a
+    # a tied conv -> BN pair: one masked conv, one masked norm that follows it, in both places
+    conv, norm = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)
+    model = nf.nn.convert(nn.Sequential(conv, norm, nn.ReLU(), conv, norm))
+    assert model[3] is model[0] and model[4] is model[1]
+    assert isinstance(model[1], nf.nn.MaskedBatchNorm2d) and model[1].mask_source is model[0]
+
+
+def test_convert_with_gate_on_a_converted_model_attaches_gates_that_keep_its_masks():
+    torch.manual_seed(0)
+    model = nf.nn.convert(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)))
+    model[0].mask[2] = 0
+    x = torch.randn(5, 4)
+    want = model(x)
+    assert nf.nn.convert(model, gate=True) is model
+    assert isinstance(model[0].gate, nf.nn.NeuronGate) and isinstance(model[2].gate, nf.nn.NeuronGate)
+    torch.testing.assert_close(model[0].current_mask(), model[0].mask)
+    torch.testing.assert_close(model(x), want)
+    gate = model[0].gate
+    nf.nn.convert(model, gate=True, track_sensitivity=True, skip_zero=False)  # a gate stays; the options apply
+    assert model[0].gate is gate and model[0].track_sensitivity and not model[0].skip_zero
+    soft = nf.nn.convert(nn.Sequential(nn.Linear(4, 6)))
+    soft[0].mask[0] = 0.5
+    with pytest.raises(ValueError, match=r"gate: expected a layer whose mask buffer holds only 0 and 1.*0\.5"):
+        nf.nn.convert(soft, gate=True)
+
+
+@pytest.mark.parametrize("kind", ["2d", "1d"])
+def test_masked_batch_norm_checks_its_mask_like_the_masked_layers(kind):
+    bn = nf.nn.MaskedBatchNorm2d(8) if kind == "2d" else nf.nn.MaskedBatchNorm1d(8)
+    h = torch.randn(4, 8, 3, 3) if kind == "2d" else torch.randn(4, 8)
+    for mask, error, message in [
+        (torch.zeros(1), ValueError, r"mask: expected shape \[8\], got \[1\]"),
+        (torch.ones(3), ValueError, r"mask: expected shape \[8\], got \[3\]"),
+        (torch.ones(8, 1, 1), ValueError, r"mask: expected shape \[8\], got \[8, 1, 1\]"),
+        (torch.ones(8, dtype=torch.bool), TypeError, "mask: expected a floating-point tensor"),
+        (torch.ones(8, dtype=torch.float64), TypeError,
+         r"mask: expected dtype torch.float32 \(the dtype of input\), got torch.float64"),
+    ]:
+        with pytest.raises(error, match=message):
+            bn(h, mask)
+    bn(h, torch.ones(8))  # the right mask still runs
+
+
+def test_a_gate_of_another_size_is_refused_at_construction():
+    with pytest.raises(ValueError, match="gate: expected a NeuronGate of 16 neurons .* got one of 10"):
+        nf.nn.MaskedConv2d(8, 16, 3, gate=nf.nn.NeuronGate(10))
+    with pytest.raises(ValueError, match="gate: expected a NeuronGate of 4 neurons"):
+        nf.nn.MaskedLinear(3, 4, gate=nf.nn.NeuronGate(3))
+
+
+def test_a_layer_given_the_wrong_channel_count_names_the_input():
+    conv = nf.nn.MaskedConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match=r"input: expected 4 channels .* got 5 channels in input of shape \[2, 5, 8, 8\]"):
+        conv(torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"a 5-d input is the task-batched form \[T, N, C_in, H, W\], which takes "
+                                         r"a task-batched weight"):
+        conv(torch.randn(3, 2, 4, 8, 8))
+    with pytest.raises(TypeError, match=r"stride: expected an int or a pair of ints, got 1.5"):
+        nf.masked_conv2d(torch.randn(2, 4, 8, 8), conv.weight, conv.mask, stride=1.5)

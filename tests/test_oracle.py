@@ -1,8 +1,8 @@
 """The cross-cutting checks, written once over every op of the oracle table (tests/oracle.py), every
 backend that runs it here and every dtype it supports: against the plain-PyTorch reference (odd
 sizes, empty inputs, non-contiguous and channels-last variants, NaN-poisoned outputs), random
-shapes, every subset of requires_grad, gradcheck and gradgradcheck, second order, opcheck of the
-custom ops, vmap and torch.compile. The per-op files keep what is particular to an op."""
+shapes, every subset of requires_grad, gradcheck and gradgradcheck, second order, torch.func.grad,
+opcheck of the custom ops, vmap and torch.compile. The per-op files keep what is particular to an op."""
 
 import itertools
 
@@ -179,6 +179,43 @@ def test_second_order_matches_reference(op, variant, backend, device, dtype):
                      what=f"second-order grad of the grads of {'+'.join(names[i] for i in use)}")
 
 
+# ---- torch.func.grad ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op,variant,backend,device,dtype", _params(
+    variants=lambda op: list(op.functorch), dtypes=lambda op, v, b: [F64]))
+def test_torch_func_grad_matches_the_reference(op, variant, backend, device, dtype):
+    """torch.func.grad of a projection of the outputs, and torch.func.grad of a projection of that
+    gradient (second order), against torch.autograd on the reference."""
+    op = OPS[op]
+    sample = op.sample(dtype, device, **op.variants[variant])
+    names = sample.differentiable(op.grad_inputs)
+    args, ref_args = leaves(sample, names), leaves(sample, names, dtype=F64)
+    want = op.reference(**ref_args, **sample.options)
+    up = upstream(want)
+    first_want = gradients(want, ref_args, names, weights=up, create_graph=True)
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(g.shape, generator=gen, dtype=F64) for g in first_want]
+    second_want = torch.autograd.grad(sum((g * w).sum() for g, w in zip(first_want, weights)),
+                                      [ref_args[n] for n in names])
+
+    def projection(values):
+        out = op.fn(**{**args, **dict(zip(names, values))}, **sample.options)
+        return sum((o * u.to(o)).sum() for o, u in zip(out if isinstance(out, tuple) else (out,), up))
+
+    def projected_gradient(values):
+        return sum((g * w.to(g)).sum() for g, w in zip(torch.func.grad(projection)(values), weights))
+
+    values = tuple(args[n].detach() for n in names)
+    with nf.use_backend(backend), _alloc.poisoned():
+        first = torch.func.grad(projection)(values)
+        second = torch.func.grad(projected_gradient)(values)
+    assert_close(dict(zip(names, first)), dict(zip(names, first_want)), op=op, backend=backend, dtype=dtype,
+                 what="torch.func.grad")
+    assert_close(dict(zip(names, second)), dict(zip(names, second_want)), op=op, backend=backend, dtype=dtype,
+                 what="torch.func.grad of torch.func.grad")
+
+
 # ---- opcheck ----------------------------------------------------------------------------------------
 
 
@@ -196,8 +233,7 @@ def test_opcheck(op, variant, backend, device, dtype):
 @pytest.mark.parametrize("op,variant,backend,device,dtype", _params(
     variants=lambda op: [f"{i}" for i in range(len(op.vmap))], dtypes=lambda op, v, b: [F64]))
 def test_vmap_matches_the_reference_per_slice(op, variant, backend, device, dtype):
-    # torch.func.grad cannot see through torch.library custom ops with registered autograd (a torch
-    # limitation); vmap can, and ordinary autograd works through the vmapped call.
+    # Ordinary autograd through the vmapped call too.
     op = OPS[op]
     name, in_dims = op.vmap[int(variant)]
     sample = op.sample(F64, device, **op.variants[name])

@@ -8,7 +8,7 @@ torch.compile: tests/test_oracle.py, over the rows plastic_linear and plastic_rn
 import pytest
 import torch
 import neuronml_fast as nf
-from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
+from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference, trace_dtype
 
 from neuronml_fast._memory import saved_bytes
 from conftest import interpreted, kernel_backends
@@ -340,6 +340,91 @@ def test_plastic_layers_eta_parameterization_and_state_dict(kind):
     assert frozen.eta.item() == 0.0 and not frozen.eta_logit.requires_grad
     with pytest.raises(ValueError, match="eta: expected 0 <= eta < 1, got 1.0"):
         _plastic_layer(kind, 4, eta=1.0)
+
+
+# ---- the trace's dtype (SPEC section 4, repository extension) --------------------------------------------------
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _backends_for(dtype):
+    """(backend, device) pairs that run the plastic ops in ``dtype`` here: the reference and auto always,
+    each kernel backend in the dtypes it registers (16-bit runs the reference)."""
+    kernels = nf.backends.ops()["plastic"].dtypes
+    return [("reference", "cpu"), ("auto", "cpu")] + [p.values for p in BACKENDS if dtype in kernels[p.values[0]]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_returned_trace_is_accepted_back_in_every_dtype(dtype):
+    # out, state = rnn(x); rnn(x, state): the trace comes back in the accumulation dtype (float32 for
+    # 16-bit inputs) and the next call takes it, on every backend that runs the dtype, for the ops and
+    # the layers alike.
+    want = trace_dtype(dtype)
+    assert want == (torch.float64 if dtype == F64 else torch.float32)
+    for backend, device in _backends_for(dtype):
+        torch.manual_seed(0)
+        rnn = nf.nn.PlasticRNN(4).to(device=device, dtype=dtype)
+        linear = nf.nn.PlasticLinear(3, 4).to(device=device, dtype=dtype)
+        x = torch.randn(5, 2, 4, device=device, dtype=dtype)
+        with nf.use_backend(backend):
+            whole, (_, h_whole) = rnn(x)
+            first, state = rnn(x[:2])
+            assert state[1].dtype == want and state[0].dtype == dtype, backend
+            second, (_, h_split) = rnn(x[2:], state)
+            out, hebb = linear(x[..., :3])
+            assert hebb.dtype == want, backend
+            again, hebb = linear(x[..., :3], hebb)
+            # the op itself, given the trace in the input's dtype or in the trace dtype
+            for given in (hebb, hebb.to(dtype)):
+                nf.plastic_rnn(x, rnn.weight, rnn.alpha, rnn.eta, hebb=state[1].to(given.dtype))
+                nf.plastic_linear(x[..., :3], linear.weight, linear.alpha, linear.eta, hebb=given)
+        assert again.dtype == out.dtype == dtype and hebb.dtype == want
+        tol = dict(atol=0, rtol=0) if dtype == F64 else dict(atol=2e-2, rtol=0) if dtype.itemsize == 2 else {}
+        torch.testing.assert_close(torch.cat([first, second]), whole, **tol)
+        torch.testing.assert_close(h_split, h_whole, **tol)
+
+
+def test_a_trace_of_another_dtype_names_both_accepted():
+    x = torch.randn(3, 2, 4, dtype=torch.float16)
+    w, alpha, eta = torch.zeros(4, 4, dtype=x.dtype), torch.zeros((), dtype=x.dtype), torch.tensor(0.1, dtype=x.dtype)
+    with pytest.raises(TypeError, match=r"hebb: expected dtype torch.float16 \(the dtype of input\) or torch.float32 "
+                                        r"\(the dtype of the trace the op returns\), got torch.float64"):
+        nf.plastic_rnn(x, w, alpha, eta, hebb=torch.zeros(2, 4, 4, dtype=F64))
+    with pytest.raises(TypeError, match=r"hebb: expected dtype torch.float64 \(the dtype of input\), "
+                                        r"got torch.float32"):
+        nf.plastic_rnn(x.double(), w.double(), alpha.double(), eta.double(), hebb=torch.zeros(2, 4, 4))
+
+
+# ---- eta under neuromodulation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu"), *BACKENDS])
+@pytest.mark.parametrize("modulation", ["sequence", "neuron", "endogenous"])
+def test_eta_gets_no_gradient_under_modulation_on_every_backend(backend, device, modulation):
+    # Modulated, the rule ignores eta: its gradient is None (an unused input), not zeros, on every
+    # backend, so an optimizer's weight decay treats it alike everywhere.
+    args = _rnn_args(modulation=modulation, device=device)
+    with nf.use_backend(backend):
+        out, hebb = nf.plastic_rnn(**args)
+    (out.sum() + hebb.sum()).backward()
+    assert args["eta"].grad is None
+    assert args["weight"].grad is not None and args["alpha"].grad is not None
+
+    plain = _rnn_args(device=device)  # unmodulated, eta is used and has its gradient
+    with nf.use_backend(backend):
+        out, hebb = nf.plastic_rnn(**plain)
+    (out.sum() + hebb.sum()).backward()
+    assert plain["eta"].grad is not None and plain["eta"].grad != 0
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu"), *BACKENDS])
+def test_a_modulated_layers_eta_logit_gets_no_gradient_on_every_backend(backend, device):
+    torch.manual_seed(0)
+    rnn = nf.nn.PlasticRNN(5, modulator="neuron", clip=1.0).to(device=device, dtype=F64)
+    with nf.use_backend(backend):
+        out, (_, hebb) = rnn(torch.randn(4, 2, 5, dtype=F64, device=device))
+    (out.sum() + hebb.sum()).backward()
+    assert rnn.eta_logit.grad is None and rnn.mod_weight.grad is not None
 
 
 # ---- every GPU kernel design, at sizes a test runs ----------------------------------------------

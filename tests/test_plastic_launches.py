@@ -3,12 +3,14 @@ plastic_linear is at most 8 launches, whatever T, for every rule, activation, cl
 endogenous modulation, N from 1 to 1024, B from 1 to 64, float32 and float64.
 
 Counted on CPU tensors, on the launch path a GPU runs: Triton launches are recorded where every
-Triton launch goes (`_triton_launch.launch`, as the plastic launcher calls it) and not run; CUDA
-C++ kernel launches are counted by the emulation, which checks each launch and skips its blocks
-(``dry_run``); and the ATen ops around them that would launch a device kernel are counted by a
-TorchDispatchMode (fills, copies, elementwise ops, reductions, matrix products, device-to-host
-reads; views and empty allocations launch nothing). The kernels' results are not looked at here:
-tests/test_oracle.py runs the same paths for real against the reference.
+Triton launch goes (`_triton_launch.intercepted`) and not run; CUDA C++ kernel launches are counted
+by the emulation, which checks each launch and runs no block (``count_only``); and the ATen ops
+around them that would launch a device kernel are counted by a TorchDispatchMode (fills, copies,
+elementwise ops, reductions, matrix products, device-to-host reads; views and empty allocations
+launch nothing). The kernels' results are not looked at here: tests/test_oracle.py and
+tests/test_plastic.py run the same paths for real against the reference. bench/launches.py
+counts the issue's cases with its own counter; this grid covers every option at the extremes of
+the sizes.
 """
 
 import contextlib
@@ -20,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import neuronml_fast as nf
 from neuronml_fast import _alloc, _extensions
-from neuronml_fast.ops.plastic import triton as plastic_triton
+from neuronml_fast.ops import _triton_launch
 
 from conftest import gpu_backends
 
@@ -56,29 +58,29 @@ class AtenLaunches(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def triton_launches_recorded(monkeypatch):
+def triton_launches_recorded():
     launches = []
-    monkeypatch.setattr(plastic_triton, "launch", lambda kernel, grid, *a, **k: launches.append(kernel.__name__))
-    yield launches
+    with _triton_launch.intercepted(lambda kernel, grid, args, kwargs: launches.append(kernel.__name__)):
+        yield launches
 
 
 @contextlib.contextmanager
 def cuda_launches_counted():
     module = _extensions.cuda()
     before = module.emulation_state()
-    module.configure_emulation(dry_run=True)
+    module.configure_emulation(count_only=True)
     launches = []
     try:
         yield launches
     finally:
-        module.configure_emulation(dry_run=before["dry_run"])
+        module.configure_emulation(count_only=before["count_only"])
         launches.extend(["cuda kernel"] * (module.emulation_state()["launches"] - before["launches"]))
 
 
-def count_launches(backend, monkeypatch, call):
+def count_launches(backend, call):
     """(kernel launches, ATen kernel ops) of `call` on `backend`, outputs unpoisoned (a poisoned
     allocation is a fill the real launch path does not have)."""
-    recorder = triton_launches_recorded(monkeypatch) if backend == "triton" else cuda_launches_counted()
+    recorder = triton_launches_recorded() if backend == "triton" else cuda_launches_counted()
     with _alloc.poisoned(False), nf.use_backend(backend), recorder as kernels, AtenLaunches() as aten:
         call()
     return kernels, aten.ops
@@ -150,12 +152,12 @@ SIZES = [(1, 1), (5, 3), (129, 2), (1024, 1), (64, 64)]  # (N, B)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("size", SIZES, ids=[f"N{n}-B{b}" for n, b in SIZES])
 @pytest.mark.parametrize("variant", sorted(RNN_VARIANTS))
-def test_plastic_rnn_forward_backward_is_at_most_8_launches(backend, device, dtype, size, variant, monkeypatch):
+def test_plastic_rnn_forward_backward_is_at_most_8_launches(backend, device, dtype, size, variant):
     N, B = size
     counts = set()
     for T in (1, 3, 40):
         torch.manual_seed(T)
-        kernels, aten = count_launches(backend, monkeypatch, _rnn_call(T, B, N, dtype, **RNN_VARIANTS[variant]))
+        kernels, aten = count_launches(backend, _rnn_call(T, B, N, dtype, **RNN_VARIANTS[variant]))
         assert len(kernels) + len(aten) <= BUDGET, (T, kernels, aten)
         counts.add((len(kernels), len(aten)))
     assert len(counts) == 1, f"the launch count depends on T: {counts}"
@@ -166,25 +168,24 @@ def test_plastic_rnn_forward_backward_is_at_most_8_launches(backend, device, dty
 @pytest.mark.parametrize("rule,activation,alpha_scalar,state", list(itertools.product(
     ["hebb", "oja"], ["tanh", "identity"], [False, True], [True, False])))
 def test_plastic_linear_forward_backward_is_at_most_8_launches(backend, device, dtype, rule, activation, alpha_scalar,
-                                                               state, monkeypatch):
+                                                               state):
     counts = set()
     for T, (d_in, d_out, B) in itertools.product((1, 7), [(1, 1, 1), (1024, 5, 2), (33, 1024, 64)]):
         torch.manual_seed(T)
         call = _linear_call(T, B, d_in, d_out, dtype, rule, activation, alpha_scalar, bias=state, drive=state,
                             hebb=state)
-        kernels, aten = count_launches(backend, monkeypatch, call)
+        kernels, aten = count_launches(backend, call)
         assert len(kernels) + len(aten) <= BUDGET, (T, d_in, d_out, B, kernels, aten)
         counts.add((len(kernels), len(aten)))
     assert len(counts) == 1, f"the launch count depends on the sizes: {counts}"
 
 
 @pytest.mark.parametrize("backend,device", gpu_backends())
-def test_the_gpu_plastic_path_is_three_kernels_and_no_aten_op(backend, device, monkeypatch):
+def test_the_gpu_plastic_path_is_three_kernels_and_no_aten_op(backend, device):
     # The endogenous modulator, the clip and the weight gradient all inside the kernels: a
     # forward, a reverse walk and a reduction. eta is ignored by the modulated rule, so nothing
     # checks or reads it.
-    kernels, aten = count_launches(backend, monkeypatch,
-                                   _rnn_call(12, 4, 20, torch.float32, modulation="endogenous", clip=1.0))
+    kernels, aten = count_launches(backend, _rnn_call(12, 4, 20, torch.float32, modulation="endogenous", clip=1.0))
     assert (len(kernels), aten) == (3, [])
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import neuronml_fast as nf
 from neuronml_fast import _alloc, selfcheck
@@ -190,3 +191,27 @@ def test_json_output(tmp_path):
     assert selfcheck.main(["--backend", "cpu", "--op", "batch_norm_rows", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     assert data["ok"] and {r["dtype"] for r in data["rows"]} == {"fp32", "fp64"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_device_asked_for_that_is_missing_is_a_failing_row_with_the_reason(capsys):
+    assert selfcheck.main(["--device", "cuda", "--quick"]) == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "UNAVAILABLE" in line)
+    assert "no cuda device here (torch.cuda.is_available() is False" in row
+    if "cpu" in nf.backends.status("cuda").devices:  # the emulation runs the CUDA kernels on cpu tensors
+        assert "run their GPU kernels on cpu tensors here: --device cpu" in row
+    assert "nothing checked" not in out and "FAILED" in out
+
+
+def test_an_unwritable_json_path_is_a_usage_error_before_the_check(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    for path, expected in [(tmp_path / "no" / "dir" / "x.json", "--json: expected a file in an existing folder"),
+                           (a_file / "x.json", f"({a_file} is a file)"),
+                           (tmp_path, "--json: expected a file to write")]:
+        with pytest.raises(SystemExit) as stop:
+            selfcheck.main(["--json", str(path)])
+        captured = capsys.readouterr()
+        assert stop.value.code == 2 and expected in captured.err and str(path) in captured.err
+        assert "every backend against the float64 reference" not in captured.out  # no work done

@@ -111,6 +111,44 @@ def test_gpu_check_bench_command_selects_one_case_per_pattern(tmp_path):
     assert len(out.stdout.split("\n")) - 1 == len(gpu_check.BENCH_CASES)
 
 
+def test_gpu_check_launches_command_selects_the_plastic_cases(tmp_path):
+    """The launches step's arguments parse and name the plastic cases of bench/launches.py; the step
+    counts on the CPU and measures on the GPU within its own budget, inside the step's timeout."""
+    from bench import launches
+
+    args = gpu_check.parse(["--out", str(tmp_path)])
+    command = gpu_check.commands(args, {"gpu": True, "capability": "9.0"})["launches"][0]
+    assert command[1:5] == ["-m", "bench.launches", "--device", "cuda"]
+    assert float(command[command.index("--budget") + 1]) < gpu_check.TIMEOUTS["launches"]
+    assert command[command.index("--json") + 1] == str(tmp_path / "launches.json")
+    listed = subprocess.run([*command, "--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    plastic = [c.name for c in launches.CASES if c.family == "plastic"]
+    assert listed.stdout.split("\n")[:-1] == plastic and len(plastic) == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it would run")
+def test_launches_on_a_gpu_without_one_is_a_clear_failure():
+    from bench import launches
+
+    out = subprocess.run([sys.executable, "-m", "bench.launches", "--device", "cuda", "--cases", "N=64 hebb"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "no CUDA device visible to torch" in out.stderr
+    assert launches.GPU_BACKENDS == ("triton", "cuda")
+
+
+def test_gpu_measurement_table_puts_the_cpu_count_beside_the_gpu_figures():
+    from bench import launches
+
+    cpu = {"launches": 219, "model_us": 1095.0}
+    rows = [{"case": "plastic_rnn T=100 N=64 hebb", "path": "triton", "cpu": cpu, "cuda_kernels": 230,
+             "cuda_copies": 2, "median_us": 1500.0},
+            {"case": "plastic_rnn T=100 N=64 hebb", "path": "cuda", "cpu": None, "skipped": "the 50 s budget is spent"}]
+    table = launches.gpu_table(rows).splitlines()
+    assert table[2] == "| plastic_rnn T=100 N=64 hebb | triton | 219 | 230 | 2 | 1500 | 1095 |"
+    assert "skipped: the 50 s budget is spent" in table[3]
+
+
 def test_gpu_check_step_that_cannot_start_fails(tmp_path):
     log = gpu_check.Log(str(tmp_path))
     step = gpu_check.run_command(gpu_check.Step("memcheck"), [str(tmp_path / "no-such-tool")], log, 5)

@@ -113,10 +113,10 @@ void check_contiguous_like(const at::Tensor& t, const at::Tensor& ref, const cha
   checks::check_contiguous(t, name);
 }
 
-// Shape of the problem from x [T, N, CIN, H, W] and weight [T, COUT, CIN_G, KH, KW]; checks the
-// plan tensors order [T*G, COUT_G] and count [T*G] (int32, on the device).
-ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& order, const at::Tensor& count,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+// Shape of the problem from x [T, N, CIN, H, W] and weight [T, COUT, CIN_G, KH, KW]; checks the mask
+// [T, COUT] (the kernels find the active channels from it).
+ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool skip_zero) {
   check_on_kernel_device(x, "input");
   to_kernel_dtype(x.scalar_type(), "input");
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "input, weight: expected 5-d task-batched tensors, got ", x.sizes(),
@@ -132,25 +132,20 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Te
   s.G = groups, s.COUT_G = s.COUT / groups;
   s.stride_h = stride[0], s.stride_w = stride[1], s.pad_h = padding[0], s.pad_w = padding[1];
   s.dil_h = dilation[0], s.dil_w = dilation[1];
+  s.skip_zero = skip_zero;
   s.HO = neuronml_fast::conv_output_size(s.H, s.KH, s.stride_h, s.pad_h, s.dil_h);
   s.WO = neuronml_fast::conv_output_size(s.W, s.KW, s.stride_w, s.pad_w, s.dil_w);
   TORCH_CHECK(weight.size(0) == s.T, "weight: expected ", s.T, " tasks, got ", weight.size(0));
-  TORCH_CHECK(order.scalar_type() == at::kInt && count.scalar_type() == at::kInt && order.is_contiguous() &&
-                  count.is_contiguous(), "order, count: expected contiguous int32 tensors");
-  check_same_device(order, x, "order");
-  check_same_device(count, x, "count");
-  checks::check_shape(order, "order", {s.T * s.G, s.COUT_G});
-  checks::check_shape(count, "count", {s.T * s.G});
+  check_contiguous_like(mask, x, "mask");
+  checks::check_shape(mask, "mask", {s.T, s.COUT});
   return s;
 }
 
 void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                             const c10::optional<at::Tensor>& bias, const at::Tensor& order, const at::Tensor& count,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t groups, at::Tensor& out, at::Tensor& pre) {
-  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
-  check_contiguous_like(mask, x, "mask");
-  checks::check_shape(mask, "mask", {s.T, s.COUT});
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool skip_zero, at::Tensor& out,
+                             at::Tensor& pre) {
+  const ConvShape s = conv_shape(x, weight, mask, stride, padding, dilation, groups, skip_zero);
   if (bias) {
     check_contiguous_like(*bias, x, "bias");
     checks::check_shape(*bias, "bias", {s.T, s.COUT});
@@ -162,44 +157,39 @@ void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, cons
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_forward(
                    to_kernel_dtype(x.scalar_type(), "input"), s, x.data_ptr(), weight.data_ptr(), mask.data_ptr(),
-                   bias ? bias->data_ptr() : nullptr, order.data_ptr<int32_t>(), count.data_ptr<int32_t>(),
-                   out.data_ptr(), pre.data_ptr(), current_stream()),
+                   bias ? bias->data_ptr() : nullptr, out.data_ptr(), pre.data_ptr(), current_stream()),
                "masked_conv_forward");
 }
 
 void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
                                 const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                                const at::Tensor& order, const at::Tensor& count, at::IntArrayRef stride,
-                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                at::Tensor& grad_input) {
-  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups, bool skip_zero, at::Tensor& grad_input) {
+  const ConvShape s = conv_shape(x, weight, mask, stride, padding, dilation, groups, skip_zero);
   check_contiguous_like(grad_out, x, "grad_out");
   checks::check_shape(grad_out, "grad_out", {s.T, s.N, s.COUT, s.HO, s.WO});
   if (grad_pre) {
     check_contiguous_like(*grad_pre, x, "grad_pre");
     checks::check_shape(*grad_pre, "grad_pre", grad_out.sizes());
   }
-  check_contiguous_like(mask, x, "mask");
-  checks::check_shape(mask, "mask", {s.T, s.COUT});
   check_contiguous_like(grad_input, x, "grad_input");
   checks::check_shape(grad_input, "grad_input", x.sizes());
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_input_grad(
                    to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, weight.data_ptr(), mask.data_ptr(),
-                   order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), grad_input.data_ptr(),
-                   current_stream()),
+                   grad_input.data_ptr(), current_stream()),
                "masked_conv_input_grad");
 }
 
 void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
                                  const c10::optional<at::Tensor>& pre, const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& mask, const at::Tensor& order, const at::Tensor& count,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, int64_t splits, int64_t pixels_per_split,
-                                 const c10::optional<at::Tensor>& grad_weight_part, at::Tensor& grad_bias_part,
-                                 at::Tensor& grad_mask_part) {
-  const ConvShape s = conv_shape(x, weight, order, count, stride, padding, dilation, groups);
+                                 const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups, bool skip_zero, int64_t splits,
+                                 int64_t pixels_per_split, const c10::optional<at::Tensor>& part,
+                                 const c10::optional<at::Tensor>& grad_weight, at::Tensor& grad_bias,
+                                 at::Tensor& grad_mask) {
+  const ConvShape s = conv_shape(x, weight, mask, stride, padding, dilation, groups, skip_zero);
   TORCH_CHECK(splits >= 1 && pixels_per_split >= 1 && splits * pixels_per_split >= s.N * s.HO * s.WO,
               "splits, pixels_per_split: must cover all ", s.N * s.HO * s.WO, " output pixels");
   check_contiguous_like(grad_out, x, "grad_out");
@@ -210,24 +200,30 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
       checks::check_shape(**t, name, grad_out.sizes());
     }
   }
-  check_contiguous_like(mask, x, "mask");
-  checks::check_shape(mask, "mask", {s.T, s.COUT});
-  const at::ScalarType acc = accumulation_dtype(x.scalar_type());
-  const auto check_part = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    check_same_device(t, x, name);
-    TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous(), name, ": expected a contiguous ", acc, " tensor");
-    checks::check_shape(t, name, shape);
-  };
-  if (grad_weight_part) check_part(*grad_weight_part, {splits, s.T, s.COUT, s.CIN_G * s.KH * s.KW}, "grad_weight_part");
-  check_part(grad_bias_part, {splits, s.T, s.COUT}, "grad_bias_part");
-  check_part(grad_mask_part, {splits, s.T, s.COUT}, "grad_mask_part");
+  if (grad_weight) {
+    check_contiguous_like(*grad_weight, x, "grad_weight");
+    checks::check_shape(*grad_weight, "grad_weight", weight.sizes());
+  }
+  check_contiguous_like(grad_bias, x, "grad_bias");
+  checks::check_shape(grad_bias, "grad_bias", {s.T, s.COUT});
+  check_contiguous_like(grad_mask, x, "grad_mask");
+  checks::check_shape(grad_mask, "grad_mask", {s.T, s.COUT});
+  TORCH_CHECK(part.has_value() == (splits > 1), "part: expected a partial-sum buffer exactly when splits > 1, got ",
+              part ? "one" : "none", " for ", splits, " splits");
+  if (part) {
+    const at::ScalarType acc = accumulation_dtype(x.scalar_type());
+    const int64_t row = (grad_weight ? grad_weight->numel() : 0) + 2 * s.T * s.COUT;
+    check_same_device(*part, x, "part");
+    TORCH_CHECK(part->scalar_type() == acc && part->is_contiguous(), "part: expected a contiguous ", acc, " tensor");
+    checks::check_shape(*part, "part", {splits, row});
+  }
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_weight_grad(
                    to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, pre ? pre->data_ptr() : nullptr, x.data_ptr(),
-                   mask.data_ptr(), order.data_ptr<int32_t>(), count.data_ptr<int32_t>(), splits, pixels_per_split,
-                   grad_weight_part ? grad_weight_part->data_ptr() : nullptr, grad_bias_part.data_ptr(),
-                   grad_mask_part.data_ptr(), current_stream()),
+                   mask.data_ptr(), splits, pixels_per_split, part ? part->data_ptr() : nullptr,
+                   grad_weight ? grad_weight->data_ptr() : nullptr, grad_bias.data_ptr(), grad_mask.data_ptr(),
+                   current_stream()),
                "masked_conv_weight_grad");
 }
 
@@ -429,7 +425,7 @@ void plastic_reduce(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 // The emulated device and schedule (csrc/emu/cuda_emu.h); unset values keep their setting.
 void configure_emulation(const c10::optional<std::string>& order, const c10::optional<int64_t>& seed,
                          const c10::optional<int64_t>& max_grid_yz, const c10::optional<int64_t>& optin_shared_bytes,
-                         const c10::optional<int64_t>& multiprocessors, const c10::optional<bool>& dry_run) {
+                         const c10::optional<int64_t>& multiprocessors, const c10::optional<bool>& count_only) {
   nf_emu::Config& c = nf_emu::config();
   if (order) {
     TORCH_CHECK(*order == "forward" || *order == "reverse" || *order == "random",
@@ -453,7 +449,7 @@ void configure_emulation(const c10::optional<std::string>& order, const c10::opt
                 *multiprocessors);
     c.multiprocessors = *multiprocessors;
   }
-  if (dry_run) c.dry_run = *dry_run;
+  if (count_only) c.count_only = *count_only;
 }
 
 // One of the emulation's own checks (csrc/emu/selftest.cu), writing into `out` (and `out2`).
@@ -521,7 +517,7 @@ py::dict emulation_state() {
   d["max_grid_yz"] = c.max_grid_yz;
   d["optin_shared_bytes"] = c.optin_shared_bytes;
   d["multiprocessors"] = c.multiprocessors;
-  d["dry_run"] = c.dry_run;
+  d["count_only"] = c.count_only;
   d["launches"] = s.launches.load();
   d["grid_barriers"] = s.grid_barriers.load();
   d["failed_launches"] = s.failed_launches.load();
@@ -540,7 +536,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure_emulation", &configure_emulation, "set the emulated schedule and device limits",
         py::arg("order") = py::none(), py::arg("seed") = py::none(), py::arg("max_grid_yz") = py::none(),
         py::arg("optin_shared_bytes") = py::none(), py::arg("multiprocessors") = py::none(),
-        py::arg("dry_run") = py::none());
+        py::arg("count_only") = py::none());
   m.def("emulation_state", &emulation_state, "the emulated schedule, limits and counters");
   m.def("emulation_selftest", &emulation_selftest, "one of the emulation's own checks", py::arg("name"),
         py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none());
@@ -562,5 +558,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_conv_forward_out", &masked_conv_forward_out, "masked conv forward (SPEC 2)");
   m.def("masked_conv_input_grad_out", &masked_conv_input_grad_out, "masked conv grad_input (SPEC 2)");
   m.def("masked_conv_weight_grad_out", &masked_conv_weight_grad_out,
-        "masked conv grad_weight, grad_bias, grad_mask partial sums (SPEC 2)");
+        "masked conv grad_weight, grad_bias, grad_mask (SPEC 2); partial sums added by a second launch when split");
 }

@@ -115,7 +115,9 @@ struct Config {
   int64_t threads_per_multiprocessor = 2048;
   int64_t shared_bytes_per_multiprocessor = 228 * 1024;
   int64_t stack_bytes = 128 * 1024;          // per emulated thread
-  bool dry_run = false;                      // check and count launches, run no block (counting launches)
+  // A launch is checked and counted but no block runs (bench/launches.py counts the launches of
+  // problems too large to emulate); outputs are left as they were.
+  bool count_only = false;
 };
 
 Config& config();

@@ -673,7 +673,7 @@ cudaError_t launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_
                            std::to_string(most) + " such blocks at once");
     }
   }
-  if (config().dry_run) return cudaSuccess;
+  if (config().count_only) return cudaSuccess;
   const size_t resident_count = cooperative ? blocks : 1;
   if (!worker.reserve(threads * resident_count)) {
     return set_error(cudaErrorMemoryAllocation, "no memory for the fiber stacks");

@@ -34,6 +34,7 @@ import warnings
 
 import torch
 
+from .. import _outputs
 from .. import backends as package_backends
 
 from .distributed import DEFAULT_TIMEOUT_S, DistributedError, World, environment_rank, shard, task_seed
@@ -109,12 +110,15 @@ nonnegative_float = number_argument(float, "a number >= 0", lambda v: 0 <= v < f
 fraction = number_argument(float, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
 
 
-def _add_common(parser):
+def _add_common(parser, data_root=True):
     parser.add_argument("--algo", choices=ALGOS, default="maml", help="meta-learner: MAML, NeuronML "
                         "(MAML with a learned frugal structure) or a plastic output layer")
     parser.add_argument("--dataset", choices=DATASETS, default="omniglot", help="task distribution")
-    parser.add_argument("--data-root", default=None, help="folder holding images_background(.zip) and "
-                        "images_evaluation(.zip); required for Omniglot")
+    if data_root:
+        parser.add_argument("--data-root", default=None, help="folder holding images_background(.zip) and "
+                            "images_evaluation(.zip); required for Omniglot")
+    else:  # the command reads no images
+        parser.set_defaults(data_root=None)
     parser.add_argument("--ways", type=positive_int, default=5, help="classes per task (Omniglot)")
     parser.add_argument("--shots", type=positive_int, default=None,
                         help="support examples per class (Omniglot) or per task (sinusoid); "
@@ -168,7 +172,8 @@ def build_parser():
     train.add_argument("--checkpoint-every", type=nonnegative_int, default=100,
                        help="meta-iterations between checkpoints; 0: only at the end")
     existing = train.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/checkpoint.pt")
+    existing.add_argument("--resume", action="store_true", help="continue the run in DIR from DIR/checkpoint.pt, "
+                          f"with its settings (only {RESUMABLE} may change)")
     existing.add_argument("--overwrite", action="store_true", help="replace a previous run in DIR")
     train.add_argument("--out", required=True, metavar="DIR",
                        help="output folder; one that holds a run needs --resume or --overwrite")
@@ -189,8 +194,9 @@ def build_parser():
                                   "thread", description="Time meta-iterations of the same meta-batch on 1 rank x N "
                                   "threads and on N ranks x 1 thread (torch.distributed, gloo, on this machine); "
                                   "print medians and the speed-up. Omniglot runs on random episodes of its shapes "
-                                  "(pixels do not change the time).", formatter_class=_HelpFormatter)
-    _add_common(scaling)
+                                  "(pixels do not change the time), so no --data-root. The default meta-batch is "
+                                  "rounded up to a multiple of --ranks.", formatter_class=_HelpFormatter)
+    _add_common(scaling, data_root=False)
     scaling.add_argument("--backend", choices=("auto", "reference", "cpu"), default="auto",
                          help="reference: the plain PyTorch learner; auto, cpu: the fused learner on that backend")
     scaling.add_argument("--ranks", type=positive_int, default=2, help="N: processes of the distributed run, "
@@ -243,8 +249,11 @@ def _check_backend(parser, args):
 
 
 def out_problem(args):
-    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently mixed:
-    the usage error, or None."""
+    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently mixed,
+    and ``--out`` is a folder this process can write: the usage error, or None."""
+    problem = _outputs.folder_problem("--out", args.out)
+    if problem:
+        return problem
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name))]
     if not found:
         return None
@@ -257,6 +266,39 @@ def out_problem(args):
     return None
 
 
+# The settings a resumed run may change: where and how fast it runs, how often it reports, when it
+# stops. Every other setting of `run_config` (and the seed) must be the checkpoint's.
+RESUMABLE = ("--iterations (not below the iterations done), --time-limit, --backend, --device, --threads, "
+             "--eval-every, --eval-tasks, --test-tasks, --checkpoint-every, --dist-timeout")
+
+
+def _run_settings(args):
+    settings = {key: value for key, value in run_config(args).items() if key not in ("backend", "learner")}
+    return {**settings, "seed": args.seed}
+
+
+def resume_problem(args):
+    """--resume continues the run the checkpoint holds, with its settings: the usage error naming each
+    setting given otherwise (and --iterations below the iterations done), or None."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not args.resume or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    stored = state.get("args")
+    if stored is not None:
+        theirs, ours = _run_settings(argparse.Namespace(**stored)), _run_settings(args)
+        differ = [f"--{key.replace('_', '-')} {ours.get(key)} (the run has {theirs.get(key)})"
+                  for key in ours if key in theirs and theirs[key] != ours[key]]
+        if differ:
+            return (f"--resume: expected the settings of the run in {path}, got {', '.join(differ)}; only "
+                    f"{RESUMABLE} may change")
+    done = state.get("iteration", 0)
+    if args.iterations < done:
+        return (f"--iterations: expected at least {done} to resume the run in {path} (the iterations it has done), "
+                f"got {args.iterations}")
+    return None
+
+
 def _check(parser, args):
     _check_device(parser, args)
     _check_backend(parser, args)
@@ -266,6 +308,9 @@ def _check(parser, args):
     if args.command == "scaling" and args.threads is not None:
         parser.error(f"--threads: expected none (scaling runs 1 rank x --ranks threads and --ranks ranks x 1 thread), "
                      f"got {args.threads}")
+    problem = getattr(args, "json", None) and _outputs.file_problem("--json", args.json)
+    if problem:
+        parser.error(problem)
     needs_archives = args.dataset == "omniglot" and args.command != "scaling" and not getattr(args, "synthetic", False)
     if needs_archives and args.data_root is None:
         parser.error("--data-root: expected the folder holding images_background.zip and images_evaluation.zip "
@@ -276,7 +321,10 @@ def _defaults(args):
     omniglot = args.dataset == "omniglot"
     args.shots = args.shots or (1 if omniglot else 10)
     args.queries = args.queries or (15 if omniglot else 10)
-    args.meta_batch = args.meta_batch or (32 if omniglot else 25)
+    if args.meta_batch is None:
+        args.meta_batch = 32 if omniglot else 25
+        if args.command == "scaling":  # each of the --ranks ranks takes an equal share
+            args.meta_batch = -(-args.meta_batch // args.ranks) * args.ranks
     args.inner_lr = args.inner_lr if args.inner_lr is not None else (0.4 if omniglot else 0.01)
     if getattr(args, "eval_inner_steps", None) is None and args.command == "train":
         args.eval_inner_steps = max(args.inner_steps, 3) if omniglot else args.inner_steps
@@ -354,6 +402,8 @@ def read_omniglot(args, splits, say=True):
             NWayKShot(data[split], args.ways, args.shots, args.queries)
         except (FileNotFoundError, ValueError) as error:
             return None, _usage_message(error)
+        except ImportError as error:  # pillow missing: the error says how to get it
+            return None, str(error)
     return data, None
 
 
@@ -411,11 +461,43 @@ def _git_commit():
         return None
 
 
+EXTRA = "pip install 'neuronml_fast[meta]'"  # the extra that brings pillow, matplotlib and tqdm
+
+
+def missing_package_note(package, consequence):
+    """The one line that says an optional package is missing, what that costs, and how to get it."""
+    return f"note: {package} is not installed, so {consequence} ({EXTRA} installs it)"
+
+
+class _TextProgress:
+    """Progress as plain lines on stderr, about every twentieth of the run: what `train` shows
+    without tqdm."""
+
+    def __init__(self, total, initial):
+        self.total, self.done = total, initial
+        self.every = max(1, (total - initial) // 20)
+        self.postfix = {}
+
+    def set_postfix(self, values):
+        self.postfix = dict(values)
+        if self.done % self.every == 0 or self.done == self.total:
+            values = ", ".join(f"{key} {value}" for key, value in self.postfix.items())
+            print(f"iteration {self.done}/{self.total}" + (f": {values}" if values else ""), file=sys.stderr,
+                  flush=True)
+
+    def update(self, count):
+        self.done += count
+
+    def close(self):
+        pass
+
+
 def _progress(total, initial):
     try:
         from tqdm import tqdm
-    except ImportError:  # the bar is a nicety, not a dependency
-        return None
+    except ImportError:  # the bar is a nicety, not a dependency: plain lines instead
+        _say(missing_package_note("tqdm", "progress is printed as plain lines instead of a bar"))
+        return _TextProgress(total, initial)
     return tqdm(total=total, initial=initial, unit="it", dynamic_ncols=True, file=sys.stderr)
 
 
@@ -612,8 +694,16 @@ def _test_and_report(run, data, per_rank):
 
 def _timing_setup(args):
     """The problem a timing command measured, for its report's first line."""
-    return (f"{args.algo} {args.dataset} {args.ways}-way {args.shots}-shot, {args.queries} queries, meta-batch "
-            f"{args.meta_batch}, {args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order")
+    if args.dataset == "sinusoid":
+        task = f"sinusoid {args.shots}-shot regression"
+    else:
+        random_images = args.command == "scaling" or getattr(args, "synthetic", False)
+        task = f"omniglot {args.ways}-way {args.shots}-shot" + (" (random images)" if random_images else "")
+    if args.algo == "plastic":
+        adaptation = "no inner steps (the plastic head adapts through its trace)"
+    else:
+        adaptation = f"{args.inner_steps} inner step(s), {'first' if args.first_order else 'second'} order"
+    return f"{args.algo} {task}, {args.queries} queries, meta-batch {args.meta_batch}, {adaptation}"
 
 
 def _device_name(device):
@@ -636,6 +726,8 @@ def _write_curve(curve, out, metric):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        _say(missing_package_note("matplotlib", f"{os.path.join(out, 'curve.png')} is not drawn (curve.csv holds "
+                                  "the same numbers)"))
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     its = [r["iteration"] for r in curve]
@@ -843,7 +935,7 @@ def _join(parser, args, splits):
         args.device = f"cuda:{world.local_rank}"
     problem = data_root_problem(args, splits)
     if problem is None and world.is_main:
-        problem = out_problem(args)  # the run's folder is rank 0's
+        problem = out_problem(args) or resume_problem(args)  # the run's folder is rank 0's
     _agree(parser, world, problem)
     return world
 

@@ -1,7 +1,7 @@
 """MAML with ``torch.func`` (``vmap`` over tasks of ``grad``): the third way to batch tasks, for `compare`.
 
-Plain PyTorch layers (the model's unbatched functional form); torch.func.grad cannot see through
-our custom ops' registered autograd, so this baseline only runs the reference layers.
+Plain PyTorch layers (the model's unbatched functional form, on the reference backend): the
+baseline is what torch.func makes of eager PyTorch.
 """
 
 from torch.func import grad, vmap

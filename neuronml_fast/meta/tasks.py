@@ -81,6 +81,18 @@ def _read_split(root, split):
     return characters
 
 
+PILLOW_MISSING = ("Omniglot: decoding its PNG images needs pillow, which is not installed: "
+                  "pip install 'neuronml_fast[meta]' (or pip install pillow)")
+
+
+def _require_pillow():
+    """pillow decodes the images: its absence is one clear error before any archive is read."""
+    try:
+        from PIL import Image  # noqa: F401
+    except ImportError:
+        raise ImportError(PILLOW_MISSING) from None
+
+
 def _decode(png, size):
     from PIL import Image
 
@@ -100,6 +112,7 @@ class Omniglot:
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         if not isinstance(data_root, (str, os.PathLike)) or not os.path.isdir(data_root):
             raise FileNotFoundError(f"data_root: expected a folder holding the Omniglot archives, got {data_root!r}")
+        _require_pillow()
         characters = _read_split(os.fspath(data_root), split)
         drawings = min(len(v) for v in characters.values())
         self.names = list(characters)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from .._alloc import accumulation_dtype
 from ..ops.masked import masked_conv2d, masked_linear
 
@@ -118,7 +119,11 @@ class _MaskedMixin:
             gate = NeuronGate(num_neurons, mode="hard").to(**factory)
         if gate is not None and not isinstance(gate, NeuronGate):
             raise TypeError(f"gate: expected a NeuronGate, True or None, got {type(gate).__name__}")
+        if gate is not None and gate.logits.shape[-1] != num_neurons:
+            raise ValueError(f"gate: expected a NeuronGate of {num_neurons} neurons (one per output channel or "
+                             f"feature), got one of {gate.logits.shape[-1]}")
         self.gate = gate
+        self._last_mask = _LastMask()
         self.skip_zero = skip_zero
         self.track_sensitivity = track_sensitivity
         self.register_buffer("sensitivity", torch.zeros(num_neurons, device=self.weight.device,
@@ -141,6 +146,20 @@ class _MaskedMixin:
         if self.gate is not None:
             return self.gate().to(self.weight.dtype)
         return self.mask
+
+    def _published(self, mask):
+        """``mask``, kept as the mask of this layer's latest forward for the norms that follow it
+        (`last_mask`)."""
+        self._last_mask.mask = mask
+        return mask
+
+    def last_mask(self):
+        """The mask of this layer's latest forward (its ``mask=`` argument, or its gate's or buffer's
+        mask), or its current mask before any. A following norm applies this one: the mask the layer
+        itself computed with, also when a tool runs the layer as a rebuilt copy (higher's
+        innerloop_ctx copies this attribute by reference, so the copy's forward lands here)."""
+        mask = self._last_mask.mask
+        return self.current_mask() if mask is None else mask
 
     def _tracked(self, mask):
         """With track_sensitivity, route |mask * dL/dmask| into the sensitivity buffer.
@@ -182,9 +201,10 @@ class _MaskedMixin:
 class MaskedConv2d(_MaskedMixin, nn.Conv2d):
     """nn.Conv2d whose output channels are gated by a structure mask (SPEC section 2).
 
-    Same constructor arguments and state_dict keys as nn.Conv2d (``padding_mode`` other than
-    ``"zeros"`` is pre-padded in PyTorch), plus ``gate`` (a NeuronGate, or True for a hard
-    NeuronGate whose mask starts at exactly 1), ``skip_zero`` and ``track_sensitivity``.
+    Same constructor arguments, input forms and state_dict keys as nn.Conv2d (string padding
+    ``"same"`` / ``"valid"``, every ``padding_mode``, which is pre-padded in PyTorch, unbatched
+    ``[C_in, H, W]`` inputs), plus ``gate`` (a NeuronGate, or True for a hard NeuronGate whose
+    mask starts at exactly 1), ``skip_zero`` and ``track_sensitivity``.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -192,15 +212,12 @@ class MaskedConv2d(_MaskedMixin, nn.Conv2d):
                  track_sensitivity=False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        if isinstance(self.padding, str):
-            raise ValueError(f"padding: string padding {self.padding!r} is not supported by MaskedConv2d; "
-                             f"give the padding in pixels")
         self._init_masking(out_channels, gate, skip_zero, track_sensitivity)
 
     def forward(self, input, mask=None):
-        mask = self._tracked(self.current_mask(mask))
+        mask = self._tracked(self._published(self.current_mask(mask)))
         padding = self.padding
-        if self.padding_mode != "zeros":
+        if self.padding_mode != "zeros":  # as nn.Conv2d: the padding (string padding's too) by F.pad
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0, 0)
         return masked_conv2d(input, self.weight, mask, self.bias, self.stride, padding, self.dilation, self.groups,
@@ -220,8 +237,33 @@ class MaskedLinear(_MaskedMixin, nn.Linear):
         self._init_masking(out_features, gate, skip_zero, track_sensitivity)
 
     def forward(self, input, mask=None):
-        mask = self._tracked(self.current_mask(mask))
+        mask = self._tracked(self._published(self.current_mask(mask)))
         return masked_linear(input, self.weight, mask, self.bias, skip_zero=self.skip_zero)
+
+
+class _LastMask:
+    """Where a masked layer keeps the mask of its latest forward (`_MaskedMixin.last_mask`). A plain
+    object, so that a copy of the layer made attribute by attribute shares it; copy.deepcopy and
+    pickling give the copy an empty one (the mask belongs to one forward's graph)."""
+
+    def __init__(self):
+        self.mask = None
+
+    def __deepcopy__(self, memo):
+        return _LastMask()
+
+    def __getstate__(self):
+        return {"mask": None}
+
+
+class _Reference:
+    """A module held by another without being its submodule (its parameters stay out of the holder's
+    state_dict and parameters()). Not an nn.Module attribute: nn.Module.__setattr__, and tools that
+    rebuild a module tree attribute by attribute (higher's innerloop_ctx), register a module value as
+    a child. copy.deepcopy and pickling copy the module it holds once, with the rest of the tree."""
+
+    def __init__(self, module):
+        self.module = module
 
 
 class _MaskedBatchNorm:
@@ -233,17 +275,20 @@ class _MaskedBatchNorm:
     exact zeros with zero gradients, and their running statistics are left untouched. Give
     the conv the same mask (it then skips the pruned neurons' compute).
 
-    Mask source: the ``mask=`` argument of ``forward``, else the current mask of the layer set
-    with ``follow(layer)`` (what `convert` sets up), else none (plain BatchNorm). The followed
-    layer is a reference, not a submodule: its parameters stay out of this module's state_dict.
+    Mask source: the ``mask=`` argument of ``forward``, else the mask of the latest forward of
+    the layer set with ``follow(layer)`` (what `convert` sets up; `last_mask`), else none (plain
+    BatchNorm). The followed layer is a reference, not a submodule: its parameters stay out of
+    this module's state_dict. copy.deepcopy and pickling keep the link inside the copy; a tool
+    that rebuilds the module tree itself (higher's innerloop_ctx) keeps the reference to the
+    original layer, whose `last_mask` is then the mask its rebuilt copy computed.
     """
 
-    _mask_source = None
+    _mask_source = None  # a _Reference to the followed layer
 
     @property
     def mask_source(self):
         """The masked layer whose mask this norm applies when ``forward`` gets none (or None)."""
-        return self._mask_source
+        return None if self._mask_source is None else self._mask_source.module
 
     def follow(self, layer):
         """Apply ``layer``'s current mask (a MaskedConv2d or MaskedLinear; None: no mask). Returns self."""
@@ -252,14 +297,15 @@ class _MaskedBatchNorm:
         if layer is not None and layer.mask.numel() != self.num_features:
             raise ValueError(f"layer: expected a masked layer with {self.num_features} neurons (num_features), "
                              f"got {layer.mask.numel()}")
-        object.__setattr__(self, "_mask_source", layer)  # bypasses nn.Module: not a submodule
+        self._mask_source = None if layer is None else _Reference(layer)
         return self
 
     def forward(self, input, mask=None):
         if mask is None and self._mask_source is not None:
-            mask = self._mask_source.current_mask()
+            mask = self._mask_source.module.last_mask()
         if mask is None:
             return super().forward(input)
+        self._check_mask(mask, input)
         keep = mask != 0
         updating = self.training and self.track_running_stats and self.running_mean is not None
         if not updating:
@@ -276,7 +322,16 @@ class _MaskedBatchNorm:
                 self.running_var.copy_(torch.where(keep, var, self.running_var))
         shape = (1, -1) + (1,) * (input.dim() - 2)
         keep = keep.view(shape)
-        return torch.where(keep, mask.view(shape), 0) * torch.where(keep, out, 0)
+        return torch.where(keep, mask.view(shape).to(out.dtype), 0) * torch.where(keep, out, 0)
+
+    def _check_mask(self, mask, input):
+        """One value per neuron, floating, on the input's device, as the masked layers take it; in the
+        input's dtype or the layer's (the dtype of the mask a followed layer gives, also when autocast
+        runs the layers in a lower precision)."""
+        own = next((t.dtype for t in (self.weight, self.running_mean) if t is not None), input.dtype)
+        accepted = {input.dtype: "the dtype of input"}
+        accepted.setdefault(own, "the dtype of the layer")
+        _checks.like_in_dtypes("mask", mask, "input", input, accepted, shape=(self.num_features,))
 
 
 class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
@@ -306,18 +361,65 @@ def convert(module, *, gate=False, skip_zero=True, track_sensitivity=False):
       ``skip_zero=True`` a neuron whose gate reaches 0 gets no gradient from the loss and stays
       pruned; pass ``skip_zero=False`` to let pruned neurons come back.
 
+    * A layer used in several places (the same module object registered twice, as in tied or
+      repeated layers) becomes one masked layer, registered in each place: pruning it prunes every
+      use.
+    * A layer that is already masked stays the same object; ``gate=True`` attaches its gate where
+      it has none (the gate starts at the layer's 0/1 mask buffer, so outputs stay the same), and
+      ``skip_zero=False`` and ``track_sensitivity=True`` apply to it too.
+
     Returns ``module`` (or its replacement when ``module`` itself is a Conv2d / Linear).
     """
+    return _convert(module, gate, skip_zero, track_sensitivity, {})
+
+
+def _convert(module, gate, skip_zero, track_sensitivity, converted):
+    """`convert` with ``converted``: {id(module): its replacement} of the modules already visited, so
+    each module is converted once, whatever the number of places it is registered in."""
+    if id(module) in converted:
+        return converted[id(module)]
     replacement = _masked_twin(module, gate, skip_zero, track_sensitivity)
+    converted[id(module)] = replacement if replacement is not None else module
     if replacement is not None:
         return replacement
+    if isinstance(module, _MaskedMixin):
+        _apply_options(module, gate, skip_zero, track_sensitivity)
     previous = None
-    for name, child in list(module.named_children()):
-        child = convert(child, gate=gate, skip_zero=skip_zero, track_sensitivity=track_sensitivity)
-        child = _norm_following(child, previous)
+    # module._modules, not named_children(): that one lists a module registered twice only once.
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        seen = id(child) in converted  # then it is converted already, as its first place decided
+        child = _convert(child, gate, skip_zero, track_sensitivity, converted)
+        if not seen:
+            child = _norm_following(child, previous, converted)
         setattr(module, name, child)
         previous = child
     return module
+
+
+def _apply_options(layer, gate, skip_zero, track_sensitivity):
+    """`convert`'s options, on a layer that is already masked: those given away from their defaults."""
+    if gate and layer.gate is None:
+        layer.gate = _gate_holding(layer)
+    if not skip_zero:
+        layer.skip_zero = False
+    if track_sensitivity:
+        layer.track_sensitivity = True
+
+
+def _gate_holding(layer):
+    """A hard gate whose mask is ``layer``'s mask buffer (0/1 values only, what a hard gate can hold)."""
+    mask = layer.mask.detach()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"gate: expected a layer whose mask buffer holds only 0 and 1 (what a hard gate can start "
+                         f"from), got a {type(layer).__name__} with mask values "
+                         f"{mask.unique().tolist()[:6]}; attach a NeuronGate by hand")
+    gate = NeuronGate(mask.numel(), mode="hard").to(device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        gate.logits.copy_(torch.where(mask != 0, gate.logits, -gate.logits))
+    gate.train(layer.training)
+    return gate
 
 
 def _masked_twin(module, gate, skip_zero, track_sensitivity):
@@ -341,9 +443,9 @@ def _masked_twin(module, gate, skip_zero, track_sensitivity):
 _MASKED_NORMS = {nn.BatchNorm2d: (MaskedConv2d, MaskedBatchNorm2d), nn.BatchNorm1d: (MaskedLinear, MaskedBatchNorm1d)}
 
 
-def _norm_following(module, previous):
+def _norm_following(module, previous, converted):
     """``module``, or its masked twin following ``previous`` where ``module`` is the BatchNorm of
-    ``previous``'s output (see `convert`)."""
+    ``previous``'s output (see `convert`); ``converted`` records the twin for the module's other places."""
     layer_type, twin_type = _MASKED_NORMS.get(type(module), (None, None))
     if layer_type is None or not isinstance(previous, layer_type) or previous.mask.numel() != module.num_features:
         return module
@@ -352,4 +454,5 @@ def _norm_following(module, previous):
     for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
         setattr(twin, name, tensor)
     twin.train(module.training)
+    converted[id(module)] = twin
     return twin.follow(previous)

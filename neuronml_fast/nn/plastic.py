@@ -1,7 +1,8 @@
 """Differentiable-plasticity layers with Miconi-like defaults (SPEC section 4).
 
 Each connection is ``weight + alpha * hebb``; ``hebb`` is per sequence and is returned, so it
-(and the recurrent state) can be carried across calls: ``out, state = rnn(x, state)``.
+(and the recurrent state) can be carried across calls: ``out, state = rnn(x, state)``, in every
+dtype (a 16-bit layer's trace is float32, the dtype it accumulates in, and is accepted back).
 
 The trace's learning rate ``eta`` must lie in [0, 1) (the rules decay the trace by ``1 - eta``).
 The layers learn it as ``eta = sigmoid(eta_logit)``, so no optimizer step can take it out of that

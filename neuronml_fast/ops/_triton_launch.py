@@ -29,10 +29,30 @@ def check_grid(grid, what):
                              f"the problem is too large for one launch")
 
 
+# What `launch` hands every launch to instead of running it, while `intercepted` says so.
+_handler = None
+
+
+@contextlib.contextmanager
+def intercepted(handler):
+    """Inside this block `launch` calls ``handler(kernel, grid, args, kwargs)`` instead of running
+    the kernel; a handler that runs it too calls `launch` inside ``intercepted(None)``. For the
+    tools that count or record launches (bench/launches.py)."""
+    global _handler
+    previous, _handler = _handler, handler
+    try:
+        yield
+    finally:
+        _handler = previous
+
+
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` on the device of its first tensor argument. Every Triton
     launch goes through here."""
     check_grid(grid, kernel.__name__)
+    if _handler is not None:
+        _handler(kernel, grid, args, kwargs)
+        return
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     with on_device(device):
         kernel[grid](*args, **kwargs)

@@ -2,6 +2,8 @@
 // fused epilogue / prologue around the ATen dense core, and the masked conv2d launchers.
 #include "cpu/bindings/bindings.h"
 
+#include <c10/util/strides.h>
+
 #include <array>
 #include <limits>
 #include <tuple>
@@ -416,6 +418,15 @@ std::array<c10::optional<at::Tensor>, 3> prologue_rows(const at::Tensor& grad_ou
   return {rows(grad_out), rows(grad_pre), rows(pre)};
 }
 
+// `t` contiguous with the canonical strides. ATen's contiguous() returns a tensor as it is where
+// only the strides of its size-1 dimensions differ (a grouped-NHWC gradient of one input channel
+// or 1 x 1 images), and torch's conv2d returns canonical strides: the caller's strides must match.
+at::Tensor canonically_contiguous(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const c10::DimVector canonical = c10::contiguous_strides(c.sizes());
+  return c.strides() == at::IntArrayRef(canonical) ? c : c.as_strided(c.sizes(), canonical);
+}
+
 // The empty tensor that stands for a gradient the caller did not ask for. A new one for each: a
 // custom op's outputs may not alias each other.
 at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -472,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
     grad_input = own_input_grad(gy, w, x.sizes(), conv, contiguous_input_grad, poison);
   } else if (need_input_grad) {
     grad_input = gx.permute({0, 2, 3, 1}).view({N, x.size(3), x.size(4), T, x.size(2)}).permute({3, 0, 4, 1, 2});
-    if (contiguous_input_grad) grad_input = grad_input.contiguous();
+    if (contiguous_input_grad) grad_input = canonically_contiguous(grad_input);
   }
   if (need_weight_grad) {
     if (own) gw = own_weight_grad(gy, x, A, weight.size(3), weight.size(4), conv, poison);

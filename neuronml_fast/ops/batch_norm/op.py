@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ... import _checks, backends
+from .. import _autocast
 from .reference import batch_norm_rows_double_backward_reference
 
 OP = "batch_norm_rows_double_backward"
@@ -51,6 +52,9 @@ def batch_norm_rows_double_backward_op(
 @batch_norm_rows_double_backward_op.register_fake
 def _(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd, backend):
     return input.new_empty(input.shape), input.new_empty(input.shape), weight.new_empty(weight.shape)
+
+
+_autocast.register(batch_norm_rows_double_backward_op, OP, _autocast.Policy(_autocast.AS_GIVEN))
 
 
 def batch_norm_rows_double_backward(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd):
@@ -95,9 +99,14 @@ def batch_norm_rows(input, weight, bias, eps=1e-5):
     """Batch norm with batch statistics over the rows of ``input [R, C]`` (the channels).
 
     Same values and gradients as ``F.batch_norm(input, None, None, weight, bias, training=True,
-    eps=eps)``; differentiable twice, the second time through one fused kernel on the CPU.
+    eps=eps)``; differentiable twice, the second time through one fused kernel on the CPU. Under
+    ``torch.autocast`` it runs in the input's dtype, as ``batch_norm`` does (weight and bias are
+    taken in it; `neuronml_fast.ops._autocast`).
     """
     _checks.floating_tensor("input", input, ndim=2)
+    if _autocast.target_dtype(input.device.type) is not None and input.dtype != torch.float64:
+        weight, bias = (t.to(input.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                        for t in (weight, bias))
     channels = input.shape[1]
     _checks.like("weight", weight, "input", input, shape=(channels,))
     _checks.like("bias", bias, "input", input, shape=(channels,))

@@ -157,12 +157,14 @@ class GroupedNHWCLayout:
     stack of layers runs in without copies), single-task outputs and the input gradient of a
     caller's tensor contiguous or channels_last as PyTorch's conv2d gives them."""
 
-    def prepare(self, input, batched):
+    def prepare(self, input, channels_last):
         # A no-op for channels_last input and the task-batched outputs of a previous masked conv.
-        contiguous_input_grad = not is_grouped_nhwc(input)
-        if contiguous_input_grad:
+        converted = not is_grouped_nhwc(input)
+        if converted:
             input = to_grouped_nhwc(input, pooled=is_plain_tensor(input))
-        return input, contiguous_input_grad, contiguous_input_grad and not batched
+        if channels_last is None:  # task-batched: the input gradient in the caller's layout, outputs in ours
+            return input, converted, False
+        return input, not channels_last, not channels_last
 
     def fake_outputs(self, shape, input, contiguous_output):
         if contiguous_output:

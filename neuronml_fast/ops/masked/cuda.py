@@ -17,21 +17,21 @@ class CudaConvKernels:
         """The extension checks sizes itself (TORCH_CHECK)."""
 
     @staticmethod
-    def forward(geo, x, weight, mask, bias, order, count, out, pre):
-        _extensions.cuda().masked_conv_forward_out(x, weight, mask, bias, order, count, geo.stride, geo.padding,
-                                                   geo.dilation, geo.G, out, pre)
+    def forward(geo, x, weight, mask, bias, skip_zero, out, pre):
+        _extensions.cuda().masked_conv_forward_out(x, weight, mask, bias, geo.stride, geo.padding, geo.dilation, geo.G,
+                                                   skip_zero, out, pre)
 
     @staticmethod
-    def input_grad(geo, grad_out, grad_pre, x, weight, mask, order, count, grad_input):
-        _extensions.cuda().masked_conv_input_grad_out(grad_out, grad_pre, x, weight, mask, order, count, geo.stride,
-                                                      geo.padding, geo.dilation, geo.G, grad_input)
+    def input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input):
+        _extensions.cuda().masked_conv_input_grad_out(grad_out, grad_pre, x, weight, mask, geo.stride, geo.padding,
+                                                      geo.dilation, geo.G, skip_zero, grad_input)
 
     @staticmethod
-    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, order, count, splits, per_split, gw_part, gb_part,
-                    gm_part):
-        _extensions.cuda().masked_conv_weight_grad_out(grad_out, grad_pre, pre, x, weight, mask, order, count,
-                                                       geo.stride, geo.padding, geo.dilation, geo.G, splits,
-                                                       per_split, gw_part, gb_part, gm_part)
+    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs):
+        _extensions.cuda().masked_conv_weight_grad_out(grad_out, grad_pre, pre, x, weight, mask, geo.stride,
+                                                       geo.padding, geo.dilation, geo.G, skip_zero, outputs.splits,
+                                                       outputs.pixels_per_split, outputs.part, outputs.grad_weight,
+                                                       outputs.grad_bias, outputs.grad_mask)
 
 
 _KERNELS = CudaConvKernels()

@@ -2,18 +2,18 @@
 
 A backend passes its kernels as the ``kernels`` argument, an object with ``k_step(dtype)`` (the
 pixel block of its weight-gradient reduction), ``check(geometry)`` (its own size limits),
-``forward``, ``input_grad`` and ``weight_grad`` (one launch each; ``weight_grad`` also reduces
-the bias and mask gradients, and computes the weight gradient only where ``gw_part`` is given):
+``forward``, ``input_grad`` (one launch each) and ``weight_grad`` (the weight, bias and mask
+gradients: one launch, and one more that adds the partial sums when the pixels are split):
 `triton.TritonConvKernels`, `cuda.CudaConvKernels`. This module owns everything around them:
-contiguous operands, output allocation, the device-side compaction plan, the split of the weight
-gradient's pixel reduction and the sum of its partials, and the linear layers as 1x1
-convolutions.
+contiguous operands (a copy only of an operand that is not), output allocation, the split of
+the weight gradient's pixel reduction, and the linear layers as 1x1 convolutions.
 
-The planning runs on the device with torch ops: no host synchronization, so a launch never
-waits for the mask to be read back.
+The kernels find the active neurons themselves, from the mask on the device: no host
+synchronization and no planning launch, so a forward is one launch and a backward two or three.
 """
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -55,16 +55,6 @@ class ConvGeometry:
                    tuple(dilation))
 
 
-def compaction(mask, groups, skip_zero):
-    """Per (task, group): its channels ordered active first ``[T*G, C/G]`` int32, and the active
-    count ``[T*G]`` int32. Blocks of slots past the count skip their GEMM entirely."""
-    T, C = mask.shape
-    keep = mask != 0 if skip_zero else torch.ones_like(mask, dtype=torch.bool)
-    keep = keep.reshape(T * groups, C // groups)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous()
-    return order, keep.sum(1, dtype=torch.int32)
-
-
 def weight_grad_splits(pixels, block, max_splits=64, pixels_per_program=4096):
     """Split the pixel reduction of the weight gradient so that enough programs run:
     returns (splits, pixels per split), the latter a multiple of ``block``."""
@@ -91,9 +81,47 @@ def conv2d_forward(kernels, x, weight, mask, bias, stride, padding, dilation, gr
     shape = (geo.T, geo.N, geo.COUT, geo.HO, geo.WO)
     out, pre = _new(shape, x), _new(shape, x)
     if out.numel():
-        order, count = compaction(mask, groups, skip_zero)
-        kernels.forward(geo, x, weight, mask, bias, order, count, out, pre)
+        kernels.forward(geo, x, weight, mask, bias, skip_zero, out, pre)
     return out, pre
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightGradOutputs:
+    """Where the weight-gradient kernel writes. ``part`` is None without a split: the kernel then
+    writes ``grad_weight`` (None when not needed), ``grad_bias`` and ``grad_mask`` itself. With
+    ``splits`` > 1 it writes ``part [splits, split_stride]`` in the accumulation dtype (each row:
+    the weight-gradient elements, then the bias and the mask ones), and one more launch adds the
+    rows into the three gradients."""
+
+    splits: int
+    pixels_per_split: int
+    grad_weight: Optional[torch.Tensor]
+    grad_bias: torch.Tensor
+    grad_mask: torch.Tensor
+    part: Optional[torch.Tensor]
+
+    @property
+    def weight_elements(self):
+        return 0 if self.grad_weight is None else self.grad_weight.numel()
+
+    @property
+    def bias_elements(self):
+        return self.grad_bias.numel()
+
+    @property
+    def split_stride(self):
+        return self.weight_elements + 2 * self.bias_elements
+
+
+def _weight_grad_outputs(kernels, geo, x, weight, mask, need_weight_grad):
+    splits, per_split = weight_grad_splits(geo.N * geo.HO * geo.WO, kernels.k_step(x.dtype))
+    grad_weight = _new(weight.shape, weight) if need_weight_grad else None
+    grad_bias, grad_mask = _new(mask.shape, x), _new(mask.shape, x)
+    part = None
+    if splits > 1:
+        row = (grad_weight.numel() if need_weight_grad else 0) + 2 * grad_bias.numel()
+        part = _new((splits, row), x, _alloc.accumulation_dtype(x.dtype))
+    return WeightGradOutputs(splits, per_split, grad_weight, grad_bias, grad_mask, part)
 
 
 def conv2d_backward(kernels, grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
@@ -102,22 +130,16 @@ def conv2d_backward(kernels, grad_out, grad_pre, x, weight, mask, pre, stride, p
     grad_out, grad_pre, x, weight, mask, pre = _contiguous(grad_out, grad_pre, x, weight, mask, pre)
     geo = ConvGeometry.of(x, weight, stride, padding, dilation, groups)
     kernels.check(geo)
-    order, count = compaction(mask, groups, skip_zero)
     grad_input = x.new_empty((0,))
     if need_input_grad:
         grad_input = _new(x.shape, x)
         if grad_input.numel():
-            kernels.input_grad(geo, grad_out, grad_pre, x, weight, mask, order, count, grad_input)
-    acc = _alloc.accumulation_dtype(x.dtype)
-    splits, per_split = weight_grad_splits(geo.N * geo.HO * geo.WO, kernels.k_step(x.dtype))
-    K = geo.CIN_G * geo.KH * geo.KW
-    gw_part = _new((splits, geo.T, geo.COUT, K), x, acc) if need_weight_grad else None
-    gb_part, gm_part = _new((splits, geo.T, geo.COUT), x, acc), _new((splits, geo.T, geo.COUT), x, acc)
+            kernels.input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input)
+    outputs = _weight_grad_outputs(kernels, geo, x, weight, mask, need_weight_grad)
     if geo.T * geo.COUT:
-        kernels.weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, order, count, splits, per_split, gw_part,
-                            gb_part, gm_part)
-    grad_weight = gw_part.sum(0).to(x.dtype).view(weight.shape) if need_weight_grad else x.new_empty((0,))
-    return grad_input, grad_weight, gb_part.sum(0).to(x.dtype), gm_part.sum(0).to(x.dtype)
+        kernels.weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs)
+    grad_weight = outputs.grad_weight if need_weight_grad else x.new_empty((0,))
+    return grad_input, grad_weight, outputs.grad_bias, outputs.grad_mask
 
 
 # A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.

@@ -29,11 +29,14 @@ import math
 from typing import Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _checks, backends
+from .. import _autocast
+from .._functorch import TransformableOp
 from .._vmap import merge_batch
-from .reference import conv_output_shape, masked_conv2d_reference, masked_linear_reference
+from .reference import conv_output_hw, conv_output_shape, masked_conv2d_reference, masked_linear_reference
 
 CONV, LINEAR = "masked_conv2d", "masked_linear"
 
@@ -67,9 +70,14 @@ class ContiguousConvLayout:
     activations in a layout of their own gives its launcher module a ``conv2d_layout`` object
     with these four methods (the CPU backend: grouped NHWC, `cpu.GroupedNHWCLayout`)."""
 
-    def prepare(self, input, batched):
+    def prepare(self, input, channels_last):
         """``(input for the kernels, contiguous_input_grad, contiguous_output)`` for a ``[T, N, C, H, W]``
-        input: whether the input gradient and the outputs come back contiguous."""
+        input: whether the input gradient and the outputs come back contiguous. ``channels_last``:
+        None for a task-batched call (any layout the backend likes), else whether torch's conv2d
+        would give this single-task call channels_last results (`_conv_channels_last`); the
+        public function lays out the outputs, this the input gradient."""
+        if channels_last and _has_memory_format(input):
+            input = _InputGradChannelsLast.apply(input)
         return input, True, True
 
     def fake_outputs(self, shape, input, contiguous_output):
@@ -91,13 +99,39 @@ def _layout(backend):
 
 
 # ---- argument checks -----------------------------------------------------------------------
+# The forms nn.Conv2d and F.conv2d take: an int or a pair (a one-element sequence too) for
+# stride, padding and dilation, string padding "same" / "valid", and unbatched [C_in, H, W] inputs.
+# Shape errors are `_checks.ArgumentError`s: ValueErrors that are also the RuntimeError torch
+# raises for the same input.
+
+ArgumentError = _checks.ArgumentError
 
 
-def _pair(value, name="stride"):
+def _pair(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) == 1:
+        pair = pair * 2
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}")
     return [int(v) for v in pair]
+
+
+def _string_padding(padding, weight, stride, dilation):
+    """(padding pair, extra right/bottom zeros [H, W] or None) of "same" / "valid", as torch pads:
+    "same" splits the dilated kernel's span evenly and, for an even span, pads one more zero
+    after the input."""
+    if padding == "valid":
+        return [0, 0], None
+    if padding != "same":
+        raise ArgumentError(f"padding: expected 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    if stride != [1, 1]:
+        raise ArgumentError(f"padding: 'same' is not supported for strided convolutions, got stride {stride}")
+    span = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:])]
+    left = [s // 2 for s in span]
+    extra = [s - 2 * l for s, l in zip(span, left)]
+    return left, (extra if any(extra) else None)
 
 
 def _check_mask_and_bias(mask, bias, ref, shape):
@@ -106,51 +140,122 @@ def _check_mask_and_bias(mask, bias, ref, shape):
         _checks.like("bias", bias, "input", ref, shape=shape)
 
 
-def _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups):
-    _checks.floating_tensor("input", input)
-    if input.dim() not in (4, 5):
-        raise ValueError(f"input: expected [N, C_in, H, W] or task-batched [T, N, C_in, H, W], "
-                         f"got shape {list(input.shape)}")
+def _check_conv_shapes(input, weight):
+    """input [N, C_in, H, W] with weight [C_out, C_in/groups, kH, kW], or the task-batched
+    [T, N, C_in, H, W] with [T, C_out, C_in/groups, kH, kW]. Returns whether it is task-batched."""
+    _checks.floating_tensor("weight", weight)
+    if weight.dim() == 4 and input.dim() != 4:
+        raise ArgumentError(
+            f"input: expected [N, C_in, H, W] or unbatched [C_in, H, W] for a weight of shape {list(weight.shape)}, "
+            f"got shape {list(input.shape)}"
+            + (" (a 5-d input is the task-batched form [T, N, C_in, H, W], which takes a task-batched weight "
+               "[T, C_out, C_in/groups, kH, kW])" if input.dim() == 5 else ""))
+    if weight.dim() == 5 and input.dim() != 5:
+        raise ArgumentError(f"input: expected task-batched [T, N, C_in, H, W] for a task-batched weight of shape "
+                            f"{list(weight.shape)}, got shape {list(input.shape)}")
+    if weight.dim() not in (4, 5):
+        raise ArgumentError(f"weight: expected [C_out, C_in/groups, kH, kW] or task-batched "
+                            f"[T, C_out, C_in/groups, kH, kW], got shape {list(weight.shape)}")
+    _checks.like("input", input, "weight", weight, shape=input.shape)
     batched = input.dim() == 5
-    _checks.floating_tensor("weight", weight, ndim=input.dim())
-    _checks.like("weight", weight, "input", input, shape=weight.shape)
     if batched and weight.shape[0] != input.shape[0]:
-        raise ValueError(f"weight: expected {input.shape[0]} tasks (input.shape[0]), got {weight.shape[0]}")
+        raise ArgumentError(f"weight: expected {input.shape[0]} tasks (input.shape[0]), got {weight.shape[0]}")
+    return batched
+
+
+def _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups):
+    """Returns (batched, stride, padding, dilation, extra zero padding after the input or None)."""
+    batched = _check_conv_shapes(input, weight)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+        raise ArgumentError(f"groups: expected a positive int, got {groups!r}")
     c_out, c_in_per_group = weight.shape[-4], weight.shape[-3]
     if c_in_per_group * groups != input.shape[-3]:
-        raise ValueError(f"weight: expected C_in/groups = {input.shape[-3]}/{groups} input channels per group, "
-                         f"got weight of shape {list(weight.shape)}")
+        raise ArgumentError(f"input: expected {c_in_per_group * groups} channels (weight.shape[-3] x groups = "
+                            f"{c_in_per_group} x {groups}), got {input.shape[-3]} channels in input of shape "
+                            f"{list(input.shape)}")
     if c_out % groups:
-        raise ValueError(f"weight: expected C_out divisible by groups={groups}, got C_out={c_out}")
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"stride, padding, dilation: expected stride >= 1, padding >= 0, dilation >= 1, "
-                         f"got {stride}, {padding}, {dilation}")
-    out_shape = conv_output_shape(input, weight, stride, padding, dilation)
-    if min(out_shape[-2:]) < 1:
-        raise ValueError(f"input: spatial size {list(input.shape[-2:])} with padding {padding} is smaller than "
-                         f"the dilated kernel {list(weight.shape[-2:])}")
+        raise ArgumentError(f"weight: expected C_out divisible by groups={groups}, got C_out={c_out}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ArgumentError(f"stride, dilation: expected stride >= 1 and dilation >= 1, got {stride}, {dilation}")
+    extra = None
+    if isinstance(padding, str):
+        padding, extra = _string_padding(padding, weight, stride, dilation)
+    else:
+        padding = _pair(padding, "padding")
+        if min(padding) < 0:
+            raise ArgumentError(f"padding: expected padding >= 0, got {padding}")
+    padded = [s + e for s, e in zip(input.shape[-2:], extra or (0, 0))]
+    out_hw = conv_output_hw(padded, weight.shape[-2:], stride, padding, dilation)
+    if min(out_hw) < 1:
+        raise ArgumentError(f"input: spatial size {list(input.shape[-2:])} with padding {padding} is smaller than "
+                            f"the dilated kernel {list(weight.shape[-2:])} (dilation {dilation})")
     _check_mask_and_bias(mask, bias, input, weight.shape[:-3])
-    return batched, stride, padding, dilation
+    return batched, stride, padding, dilation, extra
 
 
 def _validate_linear(input, weight, mask, bias):
     _checks.floating_tensor("input", input, min_ndim=1)
     _checks.floating_tensor("weight", weight)
     if weight.dim() not in (2, 3):
-        raise ValueError(f"weight: expected [out, in] or task-batched [T, out, in], got shape {list(weight.shape)}")
-    _checks.like("weight", weight, "input", input, shape=weight.shape)
+        raise ArgumentError(f"weight: expected [out, in] or task-batched [T, out, in], got shape "
+                            f"{list(weight.shape)}")
+    _checks.like("input", input, "weight", weight, shape=input.shape)
     batched = weight.dim() == 3
     if batched and (input.dim() < 2 or input.shape[0] != weight.shape[0]):
-        raise ValueError(f"input: expected [T={weight.shape[0]}, ..., in] for a task-batched weight, "
-                         f"got shape {list(input.shape)}")
+        raise ArgumentError(f"input: expected [T={weight.shape[0]}, ..., in] for a task-batched weight, "
+                            f"got shape {list(input.shape)}")
     if input.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"input: expected {weight.shape[-1]} features in the last dimension (weight.shape[-1]), "
-                         f"got shape {list(input.shape)}")
+        raise ArgumentError(f"input: expected {weight.shape[-1]} features in the last dimension (weight.shape[-1]), "
+                            f"got shape {list(input.shape)}")
     _check_mask_and_bias(mask, bias, input, weight.shape[:-1])
     return batched
+
+
+# ---- memory format -------------------------------------------------------------------------
+
+
+def _suggests_channels_last(t):
+    """c10's ``suggest_memory_format`` of a 4-d tensor (``is_channels_last_strides_2d``): whether
+    its strides read as channels_last, with torch's tie-breaks for size-1 dimensions (an
+    [N, 1, H, W] or [N, C, 1, 1] tensor is contiguous unless its strides say otherwise)."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def _conv_channels_last(input, weight):
+    """Whether torch's conv2d gives this single-task call a channels_last output and input gradient
+    (ATen's ``_determine_backend_memory_format``): where the input's or the weight's strides
+    suggest channels_last, except for float64 on CUDA (cuDNN then works in NCHW)."""
+    if input.device.type == "cuda" and input.dtype == torch.float64:
+        return False
+    return _suggests_channels_last(input) or _suggests_channels_last(weight)
+
+
+def _has_memory_format(t):
+    """False inside vmap and the torch.func transforms, whose tensors have no memory format."""
+    return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+class _InputGradChannelsLast(torch.autograd.Function):
+    """Identity whose backward lays a [T, N, C, H, W] input gradient out as [T, N, H, W, C]: for a
+    backend whose kernels write contiguous gradients, the channels_last input gradient torch's
+    conv2d gives (a view when it already is)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 # ---- custom ops ----------------------------------------------------------------------------
@@ -249,10 +354,11 @@ def _(grad_out, grad_pre, input, weight, mask, pre, skip_zero, need_input_grad, 
 
 class _OpPair:
     """A masked layer's forward and backward custom ops, called with the argument order of the
-    comment above: one set of autograd functions serves the conv and the linear layer."""
+    comment above: one set of autograd functions serves the conv and the linear layer.
+    ``forward_op`` and ``backward_op`` are set by `_register` (`TransformableOp`s)."""
 
-    def __init__(self, forward_op, backward_op, n_layer_args, forward_only_args=()):
-        self.forward_op, self.backward_op, self.n_layer_args = forward_op, backward_op, n_layer_args
+    def __init__(self, n_layer_args, forward_only_args=()):
+        self.n_layer_args = n_layer_args
         # Arguments of the forward op alone, after layer_args: their values for the forward calls
         # of the double backward (where they change layouts, never values).
         self.forward_only_args = forward_only_args
@@ -356,35 +462,45 @@ def _make_backward_autograd(layer):
     return setup_context, backward
 
 
-def _merge_into_tasks(op, n_tensors):
-    """vmap rule: the vmapped dim joins the task dim (dim 0) of the first n_tensors args."""
+def _merge_into_tasks(n_tensors):
+    """The vmap rule of ``op`` (a `TransformableOp`, given by its constructor): the vmapped dim joins
+    the task dim (dim 0) of the first n_tensors args."""
 
-    def rule(info, in_dims, *args):
-        batch = info.batch_size
-        merged = [merge_batch(a, d, batch) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])]
-        merged += list(args[n_tensors:])
-        outs = op(*merged)
-        results, dims = [], []
-        for o in outs:
-            if o.dim() == 1 and o.numel() == 0:  # a gradient that was not asked for
-                results.append(o)
-                dims.append(None)
-            else:
-                results.append(o.unflatten(0, (batch, -1)))
-                dims.append(0)
-        return tuple(results), tuple(dims)
+    def rule_for(op):
+        def rule(info, in_dims, *args):
+            batch = info.batch_size
+            merged = [merge_batch(a, d, batch) for a, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+            merged += list(args[n_tensors:])
+            outs = op(*merged)
+            results, dims = [], []
+            for o in outs:
+                if o.dim() == 1 and o.numel() == 0:  # a gradient that was not asked for
+                    results.append(o)
+                    dims.append(None)
+                else:
+                    results.append(o.unflatten(0, (batch, -1)))
+                    dims.append(0)
+            return tuple(results), tuple(dims)
 
-    return rule
+        return rule
+
+    return rule_for
 
 
-_CONV_LAYER = _OpPair(masked_conv2d_op, masked_conv2d_backward_op, 5, forward_only_args=(False,))
-_LINEAR_LAYER = _OpPair(masked_linear_op, masked_linear_backward_op, 0)
-for _layer in (_CONV_LAYER, _LINEAR_LAYER):
-    for _op_def, _make in ((_layer.forward_op, _make_forward_autograd), (_layer.backward_op, _make_backward_autograd)):
-        _setup, _backward = _make(_layer)
-        _op_def.register_autograd(_backward, setup_context=_setup)
-    _layer.forward_op.register_vmap(_merge_into_tasks(_layer.forward_op, 4))
-    _layer.backward_op.register_vmap(_merge_into_tasks(_layer.backward_op, 6))
+def _register(layer, forward_op, backward_op):
+    """Autograd and vmap for a layer's pair of ops, and the callables the layer calls them through."""
+    layer.forward_op = TransformableOp(forward_op, *_make_forward_autograd(layer), _merge_into_tasks(4))
+    layer.backward_op = TransformableOp(backward_op, *_make_backward_autograd(layer), _merge_into_tasks(6))
+    return layer
+
+
+_CONV_LAYER = _register(_OpPair(5, forward_only_args=(False,)), masked_conv2d_op, masked_conv2d_backward_op)
+_LINEAR_LAYER = _register(_OpPair(0), masked_linear_op, masked_linear_backward_op)
+for _op_def, _name, _policy in ((masked_conv2d_op, CONV, _autocast.Policy(_autocast.LOWER, cast_outputs=(0, 1))),
+                                (masked_linear_op, LINEAR, _autocast.Policy(_autocast.LOWER, cast_outputs=(0, 1))),
+                                (masked_conv2d_backward_op, f"{CONV}_backward", _autocast.Policy(_autocast.AS_GIVEN)),
+                                (masked_linear_backward_op, f"{LINEAR}_backward", _autocast.Policy(_autocast.AS_GIVEN))):
+    _autocast.register(_op_def, _name, _policy)
 
 
 # ---- public functions ----------------------------------------------------------------------
@@ -393,38 +509,64 @@ for _layer in (_CONV_LAYER, _LINEAR_LAYER):
 def masked_conv2d(input, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, skip_zero=True):
     """Structure-gated 2-d convolution (SPEC section 2): ``mask[c] * (conv(input, weight)[c] + bias[c])``.
 
-    Single task: ``input [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kH, kW]``, ``mask`` and
-    ``bias [C_out]``. Task-batched: a leading ``T`` on all four; every task runs with its own
-    parameters in one call. With ``skip_zero`` (default) neurons whose mask is exactly 0 are
-    not computed; their outputs and gradients are exactly 0.
+    Single task: ``input [N, C_in, H, W]`` (or unbatched ``[C_in, H, W]``), ``weight [C_out,
+    C_in/groups, kH, kW]``, ``mask`` and ``bias [C_out]``. Task-batched: a leading ``T`` on all
+    four; every task runs with its own parameters in one call. ``stride``, ``padding`` and
+    ``dilation`` as in ``F.conv2d`` (``padding="same"`` or ``"valid"`` too). With ``skip_zero``
+    (default) neurons whose mask is exactly 0 are not computed; their outputs and gradients are
+    exactly 0. A single-task output (and input gradient) is channels_last or contiguous as torch's
+    conv2d would return it; under ``torch.autocast`` the call computes as conv2d does (inputs
+    and output in the autocast dtype; see `neuronml_fast.ops._autocast`).
     """
-    batched, stride, padding, dilation = _validate_conv(input, weight, mask, bias, stride, padding, dilation, groups)
-    backend = backends.resolve(CONV, input.device.type, input.dtype)
+    _checks.floating_tensor("input", input)
+    backend, (input, weight, mask, bias) = _autocast.autocast_inputs(
+        CONV, _autocast.LOWER, input.device.type, input.dtype, (input, weight, mask, bias))
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    batched, stride, padding, dilation, extra = _validate_conv(input, weight, mask, bias, stride, padding, dilation,
+                                                               groups)
+    if extra is not None:  # "same" padding of an even kernel span: the one more zero goes after the input
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
     if backend == "reference":
-        return masked_conv2d_reference(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
-    channels_last_in = not batched and _is_channels_last(input)
-    if not batched:
-        input, weight, mask = input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0)
-        bias = None if bias is None else bias.unsqueeze(0)
-    # A backend that convolves in a layout of its own converts the input here, so that autograd
-    # keeps the converted input for the backward, whose input gradient then comes back in the
-    # caller's own layout.
-    input, contiguous_input_grad, contiguous_output = _layout(backend).prepare(input, batched)
-    out = masked_conv2d_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
-                           contiguous_output, skip_zero, backend)[0]
-    if batched:
-        return out
-    out = out.squeeze(0)
-    # A channels_last input gets a channels_last output, as from torch's conv2d (a no-op where the
-    # backend's layout already is).
-    return out.contiguous(memory_format=torch.channels_last) if channels_last_in else out
+        out = masked_conv2d_reference(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero)
+    elif batched:
+        out = _masked_conv2d_tasks(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)
+    else:
+        out = _masked_conv2d_single(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend)
+    return out.squeeze(0) if unbatched else out
 
 
-def _is_channels_last(x):
-    """A 4-d tensor in channels_last memory format that is not also contiguous (C == 1 or 1 x 1
-    images are both), the case where torch's conv2d returns channels_last."""
-    # Through a permute rather than is_contiguous(memory_format=...), which vmap does not support.
-    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous() and not x.is_contiguous()
+def _masked_conv2d_tasks(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend,
+                         channels_last=None):
+    """The custom op on [T, ...] tensors; ``channels_last`` as `ContiguousConvLayout.prepare` takes it.
+    A backend that convolves in a layout of its own converts the input here, so that autograd keeps
+    the converted input for the backward, whose input gradient comes back in the caller's layout."""
+    input, contiguous_input_grad, contiguous_output = _layout(backend).prepare(input, channels_last)
+    return _CONV_LAYER.forward_op(input, weight, mask, bias, stride, padding, dilation, groups, contiguous_input_grad,
+                                  contiguous_output, skip_zero, backend)[0]
+
+
+def _masked_conv2d_single(input, weight, mask, bias, stride, padding, dilation, groups, skip_zero, backend):
+    """One task: the task-batched op with T = 1, its output in the memory format torch's conv2d
+    gives this input and weight (a view where the backend wrote it so)."""
+    channels_last = _conv_channels_last(input, weight)
+    out = _masked_conv2d_tasks(input.unsqueeze(0), weight.unsqueeze(0), mask.unsqueeze(0),
+                               None if bias is None else bias.unsqueeze(0), stride, padding, dilation, groups,
+                               skip_zero, backend, channels_last).squeeze(0)
+    return _in_memory_format(out, channels_last) if _has_memory_format(out) else out
+
+
+def _in_memory_format(t, channels_last):
+    """The 4-d ``t`` with the canonical strides of its memory format, as torch's ops allocate them:
+    a view where it is already laid out so (``contiguous(memory_format=...)`` keeps the strides of
+    size-1 dimensions as they are), else one copy."""
+    n, c, h, w = t.shape
+    canonical = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    if t.stride() == canonical:
+        return t
+    laid_out = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return laid_out if laid_out.stride() == canonical else laid_out.as_strided(t.shape, canonical)
 
 
 def masked_linear(input, weight, mask, bias=None, skip_zero=True):
@@ -432,9 +574,12 @@ def masked_linear(input, weight, mask, bias=None, skip_zero=True):
 
     Single task: ``input [..., in]``, ``weight [out, in]``, ``mask`` and ``bias [out]``.
     Task-batched: ``input [T, ..., in]``, ``weight [T, out, in]``, ``mask`` and ``bias [T, out]``.
+    Under ``torch.autocast`` it computes as ``F.linear`` does (see `neuronml_fast.ops._autocast`).
     """
+    _checks.floating_tensor("input", input, min_ndim=1)
+    backend, (input, weight, mask, bias) = _autocast.autocast_inputs(
+        LINEAR, _autocast.LOWER, input.device.type, input.dtype, (input, weight, mask, bias))
     batched = _validate_linear(input, weight, mask, bias)
-    backend = backends.resolve(LINEAR, input.device.type, input.dtype)
     if backend == "reference":
         return masked_linear_reference(input, weight, mask, bias, skip_zero)
     if not batched:
@@ -442,6 +587,7 @@ def masked_linear(input, weight, mask, bias=None, skip_zero=True):
         bias = None if bias is None else bias.unsqueeze(0)
     tasks, lead = input.shape[0], input.shape[1:-1]
     rows = math.prod(lead)
-    out = masked_linear_op(input.reshape(tasks, rows, input.shape[-1]), weight, mask, bias, skip_zero, backend)[0]
+    out = _LINEAR_LAYER.forward_op(input.reshape(tasks, rows, input.shape[-1]), weight, mask, bias, skip_zero,
+                                   backend)[0]
     out = out.view(tasks, *lead, weight.shape[1])
     return out if batched else out.squeeze(0)

@@ -16,12 +16,17 @@ def _config(dtype):
     """Tile sizes, warps and whether tl.dot applies (float64 takes the FMA path). Sized so that no
     kernel spills registers on sm_80/sm_90 (bench/results/triton-aot.md): 16-bit 64 x 64 tiles on
     4 warps spill in the backward kernels, and the FMA path's [M, K, N] product limits float64 to
-    K = 8."""
+    K = 8. SCAN: the window of channels a program's slot search looks at per step (the input
+    gradient's: four of its K blocks, so that a window fills a K block down to 25 % active)."""
     if dtype == torch.float64:
         return dict(USE_DOT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=8)
     if dtype == torch.float32:
         return dict(USE_DOT=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
     return dict(USE_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+
+
+SCAN = 64  # channels per step of the slot search of the forward and weight-gradient programs
+SUM_BLOCK = 1024  # elements per program of the split reduction
 
 
 def flat_grid(*blocks):
@@ -67,35 +72,45 @@ class TritonConvKernels:
                              f"{kernels.MAX_PIXELS} the kernels index in 32 bits; split the batch")
 
     @staticmethod
-    def forward(geo, x, weight, mask, bias, order, count, out, pre):
+    def forward(geo, x, weight, mask, bias, skip_zero, out, pre):
         cfg = _config(x.dtype)
         launch(
             kernels._conv_forward_kernel, forward_grid(geo, cfg),
-            x, weight, mask, bias if bias is not None else mask, order, count, out, pre, *_conv_args(geo),
-            KH=geo.KH, KW=geo.KW, HAS_BIAS=bias is not None, WRITE_PRE=True, ACC=accumulation_tl_dtype(x.dtype),
-            **cfg)
+            x, weight, mask, bias if bias is not None else mask, out, pre, *_conv_args(geo),
+            KH=geo.KH, KW=geo.KW, HAS_BIAS=bias is not None, SKIP_ZERO=skip_zero, ACC=accumulation_tl_dtype(x.dtype),
+            SCAN=SCAN, **cfg)
 
     @staticmethod
-    def input_grad(geo, grad_out, grad_pre, x, weight, mask, order, count, grad_input):
+    def input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input):
         cfg = _config(x.dtype)
         launch(
             kernels._conv_input_grad_kernel, input_grad_grid(geo, cfg),
-            grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, order, count, grad_input,
-            *_conv_args(geo), KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, ACC=accumulation_tl_dtype(x.dtype),
-            **cfg)
+            grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, grad_input, *_conv_args(geo),
+            KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, SKIP_ZERO=skip_zero,
+            ACC=accumulation_tl_dtype(x.dtype), SCAN=4 * cfg["BLOCK_K"], **cfg)
 
     @staticmethod
-    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, order, count, splits, per_split, gw_part, gb_part,
-                    gm_part):
+    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs):
         cfg = _config(x.dtype)
-        need_weight_grad = gw_part is not None
+        need_weight_grad = outputs.grad_weight is not None
+        if outputs.part is None:
+            gw, gb, gm, offsets = outputs.grad_weight, outputs.grad_bias, outputs.grad_mask, (0, 0, 0)
+        else:
+            gw = gb = gm = outputs.part
+            offsets = (outputs.split_stride, outputs.weight_elements, outputs.weight_elements + outputs.bias_elements)
         launch(
-            kernels._conv_weight_grad_kernel, weight_grad_grid(geo, cfg, splits, need_weight_grad),
+            kernels._conv_weight_grad_kernel, weight_grad_grid(geo, cfg, outputs.splits, need_weight_grad),
             grad_out, grad_pre if grad_pre is not None else grad_out, pre if pre is not None else grad_out, x, mask,
-            order, count, gw_part if need_weight_grad else gb_part, gb_part, gm_part, geo.T, *_sizes(geo), splits,
-            per_split, *geo.stride, *geo.padding, *geo.dilation,
-            KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, HAS_PRE=pre is not None,
-            COMPUTE_GW=need_weight_grad, ACC=accumulation_tl_dtype(x.dtype), **cfg)
+            gw if need_weight_grad else gb, gb, gm, *_sizes(geo), outputs.splits, outputs.pixels_per_split, *offsets,
+            *geo.stride, *geo.padding, *geo.dilation,
+            KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, HAS_PRE=pre is not None, SKIP_ZERO=skip_zero,
+            COMPUTE_GW=need_weight_grad, ACC=accumulation_tl_dtype(x.dtype), SCAN=SCAN, **cfg)
+        if outputs.part is not None:
+            launch(
+                kernels._sum_splits_kernel, flat_grid(triton.cdiv(outputs.split_stride, SUM_BLOCK)),
+                outputs.part, outputs.grad_weight if need_weight_grad else outputs.grad_bias, outputs.grad_bias,
+                outputs.grad_mask, outputs.splits, outputs.split_stride, outputs.weight_elements,
+                outputs.bias_elements, BLOCK=SUM_BLOCK)
 
 
 _KERNELS = TritonConvKernels()

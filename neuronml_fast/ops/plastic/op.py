@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ... import _alloc, _checks, backends
+from .. import _autocast
 from .reference import plastic_linear_reference, plastic_rnn_reference
 
 RULES = ("hebb", "oja")
@@ -82,7 +83,8 @@ def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activ
         raise ValueError(f"alpha: expected a 0-d tensor or shape {list(weight.shape)}, got {list(alpha.shape)}")
     _checks.like("eta", eta, "input", input, shape=())
     if hebb is not None:
-        _checks.like("hebb", hebb, "input", input, shape=(B, out_features, in_features))
+        _checks.like_in_dtypes("hebb", hebb, "input", input, _trace_dtypes(input.dtype),
+                               shape=(B, out_features, in_features))
     if bias is not None:
         _checks.like("bias", bias, "input", input, shape=(out_features,))
     if drive is not None:
@@ -99,6 +101,20 @@ def _validate_plastic(input, weight, alpha, eta, hebb, *, recurrent, rule, activ
         raise ValueError(f"clip: expected a positive number or None, got {clip!r}")
     if modulator is not None:
         _validate_modulator(input, modulator, modulation)
+
+
+def trace_dtype(dtype):
+    """The dtype of the trace an op returns for inputs of ``dtype``: the accumulation dtype, float32
+    for 16-bit inputs (SPEC section 4). ``hebb=`` takes it or the input's dtype, so a returned trace
+    can always be passed back."""
+    return _alloc.accumulation_dtype(dtype)
+
+
+def _trace_dtypes(dtype):
+    """The dtypes ``hebb=`` takes for inputs of ``dtype``, and what each is."""
+    accepted = {dtype: "the dtype of input"}
+    accepted.setdefault(trace_dtype(dtype), "the dtype of the trace the op returns")
+    return accepted
 
 
 def _validate_modulator(input, modulator, modulation):
@@ -174,8 +190,8 @@ def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurr
     out_features, in_features = weight.shape
     checkpoints = input.new_empty((-(-T // checkpoint_every), B, out_features, in_features))
     activity = input.new_empty((0,) if mod_weight is None else (T, B), dtype=_alloc.accumulation_dtype(input.dtype))
-    return (input.new_empty((T, B, out_features)), input.new_empty((B, out_features, in_features)), checkpoints,
-            activity)
+    trace = input.new_empty((B, out_features, in_features), dtype=trace_dtype(input.dtype))
+    return input.new_empty((T, B, out_features)), trace, checkpoints, activity
 
 
 @torch.library.custom_op("neuronml_fast::plastic_backward", mutates_args=())
@@ -267,6 +283,10 @@ def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
 
 
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
+# The RNN cells' autocast, the trace (argument 4, output 1) kept in float32; checkpoints and the
+# modulator's activity are the backward's, in the dtype it computes in.
+_autocast.register(plastic_op, OP, _autocast.Policy(_autocast.LOWER, state_inputs=(4,), cast_outputs=(0,)))
+_autocast.register(plastic_backward_op, f"{OP}_backward", _autocast.Policy(_autocast.AS_GIVEN))
 
 
 # ---- the checkpoint policy (every backend keeps the traces the op asks for) -----------------
@@ -344,12 +364,17 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     ``y_t = act((weight + alpha * H_t) x_t + bias + drive_t)``, ``H_{t+1} = rule(H_t, x_t, y_t)``.
     ``input [T, B, in]``, ``weight [out, in]``, ``alpha [out, in]`` or 0-d, ``eta`` 0-d (or a
     number), ``hebb [B, out, in]`` (zeros by default), ``drive [T, B, out]``. Returns
-    ``(output [T, B, out], hebb [B, out, in])``.
+    ``(output [T, B, out], hebb [B, out, in])``; the trace is in `trace_dtype` (float32 for 16-bit
+    inputs), and ``hebb=`` takes that dtype or the input's, so ``out, h = f(x, ..., hebb=h)`` carries it.
+    Under ``torch.autocast`` it computes as the RNN cells do: inputs and output in the autocast dtype,
+    the trace in float32 (`neuronml_fast.ops._autocast`).
     """
     number, eta = _eta_number(eta), _as_eta(eta, input)
+    backend, (input, weight, alpha, eta, hebb, bias, drive) = _autocast.autocast_inputs(
+        OP, _autocast.LOWER, input.device.type, input.dtype, (input, weight, alpha, eta, hebb, bias, drive),
+        state_inputs=(4,))
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=False, rule=rule, activation=activation, bias=bias,
                       drive=drive)
-    backend = backends.resolve(OP, input.device.type, input.dtype)
     every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
@@ -363,7 +388,8 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     """A recurrent plastic layer (SPEC section 4): ``y_t = act((weight + alpha * H_t) y_{t-1} + input_t)``.
 
     ``input [T, B, N]``, ``weight [N, N]``, ``y0 [B, N]`` (zeros by default), ``clip`` an optional
-    bound on the trace. Returns ``(output [T, B, N], hebb [B, N, N])``.
+    bound on the trace. Returns ``(output [T, B, N], hebb [B, N, N])``, the trace in `trace_dtype`
+    (float32 for 16-bit inputs); ``hebb=`` takes that dtype or the input's.
 
     Neuromodulation (backpropamine) replaces the rule by ``H + M_t[j] post_j pre_i``, with M_t either
 
@@ -372,17 +398,29 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
       ``M_t[j] = mod_fanout[j] * mod_act(mod_weight . y_t + mod_bias)``, with ``mod_weight [N]``,
       ``mod_bias`` 0-d (default 0), ``mod_fanout [N]`` (default ones) and ``mod_activation``
       ``"tanh"`` (default) or ``"identity"``. All three get gradients.
+
+    Under ``torch.autocast`` it computes as `plastic_linear` does.
+
+    Under either form of neuromodulation ``eta`` is ignored, and it gets no gradient: ``eta.grad`` stays None (not a
+    tensor of zeros), on every backend, as for any parameter a computation does not use (an
+    optimizer's weight decay then leaves it alone, as it leaves an unused parameter).
     """
     number, eta = _eta_number(eta), _as_eta(eta, input)
     modulator = None if mod_weight is None else (mod_weight, mod_bias, mod_fanout, mod_activation)
     if mod_weight is None and (mod_bias is not None or mod_fanout is not None):
         raise ValueError("mod_weight: expected a tensor when mod_bias or mod_fanout is given, got None")
+    backend, (input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout) = (
+        _autocast.autocast_inputs(OP, _autocast.LOWER, input.device.type, input.dtype,
+                                  (input, weight, alpha, eta, y0, hebb, modulation, mod_weight, mod_bias, mod_fanout),
+                                  state_inputs=(5,)))
+    modulator = None if mod_weight is None else (mod_weight, mod_bias, mod_fanout, mod_activation)
     _validate_plastic(input, weight, alpha, eta, hebb, recurrent=True, rule=rule, activation=activation, y0=y0,
                       modulation=modulation, clip=clip, modulator=modulator)
-    backend = backends.resolve(OP, input.device.type, input.dtype)
     clip = None if clip is None else float(clip)
     modulated = modulation is not None or mod_weight is not None
     every = _eta_and_checkpoints(input, eta, number, clip, modulated, rule, activation, backend)
+    if modulated:
+        eta = eta.detach()  # unused: no gradient (None, not zeros), the same on every backend
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation,
                                      mod_weight, mod_bias, mod_fanout, mod_activation)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ... import _alloc, _checks, backends
+from .. import _autocast
 from .._vmap import merge_batch
 from .reference import neuron_sensitivity_reference
 
@@ -106,6 +107,7 @@ def _backward(ctx, grad_sensitivity, grad_taylor):
 
 
 neuron_sensitivity_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(neuron_sensitivity_op, OP, _autocast.Policy(_autocast.FP32))
 
 
 @neuron_sensitivity_op.register_vmap
@@ -134,10 +136,13 @@ def neuron_sensitivity(weight, grad_weight, bias=None, grad_bias=None):
 
     Returns:
         ``[C_out]`` tensor, float64 for float64 inputs and float32 otherwise. Differentiable
-        (twice) with respect to every input.
+        (twice) with respect to every input. Under ``torch.autocast`` the inputs are taken in
+        float32, as CUDA autocast takes ``sum`` and ``norm`` (`neuronml_fast.ops._autocast`).
     """
+    _checks.floating_tensor("weight", weight)
+    backend, (weight, grad_weight, bias, grad_bias) = _autocast.autocast_inputs(
+        OP, _autocast.FP32, weight.device.type, weight.dtype, (weight, grad_weight, bias, grad_bias))
     _validate(weight, grad_weight, bias, grad_bias)
-    backend = backends.resolve(OP, weight.device.type, weight.dtype)
     if backend == "reference":
         return neuron_sensitivity_reference(weight, grad_weight, bias, grad_bias)
     return neuron_sensitivity_op(weight, grad_weight, bias, grad_bias, backend)[0]
