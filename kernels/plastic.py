@@ -90,11 +90,13 @@ def _pre(x_ptr, y0_ptr, out_ptr, t, seq, B, IN, cols, ok, RECURRENT: tl.constexp
 
 @triton.jit
 def _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, ok, PER_NEURON: tl.constexpr,
-                ENDOGENOUS: tl.constexpr, ACC: tl.constexpr):
+                ENDOGENOUS: tl.constexpr, HAS_FANOUT: tl.constexpr, ACC: tl.constexpr):
     """M_t[rows] of sequence seq: given per row or per sequence, or the modulator's
-    fanout[rows] * activity (its output at step t)."""
+    fanout[rows] * activity (its output at step t; a fanout of ones when not given)."""
     if ENDOGENOUS:
-        return tl.load(fanout_ptr + rows, mask=ok, other=0.0).to(ACC) * activity
+        if HAS_FANOUT:
+            return tl.load(fanout_ptr + rows, mask=ok, other=0.0).to(ACC) * activity
+        return tl.where(ok, activity, 0.0)
     if PER_NEURON:
         return tl.load(mod_ptr + (t * B + seq) * OUT + rows, mask=ok, other=0.0).to(ACC)
     return tl.load(mod_ptr + (t * B + seq) + rows * 0, mask=ok, other=0.0).to(ACC)  # one value, every row
@@ -120,7 +122,8 @@ def _activity(s, MOD_TANH: tl.constexpr):
 
 
 @triton.jit
-def _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, N, valid, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, N, valid, HAS_MOD_BIAS: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """s_t = mod_weight . y_t + mod_bias for sequence seq, y_t read back from the output (0 unless valid)."""
     acc = tl.zeros([BLOCK], dtype=ACC)
     for c0 in range(0, N, BLOCK):
@@ -128,7 +131,10 @@ def _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, N, valid, ACC: tl.const
         ok = (cols < N) & valid
         y = tl.load(out_ptr + (t * B + seq) * N + cols, mask=ok, other=0.0).to(ACC)
         acc += y * tl.load(mw_ptr + cols, mask=ok, other=0.0).to(ACC)
-    return tl.sum(acc, axis=0) + tl.load(mb_ptr).to(ACC)
+    s = tl.sum(acc, axis=0)
+    if HAS_MOD_BIAS:
+        s += tl.load(mb_ptr).to(ACC)
+    return s
 
 
 @triton.jit
@@ -136,8 +142,9 @@ def _forward_resident_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
     activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
-    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr, HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
+    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
+    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence, its whole [OUT, IN] matrix one register tile: z_t, y_t, (the modulator's
@@ -174,12 +181,14 @@ def _forward_resident_kernel(
         tl.store(out_ptr + row, y, mask=row_ok)
         activity = 0.0
         if ENDOGENOUS:
-            s = tl.sum(y * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0) + tl.load(mb_ptr).to(ACC)
+            s = tl.sum(y * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0)
+            if HAS_MOD_BIAS:
+                s += tl.load(mb_ptr).to(ACC)
             activity = _activity(s, MOD_TANH)
             tl.store(activity_ptr + (t * B + seq), activity)
         m = y
         if RULE == MODULATED:
-            m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS, ACC)
+            m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS, HAS_FANOUT, ACC)
         h = tl.where(tile_ok, _update(h, p, y, eta, m, bound, RULE, HAS_CLIP), 0.0)
         if RECURRENT:
             p = tl.reshape(y, [BLOCK_I])  # this step's post is the next step's pre
@@ -191,8 +200,9 @@ def _forward_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
     activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
-    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr, HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
+    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
+    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence; its trace streams through trace_ptr. Pass t (t = 0..T) over the tiles: H_t (the
@@ -214,7 +224,7 @@ def _forward_kernel(
             m_prev = y_prev
             if RULE == MODULATED:
                 m_prev = _modulation(mod_ptr, fanout_ptr, activity, t - 1, seq, B, OUT, rows, row_ok & (t > 0),
-                                     PER_NEURON, ENDOGENOUS, ACC)
+                                     PER_NEURON, ENDOGENOUS, HAS_FANOUT, ACC)
             z = tl.zeros([BLOCK_O], dtype=ACC)
             for c0 in range(0, IN, BLOCK_I):
                 cols = c0 + tl.arange(0, BLOCK_I)
@@ -242,7 +252,7 @@ def _forward_kernel(
             tl.store(out_ptr + row, y, mask=row_ok & stepping)
         tl.debug_barrier()  # y_t, read back as the next pass's post and pre by other threads
         if ENDOGENOUS:
-            s = _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, OUT, stepping, ACC, BLOCK_I)
+            s = _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, OUT, stepping, HAS_MOD_BIAS, ACC, BLOCK_I)
             activity = _activity(s, MOD_TANH)
             tl.store(activity_ptr + (t * B + seq), activity, mask=stepping)
 
@@ -289,8 +299,8 @@ def _grad_trace_after(t, g_ptr, ghebb_ptr, trace, local, ok, T, HAS_GHEBB: tl.co
 def _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_ptr, eta, bound, ckpt_ptr, seg_ptr,
                        seq, T, B, OUT, IN, EVERY,
                        RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr,
-                       ENDOGENOUS: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_Y0: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                       ENDOGENOUS: tl.constexpr, HAS_FANOUT: tl.constexpr, HAS_CLIP: tl.constexpr,
+                       HAS_Y0: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """seg[u % EVERY] = H_u for u from t's checkpoint up to t, forward from the checkpoint."""
     start = (t // EVERY) * EVERY
     for u in range(start, t + 1):
@@ -309,7 +319,7 @@ def _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_
             m = y
             if RULE == MODULATED:
                 m = _modulation(mod_ptr, fanout_ptr, activity, u - 1, seq, B, OUT, rows, row_ok & later,
-                                PER_NEURON, ENDOGENOUS, ACC)
+                                PER_NEURON, ENDOGENOUS, HAS_FANOUT, ACC)
             for c0 in range(0, IN, BLOCK_I):
                 cols = c0 + tl.arange(0, BLOCK_I)
                 col_ok = cols < IN
@@ -331,8 +341,9 @@ def _backward_kernel(
     ckpt_ptr, final_ptr, ghebb_ptr, h_ptr, seg_ptr, g_ptr, gz_ptr, gpre_ptr, gmod_ptr, dm_ptr,
     galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
-    MOD_TANH: tl.constexpr, TANH: tl.constexpr, ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr,
-    HAS_Y0: tl.constexpr, HAS_GOUT: tl.constexpr, HAS_GHEBB: tl.constexpr, RECOMPUTE: tl.constexpr,
+    MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
+    ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_Y0: tl.constexpr, HAS_GOUT: tl.constexpr,
+    HAS_GHEBB: tl.constexpr, RECOMPUTE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence, steps t = T-1 .. 0. h_ptr: the reconstructed trace (H_{t+1} -> H_t); g_ptr:
@@ -351,7 +362,7 @@ def _backward_kernel(
         if RECOMPUTE:
             if (t == T - 1) | ((t + 1) % EVERY == 0):
                 _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_ptr, eta, bound, ckpt_ptr,
-                                   seg_ptr, seq, T, B, OUT, IN, EVERY, RECURRENT, RULE, PER_NEURON, ENDOGENOUS,
+                                   seg_ptr, seq, T, B, OUT, IN, EVERY, RECURRENT, RULE, PER_NEURON, ENDOGENOUS, HAS_FANOUT,
                                    HAS_CLIP, HAS_Y0, ACC, BLOCK_O, BLOCK_I)
         activity = zero
         if ENDOGENOUS:
@@ -365,7 +376,7 @@ def _backward_kernel(
             y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
             m = y
             if RULE == MODULATED:
-                m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS,
+                m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON, ENDOGENOUS, HAS_FANOUT,
                                 ACC)
             dy = tl.zeros([BLOCK_O], dtype=ACC)
             dm = tl.zeros([BLOCK_O], dtype=ACC)
@@ -398,7 +409,10 @@ def _backward_kernel(
             if ENDOGENOUS:  # completed below, once dL/ds_t is known
                 tl.store(gz_ptr + row, gy, mask=row_ok)
                 tl.store(dm_ptr + seq * OUT + rows, dm, mask=row_ok)
-                dm_sum += tl.sum(dm * tl.load(fanout_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0)
+                if HAS_FANOUT:
+                    dm_sum += tl.sum(dm * tl.load(fanout_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0)
+                else:
+                    dm_sum += tl.sum(tl.where(row_ok, dm, 0.0), axis=0)
             else:
                 gz = gy * (1.0 - y * y) if TANH else gy
                 tl.store(gz_ptr + row, gz, mask=row_ok)
@@ -425,9 +439,10 @@ def _backward_kernel(
                 part = seq * OUT + rows
                 gmw = tl.load(gmw_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
                 tl.store(gmw_ptr + part, gmw + gs * y, mask=row_ok)
-                dm = tl.load(dm_ptr + part, mask=row_ok, other=0.0)
-                gfan = tl.load(gfanout_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
-                tl.store(gfanout_ptr + part, gfan + dm * activity, mask=row_ok)
+                if HAS_FANOUT:
+                    dm = tl.load(dm_ptr + part, mask=row_ok, other=0.0)
+                    gfan = tl.load(gfanout_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
+                    tl.store(gfanout_ptr + part, gfan + dm * activity, mask=row_ok)
             tl.debug_barrier()
         # Columns: dL/dH_t, alpha, eta and dL/dpre_t, each column's sum over every row.
         for c0 in range(0, IN, BLOCK_I):
@@ -447,7 +462,7 @@ def _backward_kernel(
                 m = y
                 if RULE == MODULATED:
                     m = _modulation(mod_ptr, fanout_ptr, activity, t, seq, B, OUT, rows, row_ok, PER_NEURON,
-                                    ENDOGENOUS, ACC)
+                                    ENDOGENOUS, HAS_FANOUT, ACC)
                 gz = tl.load(gz_ptr + row, mask=row_ok, other=0.0).to(ACC)
                 if RECOMPUTE:
                     h = _trace_before(t, h_ptr, final_ptr, ckpt_ptr, seg_ptr, seq, local, ok, T, B, OUT, IN, EVERY,
@@ -486,7 +501,7 @@ def _backward_kernel(
     tl.store(geta_ptr + seq, geta)
     if ALPHA_SCALAR:
         tl.store(galpha_ptr + seq, galpha)
-    if ENDOGENOUS:
+    if HAS_MOD_BIAS:
         tl.store(gmb_ptr + seq, gmb)
 
 
@@ -506,8 +521,8 @@ def _reduce_kernel(x_ptr, y0_ptr, out_ptr, gz_ptr, galpha_part_ptr, geta_part_pt
                    gfanout_part_ptr, gw_ptr, gbias_ptr, galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr,
                    T, B, OUT, IN,
                    RECURRENT: tl.constexpr, HAS_Y0: tl.constexpr, ALPHA_SCALAR: tl.constexpr,
-                   ENDOGENOUS: tl.constexpr, ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   ENDOGENOUS: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (i, j) owns the [BLOCK_O, BLOCK_I] tile (i, j) of the weight gradient, the sum over
     # k = (t, b) of dL/dz_t[b] (x) pre_t[b], and of alpha's, the sum over b of its partial sums;
     # column tile 0 also the bias gradient (linear), program (0, 0) the scalars and the modulator's.
@@ -552,9 +567,11 @@ def _reduce_kernel(x_ptr, y0_ptr, out_ptr, gz_ptr, galpha_part_ptr, geta_part_pt
         _sum_rows(geta_part_ptr, geta_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
         if ALPHA_SCALAR:
             _sum_rows(galpha_part_ptr, galpha_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
-        if ENDOGENOUS:
+        if HAS_MOD_BIAS:
             _sum_rows(gmb_part_ptr, gmb_ptr, B, 1, first, first < 1, ACC, BLOCK_I)
+        if ENDOGENOUS:
             for c0 in range(0, OUT, BLOCK_I):
                 cols = c0 + first
                 _sum_rows(gmw_part_ptr, gmw_ptr, B, OUT, cols, cols < OUT, ACC, BLOCK_I)
-                _sum_rows(gfanout_part_ptr, gfanout_ptr, B, OUT, cols, cols < OUT, ACC, BLOCK_I)
+                if HAS_FANOUT:
+                    _sum_rows(gfanout_part_ptr, gfanout_ptr, B, OUT, cols, cols < OUT, ACC, BLOCK_I)

@@ -303,8 +303,7 @@ void plastic_forward(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const PlasticShape s = plastic_shape(x, weight, alpha, clip, every, recurrent, rule, per_neuron,
                                        mod_weight.has_value(), mod_tanh, tanh, has_clip, false);
   const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
-  TORCH_CHECK(!s.endogenous || (activity && mod_bias && mod_fanout),
-              "mod_weight: the modulator needs mod_bias, mod_fanout and activity");
+  TORCH_CHECK(!s.endogenous || activity, "activity: expected a buffer for the modulator's output");
   TORCH_CHECK(parts >= 1, "parts: expected >= 1, got ", parts);
   neuronml_fast::cuda::PlasticForwardArgs a{};
   a.x = x.data_ptr(), a.weight = weight.data_ptr(), a.alpha = alpha.data_ptr();
@@ -348,8 +347,10 @@ void plastic_backward(const at::Tensor& x, const at::Tensor& weight, const at::T
   TORCH_CHECK(recompute ? segment.has_value() : trace.has_value(),
               recompute ? "segment: expected a buffer when segments are recomputed"
                         : "trace: expected a buffer when traces are reconstructed");
-  TORCH_CHECK(!s.endogenous || (activity && mod_fanout && mod_weight_part && mod_bias_part && mod_fanout_part),
-              "mod_weight: the modulator's backward needs activity, mod_fanout and its partial-sum buffers");
+  TORCH_CHECK(!s.endogenous || (activity && mod_weight_part),
+              "mod_weight: the modulator's backward needs activity and mod_weight_part");
+  TORCH_CHECK(mod_fanout.has_value() == mod_fanout_part.has_value(),
+              "mod_fanout_part: expected a buffer exactly when mod_fanout is given");
   TORCH_CHECK(!modulated || mod_rows, "mod_rows: expected a buffer for the modulated rule");
   TORCH_CHECK(!modulated || s.endogenous || (modulation && grad_mod),
               "modulation: the given modulation and its gradient buffer are needed");
@@ -397,8 +398,10 @@ void plastic_reduce(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
   TORCH_CHECK(parts >= 1, "parts: expected >= 1, got ", parts);
   TORCH_CHECK(recurrent || grad_bias, "grad_bias: expected a buffer for a linear layer");
-  TORCH_CHECK(!endogenous || (mod_bias_part && mod_fanout_part && grad_mod_weight && grad_mod_bias && grad_mod_fanout),
-              "mod_weight_part: the modulator's reduction needs every one of its buffers");
+  TORCH_CHECK(!endogenous || grad_mod_weight, "grad_mod_weight: expected a buffer for the modulator's reduction");
+  TORCH_CHECK(mod_bias_part.has_value() == grad_mod_bias.has_value() &&
+                  mod_fanout_part.has_value() == grad_mod_fanout.has_value(),
+              "mod_bias_part, mod_fanout_part: expected each with its gradient buffer, or neither");
   neuronml_fast::cuda::PlasticReduceArgs a{};
   a.x = x.data_ptr();
   a.y0 = plastic_optional(y0, weight, "y0", B * O);

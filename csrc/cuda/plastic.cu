@@ -87,10 +87,10 @@ template <typename T> struct Layer {
     if (t > 0) return out + ((t - 1) * s.B + b) * s.IN;
     return y0 ? y0 + b * s.IN : nullptr;
   }
-  // M_t[j] of sequence b: given, or the modulator's fanout[j] * activity.
+  // M_t[j] of sequence b: given, or the modulator's fanout[j] * activity (a null fanout is ones).
   __device__ T modulation(int64_t t, int64_t b, int64_t j, T activity) const {
     if (s.rule != PlasticRule::kModulated) return T(0);
-    if (s.endogenous) return fanout[j] * activity;
+    if (s.endogenous) return fanout ? fanout[j] * activity : activity;
     return s.per_neuron ? mod[(t * s.B + b) * s.OUT + j] : mod[t * s.B + b];
   }
 };
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) 
       for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) {
         partial += k.mod_weight[j] * k.output[(t * s.B + b) * s.OUT + j];
       }
-      const T input = block_sum(partial, scratch) + *k.mod_bias;
+      const T input = block_sum(partial, scratch) + (k.mod_bias ? *k.mod_bias : T(0));
       activity = s.mod_tanh ? tanh(input) : input;
       if (part == 0 && threadIdx.x == 0) k.activity[t * s.B + b] = activity;
     }
@@ -281,7 +281,9 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
     if (s.endogenous) {
       // M_t = fanout * act(s_t), s_t = mod_weight . y_t + mod_bias: dL/ds_t, then its share of dL/dy_t.
       T partial = T(0);
-      for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) partial += k.l.fanout[j] * k.mod_rows[b * s.OUT + j];
+      for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) {
+        partial += (k.l.fanout ? k.l.fanout[j] : T(1)) * k.mod_rows[b * s.OUT + j];
+      }
       const T total = block_sum(partial, scratch);
       const T gs = s.mod_tanh ? total * (T(1) - activity * activity) : total;
       mod_bias_sum += gs;
@@ -290,7 +292,9 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
         const T y = k.l.out[row], gy = k.grad_z[row] + gs * k.mod_weight[j];
         k.grad_z[row] = s.tanh ? gy * (T(1) - y * y) : gy;
         k.mod_weight_part[slot] = (last ? T(0) : k.mod_weight_part[slot]) + gs * y;
-        k.mod_fanout_part[slot] = (last ? T(0) : k.mod_fanout_part[slot]) + k.mod_rows[slot] * activity;
+        if (k.mod_fanout_part) {
+          k.mod_fanout_part[slot] = (last ? T(0) : k.mod_fanout_part[slot]) + k.mod_rows[slot] * activity;
+        }
       }
       sequence_sync();
     } else if (modulated && !s.per_neuron && part == 0) {
@@ -348,7 +352,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
   if (threadIdx.x == 0) {
     k.eta_part[b * parts + part] = eta_total;
     if (s.alpha_scalar) k.alpha_part[b * parts + part] = alpha_total;
-    if (s.endogenous && part == 0) k.mod_bias_part[b] = mod_bias_sum;
+    if (k.mod_bias_part && part == 0) k.mod_bias_part[b] = mod_bias_sum;
   }
 }
 
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
         for (int64_t q = 0; q < parts; ++q) alpha += k.alpha_part[q];
         *k.grad_alpha = alpha;
       }
-      if (s.endogenous) {
+      if (k.grad_mod_bias) {
         for (int64_t b = 0; b < s.B; ++b) bias += k.mod_bias_part[b];
         *k.grad_mod_bias = bias;
       }
@@ -424,10 +428,10 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
         T weight = T(0), fanout = T(0);
         for (int64_t b = 0; b < s.B; ++b) {
           weight += k.mod_weight_part[b * s.OUT + n];
-          fanout += k.mod_fanout_part[b * s.OUT + n];
+          if (k.grad_mod_fanout) fanout += k.mod_fanout_part[b * s.OUT + n];
         }
         k.grad_mod_weight[n] = weight;
-        k.grad_mod_fanout[n] = fanout;
+        if (k.grad_mod_fanout) k.grad_mod_fanout[n] = fanout;
       }
     }
   }

@@ -20,7 +20,8 @@ def _modulator_args(modulator):
     """(mod_weight, mod_bias, mod_fanout, mod_tanh) for the extension; a CPU read of the 0-d bias."""
     if modulator is None:
         return None, 0.0, None, True
-    return _contiguous(modulator.weight), float(modulator.bias.detach()), _contiguous(modulator.fanout), modulator.tanh
+    bias = 0.0 if modulator.bias is None else float(modulator.bias.detach())
+    return _contiguous(modulator.weight), bias, _contiguous(modulator.fanout_or_ones()), modulator.tanh
 
 
 def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,

@@ -35,8 +35,8 @@ class PlasticCall:
     y0: Optional[torch.Tensor]
     modulation: Optional[torch.Tensor]  # given M_t [T, B] or [T, B, out]
     mod_weight: Optional[torch.Tensor]  # the modulator neuron's (endogenous modulation)
-    mod_bias: Optional[torch.Tensor]
-    mod_fanout: Optional[torch.Tensor]
+    mod_bias: Optional[torch.Tensor]  # None: 0
+    mod_fanout: Optional[torch.Tensor]  # None: ones
     clip: float  # 0 when unused
     every: int  # steps between checkpoints
     recurrent: bool
@@ -87,8 +87,8 @@ class BackwardBuffers:
     alpha_part: torch.Tensor  # [B, out, in], or [B * parts] for a 0-d alpha (written)
     eta_part: torch.Tensor  # [B * parts] (written)
     mod_weight_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
-    mod_bias_part: Optional[torch.Tensor]  # [B] (written; endogenous)
-    mod_fanout_part: Optional[torch.Tensor]  # [B, out] (written; endogenous)
+    mod_bias_part: Optional[torch.Tensor]  # [B] (written; endogenous, a mod_bias given)
+    mod_fanout_part: Optional[torch.Tensor]  # [B, out] (written; endogenous, a mod_fanout given)
     grad_weight: torch.Tensor  # the reductions (written by reduce)
     grad_bias: Optional[torch.Tensor]  # [out] (linear)
     grad_alpha: torch.Tensor
@@ -140,6 +140,7 @@ def backward(kernels, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulat
     T, B, O, I = p.T, p.B, p.out_features, p.in_features
     new = lambda *shape: _alloc.empty(shape, dtype=p.acc, device=x.device)  # noqa: E731
     endogenous = lambda *shape: new(*shape) if p.endogenous else None  # noqa: E731
+    if_given = lambda t, *shape: None if t is None else new(*shape)  # noqa: E731
     parts = kernels.parts_per_sequence(p)
     b = BackwardBuffers(
         output=_contiguous(output), grad_output=_contiguous(grad_output), hebb_final=_contiguous(hebb_final),
@@ -149,10 +150,11 @@ def backward(kernels, grad_output, grad_hebb, x, weight, alpha, eta, y0, modulat
         grad_mod=None if modulation is None else new(*modulation.shape),
         mod_rows=new(B, O) if p.rule == MODULATED else None,
         parts=parts, alpha_part=new(B * parts) if p.alpha_scalar else new(B, O, I), eta_part=new(B * parts),
-        mod_weight_part=endogenous(B, O),
-        mod_bias_part=endogenous(B), mod_fanout_part=endogenous(B, O), grad_weight=new(O, I),
+        mod_weight_part=endogenous(B, O), mod_bias_part=if_given(p.mod_bias, B),
+        mod_fanout_part=if_given(p.mod_fanout, B, O), grad_weight=new(O, I),
         grad_bias=None if recurrent else new(O), grad_alpha=new(*alpha.shape),
-        grad_eta=new(), grad_mod_weight=endogenous(O), grad_mod_bias=endogenous(), grad_mod_fanout=endogenous(O))
+        grad_eta=new(), grad_mod_weight=endogenous(O), grad_mod_bias=if_given(p.mod_bias),
+        grad_mod_fanout=if_given(p.mod_fanout, O))
     if T == 0:
         _no_steps(b)
     elif B > 0:

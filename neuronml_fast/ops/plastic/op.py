@@ -145,27 +145,28 @@ def _validate_modulator(input, modulator, modulation):
 #           linear layer, bias and drive of the rnn, the modulator's without one); `dense_grads` and
 #           `modulator_grads` form the GEMM-shaped ones from the reverse walk's dL/dz for a launcher
 #           whose kernels do not.
-# `modulator` is None or a `Modulator` with every tensor present; `activity` is the modulator's
+# `modulator` is None or a `Modulator` (bias and fanout may be None); `activity` is the modulator's
 # output [T, B] the forward returned (M_t = activity_t * fanout).
 
 
 class Modulator(NamedTuple):
-    """Backpropamine's modulator neuron (endogenous modulation), every tensor present."""
+    """Backpropamine's modulator neuron (endogenous modulation): a bias of None is 0, a fanout of
+    None is ones (the GPU kernels take them so, with no tensor made for them)."""
     weight: Tensor  # [N]
-    bias: Tensor  # 0-d
-    fanout: Tensor  # [N]
+    bias: Optional[Tensor]  # 0-d
+    fanout: Optional[Tensor]  # [N]
     tanh: bool
+
+    def fanout_or_ones(self):
+        return torch.ones_like(self.weight) if self.fanout is None else self.fanout
 
     def modulation(self, activity):
         """M_t [T, B, N] from the modulator's activity [T, B]."""
-        return activity[..., None] * self.fanout.to(activity.dtype)
+        return activity[..., None] * self.fanout_or_ones().to(activity.dtype)
 
 
 def _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh):
-    if mod_weight is None:
-        return None
-    return Modulator(mod_weight, mod_weight.new_zeros(()) if mod_bias is None else mod_bias,
-                     torch.ones_like(mod_weight) if mod_fanout is None else mod_fanout, mod_tanh)
+    return None if mod_weight is None else Modulator(mod_weight, mod_bias, mod_fanout, mod_tanh)
 
 
 @torch.library.custom_op("neuronml_fast::plastic", mutates_args=())

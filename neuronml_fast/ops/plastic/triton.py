@@ -45,7 +45,8 @@ class TritonKernels:
     def _flags(p):
         _check_matrix(p)
         return dict(RECURRENT=p.recurrent, RULE=p.rule, PER_NEURON=p.per_neuron, ENDOGENOUS=p.endogenous,
-                    MOD_TANH=p.mod_tanh, TANH=p.tanh, ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip,
+                    MOD_TANH=p.mod_tanh, HAS_MOD_BIAS=p.mod_bias is not None, HAS_FANOUT=p.mod_fanout is not None,
+                    TANH=p.tanh, ALPHA_SCALAR=p.alpha_scalar, HAS_CLIP=p.has_clip,
                     ACC=accumulation_tl_dtype(p.x.dtype))
 
     def forward(self, p, f):
@@ -90,6 +91,7 @@ class TritonKernels:
             b.grad_alpha, b.grad_eta, _pointer(b.grad_mod_weight, x), _pointer(b.grad_mod_bias, x),
             _pointer(b.grad_mod_fanout, x), p.T, p.B, p.out_features, p.in_features,
             RECURRENT=p.recurrent, HAS_Y0=p.y0 is not None, ALPHA_SCALAR=p.alpha_scalar, ENDOGENOUS=p.endogenous,
+            HAS_MOD_BIAS=p.mod_bias is not None, HAS_FANOUT=p.mod_fanout is not None,
             ACC=accumulation_tl_dtype(x.dtype), BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_K=block_k)
 
 
