@@ -20,8 +20,8 @@
 //   (`nf_emu::fragment_order`), so code that relies on a mapping gets different results across
 //   the three orders the tests run. Fragments of one type share the mapping, so element-wise
 //   work between them (scaling an accumulator, adding a loaded C) is valid, as on a GPU.
-//   num_elements is the fragment's elements over 32; the hardware's may be larger (16 for a
-//   16 x 16 __half matrix_a, whose elements it holds twice).
+//   num_elements is the fragment's elements over 32; the toolkit's may be larger (16 for a
+//   16 x 16 __half matrix_a), so code must loop to num_elements rather than assume a count.
 // * mma_sync computes D = A * B + C. Products of two __half, __nv_bfloat16 or tf32 values are
 //   exact in float; they are added to C in k order with float rounding (round to nearest even).
 //   NVIDIA leaves the internal order and rounding of the tensor cores' float accumulation
