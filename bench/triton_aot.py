@@ -151,8 +151,25 @@ def _sensitivity(dtype, *, rows, cols, bias=True):
     return run
 
 
+def _batch_norm(dtype, *, rows, channels, u=True):
+    """The batch norm's double backward (MAML's second order) through its Triton launcher."""
+
+    def run():
+        from neuronml_fast.ops.batch_norm import triton as batch_norm
+
+        torch, dt = _torch(), _dtype(dtype)
+        x = torch.randn(rows, channels, dtype=dt)
+        mean, invstd = x.mean(0), (x.var(0, unbiased=False) + 1e-5).rsqrt()
+        vector = lambda: torch.randn(channels, dtype=dt)  # noqa: E731
+        batch_norm.batch_norm_rows_double_backward(torch.randn_like(x) if u else None, vector(), vector(),
+                                                   torch.randn_like(x), x, vector(), mean, invstd)
+
+    return run
+
+
 MASKED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 PLASTIC_DTYPES = ("float32", "float64")
+BATCH_NORM_DTYPES = ("float32", "float64")
 SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
 
 
@@ -204,6 +221,11 @@ def _cases():
         largest = 128 if dt == "float32" else 64  # the largest layer the resident forward takes
         add(f"rnn-{s}-n{largest}", _plastic(dt, recurrent=True, n=largest))
         add(f"linear-plastic-{s}-n{largest}", _plastic(dt, recurrent=False, n=largest), full_only=True)
+    for dt in BATCH_NORM_DTYPES:
+        s = SHORT[dt]
+        # Conv4's activations in MAML: 5-way 5-shot + 15 queries x 5 x 5 pixels, 4 tasks x 64 channels
+        add(f"batch-norm-{s}", _batch_norm(dt, rows=2500, channels=256))
+        add(f"batch-norm-{s}-no-u-odd", _batch_norm(dt, rows=37, channels=6, u=False), full_only=dt != "float32")
     return cases
 
 

@@ -1,11 +1,13 @@
 """The CUDA emulation (csrc/emu) that runs the CUDA C++ kernels on CPU tensors.
 
-Its own checks (csrc/emu/selftest.cu): the warp intrinsics' results, the races and misuse it must
-expose under every warp order, the launch and shared-memory limits it must enforce; then the CUDA
-kernels' launch geometry against a device whose grid limits are lowered, so that shapes too large
-for a test reach the same code paths.
+Its own checks (csrc/emu/selftest.cu): the warp intrinsics' and the WMMA operations' results, the
+races and misuse it must expose under every warp order, the launch and shared-memory limits it must
+enforce, the 16-bit conversions; then the CUDA kernels' launch geometry against a device whose grid
+limits are lowered, so that shapes too large for a test reach the same code paths.
 """
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -222,6 +224,176 @@ def test_a_plan_the_device_cannot_run_names_it(emulator, monkeypatch):
     weight = torch.randn(16, 16, dtype=torch.float64)
     with nf.use_backend("cuda"), pytest.raises(RuntimeError, match="5 blocks per sequence cannot run 2 sequences"):
         nf.plastic_rnn(x, 0.1 * weight, 0.1 * weight, 0.1)
+
+
+# ---- 16-bit conversions ------------------------------------------------------------------------------
+
+
+def test_bfloat16_conversions_round_as_cuda_does(emulator):
+    values = torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 1.0 + 2**-8 + 2**-20, -3.3e38, 3.39e38, 1e-40,
+                           -7.25e-39, float("inf"), float("-inf"), float("nan"), 0.1, -2.7182817, 65504.0])
+    values = torch.cat([values, torch.randn(64, generator=torch.Generator().manual_seed(3)) * 100])
+    out = torch.full((3 * values.numel(),), -7.0)
+    emulator.emulation_selftest("bf16_conversions", out, input=values)
+    rn, rz, pair = out.view(3, -1)
+    nearest = values.to(torch.bfloat16).float()  # torch rounds to nearest even, as __float2bfloat16_rn
+    toward_zero = (values.view(torch.int32) & -65536).view(torch.float32)
+    toward_zero[values.isnan()] = float("nan")
+    torch.testing.assert_close(rn, nearest, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(pair, nearest, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(rz, toward_zero, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(rn[~values.isnan()], rz[~values.isnan()])
+
+
+# ---- WMMA (csrc/emu/wmma.h) ------------------------------------------------------------------------
+
+# fragment family: (multiplicand dtype, accumulator dtype, m, n, k)
+WMMA = {"f16": (torch.float16, torch.float32, 16, 16, 16), "bf16": (torch.bfloat16, torch.float32, 16, 16, 16),
+        "tf32": (torch.float32, torch.float32, 16, 16, 8), "f64": (torch.float64, torch.float64, 8, 8, 4)}
+# (A, B, C, D column-major)
+LAYOUTS = {"row": (False, False, False, False), "a-col": (True, False, True, False),
+           "b-col": (False, True, False, True), "col": (True, True, True, True)}
+
+
+def _tf32(x):
+    """cvt.rna.tf32.f32 of float32 values: round to nearest, ties away from zero, to a 10-bit mantissa."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(torch.int32)  # wraps back to int32's range
+    return rounded.view(torch.float32)
+
+
+def _truncated_tf32(x):
+    return (x.view(torch.int32) & -8192).view(torch.float32)
+
+
+def _buffer(matrix, col_major):
+    return (matrix.t() if col_major else matrix).contiguous().view(-1)
+
+
+def _matrix(buffer, rows, cols, col_major):
+    return buffer.view(cols, rows).t() if col_major else buffer.view(rows, cols)
+
+
+def _wmma_problem(kind, seed=0):
+    in_dtype, acc_dtype, m, n, k = WMMA[kind]
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((2 * m, 2 * k), (2 * k, n), (2 * m, n))
+    if kind == "f64":  # quarter-integers: every product and sum exact, whatever the order
+        return [(torch.randint(-16, 17, s, generator=gen) / 4).double() for s in shapes]
+    a, b = (torch.randn(s, generator=gen).to(in_dtype) for s in shapes[:2])
+    return a, b, torch.randn(shapes[2], generator=gen).to(acc_dtype)
+
+
+def _accumulate(a, b, c, alpha):
+    """D = alpha * (A B + C), the products added to C one k at a time in the accumulator's precision
+    (exact for float: a product of two 16-bit or tf32 values fits in float)."""
+    d = c.clone()
+    for i in range(a.shape[1]):
+        d = d + a[:, i:i + 1].to(c.dtype) * b[i:i + 1, :].to(c.dtype)
+    return d * torch.tensor(alpha, dtype=c.dtype)
+
+
+def _run_wmma(emulator, kind, a, b, c, layout, alpha, convert=False):
+    a_col, b_col, c_col, d_col = LAYOUTS[layout]
+    rows, cols = c.shape
+    d = torch.full((rows * cols,), float("nan"), dtype=c.dtype)
+    emulator.emulation_wmma_gemm(kind, _buffer(a, a_col), _buffer(b, b_col), None if c is None else _buffer(c, c_col),
+                                 d, a_col, b_col, c_col, d_col, alpha, convert)
+    return _matrix(d, rows, cols, d_col)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", WMMA)
+def test_wmma_gemm_matches_the_tensor_cores_arithmetic(emulator, kind, layout, order):
+    emulator.configure_emulation(order=order)
+    a, b, c = _wmma_problem(kind)
+    got = _run_wmma(emulator, kind, a, b, c, layout, alpha=0.75)
+    operands = (_tf32(a), _tf32(b)) if kind == "tf32" else (a, b)
+    torch.testing.assert_close(got, _accumulate(*operands, c, 0.75), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("kind", WMMA)
+def test_wmma_fill_fragment_starts_an_accumulator(emulator, kind, order):
+    emulator.configure_emulation(order=order)
+    a, b, c = _wmma_problem(kind, seed=1)
+    d = torch.full((c.numel(),), float("nan"), dtype=c.dtype)
+    emulator.emulation_wmma_gemm(kind, _buffer(a, False), _buffer(b, True), None, d, False, True, False, False, 2.0,
+                                 False)
+    operands = (_tf32(a), _tf32(b)) if kind == "tf32" else (a, b)
+    torch.testing.assert_close(d.view(c.shape), _accumulate(*operands, torch.zeros_like(c), 2.0), rtol=0, atol=0)
+
+
+def test_wmma_tf32_operands_are_rounded_to_nearest_as_float_to_tf32(emulator):
+    a, b, c = _wmma_problem("tf32", seed=2)
+    converted = _run_wmma(emulator, "tf32", a, b, c, "row", alpha=1.0, convert=True)
+    unconverted = _run_wmma(emulator, "tf32", a, b, c, "row", alpha=1.0, convert=False)
+    torch.testing.assert_close(converted, _accumulate(_tf32(a), _tf32(b), c, 1.0), rtol=0, atol=0)
+    torch.testing.assert_close(unconverted, converted, rtol=0, atol=0)
+    # the check can tell: truncated operands, or full float32 ones, give other results
+    assert not torch.equal(converted, _accumulate(_truncated_tf32(a), _truncated_tf32(b), c, 1.0))
+    assert not torch.equal(converted, _accumulate(a, b, c, 1.0))
+
+
+def test_wmma_fragment_mapping_moves_with_the_warp_order(emulator):
+    # lane l's x[i] = l * 8 + i, stored row-major: where each value lands is the fragment mapping.
+    stored = {}
+    for order in ORDERS:
+        emulator.configure_emulation(order=order)
+        out = torch.full((256,), float("nan"))
+        emulator.emulation_selftest("wmma_mapping", out)
+        assert torch.equal(out.sort().values, torch.arange(256.0)), "each element belongs to one lane and slot"
+        stored[order] = out
+    element = torch.arange(256)  # row-major index = slot * 32 + lane in forward order (csrc/emu/wmma.h)
+    assert torch.equal(stored["forward"], ((element % 32) * 8 + element // 32).float())
+    assert not torch.equal(stored["forward"], stored["reverse"])
+    assert not torch.equal(stored["forward"], stored["random"])
+    assert not torch.equal(stored["reverse"], stored["random"])
+
+
+@pytest.mark.parametrize("variant,message", [
+    (0, r"wmma::mma_sync \(selftest\.cu:\d+\) at block \(0,0,0\) warp 0 lane \d+: lane 16 has exited; every lane "
+        r"of the warp must reach the same call"),
+    (1, r"wmma::mma_sync \(selftest\.cu:\d+\) .*: lane \d+ waits at wmma::mma_sync \(selftest\.cu:\d+\); every lane"),
+    (2, r"the warp has 16 threads, and a warp-collective matrix operation needs all 32"),
+    (3, r"wmma::store_matrix_sync .*the pointer 0x[0-9a-f]+ is not 256-bit \(32-byte\) aligned"),
+    (4, r"the leading dimension 18 is not a multiple of 16 bytes \(4 elements\)"),
+    (5, r"lanes 0 and 16 pass different arguments"),
+])
+@pytest.mark.parametrize("order", ORDERS)
+def test_wmma_misuse_fails_the_launch(emulator, order, variant, message):
+    emulator.configure_emulation(order=order)
+    with pytest.raises(RuntimeError, match="wmma_misuse launch failed.*" + message):
+        emulator.emulation_selftest("wmma_misuse", torch.zeros(1024), variant)
+
+
+def _nvcc():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    found = os.path.join(home, "bin", "nvcc")
+    return found if os.path.exists(found) else shutil.which("nvcc")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="no nvcc")
+def test_the_selftest_compiles_for_a_gpu_with_tensor_core_instructions(tmp_path):
+    # The emulation's WMMA stands in for the toolkit's: the same source must build for sm_80 and sm_90,
+    # its matrix operations on the tensor cores (HMMA for fp16/bf16/tf32, DMMA for fp64).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    obj = tmp_path / "selftest.o"
+    build = subprocess.run([_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
+                            "arch=compute_90,code=sm_90", "-I", os.path.join(root, "csrc"), "-c",
+                            os.path.join(root, "csrc", "emu", "selftest.cu"), "-o", str(obj)],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-5000:]
+    cuobjdump = os.path.join(os.path.dirname(_nvcc()), "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        import triton
+
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    sass = subprocess.run([cuobjdump, "--dump-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    for instruction in ("HMMA.16816.F32 ", "HMMA.16816.F32.BF16", "HMMA.1684.F32.TF32", "DMMA."):
+        assert instruction in sass, f"no {instruction.strip()} in the selftest's SASS"
 
 
 # ---- the CUDA kernels' launch geometry on a device with small grid limits ----------------------

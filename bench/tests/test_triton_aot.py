@@ -141,3 +141,24 @@ def test_plastic_address_arithmetic_is_64_bit_across_steps_and_sequences(tmp_pat
         assert not narrow & PLASTIC_LARGE[row["kernel"]], (row["kernel"], row["constexprs"], narrow)
         seen.add(row["kernel"])
     assert seen == set(PLASTIC_LARGE)
+
+
+def test_batch_norm_double_backward_launches_its_two_kernels():
+    run = _aot("--list", "--full", "--cases", "batch-norm", timeout=300)
+    assert run.returncode == 0, run.stderr
+    captured = json.loads(run.stdout)
+    launched = [name for name, _, _ in captured["launches"]]
+    assert launched == ["_bn_rows_sums_kernel", "_bn_rows_grads_kernel"] * 4  # f32, f32 without u, f64, f64 without u
+    has_u = {(s["kernel"].split(":")[1], s["dtype"], s["constexprs"]["HAS_U"]) for s in captured["specs"].values()}
+    assert has_u == {(k, d, u) for k in ("_bn_rows_sums_kernel", "_bn_rows_grads_kernel") for d in ("fp32", "fp64")
+                     for u in (True, False)}
+
+
+@pytest.mark.aot
+def test_batch_norm_kernels_compile_without_spills(tmp_path):
+    run, report = _report(tmp_path, "--cases", "batch-norm", "--full")
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    rows = report["results"]
+    assert {(r["kernel"], r["dtype"], r["arch"]) for r in rows} == {
+        (k, d, a) for k in ("_bn_rows_sums_kernel", "_bn_rows_grads_kernel") for d in ("fp32", "fp64") for a in (80, 90)}
+    assert all(r["ok"] and not r["failures"] and r["spill_bytes"] == 0 for r in rows), rows

@@ -9,6 +9,9 @@
 #include <torch/extension.h>
 
 #ifdef NEURONML_FAST_CUDA_EMULATION
+#include <map>
+#include <tuple>
+
 #include "emu/cuda_emu.h"
 #include "emu/selftest.h"
 #else
@@ -455,9 +458,10 @@ void configure_emulation(const c10::optional<std::string>& order, const c10::opt
   if (count_only) c.count_only = *count_only;
 }
 
-// One of the emulation's own checks (csrc/emu/selftest.cu), writing into `out` (and `out2`).
+// One of the emulation's own checks (csrc/emu/selftest.cu), reading `input` and writing into `out`
+// (and `out2`).
 void emulation_selftest(const std::string& name, at::Tensor& out, int64_t arg, bool flag,
-                        const c10::optional<at::Tensor>& out2) {
+                        const c10::optional<at::Tensor>& out2, const c10::optional<at::Tensor>& input) {
   namespace st = nf_emu::selftest;
   TORCH_CHECK(out.is_cpu() && out.is_contiguous(), "out: expected a contiguous CPU tensor");
   const auto need = [&](at::ScalarType dtype, int64_t numel) {
@@ -505,10 +509,50 @@ void emulation_selftest(const std::string& name, at::Tensor& out, int64_t arg, b
     need(at::kFloat, 1);
     TORCH_CHECK(out2 && out2->scalar_type() == at::kDouble && out2->numel() >= 1, "out2: expected a float64 tensor");
     err = st::atomic_sums(static_cast<int>(arg), out.data_ptr<float>(), out2->data_ptr<double>());
+  } else if (name == "bf16_conversions") {
+    TORCH_CHECK(input && input->is_cpu() && input->is_contiguous() && input->scalar_type() == at::kFloat,
+                "input: expected a contiguous float32 CPU tensor");
+    need(at::kFloat, 3 * input->numel());
+    err = st::bf16_conversions(input->data_ptr<float>(), static_cast<int>(input->numel()), out.data_ptr<float>());
+  } else if (name == "wmma_mapping") {
+    need(at::kFloat, 256);
+    err = st::wmma_mapping(out.data_ptr<float>());
+  } else if (name == "wmma_misuse") {
+    need(at::kFloat, 1024);
+    err = st::wmma_misuse(static_cast<int>(arg), out.data_ptr<float>());
   } else {
     TORCH_CHECK(false, "name: unknown emulation self-test '", name, "'");
   }
   check_launch(err, name.c_str());
+}
+
+// The emulated WMMA GEMM (csrc/emu/selftest.h, `wmma_gemm`): D = alpha * (A B + C). `input` names
+// the multiplicands' fragment type: "f16", "bf16", "tf32" or "f64"; each matrix is a contiguous
+// buffer of its shape in its layout.
+void emulation_wmma_gemm(const std::string& input, const at::Tensor& a, const at::Tensor& b,
+                         const c10::optional<at::Tensor>& c, at::Tensor& d, bool a_col_major, bool b_col_major,
+                         bool c_col_major, bool d_col_major, double alpha, bool convert) {
+  namespace st = nf_emu::selftest;
+  const std::map<std::string, std::tuple<st::WmmaInput, at::ScalarType, at::ScalarType, int64_t, int64_t, int64_t>>
+      kinds = {{"f16", {st::WmmaInput::kHalf, at::kHalf, at::kFloat, 16, 16, 16}},
+               {"bf16", {st::WmmaInput::kBfloat16, at::kBFloat16, at::kFloat, 16, 16, 16}},
+               {"tf32", {st::WmmaInput::kTf32, at::kFloat, at::kFloat, 16, 16, 8}},
+               {"f64", {st::WmmaInput::kDouble, at::kDouble, at::kDouble, 8, 8, 4}}};
+  const auto kind = kinds.find(input);
+  TORCH_CHECK(kind != kinds.end(), "input: expected 'f16', 'bf16', 'tf32' or 'f64', got '", input, "'");
+  const auto [which, in_type, acc_type, m, n, k] = kind->second;
+  const auto check = [](const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+    TORCH_CHECK(t.is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel, name,
+                ": expected a contiguous CPU tensor of ", numel, " ", dtype, " elements, got ", t.numel(), " ",
+                t.scalar_type());
+  };
+  check(a, "a", in_type, 4 * m * k);
+  check(b, "b", in_type, 2 * k * n);
+  if (c) check(*c, "c", acc_type, 2 * m * n);
+  check(d, "d", acc_type, 2 * m * n);
+  const st::WmmaGemm g{a_col_major, b_col_major, c_col_major, d_col_major, c.has_value(), convert, alpha};
+  check_launch(st::wmma_gemm(which, a.data_ptr(), b.data_ptr(), c ? c->data_ptr() : nullptr, d.data_ptr(), g),
+               "wmma_gemm");
 }
 
 py::dict emulation_state() {
@@ -542,7 +586,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("count_only") = py::none());
   m.def("emulation_state", &emulation_state, "the emulated schedule, limits and counters");
   m.def("emulation_selftest", &emulation_selftest, "one of the emulation's own checks", py::arg("name"),
-        py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none());
+        py::arg("out"), py::arg("arg") = 0, py::arg("flag") = false, py::arg("out2") = py::none(),
+        py::arg("input") = py::none());
+  m.def("emulation_wmma_gemm", &emulation_wmma_gemm, "the emulated WMMA GEMM: d = alpha * (a b + c)",
+        py::arg("input"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("a_col_major"),
+        py::arg("b_col_major"), py::arg("c_col_major"), py::arg("d_col_major"), py::arg("alpha"),
+        py::arg("convert"));
 #else
   m.doc() = "neuronml_fast CUDA C++ kernels";
 #endif

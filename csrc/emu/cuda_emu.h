@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -138,8 +139,28 @@ struct ThreadView {
 ThreadView& view();  // the running emulated thread's indices
 
 // Warp intrinsics: every lane of `mask` posts `bits` and waits until the whole group has posted.
-enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync };
+enum class WarpOp { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSync, kCollective };
 uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int width);
+
+// A warp-collective operation (the WMMA *_sync functions, csrc/emu/wmma.h): each of the warp's 32
+// lanes posts `payload` and waits; once all 32 wait at the same call (the same `site`: the same
+// instruction, as the PTX ISA requires), `run` runs once with the payloads in lane order, then
+// every lane goes on. `run` returns an empty string, or why the operation is invalid: the launch
+// then fails with that message, as it does for a lane that exited, waits at a barrier or at
+// another call, or is missing from a warp of fewer than 32 threads.
+struct CallSite {
+  const char* function;  // e.g. "wmma::mma_sync"
+  const char* file;
+  unsigned line, column;
+};
+using CollectiveRun = std::string (*)(void* const payloads[32]);
+void warp_collective(const CallSite& site, CollectiveRun run, void* payload);
+
+// The order in which a warp-wide fragment of `count` elements lists its matrix elements (lane
+// `l`'s slot `i` holds element `order[i * 32 + l]`), per fragment `kind`: the identity in forward
+// warp order, reversed in reverse order, a permutation drawn from the seed in random order. The
+// mapping is unspecified on a GPU; changing it with the schedule exposes code that relies on one.
+const int* fragment_order(uint64_t kind, int count);
 
 void sync_threads();
 int sync_threads_count(int predicate);
@@ -161,8 +182,9 @@ cudaError_t take_last_error();
 cudaError_t peek_last_error();
 const char* error_string(cudaError_t code);
 
-template <typename T> T& static_shared() {
-  return *static_cast<T*>(static_shared(sizeof(T), alignof(T) < 16 ? 16 : alignof(T)));
+// A `__shared__ __align__(Align) T name;` declaration (translate.py passes the alignment).
+template <typename T, size_t Align = alignof(T)> T& static_shared() {
+  return *static_cast<T*>(static_shared(sizeof(T), std::max<size_t>({Align, alignof(T), 16})));
 }
 
 template <typename T> T* dynamic_shared() { return static_cast<T*>(dynamic_shared()); }

@@ -1,5 +1,6 @@
 // __half and __nv_bfloat16 of the CUDA emulation: the 16-bit storage formats with correctly
-// rounded (round-to-nearest-even) conversions, the bit layout torch's float16/bfloat16 tensors use.
+// rounded conversions (round to nearest even; __float2bfloat16_rz toward zero), the bit layout
+// torch's float16/bfloat16 tensors use, and their pairs __half2 and __nv_bfloat162.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +60,13 @@ inline uint16_t float_to_bfloat16_bits(float f) {
 
 inline float bfloat16_bits_to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
 
+// Round toward zero: the high 16 bits (a NaN stays a quiet NaN).
+inline uint16_t float_to_bfloat16_bits_rz(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 }  // namespace nf_emu
 
 struct __half {
@@ -83,3 +91,24 @@ inline __half __float2half_rn(float f) { return __half(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return static_cast<float>(b); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline __nv_bfloat16 __float2bfloat16_rz(float f) {
+  __nv_bfloat16 b;
+  b.__x = ::nf_emu::float_to_bfloat16_bits_rz(f);
+  return b;
+}
+
+// The two-element vectors (one 32-bit word: the 16-bit kernels load and store them as pairs).
+struct __half2 {
+  __half x, y;
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+
+inline __half2 __floats2half2_rn(float a, float b) { return {__half(a), __half(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
+inline __nv_bfloat162 make_bfloat162(__nv_bfloat16 x, __nv_bfloat16 y) { return {x, y}; }
+inline float __low2float(__half2 h) { return static_cast<float>(h.x); }
+inline float __high2float(__half2 h) { return static_cast<float>(h.y); }
+inline float __low2float(__nv_bfloat162 b) { return static_cast<float>(b.x); }
+inline float __high2float(__nv_bfloat162 b) { return static_cast<float>(b.y); }

@@ -68,6 +68,10 @@ struct WarpWait {
   uint64_t bits;
   int arg, width;
   uint64_t result;
+  // kCollective only: the call and what runs once the warp has arrived.
+  CallSite site{};
+  CollectiveRun run = nullptr;
+  void* payload = nullptr;
 };
 
 struct Thread {
@@ -96,19 +100,31 @@ struct Block {
   std::string message;
 };
 
+constexpr uint64_t kCanary = 0x6e66656d7563616eull;
+constexpr size_t kGuardBytes = 4096;
+constexpr size_t kSharedAlign = 128;
+
+size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
 // A block on the emulated device: its threads and its shared-memory arena. A launch keeps one
 // resident at a time; a cooperative launch keeps every block of its grid resident.
 struct Resident {
   Block block;
   std::vector<Thread> threads;
   std::vector<unsigned char> shared;
+
+  // The block's shared memory: `shared_bytes()` from a kSharedAlign-aligned start (the vector holds
+  // kSharedAlign more, so that the start can be aligned wherever the vector's data lies), with
+  // static allocations from the start and the dynamic ones at the end.
+  unsigned char* shared_base() {
+    const auto address = reinterpret_cast<uintptr_t>(shared.data());
+    return shared.data() + (round_up(address, kSharedAlign) - address);
+  }
+  size_t shared_bytes() const { return shared.size() - kSharedAlign; }
+  unsigned char* dynamic_shared_of(size_t dynamic_bytes) {
+    return shared_base() + shared_bytes() - round_up(dynamic_bytes, kSharedAlign);
+  }
 };
-
-constexpr uint64_t kCanary = 0x6e66656d7563616eull;
-constexpr size_t kGuardBytes = 4096;
-constexpr size_t kSharedAlign = 128;
-
-size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // One per host thread that launches kernels: the fiber stacks, the shared-memory arena and the
 // scheduler's own stack pointer.
@@ -256,6 +272,7 @@ std::string where(const Thread& t) {
 
 const char* op_name(WarpOp op) {
   switch (op) {
+    case WarpOp::kCollective: return "a warp-collective operation";
     case WarpOp::kShfl: return "__shfl_sync";
     case WarpOp::kShflUp: return "__shfl_up_sync";
     case WarpOp::kShflDown: return "__shfl_down_sync";
@@ -266,6 +283,27 @@ const char* op_name(WarpOp op) {
     case WarpOp::kSync: return "__syncwarp";
   }
   return "?";
+}
+
+// "__shfl_sync", or "wmma::mma_sync (file.cu:12)" for a collective operation.
+std::string wait_name(const WarpWait& w) {
+  if (w.op != WarpOp::kCollective) return op_name(w.op);
+  std::string file = w.site.file;
+  const size_t slash = file.find_last_of('/');
+  if (slash != std::string::npos) file = file.substr(slash + 1);
+  return std::string(w.site.function) + " (" + file + ":" + std::to_string(w.site.line) + ")";
+}
+
+bool same_site(const CallSite& a, const CallSite& b) {
+  return a.line == b.line && a.column == b.column && std::strcmp(a.function, b.function) == 0 &&
+         std::strcmp(a.file, b.file) == 0;
+}
+
+// Whether lane `t` waits at the same warp operation as `w`: the same intrinsic and mask, and for a
+// collective operation the same call.
+bool same_operation(const WarpWait& w, const Thread& t) {
+  if (t.state != State::kWarp || t.wait.op != w.op || t.wait.mask != w.mask) return false;
+  return w.op != WarpOp::kCollective || (t.wait.run == w.run && same_site(t.wait.site, w.site));
 }
 
 void block_error(cudaError_t code, std::string message) {
@@ -304,15 +342,62 @@ int source_lane(const WarpWait& w, int lane) {
   }
 }
 
+// What lane `t`, which is not at the operation its warp waits at, does instead ("" while it runs).
+std::string elsewhere(const Thread& t) {
+  switch (t.state) {
+    case State::kDone: return "has exited";
+    case State::kBlock: return "waits at __syncthreads";
+    case State::kGrid: return "waits at the grid barrier";
+    case State::kWarp:
+      return "waits at " + wait_name(t.wait) +
+             (t.wait.op == WarpOp::kCollective ? std::string() : " with mask " + std::to_string(t.wait.mask));
+    case State::kReady: return "";
+  }
+  return "";
+}
+
+// Completes the collective operation that `first` waits at once all 32 lanes of its warp have
+// reached the same call.
+bool resolve_collective(Thread* lanes[32], int first) {
+  const WarpWait& w = lanes[first]->wait;
+  int present = 0;
+  for (int i = 0; i < 32; ++i) present += lanes[i] != nullptr;
+  if (present < 32) {
+    block_error(cudaErrorLaunchFailure, wait_name(w) + " at " + where(*lanes[first]) + ": the warp has " +
+                                            std::to_string(present) + " threads, and a warp-collective matrix "
+                                            "operation needs all 32 (undefined behaviour on a GPU)");
+    return false;
+  }
+  for (int i = 0; i < 32; ++i) {
+    const Thread& t = *lanes[i];
+    if (same_operation(w, t)) continue;
+    if (t.state == State::kReady) return false;
+    block_error(cudaErrorLaunchFailure, wait_name(w) + " at " + where(*lanes[first]) + ": lane " + std::to_string(i) +
+                                            " " + elsewhere(t) + "; every lane of the warp must reach the same call "
+                                            "(undefined behaviour on a GPU)");
+    return false;
+  }
+  void* payloads[32];
+  for (int i = 0; i < 32; ++i) payloads[i] = lanes[i]->wait.payload;
+  const std::string problem = w.run(payloads);
+  if (!problem.empty()) {
+    block_error(cudaErrorLaunchFailure, wait_name(w) + " at " + where(*lanes[first]) + ": " + problem);
+    return false;
+  }
+  for (int i = 0; i < 32; ++i) lanes[i]->state = State::kReady;
+  return true;
+}
+
 // Completes the warp operation that `first` waits at, if every lane it names has reached it.
 // Returns false when some lane of the group has not arrived yet; fails the launch on misuse.
 bool resolve_group(Thread* lanes[32], int first) {
   const WarpWait& w = lanes[first]->wait;
   if (((w.mask >> first) & 1u) == 0) {
-    block_error(cudaErrorLaunchFailure, std::string(op_name(w.op)) + " at " + where(*lanes[first]) +
+    block_error(cudaErrorLaunchFailure, wait_name(w) + " at " + where(*lanes[first]) +
                                             ": the calling lane is not in its mask");
     return false;
   }
+  if (w.op == WarpOp::kCollective) return resolve_collective(lanes, first);
   if (w.width < 1 || w.width > 32 || (w.width & (w.width - 1)) != 0) {
     block_error(cudaErrorLaunchFailure, std::string(op_name(w.op)) + " at " + where(*lanes[first]) +
                                             ": width must be a power of two <= 32, got " + std::to_string(w.width));
@@ -321,17 +406,11 @@ bool resolve_group(Thread* lanes[32], int first) {
   for (int i = 0; i < 32; ++i) {
     if (((w.mask >> i) & 1u) == 0 || lanes[i] == nullptr) continue;  // lanes past the block size
     const Thread& t = *lanes[i];
-    if (t.state == State::kWarp && t.wait.mask == w.mask && t.wait.op == w.op) continue;
-    std::string problem = t.state == State::kDone    ? "has exited"
-                          : t.state == State::kBlock ? "waits at __syncthreads"
-                          : t.state == State::kGrid  ? "waits at the grid barrier"
-                          : t.state == State::kWarp  ? std::string("waits at ") + op_name(t.wait.op) + " with mask " +
-                                                          std::to_string(t.wait.mask)
-                                                     : "";
+    if (same_operation(w, t)) continue;
     if (t.state == State::kReady) return false;
-    block_error(cudaErrorLaunchFailure, std::string(op_name(w.op)) + " with mask " + std::to_string(w.mask) +
-                                            " at " + where(*lanes[first]) + ": lane " + std::to_string(i) + " " +
-                                            problem + " (undefined behaviour on a GPU)");
+    block_error(cudaErrorLaunchFailure, wait_name(w) + " with mask " + std::to_string(w.mask) + " at " +
+                                            where(*lanes[first]) + ": lane " + std::to_string(i) + " " +
+                                            elsewhere(t) + " (undefined behaviour on a GPU)");
     return false;
   }
   uint64_t ballot = 0;
@@ -354,7 +433,7 @@ bool resolve_group(Thread* lanes[32], int first) {
       default: {
         const int src = source_lane(t.wait, i);
         if (((w.mask >> src) & 1u) == 0 || lanes[src] == nullptr) {
-          block_error(cudaErrorLaunchFailure, std::string(op_name(w.op)) + " at " + where(t) + " reads lane " +
+          block_error(cudaErrorLaunchFailure, wait_name(w) + " at " + where(t) + " reads lane " +
                                                   std::to_string(src) + ", which is not in the mask " +
                                                   std::to_string(w.mask) + " (undefined value on a GPU)");
           return false;
@@ -415,7 +494,7 @@ void run_block(Resident& r, uint64_t salt) {
     if (done + at_barrier + at_grid != static_cast<int>(threads.size())) {
       for (const Thread& t : threads) {
         if (t.state == State::kWarp) {
-          block_error(cudaErrorLaunchFailure, std::string(op_name(t.wait.op)) + " at " + where(t) +
+          block_error(cudaErrorLaunchFailure, wait_name(t.wait) + " at " + where(t) +
                                                   " can never complete: other threads wait at __syncthreads "
                                                   "(a deadlock on a GPU)");
           return;
@@ -505,6 +584,43 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   return t.wait.result;
 }
 
+void warp_collective(const CallSite& site, CollectiveRun run, void* payload) {
+  Thread& t = running();
+  t.wait = WarpWait{WarpOp::kCollective, 0xffffffffu, 0, 0, 32, 0, site, run, payload};
+  t.state = State::kWarp;
+  suspend(t);
+}
+
+const int* fragment_order(uint64_t kind, int count) {
+  struct Key {
+    uint64_t kind, seed;
+    Order order;
+    int count;
+    bool operator==(const Key&) const = default;
+  };
+  struct Hash {
+    size_t operator()(const Key& k) const {
+      return std::hash<uint64_t>()(k.kind * 0x9e3779b97f4a7c15ull ^ k.seed ^ (static_cast<uint64_t>(k.order) << 61) ^
+                                   static_cast<uint64_t>(k.count));
+    }
+  };
+  thread_local std::unordered_map<Key, std::vector<int>, Hash> orders;
+  const Key key{kind, config().seed, config().order, count};
+  auto it = orders.find(key);
+  if (it == orders.end()) {
+    std::vector<int> order(count);
+    std::iota(order.begin(), order.end(), 0);
+    if (key.order == Order::kReverse) {
+      std::reverse(order.begin(), order.end());
+    } else if (key.order == Order::kRandom) {
+      std::mt19937_64 rng(key.seed * 0x2545f4914f6cdd1dull + kind);
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+    it = orders.emplace(key, std::move(order)).first;
+  }
+  return it->second.data();
+}
+
 void sync_threads() { sync_threads_count(0); }
 
 void grid_sync() {
@@ -556,7 +672,7 @@ void* static_shared(size_t bytes, size_t align) {
       fail(cudaErrorLaunchFailure, ("__shared__ declaration " + std::to_string(index) + " at " + where(t) +
                                     " differs in size between threads of one block").c_str());
     }
-    return worker.resident->shared.data() + b.allocations[index].offset;
+    return worker.resident->shared_base() + b.allocations[index].offset;
   }
   const size_t offset = round_up(b.static_end, std::max(align, size_t{16}));
   if (offset + bytes > static_cast<size_t>(config().default_shared_bytes) ||
@@ -569,15 +685,14 @@ void* static_shared(size_t bytes, size_t align) {
   }
   b.allocations.push_back({offset, bytes});
   b.static_end = offset + bytes;
-  std::memset(worker.resident->shared.data() + offset, 0xff, bytes);
-  return worker.resident->shared.data() + offset;
+  std::memset(worker.resident->shared_base() + offset, 0xff, bytes);
+  return worker.resident->shared_base() + offset;
 }
 
 void* dynamic_shared() {
   running();
   Block& b = *worker.block;
-  std::vector<unsigned char>& arena = worker.resident->shared;
-  return arena.data() + arena.size() - round_up(b.dynamic_bytes, kSharedAlign);
+  return worker.resident->dynamic_shared_of(b.dynamic_bytes);
 }
 
 void fail(cudaError_t code, const char* message) {
@@ -595,7 +710,7 @@ namespace {
 void start_block(Resident& r, uint64_t linear, dim3 grid, dim3 block_dim, size_t shared_bytes, const Body& body,
                  size_t first_stack) {
   const size_t threads = static_cast<size_t>(block_dim.x) * block_dim.y * block_dim.z;
-  const size_t arena = round_up(static_cast<size_t>(config().optin_shared_bytes), kSharedAlign) + kSharedAlign;
+  const size_t arena = round_up(static_cast<size_t>(config().optin_shared_bytes), kSharedAlign) + 2 * kSharedAlign;
   if (r.shared.size() != arena) r.shared.assign(arena, 0xff);
   r.block = Block{};
   r.block.body = &body;
@@ -604,8 +719,7 @@ void start_block(Resident& r, uint64_t linear, dim3 grid, dim3 block_dim, size_t
                              ? static_cast<size_t>(config().optin_shared_bytes)
                              : static_cast<size_t>(config().default_shared_bytes);
   r.block.shared_limit -= std::min(r.block.shared_limit, shared_bytes);
-  std::memset(r.shared.data() + r.shared.size() - round_up(shared_bytes, kSharedAlign), 0xff,
-              round_up(shared_bytes, kSharedAlign));
+  std::memset(r.dynamic_shared_of(shared_bytes), 0xff, round_up(shared_bytes, kSharedAlign));
   const uint3 block_idx{static_cast<unsigned>(linear % grid.x), static_cast<unsigned>((linear / grid.x) % grid.y),
                         static_cast<unsigned>(linear / (static_cast<uint64_t>(grid.x) * grid.y))};
   r.threads.assign(threads, Thread{});

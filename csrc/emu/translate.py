@@ -5,8 +5,9 @@ unchanged against the emulation's headers:
 
 * ``kernel<<<grid, block[, smem[, stream]]>>>(args)`` -> ``::nf_emu::Launcher(kernel, grid, block,
   smem, stream)(args)``;
-* ``__shared__ T a[N][M], b[K];`` -> references into the block's shared-memory arena, so that
-  every thread of a block sees one copy, poisoned at the block's start;
+* ``__shared__ [__align__(n)] T a[N][M], b[K];`` -> references into the block's shared-memory
+  arena (aligned as declared, to at least 16 bytes), so that every thread of a block sees one
+  copy, poisoned at the block's start;
 * ``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory.
 
 Usage: ``python translate.py SRC.cu OUT.cpp`` (the build runs it through `translate_file`).
@@ -20,7 +21,7 @@ _LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:\s*<[^<>;]*(?:<[^<>;]*>[^<>;
                      re.S)
 _DYNAMIC_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?(?P<type>[\w:<>\s\*]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
-_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?(?P<type>[\w:<>]+(?:\s+[\w:<>]+)*?)\s+"
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\s*\(\s*(?P<align>\d+)\s*\)\s*)?(?P<type>[\w:<>]+(?:\s+[\w:<>]+)*?)\s+"
                             r"(?P<declarators>\w+\s*(?:\[[^\];]+\]\s*)*(?:,\s*\w+\s*(?:\[[^\];]+\]\s*)*)*);")
 _DECLARATOR = re.compile(r"(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*)")
 
@@ -60,7 +61,8 @@ def _static_shared(match):
         if d is None:
             raise ValueError(f"__shared__ declaration: cannot translate {declarator!r}")
         dims = "".join(d.group("dims").split())
-        declarations.append(f"auto& {d.group('name')} = ::nf_emu::static_shared<{element}{dims}>();")
+        align = f", {match.group('align')}" if match.group("align") else ""
+        declarations.append(f"auto& {d.group('name')} = ::nf_emu::static_shared<{element}{dims}{align}>();")
     return " ".join(declarations)
 
 
@@ -80,7 +82,7 @@ def translate_file(src, dst):
         with open(dst) as f:
             if f.read() == text:
                 return
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     with open(dst, "w") as f:
         f.write(text)
 

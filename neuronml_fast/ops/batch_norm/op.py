@@ -19,9 +19,9 @@ Where things are (this folder):
   fake; autograd: `_BatchNormRows` (forward) and `_BatchNormRowsBackward` (its backward, whose own
   backward is the double-backward op; a third derivative raises); the public function
   `batch_norm_rows`.
-* ``cpu.py``, the launcher ``batch_norm_rows_double_backward`` (csrc/cpu/batch_norm.cpp). No
-  Triton or CUDA kernel: on a GPU the double backward runs the reference (``python -m
-  neuronml_fast`` lists it).
+* ``cpu.py`` and ``triton.py``, the launchers ``batch_norm_rows_double_backward``
+  (csrc/cpu/batch_norm.cpp; kernels/batch_norm.py: two launches, per-column sums over chunks of
+  rows, then the element-wise pass). No CUDA C++ kernel: ``auto`` runs the Triton one on a GPU.
 """
 
 from typing import Optional
@@ -57,7 +57,25 @@ def _(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd, backend):
 _autocast.register(batch_norm_rows_double_backward_op, OP, _autocast.Policy(_autocast.AS_GIVEN))
 
 
+def _check_double_backward(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd):
+    _checks.floating_tensor("input", input, ndim=2)
+    _checks.like("grad_out", grad_out, "input", input)
+    if u is not None:
+        _checks.like("u", u, "input", input)
+    channels = (input.shape[1],)
+    _checks.like("weight", weight, "input", input, shape=channels)
+    # batch norm keeps the statistics of a 16-bit input in float32
+    statistics = {input.dtype: "the input's", torch.float32: "float32 statistics"}
+    for name, value in (("mean", mean), ("invstd", invstd)):
+        _checks.like_in_dtypes(name, value, "input", input, statistics, shape=channels)
+    for name, value in (("u_gamma", u_gamma), ("u_beta", u_beta)):
+        if value is not None:
+            _checks.like(name, value, "input", input, shape=channels)
+
+
 def batch_norm_rows_double_backward(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd):
+    """(d grad_out, d input, d weight); see `batch_norm_rows_double_backward_reference`."""
+    _check_double_backward(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd)
     backend = backends.resolve(OP, input.device.type, input.dtype)
     if backend == "reference":
         return batch_norm_rows_double_backward_reference(u, u_gamma, u_beta, grad_out, input, weight, mean, invstd)
@@ -99,7 +117,7 @@ def batch_norm_rows(input, weight, bias, eps=1e-5):
     """Batch norm with batch statistics over the rows of ``input [R, C]`` (the channels).
 
     Same values and gradients as ``F.batch_norm(input, None, None, weight, bias, training=True,
-    eps=eps)``; differentiable twice, the second time through one fused kernel on the CPU. Under
+    eps=eps)``; differentiable twice, the second time through one fused kernel (CPU and Triton). Under
     ``torch.autocast`` it runs in the input's dtype, as ``batch_norm`` does (weight and bias are
     taken in it; `neuronml_fast.ops._autocast`).
     """
