@@ -599,8 +599,10 @@ GEMM_KERNELS = ("_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight
 def needs_tensor_cores(row):
     """Whether a row is a GEMM variant that must run on the tensor cores: every masked-conv GEMM
     but float64 (Triton has no fp64 dot) and exact float32 (``DOT_PRECISION=ieee``)."""
-    exact_fp32 = row["dtype"] == "fp32" and "DOT_PRECISION=ieee" in row.get("constexprs", "").split()
-    return row.get("kernel") in GEMM_KERNELS and row["dtype"] != "fp64" and not exact_fp32
+    if row.get("kernel") not in GEMM_KERNELS:
+        return False
+    exact_fp32 = row["dtype"] == "fp32" and "DOT_PRECISION=ieee" in row["constexprs"].split()
+    return row["dtype"] != "fp64" and not exact_fp32
 
 
 def failures_of(row):

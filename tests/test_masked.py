@@ -343,6 +343,17 @@ def test_fp32_precision_context_restores_the_switches(restore_fp32_switches):
         assert (_precision.tf32_allowed("conv"), _precision.tf32_allowed("matmul")) == (True, False)
     with pytest.raises(ValueError, match="op: expected one of"):
         _precision.tf32_allowed("rnn")
+    if _new_api():
+        # Switches set through the new API only: torch's legacy getters raise on this mix (the
+        # self-check's float32 block read them), the new ones resolve it.
+        torch.backends.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        with pytest.raises(RuntimeError):
+            torch.backends.cuda.matmul.allow_tf32
+        assert _precision.tf32_allowed("matmul")
+        with _precision.full_float32():
+            assert not _precision.tf32_allowed("conv") and not _precision.tf32_allowed("matmul")
+        assert _precision.tf32_allowed("matmul")
 
 
 class _PrecisionSpy:
