@@ -244,9 +244,10 @@ _HALF = frozenset({torch.float16, torch.bfloat16})
 # batch norm: reductions).
 TENSOR_CORES = {"masked": {"cuda": _HALF | FULL_DTYPES, "triton": _HALF | {torch.float32}}}
 # Between backends that are otherwise alike, the cheaper launch first: a CUDA C++ kernel is one
-# call into a C++ launcher, a Triton launch binds and specializes its arguments in Python first
-# (tens of microseconds), which the small problems of meta-learning (a few images per task, a
-# launch per layer and step) feel.
+# call into a C++ launcher, a Triton launch binds and specializes its arguments in Python first,
+# which the small problems of meta-learning (a few images per task, a launch per layer and step)
+# feel. (On large problems Triton's pipelined tiles may well be faster; `set_backend` or
+# NEURONML_FAST_BACKEND choose it.)
 LAUNCH_COST_ORDER = ("cuda", "triton")
 
 

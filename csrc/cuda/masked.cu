@@ -208,13 +208,14 @@ template <typename Element, typename S, typename A, int FM, int FN, int FK> stru
 // The WMMA shapes used here (bfloat16, TF32 and double fragments) need sm_80; an older target
 // compiles every kernel on FFMA.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-constexpr bool kWmmaArch = false;
+template <typename Element, typename S, typename A, int FM, int FN, int FK>
+using TensorCoreEngine = FfmaEngine<S, A>;
+using Tf32Element = float;
 #else
-constexpr bool kWmmaArch = true;
+template <typename Element, typename S, typename A, int FM, int FN, int FK>
+using TensorCoreEngine = WmmaEngine<Element, S, A, FM, FN, FK>;
+using Tf32Element = wmma::precision::tf32;
 #endif
-
-template <typename Wmma, typename S, typename A>
-using EngineOr = std::conditional_t<kWmmaArch, Wmma, FfmaEngine<S, A>>;
 
 // How a kernel multiplies (its second template argument, which names the kernel in the SASS):
 struct Hmma {};  // float16 / bfloat16 operands, float accumulation: HMMA m16n16k16
@@ -229,14 +230,14 @@ template <typename T, typename Math> struct Gemm;
 template <typename T> struct Gemm<T, Hmma> {
   using S = T;
   using A = float;
-  using Engine = EngineOr<WmmaEngine<T, T, float, 16, 16, 16>, S, A>;
+  using Engine = TensorCoreEngine<T, T, float, 16, 16, 16>;
   static __device__ __forceinline__ S stage(float v) { return from_acc<T>(v); }
 };
 
 template <> struct Gemm<float, Tf32> {
   using S = float;
   using A = float;
-  using Engine = EngineOr<WmmaEngine<wmma::precision::tf32, float, float, 16, 16, 8>, S, A>;
+  using Engine = TensorCoreEngine<Tf32Element, float, float, 16, 16, 8>;
   static __device__ __forceinline__ float stage(float v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     return v;
@@ -256,7 +257,7 @@ template <> struct Gemm<float, Ffma> {
 template <> struct Gemm<double, Dmma> {
   using S = double;
   using A = double;
-  using Engine = EngineOr<WmmaEngine<double, double, double, 8, 8, 4>, S, A>;
+  using Engine = TensorCoreEngine<double, double, double, 8, 8, 4>;
   static __device__ __forceinline__ double stage(double v) { return v; }
 };
 
