@@ -11,8 +11,11 @@ Compile: each specialization is compiled for every architecture (``triton.compil
 bound (the worker's process group is killed past it). Results are cached by (kernel source hash,
 specialization, architecture, triton version), so a rerun only compiles what changed.
 
-Fails (exit status 1) on a compile error, a compile over the bound, or shared memory over the
-per-block limit. Reports per specialization: shared memory, registers, spills, tensor-core
+Fails (exit status 1) on a compile error, a compile over the bound, shared memory over the
+per-block limit, or a masked-conv GEMM kernel (forward, input or weight gradient) that spills or
+has no tensor-core instruction, float64 (no Triton fp64 dot) and the exact float32 variants
+(``DOT_PRECISION=ieee``, torch's TF32 switch off) excepted. The float32 cases run with TF32 on,
+as torch's conv default, plus one conv and one linear case with it off. Reports per specialization: shared memory, registers, spills, tensor-core
 instructions (``mma``/``wgmma`` in the PTX) and pointers whose address arithmetic is 32-bit
 (``tt.addptr`` with i32 offsets not preceded by a 64-bit one, from the TTIR).
 
@@ -67,11 +70,22 @@ def _dtype(name):
     return getattr(_torch(), name)
 
 
+def _fp32_precision(tf32):
+    """torch's TF32 switches, for convolutions and matrix products alike, inside the block."""
+    from neuronml_fast import _precision
+
+    return _precision.fp32_precision(tf32, tf32)
+
+
 def _conv(dtype, k=3, *, stride=1, dilation=1, groups=1, bias=True, grad_pre=False, c_in=64, c_out=64, hw=14,
-          batch=5, tasks=2, pre=True, input_grad=True, weight_grad=True):
+          batch=5, tasks=2, pre=True, input_grad=True, weight_grad=True, tf32=True):
     """Forward and backward of a task-batched masked conv through its Triton launcher."""
 
     def run():
+        with _fp32_precision(tf32):
+            launch()
+
+    def launch():
         from neuronml_fast.ops.masked import triton as masked
 
         torch, dt = _torch(), _dtype(dtype)
@@ -87,8 +101,12 @@ def _conv(dtype, k=3, *, stride=1, dilation=1, groups=1, bias=True, grad_pre=Fal
     return run
 
 
-def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tasks=4):
+def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tasks=4, tf32=True):
     def run():
+        with _fp32_precision(tf32):
+            launch()
+
+    def launch():
         from neuronml_fast.ops.masked import triton as masked
 
         torch, dt = _torch(), _dtype(dtype)
@@ -194,6 +212,9 @@ def _cases():
         add(f"linear-{s}", _linear(dt))
         add(f"linear-{s}-split", _linear(dt, rows=5000, tasks=1), full_only=dt != "float32")
         add(f"linear-{s}-nobias-gradpre", _linear(dt, bias=False, grad_pre=True), full_only=True)
+        if dt == "float32":  # the exact float32 GEMMs, torch's TF32 switches off
+            add(f"conv-{s}-k3-ieee", _conv(dt, 3, tf32=False))
+            add(f"linear-{s}-ieee", _linear(dt, tf32=False))
         add(f"sensitivity-{s}-conv", _sensitivity(dt, rows=64, cols=576))
         add(f"sensitivity-{s}-wide-nobias", _sensitivity(dt, rows=5, cols=4096, bias=False), full_only=dt != "float32")
         add(f"sensitivity-{s}-narrow", _sensitivity(dt, rows=1000, cols=5), full_only=True)
@@ -584,14 +605,32 @@ def _write_cache(path, answer):
     os.replace(tmp, path)
 
 
+# The masked convolution's GEMM kernels: on the tensor cores and without spills, or the check fails.
+GEMM_KERNELS = ("_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel")
+
+
+def needs_tensor_cores(row):
+    """Whether a row is a GEMM variant that must run on the tensor cores: every masked-conv GEMM
+    but float64 (Triton has no fp64 dot) and exact float32 (``DOT_PRECISION=ieee``)."""
+    if row.get("kernel") not in GEMM_KERNELS:
+        return False
+    exact_fp32 = row["dtype"] == "fp32" and "DOT_PRECISION=ieee" in row["constexprs"].split()
+    return row["dtype"] != "fp64" and not exact_fp32
+
+
 def failures_of(row):
     """Why a compiled specialization fails the check (empty when it passes)."""
     if not row["ok"]:
         return [row["error"]]
+    failures = []
     if row["shared"] > SHARED_LIMIT[row["arch"]]:
-        return [f"shared memory {row['shared']} B over the sm_{row['arch']} per-block limit "
-                f"{SHARED_LIMIT[row['arch']]} B"]
-    return []
+        failures.append(f"shared memory {row['shared']} B over the sm_{row['arch']} per-block limit "
+                        f"{SHARED_LIMIT[row['arch']]} B")
+    if needs_tensor_cores(row) and not row["tensor_cores"]:
+        failures.append("a GEMM without tensor-core instructions (no mma/wgmma in the PTX)")
+    if row.get("kernel") in GEMM_KERNELS and row["spill_bytes"]:
+        failures.append(f"a GEMM that spills {row['spill_bytes']} B per thread")
+    return failures
 
 
 def short_constexprs(spec):
@@ -637,7 +676,8 @@ def _summary(rows):
         "with_spills": sum(1 for r in ok if r["spill_bytes"]),
         "max_shared": {f"sm_{a}": max((r["shared"] for r in ok if r["arch"] == a), default=0) for a in ARCHS},
         "dot_kernels_without_tensor_cores": sum(
-            1 for r in ok if r["dots"] and not r["tensor_cores"] and r["dtype"] in ("fp16", "bf16")),
+            1 for r in ok if r["dots"] and not r["tensor_cores"] and (needs_tensor_cores(r) or r["dtype"] in
+                                                                       ("fp16", "bf16"))),
     }
 
 
@@ -685,13 +725,15 @@ def _report_md(report, rows):
         "",
         "Every specialization the Triton launchers produce for the cases of `bench/triton_aot.py`, compiled for "
         f"{', '.join(report['archs'])} with triton {report['triton']} (`python -m bench.triton_aot`). "
-        "A row fails on a compile error, a compile over the time bound, or shared memory over the per-block limit "
-        f"({', '.join(f'{a}: {v} B' for a, v in report['shared_limit'].items())}).",
+        "A row fails on a compile error, a compile over the time bound, shared memory over the per-block limit "
+        f"({', '.join(f'{a}: {v} B' for a, v in report['shared_limit'].items())}), or a masked-conv GEMM that spills "
+        "or has no tensor-core instruction (float64 and the exact float32 variants, `DOT_PRECISION=ieee`, excepted).",
         "",
         f"- specializations: {s['specializations']}, compiles: {s['compiles']}, failures: {s['failures']}",
         f"- compiles with spills: {s['with_spills']}",
         f"- largest shared memory: {', '.join(f'{a}: {v} B' for a, v in s['max_shared'].items())}",
-        f"- fp16/bf16 kernels with dots but no tensor-core instructions: {s['dot_kernels_without_tensor_cores']}",
+        f"- kernels with dots but no tensor-core instructions (fp16/bf16, and the fp32 GEMMs on TF32): "
+        f"{s['dot_kernels_without_tensor_cores']}",
         "",
         "tensor cores: `mma`/`wgmma` in the PTX (`no`: the kernel has dots without them, `-`: no dots). "
         "32-bit pointers: arguments addressed with an i32 offset before any 64-bit one (TTIR `tt.addptr`). "

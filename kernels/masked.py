@@ -28,9 +28,12 @@ Design:
   adds them in a fixed order (deterministic, unlike atomics) and writes the weight, bias and mask
   gradients in the output dtype, in one launch. Without a split the kernel writes them itself.
 * A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.
-* Accumulation in float32 (float64 for float64 inputs); ``tl.dot`` in IEEE float32 (no TF32)
-  so that results match the reference to rounding. The GEMM operands stay in the input dtype
-  (gy is rounded to it, as an fp16/bf16 autograd would): 16-bit dots run on tensor cores.
+* Accumulation in float32 (float64 for float64 inputs). The GEMM operands stay in the input
+  dtype (gy is rounded to it, as an fp16/bf16 autograd would): 16-bit dots run on tensor cores.
+  float32 dots take ``DOT_PRECISION``, which the launcher decides from torch's switches
+  (``neuronml_fast/ops/masked/gpu.py``, `dot_precision`): "tf32" on the tensor cores where torch's
+  own conv (or, for the linear layers, matmul) would use TF32, "ieee" (exact float32 products on
+  FMA) otherwise. float64 takes the FMA path (``USE_DOT`` False): Triton has no fp64 tensor-core dot.
 """
 
 import triton
@@ -41,9 +44,9 @@ MAX_PIXELS = 2**31 - 1 - 1024
 
 
 @triton.jit
-def _dot(a, b, acc, USE_DOT: tl.constexpr):
+def _dot(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     if USE_DOT:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc + tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
 
 
@@ -112,7 +115,7 @@ def _conv_forward_kernel(
     N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, SKIP_ZERO: tl.constexpr,
-    ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
     pid_m, pid_n, v = _tile_ids(tl.cdiv(N * HO * WO, BLOCK_M), tl.cdiv(COUT_G, BLOCK_N))
@@ -139,7 +142,7 @@ def _conv_forward_kernel(
             a_ok = pix_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             a = tl.load(x_ptr + ((x_base[:, None] + ci[None, :]) * H + hi) * W + wi, mask=a_ok, other=0.0)
             b = tl.load(w_ptr + w_base[None, :] + k[:, None], mask=k_ok[:, None] & active[None, :], other=0.0)
-            acc = _dot(a, b, acc, USE_DOT)
+            acc = _dot(a, b, acc, USE_DOT, DOT_PRECISION)
         mval = tl.load(mask_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + t * COUT + oc, mask=active, other=0.0).to(ACC)[None, :]
@@ -171,7 +174,8 @@ def _conv_input_grad_kernel(
     N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, SKIP_ZERO: tl.constexpr, ACC: tl.constexpr,
-    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
     # grad_input[pixel, ci] = sum over active channels j and taps (kh, kw) of gy[out pixel, j] * w[j, ci, kh, kw]
     pid_m, pid_n, v = _tile_ids(tl.cdiv(N * H * W, BLOCK_M), tl.cdiv(CIN_G, BLOCK_N))
@@ -202,7 +206,7 @@ def _conv_input_grad_kernel(
             gy = _load_gy(go_ptr, gp_ptr, offset, hit[:, None] & slot_ok[None, :], mval[None, :], HAS_GP, ACC)
             wt = tl.load(w_ptr + (w_row[:, None] + ci[None, :]) * (KH * KW) + r,
                          mask=slot_ok[:, None] & ci_ok[None, :], other=0.0)
-            acc = _dot(gy.to(wt.dtype), wt, acc, USE_DOT)
+            acc = _dot(gy.to(wt.dtype), wt, acc, USE_DOT, DOT_PRECISION)
     offset = ((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * (H * W) + q[:, None]
     tl.store(gx_ptr + offset, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & ci_ok[None, :])
 
@@ -213,7 +217,7 @@ def _conv_weight_grad_kernel(
     N, H, W, HO, WO, CIN, COUT, CIN_G, COUT_G, G, SPLITS, PIX_PER_SPLIT, SPLIT_STRIDE, GB_OFFSET, GM_OFFSET,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, HAS_GP: tl.constexpr, HAS_PRE: tl.constexpr, SKIP_ZERO: tl.constexpr,
-    COMPUTE_GW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr,
+    COMPUTE_GW: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCAN: tl.constexpr,
 ):
     # grad_weight[j, (ci, kh, kw)] = sum over output pixels of gy[pixel, j] * x[patch(pixel), ci, kh, kw],
@@ -272,7 +276,7 @@ def _conv_weight_grad_kernel(
                 x_ok = pix_ok[:, None] & col_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
                 x_off = (((t * N + n).to(tl.int64)[:, None] * CIN + g * CIN_G + ci[None, :]) * H + hi) * W + wi
                 xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)  # [pixels, cols]
-                acc = _dot(gy.to(xt.dtype), xt, acc, USE_DOT)
+                acc = _dot(gy.to(xt.dtype), xt, acc, USE_DOT, DOT_PRECISION)
             if reduce_here:
                 sum_gy += tl.sum(gy, axis=1)
                 if HAS_PRE:

@@ -107,8 +107,20 @@ def report():
                 cells.append(f"{short} {chosen}{'*' if chosen == 'reference' else ''}")
             note = "  (no device here: plan for a GPU machine)" if device == "cuda" and not gpu else ""
             lines.append(f"  {op:<22} {device:<5} " + ", ".join(cells) + note)
+    lines += ["", "auto's order on CUDA tensors and why (override: neuronml_fast.set_backend or NEURONML_FAST_BACKEND)"]
+    lines += [f"  {line}" for line in _gpu_order_notes()]
     lines += ["", "inside the cpu backend", *[f"  {line}" for line in _cpu_kernel_notes()]]
     return "\n".join(lines)
+
+
+def _gpu_order_notes():
+    """Per op and dtype: the GPU backends auto tries on CUDA tensors, in order, and the reason."""
+    lines = []
+    for op, entry in backends.ops().items():
+        for dtype, short in _DTYPE_NAMES.items():
+            order, reason = backends.gpu_order(entry.family, dtype)
+            lines.append(f"{op:<22} {short:<4} {' > '.join(order + ('reference',))}: {reason}")
+    return lines
 
 
 def _cpu_kernel_notes():

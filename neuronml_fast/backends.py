@@ -10,10 +10,13 @@ Backends (SPEC section 1):
                   tensors only under ``NEURONML_FAST_CUDA_EMULATE=1``, which runs the same kernels
                   in the CPU emulation built as ``neuronml_fast._C_cuda_emulated``).
 
-``auto`` (the default) picks, per call, the first backend in ``AUTO_ORDER`` for the tensors'
-device that is usable here and has a kernel for the op and dtype. Its last resort is
-``reference``: that is the only fallback, and ``python -m neuronml_fast`` prints where it
-happens. A backend named explicitly never falls back: it runs or raises.
+``auto`` (the default) picks, per call, the first backend in ``auto_order(op, device, dtype)``
+that is usable here and has a kernel for the op and dtype: ``AUTO_ORDER`` per device type, and
+on CUDA tensors an order per op family and dtype derived from what the kernels run on
+(`gpu_order`: tensor cores first, then the cheaper launch), which ``python -m neuronml_fast``
+prints with its reason. Its last resort is ``reference``: that is the only fallback, and the
+report prints where it happens. A backend named explicitly (`set_backend`, `use_backend`,
+``NEURONML_FAST_BACKEND``) never falls back: it runs or raises.
 
 Every op registers itself once with `register_op`, naming its family; `KERNELS` here lists each
 family's kernel backends and their dtypes. A backend's launchers for a family are one module in
@@ -64,6 +67,7 @@ class Status:
 @dataclasses.dataclass(frozen=True)
 class OpEntry:
     name: str
+    family: str  # its folder neuronml_fast/ops/<family>/ and its row of KERNELS
     dtypes: dict  # backend -> frozenset of supported dtypes ("reference" included)
     modules: dict  # kernel backend -> the absolute name of its launcher module
 
@@ -220,11 +224,58 @@ def register_op(name, *, family, reference=FLOAT_DTYPES):
         raise ValueError(f"register_op({name!r}): expected an op family in {sorted(KERNELS)}, got {family!r}")
     kernels = KERNELS[family]
     dtypes = {"reference": frozenset(reference), **kernels}
-    _ops[name] = OpEntry(name, dtypes, {backend: f"neuronml_fast.ops.{family}.{backend}" for backend in kernels})
+    _ops[name] = OpEntry(name, family, dtypes,
+                         {backend: f"neuronml_fast.ops.{family}.{backend}" for backend in kernels})
 
 
 def ops():
     return dict(_ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# auto's order on CUDA tensors, per op family and dtype.
+
+_HALF = frozenset({torch.float16, torch.bfloat16})
+# The kernel backends whose GEMMs run on the tensor cores, per op family and dtype: the masked
+# layers' on both GPU backends in float16/bfloat16 (HMMA / mma, wgmma) and float32 (TF32, where
+# torch's switch allows it; with it off both multiply in exact float32 on FMA), and in float64 on
+# the CUDA C++ backend only (DMMA; Triton has no fp64 dot). The other families have no GEMM on
+# the GPU (plastic: per-step matrix-vector products and outer-product traces; sensitivity and
+# batch norm: reductions).
+TENSOR_CORES = {"masked": {"cuda": _HALF | FULL_DTYPES, "triton": _HALF | {torch.float32}}}
+# Between backends that are otherwise alike, the cheaper launch first: a CUDA C++ kernel is one
+# call into a C++ launcher, a Triton launch binds and specializes its arguments in Python first,
+# which the small problems of meta-learning (a few images per task, a launch per layer and step)
+# feel. (On large problems Triton's pipelined tiles may well be faster; `set_backend` or
+# NEURONML_FAST_BACKEND choose it.)
+LAUNCH_COST_ORDER = ("cuda", "triton")
+
+
+def gpu_order(family, dtype):
+    """(order, reason): the kernel backends ``auto`` tries on CUDA tensors for an op family in
+    ``dtype``, best first, and why. Tensor-core backends come first, then the cheaper launch."""
+    kernels = KERNELS[family]
+    candidates = [b for b in LAUNCH_COST_ORDER if dtype in kernels.get(b, ())]
+    on_tensor_cores = {b for b in candidates if dtype in TENSOR_CORES.get(family, {}).get(b, ())}
+    order = tuple(sorted(candidates, key=lambda b: (b not in on_tensor_cores, LAUNCH_COST_ORDER.index(b))))
+    if not order:
+        return order, "no GPU kernel in this dtype"
+    if len(order) == 1:
+        kind = "tensor cores" if on_tensor_cores else "CUDA cores"
+        return order, f"only {order[0]} has a GPU kernel ({kind})"
+    if len(on_tensor_cores) == 1:
+        first = order[0]
+        return order, f"{first} runs the GEMMs on tensor cores, {', '.join(order[1:])} on FMA"
+    what = ("both on tensor cores" + (" (TF32 where torch's switch allows, else both exact FMA)"
+                                      if dtype == torch.float32 else "")) if on_tensor_cores else "neither has a tensor-core GEMM"
+    return order, f"{what}; {order[0]} first: the cheaper launch (from C++, not Python)"
+
+
+def auto_order(op, device_type, dtype):
+    """The backends ``auto`` tries for ``op`` on tensors of this device type and dtype, in order."""
+    if device_type == "cuda":
+        return gpu_order(_ops[op].family, dtype)[0] + ("reference",)
+    return AUTO_ORDER.get(device_type, _OTHER_DEVICE_ORDER)
 
 
 def _built_for_gpu(backend):
@@ -251,7 +302,7 @@ def resolve(op, device_type, dtype, requested=None):
         if environment_problem():
             raise ValueError(environment_problem())
     if requested == AUTO:
-        for backend in AUTO_ORDER.get(device_type, _OTHER_DEVICE_ORDER):
+        for backend in auto_order(op, device_type, dtype):
             if _can_run(entry, backend, device_type, dtype):
                 return backend
         return "reference"
@@ -293,8 +344,9 @@ def plan(assume_device=False):
     """
     result = {}
     for op, entry in _ops.items():
-        for device, order in AUTO_ORDER.items():
+        for device in AUTO_ORDER:
             for dtype in FLOAT_DTYPES:
-                chosen = next((b for b in order if _can_run(entry, b, device, dtype, assume_device)), "reference")
+                chosen = next((b for b in auto_order(op, device, dtype) if _can_run(entry, b, device, dtype,
+                                                                                   assume_device)), "reference")
                 result[(op, device, dtype)] = chosen
     return result

@@ -16,7 +16,6 @@ The case table (`CASES`), the tolerances (`TOLERANCES`) and the runner (`check_c
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import neuronml_fast as nf
-from neuronml_fast import _alloc, _outputs, backends
+from neuronml_fast import _alloc, _outputs, _precision, backends
 from neuronml_fast.ops.plastic import checkpoint_every
 from neuronml_fast.ops.masked import masked_conv2d_reference, masked_linear_reference
 from neuronml_fast.ops.plastic import plastic_linear_reference, plastic_rnn_reference
@@ -341,17 +340,6 @@ def _synchronize(device):
         torch.cuda.synchronize()
 
 
-@contextlib.contextmanager
-def _full_float32():
-    """float32 means float32 during the check: cuDNN's TF32 default would fail the reference rows."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def check_case(case, backend, device, dtype, seed=0):
     """Run ``case`` on ``backend`` / ``device`` in ``dtype`` against the float64 reference: a `Row`."""
     tolerance = TOLERANCES[dtype]
@@ -371,7 +359,7 @@ def check_case(case, backend, device, dtype, seed=0):
         want = evaluate(case.reference, reference_inputs, case.options, cotangents, directions, case.second_order,
                         case.outputs)
         inputs = _leaves(tensors, dtype, device)
-        with nf.use_backend(backend), _alloc.poisoned(), _full_float32():
+        with nf.use_backend(backend), _alloc.poisoned(), _precision.full_float32():
             got = evaluate(case.call, inputs, case.options, cotangents, directions, case.second_order, case.outputs)
             _synchronize(device)
         errors = _compare(got, want, tensors, tolerance)

@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 pytest_plugins = ["plugins.markers"]
 
 import neuronml_fast as nf  # noqa: E402
+from neuronml_fast import _precision  # noqa: E402
 
 from hypothesis import settings  # noqa: E402
 
@@ -66,3 +67,13 @@ def _restore_backend():
     previous = nf.get_backend()
     yield
     nf.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 GEMMs in IEEE float32 unless a test turns TF32 on (neuronml_fast._precision), as
+    torch's own tests do for everything but their TF32 cases: the float32 tolerances of the oracle
+    are for exact float32 products. The GPU backends' TF32 paths have their own tests
+    (tests/test_masked.py), which set the switches themselves."""
+    with _precision.full_float32():
+        yield

@@ -85,6 +85,34 @@ def test_auto_prefers_compiled_cpu_then_reference():
     assert backends.resolve("neuron_sensitivity", "cpu", torch.bfloat16, requested="auto") == "reference"
 
 
+def test_gpu_order_puts_tensor_cores_first_then_the_cheaper_launch(monkeypatch):
+    # masked: both GPU backends on tensor cores in the 16-bit dtypes and float32 (TF32): the CUDA
+    # C++ launch is the cheaper one; float64 only the CUDA C++ kernels run on DMMA.
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        order, reason = backends.gpu_order("masked", dtype)
+        assert order == ("cuda", "triton") and reason.startswith("both on tensor cores") and "cheaper launch" in reason
+    assert backends.gpu_order("masked", torch.float64) == (("cuda", "triton"),
+                                                           "cuda runs the GEMMs on tensor cores, triton on FMA")
+    # the order follows the facts, not a list: a family whose Triton kernels alone had tensor cores
+    monkeypatch.setitem(backends.TENSOR_CORES, "sensitivity", {"triton": frozenset({torch.float16})})
+    assert backends.gpu_order("sensitivity", torch.float16)[0] == ("triton", "cuda")
+    assert backends.gpu_order("sensitivity", torch.float32)[0] == ("cuda", "triton")
+    assert backends.gpu_order("batch_norm", torch.float32) == (("triton",), "only triton has a GPU kernel (CUDA cores)")
+    assert backends.auto_order("neuron_sensitivity", "cuda", torch.float16) == ("triton", "cuda", "reference")
+    assert backends.auto_order("neuron_sensitivity", "cpu", torch.float16) == backends.AUTO_ORDER["cpu"]
+    plan = backends.plan(assume_device=True)
+    if backends._built_for_gpu("triton") and not backends._built_for_gpu("cuda"):
+        assert plan[("neuron_sensitivity", "cuda", torch.float16)] == "triton"
+
+
+def test_the_report_gives_auto_s_order_on_cuda_and_its_reason():
+    from neuronml_fast.__main__ import report
+
+    text = report()
+    assert "auto's order on CUDA tensors and why" in text
+    assert "masked_conv2d          fp64 cuda > triton > reference: cuda runs the GEMMs on tensor cores" in text
+
+
 def test_explicit_backend_that_cannot_run_raises():
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run neuron_sensitivity on meta tensors"):
         backends.resolve("neuron_sensitivity", "meta", torch.float32, requested="cuda")

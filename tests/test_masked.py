@@ -5,11 +5,14 @@ gradcheck, second order, opcheck, vmap, torch.compile, non-contiguous, channels-
 inputs: tests/test_oracle.py, over the rows masked_conv2d and masked_linear of tests/oracle.py.
 """
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 
 import neuronml_fast as nf
-from neuronml_fast.ops.masked import masked_conv2d_reference
+from neuronml_fast.ops.masked import masked_conv2d_reference, masked_linear_reference
 
 from conftest import kernel_backends
 from oracle import F64, OPS, check_against_reference, conv_sample, linear_sample
@@ -250,3 +253,225 @@ def test_gpu_weight_gradient_split_over_pixels_is_summed_once(backend, device, n
     wanted = ("input", "weight", "mask", "bias") if need == "weight" else ("input", "mask", "bias")
     check_against_reference(OPS["masked_conv2d"], backend, device, F64, sample, wanted=wanted)
     assert splits and min(splits) > 1
+
+
+# ---- float32 GEMMs: TF32 where torch's switches allow it, IEEE otherwise -------------------------
+
+from neuronml_fast import _precision  # noqa: E402
+from neuronml_fast.ops.masked import gpu as masked_gpu  # noqa: E402
+from oracle import F32, assert_close, gradients, leaves  # noqa: E402
+
+# torch's TF32 tests compare at 5e-3 (tf32_on_and_off(0.005)); the oracle scales atol by the
+# largest reference value.
+TF32_TOL = (5e-3, 5e-3)
+IEEE_TOL = (1e-5, 1e-5)
+
+
+def _new_api():
+    return hasattr(torch.backends.cudnn, "conv")
+
+
+@pytest.fixture
+def restore_fp32_switches():
+    """Every fp32-precision switch of torch as it was (the new API's raw values and the legacy ones)."""
+    if _new_api():
+        getter, setter = torch._C._get_fp32_precision_getter, torch._C._set_fp32_precision_setter
+        keys = [("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul")]
+        # The getters resolve "none" to the fallback's value: save what resolves to the same.
+        saved = torch.get_float32_matmul_precision(), [(k, getter(*k)) for k in keys]
+        yield
+        torch.set_float32_matmul_precision(saved[0])
+        for (backend, op), value in saved[1]:
+            setter(backend, op, value)
+    else:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        yield
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _set_legacy(conv, matmul):
+    torch.backends.cudnn.allow_tf32 = conv
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _set_new(conv, matmul):
+    torch.backends.cudnn.conv.fp32_precision = conv
+    torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+# (how the switches are set, whether an fp32 conv may use TF32, whether an fp32 matmul may)
+SWITCHES = [
+    ("legacy: cudnn on, matmul off", lambda: _set_legacy(True, False), True, False),
+    ("legacy: cudnn off, matmul on", lambda: _set_legacy(False, True), False, True),
+    ("legacy: cudnn on, set_float32_matmul_precision('high')",
+     lambda: (_set_legacy(True, False), torch.set_float32_matmul_precision("high")), True, True),
+    ("new: conv ieee, matmul tf32", lambda: _set_new("ieee", "tf32"), False, True),
+    # "none" falls back to the CUDA backend's setting (torch.backends.cudnn.fp32_precision, which is
+    # the matmul's fallback too), then to torch.backends.fp32_precision
+    ("new: conv none, cudnn tf32", lambda: (_set_new("none", "none"),
+                                            setattr(torch.backends.cudnn, "fp32_precision", "tf32")), True, True),
+    ("new: conv none, cudnn tf32, matmul ieee", lambda: (_set_new("none", "ieee"),
+                                                         setattr(torch.backends.cudnn, "fp32_precision", "tf32")),
+     True, False),
+    ("new: generic tf32", lambda: (_set_new("none", "none"), setattr(torch.backends, "fp32_precision", "tf32")),
+     True, True),
+    ("new: generic tf32, conv ieee", lambda: (setattr(torch.backends, "fp32_precision", "tf32"),
+                                              _set_new("ieee", "none")), False, True),
+]
+
+
+@pytest.mark.parametrize("how,conv,matmul", [(s[0], s[2], s[3]) for s in SWITCHES], ids=[s[0] for s in SWITCHES])
+def test_gemm_precision_follows_torch_switches(how, conv, matmul, restore_fp32_switches):
+    setting = dict((s[0], s[1]) for s in SWITCHES)[how]
+    if how.startswith("new") and not _new_api():
+        pytest.skip("torch < 2.9 has no fp32_precision switches")
+    setting()
+    if _new_api():  # what torch's own CUDA conv and matmul read (Context::allowTF32CuDNN / allowTF32CuBLAS)
+        assert (torch.backends.cudnn.conv.fp32_precision == "tf32", torch.backends.cuda.matmul.fp32_precision == "tf32") \
+            == (conv, matmul)
+    assert masked_gpu.dot_precision(torch.float32, "conv") == ("tf32" if conv else "ieee")
+    assert masked_gpu.dot_precision(torch.float32, "matmul") == ("tf32" if matmul else "ieee")
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert masked_gpu.dot_precision(dtype, "conv") == masked_gpu.dot_precision(dtype, "matmul") == "ieee"
+
+
+def test_fp32_precision_context_restores_the_switches(restore_fp32_switches):
+    with _precision.fp32_precision(True, False):
+        assert (_precision.tf32_allowed("conv"), _precision.tf32_allowed("matmul")) == (True, False)
+        with _precision.full_float32():
+            assert not _precision.tf32_allowed("conv") and not _precision.tf32_allowed("matmul")
+        assert (_precision.tf32_allowed("conv"), _precision.tf32_allowed("matmul")) == (True, False)
+    with pytest.raises(ValueError, match="op: expected one of"):
+        _precision.tf32_allowed("rnn")
+    if _new_api():
+        # Switches set through the new API only: torch's legacy getters raise on this mix (the
+        # self-check's float32 block read them), the new ones resolve it.
+        torch.backends.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        with pytest.raises(RuntimeError):
+            torch.backends.cuda.matmul.allow_tf32
+        assert _precision.tf32_allowed("matmul")
+        with _precision.full_float32():
+            assert not _precision.tf32_allowed("conv") and not _precision.tf32_allowed("matmul")
+        assert _precision.tf32_allowed("matmul")
+
+
+class _PrecisionSpy:
+    """What precision reached each GEMM kernel launch of a GPU backend: the Triton kernels'
+    DOT_PRECISION, the CUDA extension's tf32 argument."""
+
+    TRITON = {"_conv_forward_kernel", "_conv_input_grad_kernel", "_conv_weight_grad_kernel"}
+    CUDA = {"masked_conv_forward_out": 9, "masked_conv_input_grad_out": 10, "masked_conv_weight_grad_out": 11}
+
+    def __init__(self, backend, monkeypatch):
+        self.seen = []
+        if backend == "triton":
+            from neuronml_fast.ops import _triton_launch
+
+            def handler(kernel, grid, args, kwargs):
+                if kernel.__name__ in self.TRITON:
+                    self.seen.append(kwargs["DOT_PRECISION"])
+                with _triton_launch.intercepted(None):
+                    _triton_launch.launch(kernel, grid, *args, **kwargs)
+
+            self.context = _triton_launch.intercepted(handler)
+        else:
+            from neuronml_fast import _extensions
+
+            ext = _extensions.cuda()
+            for name, position in self.CUDA.items():
+                def spy(*args, _original=getattr(ext, name), _position=position):
+                    self.seen.append("tf32" if args[_position] else "ieee")
+                    return _original(*args)
+
+                monkeypatch.setattr(ext, name, spy)
+            self.context = contextlib.nullcontext()
+
+
+def _tf32(t):
+    """t with its float32 values rounded to TF32 as cvt.rna.tf32.f32 rounds (10 mantissa bits,
+    ties away from zero)."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).to(t.dtype)
+
+
+def _run(kind, backend, device, sample, wanted):
+    args = leaves(sample, wanted)
+    with nf.use_backend(backend):
+        out = _fn(kind)(**args, **sample.options)
+        return out, dict(zip(wanted, gradients(out, args, wanted)))
+
+
+def _reference(kind, sample, wanted, round_operands=False):
+    args = leaves(sample, wanted, dtype=torch.float64)
+    if round_operands:  # what the tensor cores multiply under TF32: the operands rounded
+        args = {k: v if v is None or k not in ("input", "weight") else _tf32(v.detach().float()).double()
+                .requires_grad_(k in wanted) for k, v in args.items()}
+    reference = masked_conv2d_reference if kind == "conv" else masked_linear_reference
+    out = reference(**args, **sample.options)
+    return out, dict(zip(wanted, gradients(out, args, wanted)))
+
+
+def _float32_sample(kind, device):
+    if kind == "conv":
+        return conv_sample(F32, device, tasks=2, batch=2, c_in=6, c_out=5, h=5, w=6, zeros=0.4, seed=12)
+    return linear_sample(F32, device, tasks=2, lead=(7,), d_in=24, d_out=5, zeros=0.4, seed=12)
+
+
+GEMM_WANTED = ("input", "weight", "mask", "bias")
+
+
+@pytest.mark.parametrize("backend,device", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_float32_gemms_follow_the_switch_of_their_layer(backend, device, kind, tf32, monkeypatch):
+    # A conv follows the cuDNN switch, a linear layer (the same kernels, as a 1x1 conv) the matmul
+    # one: the other switch is set the other way, and every GEMM launch (forward, input and
+    # weight gradients) must get its layer's. TF32 tolerances as torch's own TF32 tests.
+    spy = _PrecisionSpy(backend, monkeypatch)
+    layer_tf32 = {"conv": (tf32, not tf32), "linear": (not tf32, tf32)}[kind]
+    sample = _float32_sample(kind, device)
+    with _precision.fp32_precision(*layer_tf32), spy.context:
+        out, grads = _run(kind, backend, device, sample, GEMM_WANTED)
+    assert spy.seen == ["tf32" if tf32 else "ieee"] * 3
+    want, want_grads = _reference(kind, sample, GEMM_WANTED)
+    tol = TF32_TOL if tf32 else IEEE_TOL
+    assert_close(out, want, op=f"masked_{kind}", backend=backend, dtype=F32, what="output", tol=tol)
+    assert_close(grads, want_grads, op=f"masked_{kind}", backend=backend, dtype=F32, what="grad", tol=tol)
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.skipif(not nf.backends.status("cuda").devices, reason="CUDA backend not available here")
+def test_cuda_tf32_rounds_the_operands_of_every_gemm(kind):
+    # On the tensor cores (and in the emulation, which rounds as cvt.rna.tf32.f32 does) TF32
+    # multiplies the operands rounded to 10 mantissa bits, products added in float32: the result
+    # matches a float64 reference on the rounded operands to float32 accumulation, and is measurably
+    # off the exact one. (The Triton interpreter's tl.dot computes in float32 whatever its
+    # input_precision, so this holds on compiled Triton only; the test above covers it here.)
+    device = sorted(nf.backends.status("cuda").devices)[0]
+    sample = _float32_sample(kind, device)
+    wanted = ("input", "weight") if kind == "conv" else ("weight",)
+    with _precision.fp32_precision(True, True):
+        out, grads = _run(kind, "cuda", device, sample, wanted)
+    rounded, rounded_grads = _reference(kind, sample, wanted, round_operands=True)
+    exact, _ = _reference(kind, sample, wanted)
+    assert_close(out, rounded, op=f"masked_{kind}", backend="cuda", dtype=F32, what="output", tol=IEEE_TOL)
+    assert (out.double() - exact).abs().max() > 1e-4 * exact.abs().max()
+    # The input gradient's operands are gy (rounded) and the weight; the weight gradient's gy and x.
+    # gy itself is float32 before rounding: compare at TF32 resolution, yet well inside TF32_TOL.
+    for name in wanted:
+        assert_close(grads[name], rounded_grads[name], op=f"masked_{kind}", backend="cuda", dtype=F32,
+                     what=f"grad {name}", tol=(2e-3, 2e-3))
+
+
+@pytest.mark.skipif(not nf.backends.status("cuda").devices, reason="CUDA backend not available here")
+def test_cuda_kernels_refuse_a_task_over_32_bit_indexing():
+    from neuronml_fast.ops.masked import cuda as masked_cuda
+
+    limit = masked_cuda._extensions.cuda().MASKED_MAX_INDEX
+    geo = masked_gpu.ConvGeometry(T=1, N=2**16, CIN=64, H=32, W=32, COUT=8, CIN_G=64, KH=3, KW=3, HO=32, WO=32, G=1,
+                                  stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    assert geo.N * geo.CIN * geo.H * geo.W > limit
+    with pytest.raises(ValueError, match="input of 4294967296 elements per task, over the .* 32 bits"):
+        masked_cuda.CudaConvKernels.check(geo)
+    masked_cuda.CudaConvKernels.check(dataclasses.replace(geo, N=2**10))

@@ -2,20 +2,20 @@
 ``neuronml_fast/_C_cuda*.so``; nothing is compiled here. The checks of the SASS skip where the
 extension is not built (no nvcc at build time) or no cuobjdump/nvdisasm is found.
 
-The GEMM kernels are the masked convolution's forward, input gradient and weight gradient."""
+The GEMM kernels are the masked convolution's forward, input gradient and weight gradient. Each is
+compiled per dtype and multiply (its second template argument): Hmma (float16, bfloat16), Tf32
+and Ffma (float32 under torch's TF32 switch on and off), Dmma (float64). All but the exact
+float32 one run on the tensor cores."""
 
 import pytest
 
 from bench import sass
 
 GEMM_ROLES = {"forward": "conv_forward", "input gradient": "conv_input_grad", "weight gradient": "conv_weight_grad"}
-TENSOR_CORES = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                 reason="the masked CUDA kernels move to tensor cores (issue 28 item 2)")
+# The exact float32 GEMMs (torch's TF32 switch off): CUDA-core FMA by design.
+EXACT_FP32 = "<float, Ffma"
 # The stack frames ptxas gives spilled registers, per source; see bench/results/sass.md.
 SPILLING = {
-    "masked": "conv_forward_kernel<float|__half|__nv_bfloat16> spill (16 B stack frame on sm_80, 8 B on sm_90) "
-              "around its 64-bit division calls; the masked CUDA kernels are rewritten for tensor cores "
-              "(issue 28 item 2)",
     "plastic": "forward_step_kernel<double> and forward_sequence_kernel<float> spill (8 B stack frame on sm_90); "
                "the plastic CUDA kernels are rewritten for 16-bit dtypes (issue 28 item 3)",
 }
@@ -121,14 +121,19 @@ def test_every_kernel_is_read_with_its_resources(kernels):
         assert all(k.fma or k.tensor_cores for k in _gemm_kernels(kernels, role))
 
 
-@TENSOR_CORES
 @pytest.mark.parametrize("role", GEMM_ROLES)
 def test_gemm_kernels_run_on_tensor_cores(kernels, role):
-    without = [f"{k.short_name} sm_{k.arch}" for k in _gemm_kernels(kernels, role) if not k.tensor_cores]
+    gemm = _gemm_kernels(kernels, role)
+    without = [f"{k.short_name} sm_{k.arch}" for k in gemm if not k.tensor_cores and EXACT_FP32 not in k.short_name]
     assert not without, f"GEMM kernels without HMMA/HGMMA/DMMA: {without}"
+    # every dtype has its kernels, the float32 ones on TF32 and exact
+    names = {k.short_name for k in gemm}
+    for dtype in ("__half, Hmma", "__nv_bfloat16, Hmma", "float, Tf32", "float, Ffma", "double, Dmma"):
+        assert any(f"<{dtype}" in name for name in names), (dtype, names)
+    exact = [k for k in gemm if EXACT_FP32 in k.short_name]
+    assert all(k.fma.get("FFMA") and not k.tensor_cores for k in exact), exact
 
 
-@TENSOR_CORES
 @pytest.mark.parametrize("role", GEMM_ROLES)
 def test_gemm_kernels_call_no_64_bit_division(kernels, role):
     calling = [f"{k.short_name} sm_{k.arch}: {k.division_calls}" for k in _gemm_kernels(kernels, role)

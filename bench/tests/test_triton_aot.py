@@ -104,6 +104,37 @@ def test_report_failures_and_tensor_core_detection():
     assert triton_aot.tensor_core_instructions("fma.rn.f32") == []
 
 
+def test_masked_gemm_variants_fail_without_tensor_cores_or_with_spills():
+    row = {"ok": True, "arch": 90, "shared": 1024, "spill_bytes": 0, "tensor_cores": [], "dots": 1}
+    gemm = dict(row, kernel="_conv_forward_kernel")
+    for dtype, constexprs in (("fp16", "DOT_PRECISION=ieee"), ("bf16", "DOT_PRECISION=ieee"),
+                              ("fp32", "KH=3 DOT_PRECISION=tf32")):
+        failures = triton_aot.failures_of(dict(gemm, dtype=dtype, constexprs=constexprs))
+        assert failures == ["a GEMM without tensor-core instructions (no mma/wgmma in the PTX)"], dtype
+        assert triton_aot.failures_of(dict(gemm, dtype=dtype, constexprs=constexprs, tensor_cores=["mma"])) == []
+    # float64 has no Triton tensor-core dot; exact float32 (torch's TF32 switch off) is FMA by design
+    assert triton_aot.failures_of(dict(gemm, dtype="fp64", constexprs="")) == []
+    assert triton_aot.failures_of(dict(gemm, dtype="fp32", constexprs="KH=3 DOT_PRECISION=ieee")) == []
+    assert triton_aot.failures_of(dict(gemm, dtype="fp64", constexprs="", spill_bytes=8)) == [
+        "a GEMM that spills 8 B per thread"]
+    # other kernels are not GEMMs held to it
+    assert triton_aot.failures_of(dict(row, kernel="_forward_step_kernel", dtype="fp32", constexprs="")) == []
+
+
+def test_float32_conv_cases_capture_tf32_and_their_ieee_twins():
+    run = _aot("--list", "--cases", "conv-f32-k3", "linear-f32", timeout=300)
+    assert run.returncode == 0, run.stderr
+    captured = json.loads(run.stdout)
+    precision = {}
+    for case, ids in captured["cases"].items():
+        for spec_id in ids:
+            spec = captured["specs"][spec_id]
+            if spec["kernel"].split(":")[1] in triton_aot.GEMM_KERNELS:
+                precision.setdefault(case, set()).add(spec["constexprs"]["DOT_PRECISION"])
+    assert precision["conv-f32-k3"] == precision["linear-f32"] == {"tf32"}
+    assert precision["conv-f32-k3-ieee"] == precision["linear-f32-ieee"] == {"ieee"}
+
+
 # ---- compiles (ptxas) ---------------------------------------------------------------------------
 
 

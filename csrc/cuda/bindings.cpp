@@ -141,12 +141,19 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(weight.size(0) == s.T, "weight: expected ", s.T, " tasks, got ", weight.size(0));
   check_contiguous_like(mask, x, "mask");
   checks::check_shape(mask, "mask", {s.T, s.COUT});
+  const char* overflow = neuronml_fast::cuda::masked_conv_index_overflow(s);
+  TORCH_CHECK(overflow == nullptr, overflow, ": more than ", neuronml_fast::cuda::kMaskedMaxIndex,
+              " elements per task, over what the CUDA kernels index in 32 bits; split the batch");
   return s;
+}
+
+neuronml_fast::cuda::Fp32Gemm fp32_gemm(bool tf32) {
+  return tf32 ? neuronml_fast::cuda::Fp32Gemm::kTf32 : neuronml_fast::cuda::Fp32Gemm::kExact;
 }
 
 void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation, int64_t groups, bool skip_zero, at::Tensor& out,
+                             at::IntArrayRef dilation, int64_t groups, bool skip_zero, bool tf32, at::Tensor& out,
                              at::Tensor& pre) {
   const ConvShape s = conv_shape(x, weight, mask, stride, padding, dilation, groups, skip_zero);
   if (bias) {
@@ -159,7 +166,7 @@ void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, cons
   }
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_forward(
-                   to_kernel_dtype(x.scalar_type(), "input"), s, x.data_ptr(), weight.data_ptr(), mask.data_ptr(),
+                   to_kernel_dtype(x.scalar_type(), "input"), fp32_gemm(tf32), s, x.data_ptr(), weight.data_ptr(), mask.data_ptr(),
                    bias ? bias->data_ptr() : nullptr, out.data_ptr(), pre.data_ptr(), current_stream()),
                "masked_conv_forward");
 }
@@ -167,7 +174,7 @@ void masked_conv_forward_out(const at::Tensor& x, const at::Tensor& weight, cons
 void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
                                 const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                int64_t groups, bool skip_zero, at::Tensor& grad_input) {
+                                int64_t groups, bool skip_zero, bool tf32, at::Tensor& grad_input) {
   const ConvShape s = conv_shape(x, weight, mask, stride, padding, dilation, groups, skip_zero);
   check_contiguous_like(grad_out, x, "grad_out");
   checks::check_shape(grad_out, "grad_out", {s.T, s.N, s.COUT, s.HO, s.WO});
@@ -179,7 +186,7 @@ void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<
   checks::check_shape(grad_input, "grad_input", x.sizes());
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_input_grad(
-                   to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
+                   to_kernel_dtype(x.scalar_type(), "input"), fp32_gemm(tf32), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, weight.data_ptr(), mask.data_ptr(),
                    grad_input.data_ptr(), current_stream()),
                "masked_conv_input_grad");
@@ -188,7 +195,7 @@ void masked_conv_input_grad_out(const at::Tensor& grad_out, const c10::optional<
 void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre,
                                  const c10::optional<at::Tensor>& pre, const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups, bool skip_zero, int64_t splits,
+                                 at::IntArrayRef dilation, int64_t groups, bool skip_zero, bool tf32, int64_t splits,
                                  int64_t pixels_per_split, const c10::optional<at::Tensor>& part,
                                  const c10::optional<at::Tensor>& grad_weight, at::Tensor& grad_bias,
                                  at::Tensor& grad_mask) {
@@ -222,7 +229,7 @@ void masked_conv_weight_grad_out(const at::Tensor& grad_out, const c10::optional
   }
   const KernelDeviceGuard guard(x.device());
   check_launch(neuronml_fast::cuda::masked_conv_weight_grad(
-                   to_kernel_dtype(x.scalar_type(), "input"), s, grad_out.data_ptr(),
+                   to_kernel_dtype(x.scalar_type(), "input"), fp32_gemm(tf32), s, grad_out.data_ptr(),
                    grad_pre ? grad_pre->data_ptr() : nullptr, pre ? pre->data_ptr() : nullptr, x.data_ptr(),
                    mask.data_ptr(), splits, pixels_per_split, part ? part->data_ptr() : nullptr,
                    grad_weight ? grad_weight->data_ptr() : nullptr, grad_bias.data_ptr(), grad_mask.data_ptr(),
@@ -600,6 +607,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("taylor"));
   // Constants the Python launchers need (neuronml_fast/ops/*/cuda.py read them from here).
   m.attr("MASKED_K_STEP") = neuronml_fast::cuda::kMaskedBK;
+  m.attr("MASKED_MAX_INDEX") = neuronml_fast::cuda::kMaskedMaxIndex;
   m.attr("PLASTIC_RULE_CODES") = py::dict(py::arg("hebb") = static_cast<int>(PlasticRule::kHebb),
                                           py::arg("oja") = static_cast<int>(PlasticRule::kOja),
                                           py::arg("modulated") = static_cast<int>(PlasticRule::kModulated));

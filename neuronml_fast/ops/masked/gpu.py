@@ -6,7 +6,9 @@ pixel block of its weight-gradient reduction), ``check(geometry)`` (its own size
 gradients: one launch, and one more that adds the partial sums when the pixels are split):
 `triton.TritonConvKernels`, `cuda.CudaConvKernels`. This module owns everything around them:
 contiguous operands (a copy only of an operand that is not), output allocation, the split of
-the weight gradient's pixel reduction, and the linear layers as 1x1 convolutions.
+the weight gradient's pixel reduction, the linear layers as 1x1 convolutions, and the precision
+of the float32 GEMMs (`dot_precision`), decided once per call from torch's switches and passed
+to every kernel of the call.
 
 The kernels find the active neurons themselves, from the mask on the device: no host
 synchronization and no planning launch, so a forward is one launch and a backward two or three.
@@ -17,8 +19,19 @@ from typing import Optional
 
 import torch
 
-from ... import _alloc
+from ... import _alloc, _precision
 from .reference import conv_output_hw
+
+IEEE, TF32 = "ieee", "tf32"
+
+
+def dot_precision(dtype, op):
+    """How the GEMMs of one call multiply: "tf32" (float32 operands rounded to TF32 on the tensor
+    cores, products accumulated in float32) for float32 where torch's switch for ``op`` allows it
+    ("conv" for the convolutions, "matmul" for the linear layers, as torch's own layers), "ieee"
+    otherwise (exact float32 products; float16/bfloat16 always run on the tensor cores, float64
+    as float64)."""
+    return TF32 if dtype == torch.float32 and _precision.tf32_allowed(op) else IEEE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +86,7 @@ def _new(shape, like, dtype=None):
 
 
 def conv2d_forward(kernels, x, weight, mask, bias, stride, padding, dilation, groups, skip_zero,
-                   contiguous_output=True):
+                   contiguous_output=True, op=_precision.CONV):
     # out and pre are always contiguous here: contiguous_output needs nothing.
     x, weight, mask, bias = _contiguous(x, weight, mask, bias)
     geo = ConvGeometry.of(x, weight, stride, padding, dilation, groups)
@@ -81,7 +94,7 @@ def conv2d_forward(kernels, x, weight, mask, bias, stride, padding, dilation, gr
     shape = (geo.T, geo.N, geo.COUT, geo.HO, geo.WO)
     out, pre = _new(shape, x), _new(shape, x)
     if out.numel():
-        kernels.forward(geo, x, weight, mask, bias, skip_zero, out, pre)
+        kernels.forward(geo, x, weight, mask, bias, skip_zero, out, pre, dot_precision(x.dtype, op))
     return out, pre
 
 
@@ -125,29 +138,31 @@ def _weight_grad_outputs(kernels, geo, x, weight, mask, need_weight_grad):
 
 
 def conv2d_backward(kernels, grad_out, grad_pre, x, weight, mask, pre, stride, padding, dilation, groups, skip_zero,
-                    need_input_grad, need_weight_grad, contiguous_input_grad=True):
+                    need_input_grad, need_weight_grad, contiguous_input_grad=True, op=_precision.CONV):
     # grad_input is always contiguous here: contiguous_input_grad needs nothing.
     grad_out, grad_pre, x, weight, mask, pre = _contiguous(grad_out, grad_pre, x, weight, mask, pre)
     geo = ConvGeometry.of(x, weight, stride, padding, dilation, groups)
     kernels.check(geo)
+    precision = dot_precision(x.dtype, op)
     grad_input = x.new_empty((0,))
     if need_input_grad:
         grad_input = _new(x.shape, x)
         if grad_input.numel():
-            kernels.input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input)
+            kernels.input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input, precision)
     outputs = _weight_grad_outputs(kernels, geo, x, weight, mask, need_weight_grad)
     if geo.T * geo.COUT:
-        kernels.weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs)
+        kernels.weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs, precision)
     grad_weight = outputs.grad_weight if need_weight_grad else x.new_empty((0,))
     return grad_input, grad_weight, outputs.grad_bias, outputs.grad_mask
 
 
-# A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it.
+# A linear layer is the 1x1 convolution of a 1x1 image: the same kernels serve it, under torch's
+# matmul switch (an eager nn.Linear's) rather than the convolutions' one.
 
 
 def linear_forward(kernels, x, weight, mask, bias, skip_zero):
     out, pre = conv2d_forward(kernels, x[..., None, None], weight[..., None, None], mask, bias, (1, 1), (0, 0),
-                              (1, 1), 1, skip_zero)
+                              (1, 1), 1, skip_zero, op=_precision.MATMUL)
     return out.view(out.shape[:3]), pre.view(pre.shape[:3])
 
 
@@ -155,6 +170,6 @@ def linear_backward(kernels, grad_out, grad_pre, x, weight, mask, pre, skip_zero
     image = lambda t: None if t is None else t[..., None, None]  # noqa: E731
     gx, gw, gb, gm = conv2d_backward(kernels, image(grad_out), image(grad_pre), image(x), image(weight), mask,
                                      image(pre), (1, 1), (0, 0), (1, 1), 1, skip_zero, need_input_grad,
-                                     need_weight_grad)
+                                     need_weight_grad, op=_precision.MATMUL)
     return (gx.view(x.shape) if need_input_grad else gx), (gw.view(weight.shape) if need_weight_grad else gw), gb, gm
 

@@ -72,25 +72,25 @@ class TritonConvKernels:
                              f"{kernels.MAX_PIXELS} the kernels index in 32 bits; split the batch")
 
     @staticmethod
-    def forward(geo, x, weight, mask, bias, skip_zero, out, pre):
+    def forward(geo, x, weight, mask, bias, skip_zero, out, pre, precision):
         cfg = _config(x.dtype)
         launch(
             kernels._conv_forward_kernel, forward_grid(geo, cfg),
             x, weight, mask, bias if bias is not None else mask, out, pre, *_conv_args(geo),
             KH=geo.KH, KW=geo.KW, HAS_BIAS=bias is not None, SKIP_ZERO=skip_zero, ACC=accumulation_tl_dtype(x.dtype),
-            SCAN=SCAN, **cfg)
+            DOT_PRECISION=precision, SCAN=SCAN, **cfg)
 
     @staticmethod
-    def input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input):
+    def input_grad(geo, grad_out, grad_pre, x, weight, mask, skip_zero, grad_input, precision):
         cfg = _config(x.dtype)
         launch(
             kernels._conv_input_grad_kernel, input_grad_grid(geo, cfg),
             grad_out, grad_pre if grad_pre is not None else grad_out, weight, mask, grad_input, *_conv_args(geo),
             KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, SKIP_ZERO=skip_zero,
-            ACC=accumulation_tl_dtype(x.dtype), SCAN=4 * cfg["BLOCK_K"], **cfg)
+            ACC=accumulation_tl_dtype(x.dtype), DOT_PRECISION=precision, SCAN=4 * cfg["BLOCK_K"], **cfg)
 
     @staticmethod
-    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs):
+    def weight_grad(geo, grad_out, grad_pre, pre, x, weight, mask, skip_zero, outputs, precision):
         cfg = _config(x.dtype)
         need_weight_grad = outputs.grad_weight is not None
         if outputs.part is None:
@@ -104,7 +104,8 @@ class TritonConvKernels:
             gw if need_weight_grad else gb, gb, gm, *_sizes(geo), outputs.splits, outputs.pixels_per_split, *offsets,
             *geo.stride, *geo.padding, *geo.dilation,
             KH=geo.KH, KW=geo.KW, HAS_GP=grad_pre is not None, HAS_PRE=pre is not None, SKIP_ZERO=skip_zero,
-            COMPUTE_GW=need_weight_grad, ACC=accumulation_tl_dtype(x.dtype), SCAN=SCAN, **cfg)
+            COMPUTE_GW=need_weight_grad, ACC=accumulation_tl_dtype(x.dtype), DOT_PRECISION=precision, SCAN=SCAN,
+            **cfg)
         if outputs.part is not None:
             launch(
                 kernels._sum_splits_kernel, flat_grid(triton.cdiv(outputs.split_stride, SUM_BLOCK)),
