@@ -51,8 +51,9 @@ each once (an expanded tensor counts its memory, not its elements); the compulso
 lower bound. *flops*: matrix products and convolutions (``torch.utils.flop_counter``'s formulas
 for eager; for our kernels the same products restricted to the active neurons: the masked
 kernels skip pruned ones, the plastic kernels do eager's products); elementwise work is in the
-bytes. *peak*: 67 TFLOP/s for float32 (the FMA units: our kernels use IEEE float32, no TF32) and
-float64 (tensor cores), 989 TFLOP/s for float16/bfloat16.
+bytes. *peak*: 67 TFLOP/s for float32 (the FMA units; where TF32 runs, for eager and for our GEMMs
+alike, the flops take less: the model then overstates both times the same way) and float64 (tensor
+cores), 989 TFLOP/s for float16/bfloat16.
 
 Budgets: each case's ``budget`` is its fwd+bwd launches allowed on each GPU backend (``MASKED_BUDGET``,
 ``PLASTIC_BUDGET``); ``bench/tests/test_launches.py`` holds every case to it, so a change that adds

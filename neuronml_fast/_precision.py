@@ -13,6 +13,10 @@ The getters of the new API return the resolved value (an operator's own setting,
 backend's, else the generic one), so "tf32" there is exactly torch's test (``allowTF32CuDNN(conv)``,
 ``allowTF32CuBLAS()``). The legacy getters raise when the two APIs were mixed, so they are read
 only where the new API does not exist (torch < 2.9).
+
+The switches are set through torch's legacy setters (``cudnn.allow_tf32`` sets cuDNN's
+convolution and RNN switches together), and restored raw: torch's own code (``torch.export``,
+``cudnn.flags``) still reads the legacy getters, which raise on a state only the new API can make.
 """
 
 import contextlib
@@ -41,29 +45,58 @@ def tf32_allowed(op):
     return bool(torch.backends.cudnn.allow_tf32 if op == CONV else torch.backends.cuda.matmul.allow_tf32)
 
 
+# torch's legacy switch of each op; its setter keeps every new-API switch it governs consistent.
+_LEGACY = {CONV: (torch.backends.cudnn, "allow_tf32"), MATMUL: (torch.backends.cuda.matmul, "allow_tf32")}
+# The new API's raw (unresolved) switches behind each op's legacy one, as (backend, op) keys.
+_RAW = {CONV: (("cuda", "conv"), ("cuda", "rnn")), MATMUL: (("cuda", "matmul"),)}
+
+
+def _raw_api():
+    return hasattr(torch._C, "_get_fp32_precision_getter") and hasattr(torch._C, "_set_fp32_precision_setter")
+
+
 def _set(op, tf32):
-    switch = _switch(op)
-    if switch is not None:
-        switch.fp32_precision = "tf32" if tf32 else "ieee"
-    elif op == CONV:
-        torch.backends.cudnn.allow_tf32 = tf32
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    holder, name = _LEGACY[op]
+    setattr(holder, name, tf32)
+    # The legacy "off" is the new API's "none", which a generic "tf32" still resolves to TF32.
+    if tf32_allowed(op) != tf32:
+        for switch in _switches(op):
+            switch.fp32_precision = "tf32" if tf32 else "ieee"
+
+
+def _switches(op):
+    """The new API's objects behind op's legacy switch."""
+    if _switch(op) is None:
+        return ()
+    return (torch.backends.cudnn.conv, torch.backends.cudnn.rnn) if op == CONV else (torch.backends.cuda.matmul,)
+
+
+def _legacy(op):
+    """op's legacy switch, None where torch's legacy getter refuses to read it."""
+    holder, name = _LEGACY[op]
+    try:
+        return bool(getattr(holder, name))
+    except RuntimeError:
+        return None
 
 
 def _saved(op):
-    switch = _switch(op)
-    if switch is not None:
-        return switch, switch.fp32_precision
-    return None, tf32_allowed(op)
+    if _raw_api():
+        return _legacy(op), [(key, torch._C._get_fp32_precision_getter(*key)) for key in _RAW[op]]
+    return tf32_allowed(op)
 
 
 def _restore(op, saved):
-    switch, value = saved
-    if switch is not None:
-        switch.fp32_precision = value
-    else:
-        _set(op, value)
+    if not isinstance(saved, tuple):
+        _set(op, saved)
+        return
+    legacy, raw = saved
+    if legacy is not None:  # torch remembers the legacy value apart: set it back first
+        holder, name = _LEGACY[op]
+        setattr(holder, name, legacy)
+    for key, value in raw:
+        if torch._C._get_fp32_precision_getter(*key) != value:
+            torch._C._set_fp32_precision_setter(*key, value)
 
 
 @contextlib.contextmanager

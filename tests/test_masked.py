@@ -340,6 +340,10 @@ def test_fp32_precision_context_restores_the_switches(restore_fp32_switches):
         assert (_precision.tf32_allowed("conv"), _precision.tf32_allowed("matmul")) == (True, False)
         with _precision.full_float32():
             assert not _precision.tf32_allowed("conv") and not _precision.tf32_allowed("matmul")
+            # torch's legacy getter (torch.export and cudnn.flags read it) raises while cuDNN's
+            # conv and RNN switches differ: the block keeps them together
+            assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
         assert (_precision.tf32_allowed("conv"), _precision.tf32_allowed("matmul")) == (True, False)
     with pytest.raises(ValueError, match="op: expected one of"):
         _precision.tf32_allowed("rnn")
