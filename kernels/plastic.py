@@ -26,6 +26,12 @@ reads back what its own threads wrote (the step's outputs, the trace between pas
   from every row's dL/dM_t, and its share of dL/dy_t through mod_weight.
 * ``_reduce_kernel``: the per-sequence partial sums (alpha, eta, the modulator's parameters) summed
   over the sequences, in a fixed order: deterministic, no atomics.
+* Dtypes: the inputs, the parameters and the outputs in the caller's dtype; the trace, y_t as
+  the kernels read it back (``out_ptr``), every scratch buffer and every sum in ``ACC`` (float32
+  for 16-bit inputs: a 16-bit trace would round away the small Hebbian increments it adds up
+  over hundreds of steps). With ``NARROW`` (16-bit inputs) the kernels store y_t, dL/dz_t and
+  dL/dpre_t once more in the caller's dtype where they are final (``narrow_ptr``,
+  ``gz_out_ptr``, ``gpre_out_ptr``); stores convert to their pointer's dtype.
 * Offsets: across sequences and steps in 64 bits; within one sequence's [OUT, IN] matrix in 32
   bits, which the launchers guarantee (`MAX_MATRIX`).
 """
@@ -140,11 +146,11 @@ def _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, N, valid, HAS_MOD_BIAS:
 @triton.jit
 def _forward_resident_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
-    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, narrow_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
     MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
     ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
-    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr, NARROW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence, its whole [OUT, IN] matrix one register tile: z_t, y_t, (the modulator's
@@ -179,6 +185,8 @@ def _forward_resident_kernel(
         y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok, RECURRENT, HAS_BIAS, HAS_DRIVE, TANH, ACC)
         y = tl.where(row_ok, y, 0.0)
         tl.store(out_ptr + row, y, mask=row_ok)
+        if NARROW:
+            tl.store(narrow_ptr + row, y, mask=row_ok)
         activity = 0.0
         if ENDOGENOUS:
             s = tl.sum(y * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC), axis=0)
@@ -198,11 +206,11 @@ def _forward_resident_kernel(
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, bias_ptr, drive_ptr, y0_ptr, mod_ptr, hebb_ptr, trace_ptr, out_ptr, ckpt_ptr,
-    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    activity_ptr, mw_ptr, mb_ptr, fanout_ptr, narrow_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
     MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
     ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRIVE: tl.constexpr,
-    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr,
+    HAS_Y0: tl.constexpr, HAS_HEBB: tl.constexpr, NARROW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence; its trace streams through trace_ptr. Pass t (t = 0..T) over the tiles: H_t (the
@@ -250,6 +258,8 @@ def _forward_kernel(
             y = _post(z, x_ptr, bias_ptr, drive_ptr, row, rows, row_ok & stepping, RECURRENT, HAS_BIAS, HAS_DRIVE,
                       TANH, ACC)
             tl.store(out_ptr + row, y, mask=row_ok & stepping)
+            if NARROW:
+                tl.store(narrow_ptr + row, y, mask=row_ok & stepping)
         tl.debug_barrier()  # y_t, read back as the next pass's post and pre by other threads
         if ENDOGENOUS:
             s = _modulator_input(out_ptr, mw_ptr, mb_ptr, t, seq, B, OUT, stepping, HAS_MOD_BIAS, ACC, BLOCK_I)
@@ -339,11 +349,12 @@ def _recompute_segment(t, x_ptr, y0_ptr, out_ptr, mod_ptr, activity_ptr, fanout_
 def _backward_kernel(
     x_ptr, w_ptr, alpha_ptr, eta_ptr, y0_ptr, out_ptr, gout_ptr, mod_ptr, activity_ptr, mw_ptr, fanout_ptr,
     ckpt_ptr, final_ptr, ghebb_ptr, h_ptr, seg_ptr, g_ptr, gz_ptr, gpre_ptr, gmod_ptr, dm_ptr,
-    galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr, T, B, OUT, IN, clip: tl.float64, EVERY,
+    galpha_ptr, geta_ptr, gmw_ptr, gmb_ptr, gfanout_ptr, gz_out_ptr, gpre_out_ptr, T, B, OUT, IN, clip: tl.float64,
+    EVERY,
     RECURRENT: tl.constexpr, RULE: tl.constexpr, PER_NEURON: tl.constexpr, ENDOGENOUS: tl.constexpr,
     MOD_TANH: tl.constexpr, HAS_MOD_BIAS: tl.constexpr, HAS_FANOUT: tl.constexpr, TANH: tl.constexpr,
     ALPHA_SCALAR: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_Y0: tl.constexpr, HAS_GOUT: tl.constexpr,
-    HAS_GHEBB: tl.constexpr, RECOMPUTE: tl.constexpr,
+    HAS_GHEBB: tl.constexpr, RECOMPUTE: tl.constexpr, NARROW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     # One sequence, steps t = T-1 .. 0. h_ptr: the reconstructed trace (H_{t+1} -> H_t); g_ptr:
@@ -416,6 +427,8 @@ def _backward_kernel(
             else:
                 gz = gy * (1.0 - y * y) if TANH else gy
                 tl.store(gz_ptr + row, gz, mask=row_ok)
+                if NARROW:
+                    tl.store(gz_out_ptr + row, gz, mask=row_ok)
                 if RULE == MODULATED:
                     if PER_NEURON:
                         tl.store(gmod_ptr + row, dm, mask=row_ok)
@@ -435,7 +448,10 @@ def _backward_kernel(
                 y = tl.load(out_ptr + row, mask=row_ok, other=0.0).to(ACC)
                 gy = tl.load(gz_ptr + row, mask=row_ok, other=0.0).to(ACC)
                 gy += gs * tl.load(mw_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-                tl.store(gz_ptr + row, gy * (1.0 - y * y) if TANH else gy, mask=row_ok)
+                gz = gy * (1.0 - y * y) if TANH else gy
+                tl.store(gz_ptr + row, gz, mask=row_ok)
+                if NARROW:
+                    tl.store(gz_out_ptr + row, gz, mask=row_ok)
                 part = seq * OUT + rows
                 gmw = tl.load(gmw_ptr + part, mask=row_ok & (t < T - 1), other=0.0)
                 tl.store(gmw_ptr + part, gmw + gs * y, mask=row_ok)
@@ -495,8 +511,12 @@ def _backward_kernel(
                 tl.store(g_ptr + trace + local, g * d_h + a * hz, mask=ok)
             if RECURRENT:
                 tl.store(gpre_ptr + seq * IN + cols, gp, mask=col_ok)
+                if NARROW:  # dL/dy0, complete at t = 0
+                    tl.store(gpre_out_ptr + seq * IN + cols, gp, mask=col_ok & (t == 0))
             else:
                 tl.store(gpre_ptr + (t * B + seq) * IN + cols, gp, mask=col_ok)
+                if NARROW:
+                    tl.store(gpre_out_ptr + (t * B + seq) * IN + cols, gp, mask=col_ok)
         tl.debug_barrier()  # dL/dH_t, H_t and dL/dy_{t-1}, read back by the next reverse step
     tl.store(geta_ptr + seq, geta)
     if ALPHA_SCALAR:

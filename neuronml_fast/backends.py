@@ -211,7 +211,7 @@ def use_backend(name):
 # custom ops.
 KERNELS = {
     "masked": {"cpu": FULL_DTYPES, "triton": FLOAT_DTYPES, "cuda": FLOAT_DTYPES},
-    "plastic": {"cpu": FULL_DTYPES, "triton": FULL_DTYPES, "cuda": FULL_DTYPES},
+    "plastic": {"cpu": FULL_DTYPES, "triton": FLOAT_DTYPES, "cuda": FLOAT_DTYPES},
     "sensitivity": {"cpu": FULL_DTYPES, "triton": FLOAT_DTYPES, "cuda": FLOAT_DTYPES},
     "batch_norm": {"cpu": FULL_DTYPES, "triton": FULL_DTYPES},
 }

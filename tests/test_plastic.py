@@ -510,3 +510,141 @@ def test_plastic_linear_every_gpu_design_matches_the_reference(backend, device, 
             args["eta"].fill_(0.5)
     with nf.use_backend(backend):
         _compare_with_reference(nf.plastic_linear, plastic_linear_reference, args, dict(sample.options))
+
+
+# ---- 16-bit inputs on the GPU kernels ------------------------------------------------------------
+#
+# float16 and bfloat16 inputs, weights and outputs; the trace, the state y_t the recurrence reads and
+# every sum in float32. Against the reference in float64 on the same 16-bit values (the inputs and
+# the upstream gradients rounded first): the output and the gradients off by little more than
+# their final rounding to 16 bits, and the trace, never rounded, to float32's accuracy. Small
+# sizes: the interpreter and the emulation run every step.
+
+HALF = [torch.float16, torch.bfloat16]
+HALF_BACKENDS = [p for p in BACKENDS if any(d in nf.backends.ops()["plastic"].dtypes[p.values[0]] for d in HALF)]
+# Relative to the largest magnitude of the reference: a few units in the last place of the 16-bit
+# result. (The Triton interpreter converts float32 to bfloat16 by truncation where a GPU rounds to
+# nearest even: up to one unit, 2^-7 relative, which bfloat16's bound covers.)
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
+TRACE_TOL = 1e-5  # the float32 trace: a 16-bit one would be off by 1e-3 (float16) or 1e-2 (bfloat16)
+HALF_RNN_VARIANTS = {
+    "hebb": dict(), "oja": dict(rule="oja"), "clip": dict(clip=0.1), "identity": dict(activation="identity", scale=0.3),
+    "modulated-sequence": dict(modulation="sequence"), "modulated-neuron-clip": dict(modulation="neuron", clip=0.1),
+    "endogenous": dict(modulation="endogenous"),
+    "endogenous-clip-identity": dict(modulation="endogenous", clip=0.1, mod_activation="identity"),
+    "alpha0d-no-state": dict(alpha_scalar=True, y0=False, hebb=False),
+}
+HALF_LINEAR_VARIANTS = {
+    "hebb-tanh": dict(), "oja-identity": dict(rule="oja", activation="identity"),
+    "alpha0d-no-state": dict(alpha_scalar=True, bias=False, drive=False, hebb=False),
+}
+
+
+def _rounded_leaves(sample, dtype, hebb_dtype):
+    """(leaves in ``dtype``, the initial trace in ``hebb_dtype``; float64 leaves of the same values)."""
+    low, high = {}, {}
+    for k, v in sample.tensors.items():
+        if v is None:
+            low[k] = high[k] = None
+            continue
+        rounded = v.to(hebb_dtype if k == "hebb" else dtype)
+        low[k], high[k] = _leaf(rounded), _leaf(rounded.double())
+    return low, high
+
+
+def _half_tolerance(got, want, tol, what):
+    assert got.shape == want.shape, what
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.detach().double(), want.detach(), atol=tol * scale, rtol=tol, msg=what)
+
+
+def _check_half(fn, reference, sample, backend, dtype, hebb_dtype=torch.float32):
+    """The 16-bit call on ``backend`` against the float64 reference; ``hebb=`` in ``hebb_dtype`` (the
+    trace dtype, or the input's: both are taken)."""
+    low, high = _rounded_leaves(sample, dtype, hebb_dtype)
+    with nf.use_backend(backend), nf._alloc.poisoned():
+        out, hebb = fn(**low, **sample.options)
+    want_out, want_hebb = reference(**high, **sample.options)
+    assert out.dtype == dtype and hebb.dtype == trace_dtype(dtype) == torch.float32
+    _half_tolerance(out, want_out, HALF_TOL[dtype], "output")
+    _half_tolerance(hebb, want_hebb, TRACE_TOL, "trace")
+    gen = torch.Generator().manual_seed(7)
+    upstream = [torch.randn(out.shape, generator=gen).to(dtype), torch.randn(hebb.shape, generator=gen)]
+    names = [k for k, v in low.items() if v is not None]
+    with nf.use_backend(backend), nf._alloc.poisoned():
+        got = torch.autograd.grad((out, hebb), [low[k] for k in names], upstream, allow_unused=True)
+    want = torch.autograd.grad((want_out, want_hebb), [high[k] for k in names], [u.double() for u in upstream],
+                               allow_unused=True)
+    for name, g, w in zip(names, got, want):
+        if w is None:  # eta under modulation: unused
+            assert g is None, name
+            continue
+        assert g is not None and g.dtype == low[name].dtype, (name, None if g is None else g.dtype)
+        _half_tolerance(g, w, HALF_TOL[dtype], f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend,device", HALF_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("variant", sorted(HALF_RNN_VARIANTS))
+def test_plastic_rnn_in_16_bit_matches_the_float64_reference(backend, device, dtype, variant):
+    sample = plastic_rnn_sample(F64, device, T=6, B=3, N=13, **HALF_RNN_VARIANTS[variant])
+    _check_half(nf.plastic_rnn, plastic_rnn_reference, sample, backend, dtype)
+
+
+@pytest.mark.parametrize("backend,device", HALF_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("variant", sorted(HALF_LINEAR_VARIANTS))
+def test_plastic_linear_in_16_bit_matches_the_float64_reference(backend, device, dtype, variant):
+    sample = plastic_linear_sample(F64, device, T=5, B=2, d_in=11, d_out=7, **HALF_LINEAR_VARIANTS[variant])
+    _check_half(nf.plastic_linear, plastic_linear_reference, sample, backend, dtype,
+                hebb_dtype=dtype if variant == "hebb-tanh" else torch.float32)
+
+
+@pytest.mark.parametrize("backend,device,design", [p for p in DESIGN_CASES if p.values[2] != "resident"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_plastic_rnn_in_16_bit_on_every_gpu_design(backend, device, design, dtype, monkeypatch):
+    # The streamed trace and the cooperative launch (the oracle sizes take the resident design).
+    GPU_DESIGNS[backend][design](monkeypatch)
+    for variant in ("oja", "endogenous-clip-identity"):
+        sample = plastic_rnn_sample(F64, device, T=6, B=2, N=13, **HALF_RNN_VARIANTS[variant])
+        _check_half(nf.plastic_rnn, plastic_rnn_reference, sample, backend, dtype)
+
+
+@pytest.mark.parametrize("backend,device", HALF_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_a_16_bit_layers_trace_keeps_the_increments_a_16_bit_trace_would_round_away(backend, device, dtype):
+    # A trace at 1 decaying towards y = tanh(2) = 0.964 at eta = 0.002: each step moves it by
+    # 7e-5, under half a unit in the last place at 1 of float16 (2^-11) and bfloat16 (2^-8), so a
+    # 16-bit trace would stay at 1. The float32 trace moves by 4.3e-4 in 6 steps, as in float64.
+    T, B, N = 6, 1, 4
+    x = torch.ones(T, B, N, dtype=dtype)
+    w, alpha = torch.zeros(N, N, dtype=dtype), torch.zeros(N, N, dtype=dtype)
+    eta, bias = torch.tensor(0.002, dtype=dtype), torch.full((N,), 2.0, dtype=dtype)
+    hebb = torch.ones(B, N, N)
+    with nf.use_backend(backend), nf._alloc.poisoned():
+        _, got = nf.plastic_linear(x, w, alpha, eta, hebb=hebb, bias=bias)
+    _, want = plastic_linear_reference(x.double(), w.double(), alpha.double(), eta.double(), hebb=hebb.double(),
+                                       bias=bias.double())
+    assert (1 - got).min() > 3e-4
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", HALF_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_16_bit_training_memory_does_not_grow_with_sequence_length(backend, device, dtype):
+    # What autograd keeps: the input (16-bit) and the output as the recurrence read it (float32),
+    # O(T * B * N), and the traces, O(B * N^2) whatever T.
+    B, N = 2, 16
+
+    def saved(T):
+        args = _rnn_args(T=T, B=B, N=N, dtype=dtype)
+        with torch.no_grad():
+            args["eta"].fill_(0.01)
+        with nf.use_backend(backend):
+            return saved_bytes(lambda: nf.plastic_rnn(**args))
+
+    short, long = saved(10), saved(100)
+    trace_bytes = B * N * N * 4
+    per_step = B * N * (dtype.itemsize + 4)
+    assert long - short <= 90 * per_step
+    assert long < 4 * trace_bytes + 100 * per_step

@@ -1,6 +1,8 @@
 """The launch budget of the GPU plastic backends: a forward + backward of plastic_rnn or
 plastic_linear is at most 8 launches, whatever T, for every rule, activation, clip, given and
-endogenous modulation, N from 1 to 1024, B from 1 to 64, float32 and float64.
+endogenous modulation, N from 1 to 1024, B from 1 to 64, in every dtype (16-bit: the same three
+kernels; an initial trace given in 16-bit is converted to float32 and its gradient back, by the
+CUDA C++ launcher and autograd, two more ops).
 
 Counted on CPU tensors, on the launch path a GPU runs: Triton launches are recorded where every
 Triton launch goes (`_triton_launch.intercepted`) and not run; CUDA C++ kernel launches are counted
@@ -23,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import neuronml_fast as nf
 from neuronml_fast import _alloc, _extensions
 from neuronml_fast.ops import _triton_launch
+from neuronml_fast.ops.plastic import trace_dtype
 
 from conftest import gpu_backends
 
@@ -107,7 +110,7 @@ def _rnn_call(T, B, N, dtype, rule="hebb", modulation=None, clip=None, activatio
         args.update(mod_weight=_leaf(N, dtype=dtype), mod_bias=_leaf(dtype=dtype), mod_fanout=_leaf(N, dtype=dtype),
                     mod_activation=mod_activation)
     leaves = [v for v in args.values() if torch.is_tensor(v)]
-    upstream = (torch.randn(T, B, N, dtype=dtype), torch.randn(B, N, N, dtype=dtype))
+    upstream = (torch.randn(T, B, N, dtype=dtype), torch.randn(B, N, N, dtype=trace_dtype(dtype)))
 
     def call():
         out, trace = nf.plastic_rnn(**args, clip=clip, rule=rule, activation=activation)
@@ -124,7 +127,7 @@ def _linear_call(T, B, d_in, d_out, dtype, rule="hebb", activation="tanh", alpha
                 hebb=_leaf(B, d_out, d_in, dtype=dtype) if hebb else None, bias=_leaf(d_out, dtype=dtype) if bias else None,
                 drive=_leaf(T, B, d_out, dtype=dtype) if drive else None)
     leaves = [v for v in args.values() if torch.is_tensor(v)]
-    upstream = (torch.randn(T, B, d_out, dtype=dtype), torch.randn(B, d_out, d_in, dtype=dtype))
+    upstream = (torch.randn(T, B, d_out, dtype=dtype), torch.randn(B, d_out, d_in, dtype=trace_dtype(dtype)))
 
     def call():
         out, trace = nf.plastic_linear(**args, rule=rule, activation=activation)
@@ -148,8 +151,12 @@ RNN_VARIANTS = {
 SIZES = [(1, 1), (5, 3), (129, 2), (1024, 1), (64, 64)]  # (N, B)
 
 
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPE_IDS = ["f16", "bf16", "f32", "f64"]
+
+
 @pytest.mark.parametrize("backend,device", gpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("size", SIZES, ids=[f"N{n}-B{b}" for n, b in SIZES])
 @pytest.mark.parametrize("variant", sorted(RNN_VARIANTS))
 def test_plastic_rnn_forward_backward_is_at_most_8_launches(backend, device, dtype, size, variant):
@@ -164,7 +171,7 @@ def test_plastic_rnn_forward_backward_is_at_most_8_launches(backend, device, dty
 
 
 @pytest.mark.parametrize("backend,device", gpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("rule,activation,alpha_scalar,state", list(itertools.product(
     ["hebb", "oja"], ["tanh", "identity"], [False, True], [True, False])))
 def test_plastic_linear_forward_backward_is_at_most_8_launches(backend, device, dtype, rule, activation, alpha_scalar,
@@ -181,11 +188,14 @@ def test_plastic_linear_forward_backward_is_at_most_8_launches(backend, device, 
 
 
 @pytest.mark.parametrize("backend,device", gpu_backends())
-def test_the_gpu_plastic_path_is_three_kernels_and_no_aten_op(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_gpu_plastic_path_is_three_kernels_and_no_aten_op(backend, device, dtype):
     # The endogenous modulator, the clip and the weight gradient all inside the kernels: a
     # forward, a reverse walk and a reduction. eta is ignored by the modulated rule, so nothing
-    # checks or reads it.
-    kernels, aten = count_launches(backend, _rnn_call(12, 4, 20, torch.float32, modulation="endogenous", clip=1.0))
+    # checks or reads it. 16-bit: the kernels write the output and the gradients in the caller's
+    # dtype themselves, no conversion around them.
+    kernels, aten = count_launches(backend, _rnn_call(12, 4, 20, dtype, modulation="endogenous", clip=1.0,
+                                                      hebb=False))
     assert (len(kernels), aten) == (3, [])
 
 

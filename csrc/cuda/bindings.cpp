@@ -255,13 +255,25 @@ void* plastic_optional(const OptionalTensor& t, const at::Tensor& ref, const cha
   return t ? plastic_tensor(*t, ref, name, numel) : nullptr;
 }
 
+// The data of a contiguous tensor in the accumulation dtype of `ref` (float32 for 16-bit), on its device.
+void* plastic_acc(const at::Tensor& t, const at::Tensor& ref, const char* name, int64_t numel) {
+  check_same_device(t, ref, name);
+  checks::check_dtype(t, name, accumulation_dtype(ref.scalar_type()));
+  checks::check_contiguous(t, name);
+  TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " elements, got shape ", t.sizes());
+  return t.data_ptr();
+}
+
+void* plastic_acc_optional(const OptionalTensor& t, const at::Tensor& ref, const char* name, int64_t numel) {
+  return t ? plastic_acc(*t, ref, name, numel) : nullptr;
+}
+
 PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, double clip,
                            int64_t every, bool recurrent, int64_t rule, bool per_neuron, bool endogenous,
                            bool mod_tanh, bool tanh, bool has_clip, bool recompute) {
   check_on_kernel_device(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-d [out, in] tensor, got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "weight: expected float32 or float64, got ", weight.scalar_type());
+  to_kernel_dtype(weight.scalar_type(), "weight");
   check_contiguous_like(weight, weight, "weight");
   const int64_t out = weight.size(0), in = weight.size(1);
   TORCH_CHECK(!recurrent || out == in, "weight: a recurrent layer needs a square weight, got shape ", weight.sizes());
@@ -282,8 +294,6 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   return s;
 }
 
-bool is_double(const at::Tensor& weight) { return weight.scalar_type() == at::kDouble; }
-
 // (blocks per sequence, whether the forward keeps the trace in shared memory) for B sequences of
 // this layer on the current device; requested_parts 0 and requested_resident -1 let the kernels choose.
 std::tuple<int64_t, bool> plastic_plan(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha,
@@ -294,7 +304,8 @@ std::tuple<int64_t, bool> plastic_plan(const at::Tensor& x, const at::Tensor& we
               requested_resident);
   const KernelDeviceGuard guard(weight.device());
   PlasticPlan plan{};
-  const cudaError_t err = neuronml_fast::cuda::plastic_plan(is_double(weight), s, requested_parts,
+  const cudaError_t err = neuronml_fast::cuda::plastic_plan(to_kernel_dtype(weight.scalar_type(), "weight"), s,
+                                                            requested_parts,
                                                             static_cast<int>(requested_resident), &plan);
   TORCH_CHECK(err != cudaErrorInvalidValue, "plastic_plan: ", requested_parts, " blocks per sequence",
               requested_resident == 1 ? " with a resident trace" : "", " cannot run ", s.B, " sequences of a ", s.OUT,
@@ -307,9 +318,9 @@ void plastic_forward(const at::Tensor& x, const at::Tensor& weight, const at::Te
                      const OptionalTensor& bias, const OptionalTensor& drive, const OptionalTensor& y0,
                      const OptionalTensor& modulation, const OptionalTensor& hebb, const OptionalTensor& mod_weight,
                      const OptionalTensor& mod_bias, const OptionalTensor& mod_fanout, at::Tensor& trace,
-                     at::Tensor& output, at::Tensor& checkpoints, const OptionalTensor& activity, double clip,
-                     int64_t every, bool recurrent, int64_t rule, bool per_neuron, bool mod_tanh, bool tanh,
-                     bool has_clip, int64_t parts, bool resident) {
+                     at::Tensor& output, at::Tensor& state, at::Tensor& checkpoints, const OptionalTensor& activity,
+                     double clip, int64_t every, bool recurrent, int64_t rule, bool per_neuron, bool mod_tanh,
+                     bool tanh, bool has_clip, int64_t parts, bool resident) {
   const PlasticShape s = plastic_shape(x, weight, alpha, clip, every, recurrent, rule, per_neuron,
                                        mod_weight.has_value(), mod_tanh, tanh, has_clip, false);
   const int64_t T = s.T, B = s.B, O = s.OUT, I = s.IN, matrix = O * I;
@@ -322,19 +333,22 @@ void plastic_forward(const at::Tensor& x, const at::Tensor& weight, const at::Te
   a.drive = plastic_optional(drive, weight, "drive", T * B * O);
   a.y0 = plastic_optional(y0, weight, "y0", B * O);
   a.modulation = plastic_optional(modulation, weight, "modulation", per_neuron ? T * B * O : T * B);
-  a.hebb = plastic_optional(hebb, weight, "hebb", B * matrix);
+  a.hebb = plastic_acc_optional(hebb, weight, "hebb", B * matrix);
   a.mod_weight = plastic_optional(mod_weight, weight, "mod_weight", O);
   a.mod_bias = plastic_optional(mod_bias, weight, "mod_bias", 1);
   a.mod_fanout = plastic_optional(mod_fanout, weight, "mod_fanout", O);
-  a.trace = plastic_tensor(trace, weight, "trace", B * matrix);
+  a.trace = plastic_acc(trace, weight, "trace", B * matrix);
   a.output = plastic_tensor(output, weight, "output", T * B * O);
-  a.checkpoints = plastic_tensor(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
-  a.activity = plastic_optional(activity, weight, "activity", T * B);
+  a.state = plastic_acc(state, weight, "state", T * B * O);
+  TORCH_CHECK((a.state == a.output) == (accumulation_dtype(weight.scalar_type()) == weight.scalar_type()),
+              "state: expected the output itself exactly when the accumulation dtype is the input's");
+  a.checkpoints = plastic_acc(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
+  a.activity = plastic_acc_optional(activity, weight, "activity", T * B);
   TORCH_CHECK(rule != static_cast<int64_t>(PlasticRule::kModulated) || a.modulation || a.mod_weight,
               "modulation: the modulated rule needs a modulation or a modulator");
   const KernelDeviceGuard guard(weight.device());
-  check_launch(neuronml_fast::cuda::plastic_forward(is_double(weight), s, a, PlasticPlan{parts, resident},
-                                                    current_stream()),
+  check_launch(neuronml_fast::cuda::plastic_forward(to_kernel_dtype(weight.scalar_type(), "weight"), s, a,
+                                                    PlasticPlan{parts, resident}, current_stream()),
                "plastic_forward");
 }
 
@@ -344,7 +358,8 @@ void plastic_backward(const at::Tensor& x, const at::Tensor& weight, const at::T
                       const OptionalTensor& mod_weight, const OptionalTensor& mod_fanout,
                       const at::Tensor& checkpoints, const at::Tensor& hebb_final,
                       const OptionalTensor& grad_hebb_in, const OptionalTensor& trace, const OptionalTensor& segment,
-                      at::Tensor& grad_hebb, at::Tensor& grad_z, at::Tensor& grad_pre, const OptionalTensor& grad_mod,
+                      at::Tensor& grad_hebb, at::Tensor& grad_z, at::Tensor& grad_pre, at::Tensor& grad_z_out,
+                      at::Tensor& grad_pre_out, const OptionalTensor& grad_mod,
                       const OptionalTensor& mod_rows, at::Tensor& alpha_part, at::Tensor& eta_part,
                       const OptionalTensor& mod_weight_part, const OptionalTensor& mod_bias_part,
                       const OptionalTensor& mod_fanout_part, double clip, int64_t every, bool recurrent, int64_t rule,
@@ -368,30 +383,32 @@ void plastic_backward(const at::Tensor& x, const at::Tensor& weight, const at::T
   a.x = x.data_ptr(), a.weight = weight.data_ptr(), a.alpha = alpha.data_ptr();
   a.eta = plastic_tensor(eta, weight, "eta", 1);
   a.y0 = plastic_optional(y0, weight, "y0", B * O);
-  a.output = plastic_tensor(output, weight, "output", T * B * O);
+  a.output = plastic_acc(output, weight, "output", T * B * O);
   a.grad_output = plastic_optional(grad_output, weight, "grad_output", T * B * O);
   a.modulation = plastic_optional(modulation, weight, "modulation", per_neuron ? T * B * O : T * B);
-  a.activity = plastic_optional(activity, weight, "activity", T * B);
+  a.activity = plastic_acc_optional(activity, weight, "activity", T * B);
   a.mod_weight = plastic_optional(mod_weight, weight, "mod_weight", O);
   a.mod_fanout = plastic_optional(mod_fanout, weight, "mod_fanout", O);
-  a.checkpoints = plastic_tensor(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
-  a.hebb_final = plastic_tensor(hebb_final, weight, "hebb_final", B * matrix);
-  a.grad_hebb_in = plastic_optional(grad_hebb_in, weight, "grad_hebb", B * matrix);
-  a.trace = plastic_optional(trace, weight, "trace", B * matrix);
-  a.segment = plastic_optional(segment, weight, "segment", (every < T ? every : T) * B * matrix);
-  a.grad_hebb = plastic_tensor(grad_hebb, weight, "grad_hebb (out)", B * matrix);
-  a.grad_z = plastic_tensor(grad_z, weight, "grad_z", T * B * O);
-  a.grad_pre = plastic_tensor(grad_pre, weight, "grad_pre", recurrent ? B * O : T * B * I);
+  a.checkpoints = plastic_acc(checkpoints, weight, "checkpoints", ((T + every - 1) / every) * B * matrix);
+  a.hebb_final = plastic_acc(hebb_final, weight, "hebb_final", B * matrix);
+  a.grad_hebb_in = plastic_acc_optional(grad_hebb_in, weight, "grad_hebb", B * matrix);
+  a.trace = plastic_acc_optional(trace, weight, "trace", B * matrix);
+  a.segment = plastic_acc_optional(segment, weight, "segment", (every < T ? every : T) * B * matrix);
+  a.grad_hebb = plastic_acc(grad_hebb, weight, "grad_hebb (out)", B * matrix);
+  a.grad_z = plastic_acc(grad_z, weight, "grad_z", T * B * O);
+  a.grad_pre = plastic_acc(grad_pre, weight, "grad_pre", recurrent ? B * O : T * B * I);
+  a.grad_z_out = plastic_tensor(grad_z_out, weight, "grad_z_out", T * B * O);
+  a.grad_pre_out = plastic_tensor(grad_pre_out, weight, "grad_pre_out", recurrent ? B * O : T * B * I);
   a.grad_mod = plastic_optional(grad_mod, weight, "grad_mod", per_neuron ? T * B * O : T * B);
-  a.mod_rows = plastic_optional(mod_rows, weight, "mod_rows", B * O);
-  a.alpha_part = plastic_tensor(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
-  a.eta_part = plastic_tensor(eta_part, weight, "eta_part", B * parts);
-  a.mod_weight_part = plastic_optional(mod_weight_part, weight, "mod_weight_part", B * O);
-  a.mod_bias_part = plastic_optional(mod_bias_part, weight, "mod_bias_part", B);
-  a.mod_fanout_part = plastic_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
+  a.mod_rows = plastic_acc_optional(mod_rows, weight, "mod_rows", B * O);
+  a.alpha_part = plastic_acc(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
+  a.eta_part = plastic_acc(eta_part, weight, "eta_part", B * parts);
+  a.mod_weight_part = plastic_acc_optional(mod_weight_part, weight, "mod_weight_part", B * O);
+  a.mod_bias_part = plastic_acc_optional(mod_bias_part, weight, "mod_bias_part", B);
+  a.mod_fanout_part = plastic_acc_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
   const KernelDeviceGuard guard(weight.device());
-  check_launch(neuronml_fast::cuda::plastic_backward(is_double(weight), s, a, PlasticPlan{parts, false},
-                                                     current_stream()),
+  check_launch(neuronml_fast::cuda::plastic_backward(to_kernel_dtype(weight.scalar_type(), "weight"), s, a,
+                                                     PlasticPlan{parts, false}, current_stream()),
                "plastic_backward");
 }
 
@@ -415,13 +432,13 @@ void plastic_reduce(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   neuronml_fast::cuda::PlasticReduceArgs a{};
   a.x = x.data_ptr();
   a.y0 = plastic_optional(y0, weight, "y0", B * O);
-  a.output = plastic_tensor(output, weight, "output", T * B * O);
-  a.grad_z = plastic_tensor(grad_z, weight, "grad_z", T * B * O);
-  a.alpha_part = plastic_tensor(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
-  a.eta_part = plastic_tensor(eta_part, weight, "eta_part", B * parts);
-  a.mod_weight_part = plastic_optional(mod_weight_part, weight, "mod_weight_part", B * O);
-  a.mod_bias_part = plastic_optional(mod_bias_part, weight, "mod_bias_part", B);
-  a.mod_fanout_part = plastic_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
+  a.output = plastic_acc(output, weight, "output", T * B * O);
+  a.grad_z = plastic_acc(grad_z, weight, "grad_z", T * B * O);
+  a.alpha_part = plastic_acc(alpha_part, weight, "alpha_part", s.alpha_scalar ? B * parts : B * matrix);
+  a.eta_part = plastic_acc(eta_part, weight, "eta_part", B * parts);
+  a.mod_weight_part = plastic_acc_optional(mod_weight_part, weight, "mod_weight_part", B * O);
+  a.mod_bias_part = plastic_acc_optional(mod_bias_part, weight, "mod_bias_part", B);
+  a.mod_fanout_part = plastic_acc_optional(mod_fanout_part, weight, "mod_fanout_part", B * O);
   a.grad_weight = plastic_tensor(grad_weight, weight, "grad_weight", matrix);
   a.grad_bias = recurrent ? nullptr : plastic_optional(grad_bias, weight, "grad_bias", O);
   a.grad_alpha = plastic_tensor(grad_alpha, weight, "grad_alpha", s.alpha_scalar ? 1 : matrix);
@@ -430,7 +447,8 @@ void plastic_reduce(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   a.grad_mod_bias = plastic_optional(grad_mod_bias, weight, "grad_mod_bias", 1);
   a.grad_mod_fanout = plastic_optional(grad_mod_fanout, weight, "grad_mod_fanout", O);
   const KernelDeviceGuard guard(weight.device());
-  check_launch(neuronml_fast::cuda::plastic_reduce(is_double(weight), s, a, parts, current_stream()),
+  check_launch(neuronml_fast::cuda::plastic_reduce(to_kernel_dtype(weight.scalar_type(), "weight"), s, a, parts,
+                                                   current_stream()),
                "plastic_reduce");
 }
 

@@ -16,6 +16,12 @@ template <> __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_b
   return __bfloat162float(v);
 }
 
+// An accumulated value back in the storage type T (16-bit: rounded to nearest even).
+template <typename T> __device__ __forceinline__ T from_acc(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
+
 // The sum of v over the 32 lanes of a warp, in every lane (a butterfly of xor shuffles).
 template <typename A> __device__ __forceinline__ A warp_all_sum(A v) {
 #pragma unroll

@@ -18,11 +18,6 @@ constexpr int kWarps = kThreads / 32;
 // thread, which no kernel here needs in full (ptxas's own choice of 64 spills the TF32 ones).
 constexpr int kMinBlocks = 2;
 
-template <typename T> __device__ __forceinline__ T from_acc(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
-
 // ---- 32-bit index math ---------------------------------------------------------------------------
 
 // Division by a divisor fixed for the launch, as a multiply-high and a shift (Granlund and

@@ -1,5 +1,7 @@
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "cuda/common.cuh"
 #include "cuda/plastic.h"
 
@@ -77,37 +79,68 @@ struct ColumnLayout {
   }
 };
 
-template <typename T> struct Layer {
-  PlasticShape s;
-  const T *x, *y0, *out, *mod, *fanout;
+// Types: S is the caller's (inputs, parameters, outputs, the parameters' gradients), T the
+// accumulation type (the trace, the checkpoints, y_t and dL/dz_t as the kernels read them back,
+// the scratch buffers, every sum): float for float16, bfloat16 and float; double for double.
+template <typename T, typename S> __device__ __forceinline__ T wide(const S* p, int64_t i) {
+  return to_acc<T>(p[i]);
+}
 
-  // pre_t of sequence b: x_t, or y_{t-1} (y0, or null for zeros, at t = 0).
-  __device__ const T* pre(int64_t t, int64_t b) const {
-    if (!s.recurrent) return x + (t * s.B + b) * s.IN;
-    if (t > 0) return out + ((t - 1) * s.B + b) * s.IN;
-    return y0 ? y0 + b * s.IN : nullptr;
+// Stores v in the caller's type where that is narrower than T (the accumulation buffer holds it already).
+template <typename S, typename T> __device__ __forceinline__ void store_narrow(S* p, int64_t i, T v) {
+  if constexpr (!std::is_same_v<S, T>) p[i] = from_acc<S>(v);
+}
+
+// pre_t of one sequence: x_t or y0 (the caller's type), y_{t-1} (the accumulation type), or zeros.
+template <typename S, typename T> struct Pre {
+  const S* given = nullptr;
+  const T* state = nullptr;
+  __device__ explicit operator bool() const { return given || state; }
+  __device__ T operator[](int64_t i) const { return state ? state[i] : to_acc<T>(given[i]); }
+};
+
+template <typename S, typename T> struct Layer {
+  PlasticShape s;
+  const S *x, *y0;
+  const T* out;  // y in the accumulation type
+  const S *mod, *fanout;
+
+  // pre_t of sequence b: x_t, or y_{t-1} (y0, or none for zeros, at t = 0).
+  __device__ Pre<S, T> pre(int64_t t, int64_t b) const {
+    Pre<S, T> p;
+    if (!s.recurrent) {
+      p.given = x + (t * s.B + b) * s.IN;
+    } else if (t > 0) {
+      p.state = out + ((t - 1) * s.B + b) * s.IN;
+    } else if (y0) {
+      p.given = y0 + b * s.IN;
+    }
+    return p;
   }
   // M_t[j] of sequence b: given, or the modulator's fanout[j] * activity (a null fanout is ones).
   __device__ T modulation(int64_t t, int64_t b, int64_t j, T activity) const {
     if (s.rule != PlasticRule::kModulated) return T(0);
-    if (s.endogenous) return fanout ? fanout[j] * activity : activity;
-    return s.per_neuron ? mod[(t * s.B + b) * s.OUT + j] : mod[t * s.B + b];
+    if (s.endogenous) return fanout ? wide<T>(fanout, j) * activity : activity;
+    return s.per_neuron ? wide<T>(mod, (t * s.B + b) * s.OUT + j) : wide<T>(mod, t * s.B + b);
   }
 };
 
-template <typename T> struct Forward {
-  Layer<T> l;
+template <typename S, typename T> struct Forward {
+  Layer<S, T> l;
   bool resident;
-  const T *weight, *alpha, *eta, *bias, *drive, *hebb, *mod_weight, *mod_bias;
-  T *trace, *checkpoints, *activity, *output;
+  const S *weight, *alpha, *eta, *bias, *drive;
+  const T* hebb;
+  const S *mod_weight, *mod_bias;
+  T *trace, *checkpoints, *activity, *output;  // output: y in the accumulation type
+  S* narrow;  // y in the caller's type (S narrower than T)
 };
 
 // Pass t = 0..T over the block's rows, a warp per row: H_t (the initial trace at t = 0, else step
 // t-1's update of H_{t-1}: the update waits for the next pass, where M_{t-1} is known even when
 // the modulator computes it from every row's y_{t-1}), stored (and kept every `every` steps), and
 // z_t from it; pass T only applies the last update.
-template <typename T>
-__global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) {
+template <typename S, typename T>
+__global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<S, T> k) {
   extern __shared__ unsigned char smem_raw[];
   __shared__ T scratch[kWarps];
   const PlasticShape& s = k.l.s;
@@ -116,12 +149,12 @@ __global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) 
   const Span rows(s.OUT, part, gridDim.y);
   T* h = k.resident ? reinterpret_cast<T*>(smem_raw) : k.trace + b * matrix;
   const T* hebb = k.hebb ? k.hebb + b * matrix : nullptr;
-  const T eta = *k.eta, clip = static_cast<T>(s.clip);
+  const T eta = wide<T>(k.eta, 0), clip = static_cast<T>(s.clip);
   T activity = T(0);  // the modulator's output of the previous step
   for (int64_t t = 0; t <= s.T; ++t) {
     const bool stepping = t < s.T, keep = stepping && t % s.every == 0;
-    const T* p = stepping ? k.l.pre(t, b) : nullptr;
-    const T* p_prev = t > 0 ? k.l.pre(t - 1, b) : nullptr;
+    const Pre<S, T> p = stepping ? k.l.pre(t, b) : Pre<S, T>{};
+    const Pre<S, T> p_prev = t > 0 ? k.l.pre(t - 1, b) : Pre<S, T>{};
     T* checkpoint = k.checkpoints + ((t / s.every) * s.B + b) * matrix;
     for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
       T* hr = h + j * s.IN;
@@ -138,29 +171,31 @@ __global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) 
         hr[i] = hv;
         if (keep) checkpoint[j * s.IN + i] = hv;
         if (p) {
-          const T a = s.alpha_scalar ? k.alpha[0] : k.alpha[j * s.IN + i];
-          z += (k.weight[j * s.IN + i] + a * hv) * p[i];
+          const T a = wide<T>(k.alpha, s.alpha_scalar ? 0 : j * s.IN + i);
+          z += (wide<T>(k.weight, j * s.IN + i) + a * hv) * p[i];
         }
       }
       z = warp_all_sum(z);
       if (stepping && lane == 0) {
         const int64_t row = (t * s.B + b) * s.OUT + j;
         if (s.recurrent) {
-          z += k.l.x[row];
+          z += wide<T>(k.l.x, row);
         } else {
-          if (k.bias) z += k.bias[j];
-          if (k.drive) z += k.drive[row];
+          if (k.bias) z += wide<T>(k.bias, j);
+          if (k.drive) z += wide<T>(k.drive, row);
         }
-        k.output[row] = activation(z, s.tanh);
+        const T y = activation(z, s.tanh);
+        k.output[row] = y;
+        store_narrow(k.narrow, row, y);
       }
     }
     sequence_sync();  // y_t: the next pass's post and pre, and the modulator's input, in every block
     if (s.endogenous && stepping) {
       T partial = T(0);
       for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) {
-        partial += k.mod_weight[j] * k.output[(t * s.B + b) * s.OUT + j];
+        partial += wide<T>(k.mod_weight, j) * k.output[(t * s.B + b) * s.OUT + j];
       }
-      const T input = block_sum(partial, scratch) + (k.mod_bias ? *k.mod_bias : T(0));
+      const T input = block_sum(partial, scratch) + (k.mod_bias ? wide<T>(k.mod_bias, 0) : T(0));
       activity = s.mod_tanh ? tanh(input) : input;
       if (part == 0 && threadIdx.x == 0) k.activity[t * s.B + b] = activity;
     }
@@ -170,17 +205,22 @@ __global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<T> k) 
   }
 }
 
-template <typename T> struct Backward {
-  Layer<T> l;
-  const T *weight, *alpha, *eta, *grad_output, *activity, *mod_weight, *checkpoints, *hebb_final, *grad_hebb_in;
-  T *trace, *segment, *grad_hebb, *grad_z, *grad_pre, *grad_mod, *mod_rows, *alpha_part, *eta_part,
-      *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+template <typename S, typename T> struct Backward {
+  Layer<S, T> l;
+  const S *weight, *alpha, *eta, *grad_output;
+  const T* activity;
+  const S* mod_weight;
+  const T *checkpoints, *hebb_final, *grad_hebb_in;
+  T *trace, *segment, *grad_hebb, *grad_z, *grad_pre;
+  S* grad_mod;
+  T *mod_rows, *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+  S *grad_z_out, *grad_pre_out;  // grad_z and grad_pre in the caller's type (S narrower than T)
 };
 
 // The segment of step t's checkpoint, recomputed forward up to H_t: segment slot u % every holds
 // H_u. Each block recomputes its own rows (a row's update reads nothing of the others).
-template <typename T>
-__device__ void recompute_segment(const Backward<T>& k, int64_t t, int64_t b, const Span& rows, T eta, T clip) {
+template <typename S, typename T>
+__device__ void recompute_segment(const Backward<S, T>& k, int64_t t, int64_t b, const Span& rows, T eta, T clip) {
   const PlasticShape& s = k.l.s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t matrix = s.OUT * s.IN, start = (t / s.every) * s.every;
@@ -188,7 +228,7 @@ __device__ void recompute_segment(const Backward<T>& k, int64_t t, int64_t b, co
     T* slot = k.segment + ((u % s.every) * s.B + b) * matrix;
     const T* prev = k.segment + (((u - 1) % s.every) * s.B + b) * matrix;
     const T* checkpoint = k.checkpoints + ((u / s.every) * s.B + b) * matrix;
-    const T* p = u > start ? k.l.pre(u - 1, b) : nullptr;
+    const Pre<S, T> p = u > start ? k.l.pre(u - 1, b) : Pre<S, T>{};
     const T activity = u > start && s.endogenous ? k.activity[(u - 1) * s.B + b] : T(0);
     for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
       const T y = u > start ? k.l.out[((u - 1) * s.B + b) * s.OUT + j] : T(0);
@@ -212,8 +252,8 @@ __device__ __forceinline__ T clip_mask(const PlasticShape& s, T g, T h, T p, T y
 // Steps t = T-1..0 in reverse. Rows (a warp per row of the block's span): H_t, the clip mask on
 // dL/dH_{t+1}, the rule's share of dL/dy_t and dL/dM_t, and dL/dz_t. Columns (the block's span of
 // columns, each summed over every row: ColumnLayout): dL/dH_t, alpha, eta and dL/dpre_t.
-template <typename T>
-__global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k) {
+template <typename S, typename T>
+__global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<S, T> k) {
   __shared__ T scratch[kWarps];
   __shared__ T column_sums[kPlasticThreads];
   const PlasticShape& s = k.l.s;
@@ -221,7 +261,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
   const int64_t b = blockIdx.x, part = blockIdx.y, parts = gridDim.y, matrix = s.OUT * s.IN;
   const Span rows(s.OUT, part, parts), cols(s.IN, part, parts);
   const ColumnLayout layout(cols.last - cols.first);
-  const T eta = *k.eta, clip = static_cast<T>(s.clip);
+  const T eta = wide<T>(k.eta, 0), clip = static_cast<T>(s.clip);
   const bool modulated = s.rule == PlasticRule::kModulated;
   T* trace = k.trace ? k.trace + b * matrix : nullptr;
   T* grad_hebb = k.grad_hebb + b * matrix;
@@ -230,7 +270,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
     const bool last = t == s.T - 1;
     if (s.recompute && (last || (t + 1) % s.every == 0)) recompute_segment(k, t, b, rows, eta, clip);
     const T activity = s.endogenous ? k.activity[t * s.B + b] : T(0);
-    const T* p = k.l.pre(t, b);
+    const Pre<S, T> p = k.l.pre(t, b);
     // What this step reads as its trace: H_t (recomputed), or H_{t+1} to reconstruct H_t from.
     const T* source = s.recompute ? k.segment + ((t % s.every) * s.B + b) * matrix
                       : last      ? k.hebb_final + b * matrix
@@ -263,15 +303,17 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
       dy = warp_all_sum(dy);
       dm = warp_all_sum(dm);
       if (lane == 0) {
-        T gy = dy + (k.grad_output ? k.grad_output[row] : T(0));
+        T gy = dy + (k.grad_output ? wide<T>(k.grad_output, row) : T(0));
         if (s.recurrent && !last) gy += k.grad_pre[b * s.OUT + j];  // dL/dy_t through step t+1's pre
         if (s.endogenous) {  // completed below, once dL/ds_t is known
           k.grad_z[row] = gy;
         } else {
-          k.grad_z[row] = s.tanh ? gy * (T(1) - y * y) : gy;
+          const T gz = s.tanh ? gy * (T(1) - y * y) : gy;
+          k.grad_z[row] = gz;
+          store_narrow(k.grad_z_out, row, gz);
         }
         if (modulated && s.per_neuron && !s.endogenous) {
-          k.grad_mod[row] = dm;
+          k.grad_mod[row] = from_acc<S>(dm);
         } else if (modulated) {
           k.mod_rows[b * s.OUT + j] = dm;
         }
@@ -282,15 +324,17 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
       // M_t = fanout * act(s_t), s_t = mod_weight . y_t + mod_bias: dL/ds_t, then its share of dL/dy_t.
       T partial = T(0);
       for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) {
-        partial += (k.l.fanout ? k.l.fanout[j] : T(1)) * k.mod_rows[b * s.OUT + j];
+        partial += (k.l.fanout ? wide<T>(k.l.fanout, j) : T(1)) * k.mod_rows[b * s.OUT + j];
       }
       const T total = block_sum(partial, scratch);
       const T gs = s.mod_tanh ? total * (T(1) - activity * activity) : total;
       mod_bias_sum += gs;
       for (int64_t j = rows.first + threadIdx.x; j < rows.last; j += blockDim.x) {
         const int64_t row = (t * s.B + b) * s.OUT + j, slot = b * s.OUT + j;
-        const T y = k.l.out[row], gy = k.grad_z[row] + gs * k.mod_weight[j];
-        k.grad_z[row] = s.tanh ? gy * (T(1) - y * y) : gy;
+        const T y = k.l.out[row], gy = k.grad_z[row] + gs * wide<T>(k.mod_weight, j);
+        const T gz = s.tanh ? gy * (T(1) - y * y) : gy;
+        k.grad_z[row] = gz;
+        store_narrow(k.grad_z_out, row, gz);
         k.mod_weight_part[slot] = (last ? T(0) : k.mod_weight_part[slot]) + gs * y;
         if (k.mod_fanout_part) {
           k.mod_fanout_part[slot] = (last ? T(0) : k.mod_fanout_part[slot]) + k.mod_rows[slot] * activity;
@@ -301,7 +345,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
       T partial = T(0);
       for (int64_t j = threadIdx.x; j < s.OUT; j += blockDim.x) partial += k.mod_rows[b * s.OUT + j];
       const T total = block_sum(partial, scratch);
-      if (threadIdx.x == 0) k.grad_mod[t * s.B + b] = total;
+      if (threadIdx.x == 0) k.grad_mod[t * s.B + b] = from_acc<S>(total);
     }
     const T* grad_z = k.grad_z + (t * s.B + b) * s.OUT;
     const T* y_t = k.l.out + (t * s.B + b) * s.OUT;
@@ -315,7 +359,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
           const T y = y_t[j], gz = grad_z[j], m = k.l.modulation(t, b, j, activity);
           const T hv = h_t[e];
           const T g = clip_mask(s, g_next ? g_next[e] : T(0), hv, pi, y, eta, m, clip);
-          const T a = s.alpha_scalar ? k.alpha[0] : k.alpha[e];
+          const T a = wide<T>(k.alpha, s.alpha_scalar ? 0 : e);
           const T hz = gz * pi;
           if (s.alpha_scalar) {
             alpha_sum += hz * hv;
@@ -333,7 +377,7 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
           } else {
             d_h = T(1), d_p = m * y;
           }
-          gp += (k.weight[e] + a * hv) * gz + g * d_p;
+          gp += (wide<T>(k.weight, e) + a * hv) * gz + g * d_p;
           grad_hebb[e] = g * d_h + a * hz;
         }
       }
@@ -342,7 +386,9 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
       if (threadIdx.x < layout.width && c0 + threadIdx.x < cols.last) {
         T sum = T(0);
         for (int q = 0; q < layout.groups; ++q) sum += column_sums[q * layout.width + threadIdx.x];
-        k.grad_pre[(s.recurrent ? b : t * s.B + b) * s.IN + c0 + threadIdx.x] = sum;
+        const int64_t slot = (s.recurrent ? b : t * s.B + b) * s.IN + c0 + threadIdx.x;
+        k.grad_pre[slot] = sum;
+        if (!s.recurrent || t == 0) store_narrow(k.grad_pre_out, slot, sum);  // the rnn's dL/dy0: at t = 0
       }
       __syncthreads();  // column_sums is reused
     }
@@ -356,19 +402,20 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<T> k
   }
 }
 
-template <typename T> struct Reduce {
+template <typename S, typename T> struct Reduce {
   PlasticShape s;
   int64_t parts;
-  const T *x, *y0, *output, *grad_z, *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
-  T *grad_weight, *grad_bias, *grad_alpha, *grad_eta, *grad_mod_weight, *grad_mod_bias, *grad_mod_fanout;
+  const S *x, *y0;
+  const T *output, *grad_z, *alpha_part, *eta_part, *mod_weight_part, *mod_bias_part, *mod_fanout_part;
+  S *grad_weight, *grad_bias, *grad_alpha, *grad_eta, *grad_mod_weight, *grad_mod_bias, *grad_mod_fanout;
 };
 
 // Block (x, y) owns the [16, 16] tile (rows y, columns x) of the weight gradient, the sum over
 // k = (t, b) of dL/dz_t[b] (x) pre_t[b] (a tiled matrix product through shared memory), and of
 // alpha's, the sum of its partial sums over the sequences; column tile 0 the bias gradient
 // (linear); block (0, 0) the scalars and the modulator's. Every sum in a fixed order.
-template <typename T>
-__global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
+template <typename S, typename T>
+__global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<S, T> k) {
   __shared__ T gz_tile[kTile][kTile + 1], pre_tile[kTile][kTile + 1];
   const PlasticShape& s = k.s;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -382,11 +429,11 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
     T pre = T(0);
     if (kk < steps && i < s.IN) {
       if (!s.recurrent) {
-        pre = k.x[kk * s.IN + i];
+        pre = wide<T>(k.x, kk * s.IN + i);
       } else if (kk >= s.B) {
         pre = k.output[(kk - s.B) * s.IN + i];
       } else if (k.y0) {
-        pre = k.y0[kk * s.IN + i];
+        pre = wide<T>(k.y0, kk * s.IN + i);
       }
     }
     pre_tile[ty][tx] = pre;
@@ -399,28 +446,28 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
   }
   if (j < s.OUT && i < s.IN) {
     const int64_t e = j * s.IN + i;
-    k.grad_weight[e] = weight_sum;
+    k.grad_weight[e] = from_acc<S>(weight_sum);
     if (!s.alpha_scalar) {
       T sum = T(0);
       for (int64_t b = 0; b < s.B; ++b) sum += k.alpha_part[b * s.OUT * s.IN + e];
-      k.grad_alpha[e] = sum;
+      k.grad_alpha[e] = from_acc<S>(sum);
     }
   }
-  if (!s.recurrent && blockIdx.x == 0 && tx == 0 && j < s.OUT) k.grad_bias[j] = bias_sum;
+  if (!s.recurrent && blockIdx.x == 0 && tx == 0 && j < s.OUT) k.grad_bias[j] = from_acc<S>(bias_sum);
   if (blockIdx.x == 0 && blockIdx.y == 0) {
     const int flat = ty * kTile + tx;
     const int64_t parts = s.B * k.parts;
     if (flat == 0) {
       T eta = T(0), alpha = T(0), bias = T(0);
       for (int64_t q = 0; q < parts; ++q) eta += k.eta_part[q];
-      *k.grad_eta = eta;
+      *k.grad_eta = from_acc<S>(eta);
       if (s.alpha_scalar) {
         for (int64_t q = 0; q < parts; ++q) alpha += k.alpha_part[q];
-        *k.grad_alpha = alpha;
+        *k.grad_alpha = from_acc<S>(alpha);
       }
       if (k.grad_mod_bias) {
         for (int64_t b = 0; b < s.B; ++b) bias += k.mod_bias_part[b];
-        *k.grad_mod_bias = bias;
+        *k.grad_mod_bias = from_acc<S>(bias);
       }
     }
     if (s.endogenous) {
@@ -430,8 +477,8 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
           weight += k.mod_weight_part[b * s.OUT + n];
           if (k.grad_mod_fanout) fanout += k.mod_fanout_part[b * s.OUT + n];
         }
-        k.grad_mod_weight[n] = weight;
-        if (k.grad_mod_fanout) k.grad_mod_fanout[n] = fanout;
+        k.grad_mod_weight[n] = from_acc<S>(weight);
+        if (k.grad_mod_fanout) k.grad_mod_fanout[n] = from_acc<S>(fanout);
       }
     }
   }
@@ -440,14 +487,14 @@ __global__ void __launch_bounds__(kTile * kTile) reduce_kernel(Reduce<T> k) {
 template <typename T> const T* in(const void* p) { return static_cast<const T*>(p); }
 template <typename T> T* out(void* p) { return static_cast<T*>(p); }
 
-template <typename T>
-Layer<T> layer(const PlasticShape& s, const void* x, const void* y0, const void* output, const void* mod,
-               const void* fanout) {
-  return Layer<T>{s, in<T>(x), in<T>(y0), in<T>(output), in<T>(mod), in<T>(fanout)};
+template <typename S, typename T>
+Layer<S, T> layer(const PlasticShape& s, const void* x, const void* y0, const void* output, const void* mod,
+                  const void* fanout) {
+  return Layer<S, T>{s, in<S>(x), in<S>(y0), in<T>(output), in<S>(mod), in<S>(fanout)};
 }
 
 // Blocks of each kernel one multiprocessor holds at once, and the device's multiprocessors.
-template <typename T>
+template <typename S, typename T>
 cudaError_t capacity(int64_t* blocks, int* multiprocessors, int* cooperative, int* optin_shared) {
   int device = 0, forward = 0, backward = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -455,23 +502,24 @@ cudaError_t capacity(int64_t* blocks, int* multiprocessors, int* cooperative, in
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(cooperative, cudaDevAttrCooperativeLaunch, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(optin_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&forward, forward_kernel<T>, kPlasticThreads, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&forward, forward_kernel<S, T>, kPlasticThreads, 0);
   }
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&backward, backward_kernel<T>, kPlasticThreads, 0);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&backward, backward_kernel<S, T>, kPlasticThreads, 0);
   }
   *blocks = static_cast<int64_t>(forward < backward ? forward : backward) * *multiprocessors;
   return err;
 }
 
-template <typename T>
+template <typename S, typename T>
 cudaError_t plan(const PlasticShape& s, int64_t requested_parts, int requested_resident, PlasticPlan* plan) {
   int64_t most = 0;
   int multiprocessors = 0, cooperative = 0, optin = 0;
-  if (const cudaError_t err = capacity<T>(&most, &multiprocessors, &cooperative, &optin); err != cudaSuccess) {
+  if (const cudaError_t err = capacity<S, T>(&most, &multiprocessors, &cooperative, &optin); err != cudaSuccess) {
     return err;
   }
-  const bool fits = static_cast<int64_t>(sizeof(T)) * s.OUT * s.IN <= optin - 1024;  // beside the static scratch
+  // The resident trace is in the accumulation type, beside the static scratch.
+  const bool fits = static_cast<int64_t>(sizeof(T)) * s.OUT * s.IN <= optin - 1024;
   int64_t parts = 1;
   if (requested_parts > 0) {
     parts = requested_parts;
@@ -507,61 +555,74 @@ cudaError_t launch(void (*kernel)(Params), const PlasticPlan& plan, int64_t B, s
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename S, typename T>
 cudaError_t forward(const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan, cudaStream_t stream) {
   if (s.B == 0) return cudaSuccess;
-  Forward<T> k{layer<T>(s, a.x, a.y0, a.output, a.modulation, a.mod_fanout), plan.resident, in<T>(a.weight),
-               in<T>(a.alpha), in<T>(a.eta), in<T>(a.bias), in<T>(a.drive), in<T>(a.hebb), in<T>(a.mod_weight),
-               in<T>(a.mod_bias), out<T>(a.trace), out<T>(a.checkpoints), out<T>(a.activity), out<T>(a.output)};
+  Forward<S, T> k{layer<S, T>(s, a.x, a.y0, a.state, a.modulation, a.mod_fanout), plan.resident, in<S>(a.weight),
+                  in<S>(a.alpha), in<S>(a.eta), in<S>(a.bias), in<S>(a.drive), in<T>(a.hebb), in<S>(a.mod_weight),
+                  in<S>(a.mod_bias), out<T>(a.trace), out<T>(a.checkpoints), out<T>(a.activity), out<T>(a.state),
+                  out<S>(a.output)};
   const size_t shared = plan.resident ? sizeof(T) * static_cast<size_t>(s.OUT * s.IN) : 0;
-  return launch(forward_kernel<T>, plan, s.B, shared, k, stream);
+  return launch(forward_kernel<S, T>, plan, s.B, shared, k, stream);
 }
 
-template <typename T>
+template <typename S, typename T>
 cudaError_t backward(const PlasticShape& s, const PlasticBackwardArgs& a, const PlasticPlan& plan,
                      cudaStream_t stream) {
   if (s.B == 0 || s.T == 0) return cudaSuccess;
-  Backward<T> k{layer<T>(s, a.x, a.y0, a.output, a.modulation, a.mod_fanout), in<T>(a.weight), in<T>(a.alpha),
-                in<T>(a.eta), in<T>(a.grad_output), in<T>(a.activity), in<T>(a.mod_weight), in<T>(a.checkpoints),
-                in<T>(a.hebb_final), in<T>(a.grad_hebb_in), out<T>(a.trace), out<T>(a.segment), out<T>(a.grad_hebb),
-                out<T>(a.grad_z), out<T>(a.grad_pre), out<T>(a.grad_mod), out<T>(a.mod_rows), out<T>(a.alpha_part),
-                out<T>(a.eta_part), out<T>(a.mod_weight_part), out<T>(a.mod_bias_part), out<T>(a.mod_fanout_part)};
-  return launch(backward_kernel<T>, PlasticPlan{plan.parts, false}, s.B, 0, k, stream);
+  Backward<S, T> k{layer<S, T>(s, a.x, a.y0, a.output, a.modulation, a.mod_fanout), in<S>(a.weight),
+                   in<S>(a.alpha), in<S>(a.eta), in<S>(a.grad_output), in<T>(a.activity), in<S>(a.mod_weight),
+                   in<T>(a.checkpoints), in<T>(a.hebb_final), in<T>(a.grad_hebb_in), out<T>(a.trace),
+                   out<T>(a.segment), out<T>(a.grad_hebb), out<T>(a.grad_z), out<T>(a.grad_pre), out<S>(a.grad_mod),
+                   out<T>(a.mod_rows), out<T>(a.alpha_part), out<T>(a.eta_part), out<T>(a.mod_weight_part),
+                   out<T>(a.mod_bias_part), out<T>(a.mod_fanout_part), out<S>(a.grad_z_out), out<S>(a.grad_pre_out)};
+  return launch(backward_kernel<S, T>, PlasticPlan{plan.parts, false}, s.B, 0, k, stream);
 }
 
-template <typename T>
+template <typename S, typename T>
 cudaError_t reduce(const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts, cudaStream_t stream) {
-  Reduce<T> k{s, parts, in<T>(a.x), in<T>(a.y0), in<T>(a.output), in<T>(a.grad_z), in<T>(a.alpha_part),
-              in<T>(a.eta_part), in<T>(a.mod_weight_part), in<T>(a.mod_bias_part), in<T>(a.mod_fanout_part),
-              out<T>(a.grad_weight), out<T>(a.grad_bias), out<T>(a.grad_alpha), out<T>(a.grad_eta),
-              out<T>(a.grad_mod_weight), out<T>(a.grad_mod_bias), out<T>(a.grad_mod_fanout)};
+  Reduce<S, T> k{s, parts, in<S>(a.x), in<S>(a.y0), in<T>(a.output), in<T>(a.grad_z), in<T>(a.alpha_part),
+                 in<T>(a.eta_part), in<T>(a.mod_weight_part), in<T>(a.mod_bias_part), in<T>(a.mod_fanout_part),
+                 out<S>(a.grad_weight), out<S>(a.grad_bias), out<S>(a.grad_alpha), out<S>(a.grad_eta),
+                 out<S>(a.grad_mod_weight), out<S>(a.grad_mod_bias), out<S>(a.grad_mod_fanout)};
   const dim3 grid(static_cast<unsigned>(ceil_div(s.IN > 0 ? s.IN : 1, kTile)),
                   static_cast<unsigned>(ceil_div(s.OUT > 0 ? s.OUT : 1, kTile)));
-  reduce_kernel<T><<<grid, dim3(kTile, kTile), 0, stream>>>(k);
+  reduce_kernel<S, T><<<grid, dim3(kTile, kTile), 0, stream>>>(k);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t plastic_plan(bool is_double, const PlasticShape& s, int64_t requested_parts, int requested_resident,
+// The kernels of each caller's type, with its accumulation type.
+#define NF_PLASTIC_DISPATCH(dtype, FN, ...)                               \
+  switch (dtype) {                                                        \
+    case DType::kFloat32: return FN<float, float>(__VA_ARGS__);           \
+    case DType::kFloat64: return FN<double, double>(__VA_ARGS__);         \
+    case DType::kFloat16: return FN<__half, float>(__VA_ARGS__);          \
+    case DType::kBFloat16: return FN<__nv_bfloat16, float>(__VA_ARGS__);  \
+  }                                                                       \
+  return cudaErrorInvalidValue;
+
+cudaError_t plastic_plan(DType dtype, const PlasticShape& s, int64_t requested_parts, int requested_resident,
                          PlasticPlan* p) {
-  return is_double ? plan<double>(s, requested_parts, requested_resident, p)
-                   : plan<float>(s, requested_parts, requested_resident, p);
+  NF_PLASTIC_DISPATCH(dtype, plan, s, requested_parts, requested_resident, p)
 }
 
-cudaError_t plastic_forward(bool is_double, const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan,
+cudaError_t plastic_forward(DType dtype, const PlasticShape& s, const PlasticForwardArgs& a, const PlasticPlan& plan,
                             cudaStream_t stream) {
-  return is_double ? forward<double>(s, a, plan, stream) : forward<float>(s, a, plan, stream);
+  NF_PLASTIC_DISPATCH(dtype, forward, s, a, plan, stream)
 }
 
-cudaError_t plastic_backward(bool is_double, const PlasticShape& s, const PlasticBackwardArgs& a,
+cudaError_t plastic_backward(DType dtype, const PlasticShape& s, const PlasticBackwardArgs& a,
                              const PlasticPlan& plan, cudaStream_t stream) {
-  return is_double ? backward<double>(s, a, plan, stream) : backward<float>(s, a, plan, stream);
+  NF_PLASTIC_DISPATCH(dtype, backward, s, a, plan, stream)
 }
 
-cudaError_t plastic_reduce(bool is_double, const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts,
+cudaError_t plastic_reduce(DType dtype, const PlasticShape& s, const PlasticReduceArgs& a, int64_t parts,
                            cudaStream_t stream) {
-  return is_double ? reduce<double>(s, a, parts, stream) : reduce<float>(s, a, parts, stream);
+  NF_PLASTIC_DISPATCH(dtype, reduce, s, a, parts, stream)
 }
+
+#undef NF_PLASTIC_DISPATCH
 
 }  // namespace neuronml_fast::cuda

@@ -41,7 +41,7 @@ def plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, modulation, cl
         c(x), c(weight), c(alpha), float(eta.detach()), c(bias), c(drive), c(y0), c(modulation), clip, recurrent,
         _rule_code(rule, modulation, modulator), activation == "tanh", every, trace, output, checkpoints,
         *_modulator_args(modulator), activity)
-    return output, trace, checkpoints, activity
+    return output, trace, checkpoints, activity, None  # float32 and float64 only: the output is the state
 
 
 def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints,

@@ -26,17 +26,17 @@ class CudaKernels:
     def forward(self, p, f):
         parts, resident = self.plan(p)
         _extensions.cuda().plastic_forward(
-            p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, f.hebb, p.mod_weight, p.mod_bias,
-            p.mod_fanout, f.trace, f.output, f.checkpoints, f.activity, p.clip, p.every, p.recurrent, p.rule,
-            p.per_neuron, p.mod_tanh, p.tanh, p.has_clip, parts, resident)
+            p.x, p.weight, p.alpha, p.eta, p.bias, p.drive, p.y0, p.modulation, _accumulated(f.hebb, p), p.mod_weight,
+            p.mod_bias, p.mod_fanout, f.trace, f.output, f.state, f.checkpoints, f.activity, p.clip, p.every,
+            p.recurrent, p.rule, p.per_neuron, p.mod_tanh, p.tanh, p.has_clip, parts, resident)
 
     def backward(self, p, b):
         _extensions.cuda().plastic_backward(
             p.x, p.weight, p.alpha, p.eta, p.y0, b.output, b.grad_output, p.modulation, b.activity, p.mod_weight,
-            p.mod_fanout, b.checkpoints, b.hebb_final, b.grad_hebb_in, b.trace, b.segment, b.grad_hebb, b.grad_z,
-            b.grad_pre, b.grad_mod, b.mod_rows, b.alpha_part, b.eta_part, b.mod_weight_part, b.mod_bias_part,
-            b.mod_fanout_part, p.clip, p.every, p.recurrent, p.rule, p.per_neuron, p.mod_tanh, p.tanh, p.has_clip,
-            p.recompute, b.parts)
+            p.mod_fanout, b.checkpoints, b.hebb_final, _accumulated(b.grad_hebb_in, p), b.trace, b.segment,
+            b.grad_hebb, b.grad_z, b.grad_pre, b.grad_z_out, b.grad_pre_out, b.grad_mod, b.mod_rows, b.alpha_part,
+            b.eta_part, b.mod_weight_part, b.mod_bias_part, b.mod_fanout_part, p.clip, p.every, p.recurrent, p.rule,
+            p.per_neuron, p.mod_tanh, p.tanh, p.has_clip, p.recompute, b.parts)
 
     @staticmethod
     def reduce(p, b):
@@ -44,6 +44,12 @@ class CudaKernels:
             p.x, p.weight, p.alpha, p.y0, b.output, b.grad_z, b.alpha_part, b.eta_part, b.mod_weight_part,
             b.mod_bias_part, b.mod_fanout_part, b.grad_weight, b.grad_bias, b.grad_alpha, b.grad_eta,
             b.grad_mod_weight, b.grad_mod_bias, b.grad_mod_fanout, p.recurrent, b.parts)
+
+
+def _accumulated(trace, p):
+    """A trace (or its gradient) in the accumulation dtype the kernels read it in: ``hebb=`` also takes
+    the input's dtype (SPEC section 4), which a 16-bit call converts here, one copy per call."""
+    return trace if trace is None or trace.dtype == p.acc else trace.to(p.acc)
 
 
 # eta is read on the host only where the checkpoint interval needs it (op._eta_and_checkpoints).

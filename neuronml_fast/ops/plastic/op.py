@@ -137,11 +137,15 @@ def _validate_modulator(input, modulator, modulation):
 # A backend's launchers:
 #   plastic_forward(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule,
 #                   activation, checkpoint_every, modulator)
-#       -> (output, final hebb, checkpoints, the modulator's activity [T, B] or None)
+#       -> (output, final hebb, checkpoints, the modulator's activity [T, B] or None, the output in the
+#           accumulation dtype where that is wider than the input's (16-bit inputs: the state the
+#           recurrence and the backward read), else None)
 #   plastic_backward(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
 #                    checkpoints, clip, recurrent, rule, activation, checkpoint_every, modulator, activity)
+#       (``output``: the forward's output in the accumulation dtype)
 #       -> the gradients of (input, weight, alpha, eta, hebb, bias, drive, y0, modulation, mod_weight,
-#           mod_bias, mod_fanout) in the input's dtype, None for one the call does not have (y0 of a
+#           mod_bias, mod_fanout) in the input's dtype (hebb's in the trace dtype), None for one the
+#           call does not have (y0 of a
 #           linear layer, bias and drive of the rnn, the modulator's without one); `dense_grads` and
 #           `modulator_grads` form the GEMM-shaped ones from the reverse walk's dL/dz for a launcher
 #           whose kernels do not.
@@ -175,13 +179,21 @@ def plastic_op(
     drive: Optional[Tensor], y0: Optional[Tensor], modulation: Optional[Tensor], clip: Optional[float],
     recurrent: bool, rule: str, activation: str, checkpoint_every: int, mod_weight: Optional[Tensor],
     mod_bias: Optional[Tensor], mod_fanout: Optional[Tensor], mod_tanh: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(output [T, B, out], final hebb [B, out, in], the traces kept every checkpoint_every steps,
-    the modulator's activity [T, B] (empty without a modulator))."""
-    output, trace, checkpoints, activity = backends.launchers(OP, backend).plastic_forward(
+    the modulator's activity [T, B] (empty without a modulator), the output in the accumulation dtype
+    [T, B, out] where that is wider than the input's (16-bit inputs), else empty: what the backward reads)."""
+    output, trace, checkpoints, activity, state = backends.launchers(OP, backend).plastic_forward(
         input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurrent, rule, activation,
         checkpoint_every, _modulator(mod_weight, mod_bias, mod_fanout, mod_tanh))
-    return output, trace, checkpoints, input.new_empty((0,)) if activity is None else activity
+    absent = lambda: input.new_empty((0,), dtype=_alloc.accumulation_dtype(input.dtype))  # noqa: E731
+    return (output, trace, checkpoints, absent() if activity is None else activity,
+            absent() if state is None else state)
+
+
+def _narrow(dtype):
+    """Whether the plastic ops keep their state in a wider dtype than ``dtype`` (16-bit)."""
+    return _alloc.accumulation_dtype(dtype) != dtype
 
 
 @plastic_op.register_fake
@@ -189,10 +201,12 @@ def _(input, weight, alpha, eta, hebb, bias, drive, y0, modulation, clip, recurr
       checkpoint_every, mod_weight, mod_bias, mod_fanout, mod_tanh, backend):
     T, B = input.shape[:2]
     out_features, in_features = weight.shape
-    checkpoints = input.new_empty((-(-T // checkpoint_every), B, out_features, in_features))
-    activity = input.new_empty((0,) if mod_weight is None else (T, B), dtype=_alloc.accumulation_dtype(input.dtype))
+    acc = _alloc.accumulation_dtype(input.dtype)
+    checkpoints = input.new_empty((-(-T // checkpoint_every), B, out_features, in_features), dtype=acc)
+    activity = input.new_empty((0,) if mod_weight is None else (T, B), dtype=acc)
     trace = input.new_empty((B, out_features, in_features), dtype=trace_dtype(input.dtype))
-    return input.new_empty((T, B, out_features)), trace, checkpoints, activity
+    state = input.new_empty((T, B, out_features) if _narrow(input.dtype) else (0,), dtype=acc)
+    return input.new_empty((T, B, out_features)), trace, checkpoints, activity, state
 
 
 @torch.library.custom_op("neuronml_fast::plastic_backward", mutates_args=())
@@ -248,7 +262,7 @@ def _(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output,
     absent = lambda: input.new_empty((0,))  # noqa: E731  (one each: outputs may not alias each other)
     endogenous = mod_weight is not None
     return (input.new_empty(input.shape), weight.new_empty(weight.shape), alpha.new_empty(alpha.shape),
-            eta.new_empty(()), input.new_empty((B, out_features, in_features)),
+            eta.new_empty(()), input.new_empty((B, out_features, in_features), dtype=trace_dtype(input.dtype)),
             absent() if recurrent else input.new_empty((out_features,)),
             absent() if recurrent else input.new_empty((T, B, out_features)),
             input.new_empty((B, out_features)) if recurrent else absent(),
@@ -264,16 +278,17 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (clip, recurrent, rule, activation, checkpoint_every)
     ctx.modulator_options = (mod_tanh, backend)
     ctx.present = tuple(t is not None for t in (hebb, bias, drive, y0, modulation, mod_weight, mod_bias, mod_fanout))
-    ctx.save_for_backward(input, weight, alpha, eta, y0, modulation, output[0], output[1], output[2], mod_weight,
+    state = output[4] if _narrow(input.dtype) else output[0]  # the output as the backward reads it
+    ctx.save_for_backward(input, weight, alpha, eta, y0, modulation, state, output[1], output[2], mod_weight,
                           mod_bias, mod_fanout, output[3])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
+def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity, _grad_state):
     (input, weight, alpha, eta, y0, modulation, output, hebb_final, checkpoints, mod_weight, mod_bias, mod_fanout,
      activity) = ctx.saved_tensors
     if grad_output is None:
-        grad_output = torch.zeros_like(output)
+        grad_output = torch.zeros_like(output, dtype=input.dtype)
     mod_tanh, backend = ctx.modulator_options
     grads = plastic_backward_op(grad_output, grad_hebb, input, weight, alpha, eta, y0, modulation, output, hebb_final,
                                 checkpoints, *ctx.options, mod_weight, mod_bias, mod_fanout, mod_tanh, activity,
@@ -284,8 +299,8 @@ def _backward(ctx, grad_output, grad_hebb, _grad_checkpoints, _grad_activity):
 
 
 plastic_op.register_autograd(_backward, setup_context=_setup_context)
-# The RNN cells' autocast, the trace (argument 4, output 1) kept in float32; checkpoints and the
-# modulator's activity are the backward's, in the dtype it computes in.
+# The RNN cells' autocast, the trace (argument 4, output 1) kept in float32; checkpoints, the
+# modulator's activity and the wide state are the backward's, in the dtype it computes in.
 _autocast.register(plastic_op, OP, _autocast.Policy(_autocast.LOWER, state_inputs=(4,), cast_outputs=(0,)))
 _autocast.register(plastic_backward_op, f"{OP}_backward", _autocast.Policy(_autocast.AS_GIVEN))
 
@@ -379,7 +394,7 @@ def plastic_linear(input, weight, alpha, eta, hebb=None, bias=None, drive=None, 
     every = _eta_and_checkpoints(input, eta, number, None, False, rule, activation, backend)
     if backend == "reference":
         return plastic_linear_reference(input, weight, alpha, eta, hebb, bias, drive, rule, activation)
-    output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
+    output, hebb, *_ = plastic_op(input, weight, alpha, eta, hebb, bias, drive, None, None, None, False, rule,
                                     activation, every, None, None, None, True, backend)
     return output, hebb
 
@@ -425,7 +440,7 @@ def plastic_rnn(input, weight, alpha, eta, y0=None, hebb=None, modulation=None, 
     if backend == "reference":
         return plastic_rnn_reference(input, weight, alpha, eta, y0, hebb, modulation, clip, rule, activation,
                                      mod_weight, mod_bias, mod_fanout, mod_activation)
-    output, hebb, _, _ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
+    output, hebb, *_ = plastic_op(input, weight, alpha, eta, hebb, None, None, y0, modulation, clip, True, rule,
                                     activation, every, mod_weight, mod_bias, mod_fanout, mod_activation == "tanh",
                                     backend)
     return output, hebb

@@ -10,7 +10,8 @@ from .._triton_launch import accumulation_tl_dtype, launch
 from . import gpu
 
 # (rows, columns, steps) of the reducing kernel's weight-gradient tile and its chunk of the (t, b) sum,
-# by element size: the chunk's outer products are a [steps, rows, columns] register block.
+# by the accumulation dtype's element size: the chunk's outer products are a [steps, rows, columns]
+# register block.
 REDUCE_TILE = {4: (32, 32, 8), 8: (32, 32, 4)}
 
 
@@ -18,8 +19,9 @@ class TritonKernels:
     @staticmethod
     def tile(p):
         """(rows, columns, warps) of the streaming kernels' tile: 32 x 64 on 4 warps, 32 x 32 for
-        float64, whose tiles take twice the registers (the backward's column pass holds five)."""
-        widest = 32 if p.x.dtype.itemsize == 8 else 64
+        float64, whose tiles take twice the registers (the backward's column pass holds five). Tiles
+        hold the accumulation dtype (float32 for 16-bit inputs)."""
+        widest = 32 if p.acc.itemsize == 8 else 64
         rows = min(32, triton.next_power_of_2(max(p.out_features, 1)))
         cols = min(widest, triton.next_power_of_2(max(p.in_features, 1)))
         return rows, cols, 4
@@ -57,11 +59,11 @@ class TritonKernels:
         launch(
             kernel, (p.B,),
             x, p.weight, p.alpha, p.eta, _pointer(p.bias, x), _pointer(p.drive, x), _pointer(p.y0, x),
-            _pointer(p.modulation, x), _pointer(f.hebb, x), f.trace, f.output, f.checkpoints, _pointer(f.activity, x),
-            _pointer(p.mod_weight, x), _pointer(p.mod_bias, x), _pointer(p.mod_fanout, x), p.T, p.B, p.out_features,
-            p.in_features, p.clip, p.every,
+            _pointer(p.modulation, x), _pointer(f.hebb, x), f.trace, f.state, f.checkpoints, _pointer(f.activity, x),
+            _pointer(p.mod_weight, x), _pointer(p.mod_bias, x), _pointer(p.mod_fanout, x), f.output, p.T, p.B,
+            p.out_features, p.in_features, p.clip, p.every,
             HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
-            HAS_HEBB=f.hebb is not None, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
+            HAS_HEBB=f.hebb is not None, NARROW=p.narrow, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
 
     def backward(self, p, b):
         block_o, block_i, warps = self.tile(p)
@@ -73,15 +75,15 @@ class TritonKernels:
             b.checkpoints, b.hebb_final, _pointer(b.grad_hebb_in, x), _pointer(b.trace, x), _pointer(b.segment, x),
             b.grad_hebb, b.grad_z, b.grad_pre, _pointer(b.grad_mod, x), _pointer(b.mod_rows, x), b.alpha_part,
             b.eta_part, _pointer(b.mod_weight_part, x), _pointer(b.mod_bias_part, x), _pointer(b.mod_fanout_part, x),
-            p.T, p.B, p.out_features, p.in_features, p.clip, p.every,
+            b.grad_z_out, b.grad_pre_out, p.T, p.B, p.out_features, p.in_features, p.clip, p.every,
             HAS_Y0=p.y0 is not None, HAS_GOUT=b.grad_output is not None, HAS_GHEBB=b.grad_hebb_in is not None,
-            RECOMPUTE=p.recompute, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
+            RECOMPUTE=p.recompute, NARROW=p.narrow, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
 
     @staticmethod
     def reduce(p, b):
         x = p.x
         # float64 tiles take twice the registers: half the steps per chunk of the (t, b) sum
-        block_o, block_i, block_k = REDUCE_TILE[x.dtype.itemsize]
+        block_o, block_i, block_k = REDUCE_TILE[p.acc.itemsize]
         block_o = min(block_o, triton.next_power_of_2(max(p.out_features, 1)))
         block_i = min(block_i, triton.next_power_of_2(max(p.in_features, 1)))
         launch(
