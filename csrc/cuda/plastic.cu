@@ -10,9 +10,23 @@ namespace neuronml_fast::cuda {
 namespace {
 
 constexpr int kWarps = kPlasticThreads / 32;
+// Blocks per multiprocessor the time-loop kernels are compiled for: one leaves ptxas every register
+// it wants (at most 128 here, so two blocks still fit); with no minimum its own choice (48 to 80)
+// spills.
+constexpr int kMinBlocks = 1;
 constexpr int kTile = kPlasticReduceTile;
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Quotient and remainder of step and row indices, which fit in 32 bits (bindings.cpp checks T, OUT
+// and IN): a 32-bit division is a few inline instructions, a 64-bit one a call of a subroutine,
+// around which ptxas spills the registers live across it.
+__device__ __forceinline__ int64_t div32(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+}
+__device__ __forceinline__ int64_t mod32(int64_t a, int64_t b) {
+  return static_cast<int64_t>(static_cast<uint32_t>(a) % static_cast<uint32_t>(b));
+}
 
 template <typename T> __device__ __forceinline__ T activation(T z, bool tanh_act) { return tanh_act ? tanh(z) : z; }
 
@@ -25,12 +39,28 @@ __device__ __forceinline__ T update(const PlasticShape& s, T h, T p, T y, T eta,
   return next;
 }
 
-// H_t from H_{t+1} = rule(H_t) (unclipped: clipped traces are recomputed, not reconstructed).
+// H_t from H_{t+1} = rule(H_t) (unclipped: clipped traces are recomputed, not reconstructed), with
+// `inverse` = 1 / (the factor the rule multiplies H_t by), formed once per row (`unupdate_factor`):
+// no division per element.
 template <typename T>
-__device__ __forceinline__ T unupdate(const PlasticShape& s, T h, T p, T y, T eta, T m) {
-  return s.rule == PlasticRule::kHebb  ? (h - eta * y * p) / (T(1) - eta)
-         : s.rule == PlasticRule::kOja ? (h - eta * y * p) / (T(1) - eta * y * y)
-                                       : h - m * y * p;
+__device__ __forceinline__ T unupdate(const PlasticShape& s, T h, T p, T y, T eta, T m, T inverse) {
+  return s.rule == PlasticRule::kModulated ? h - m * y * p : (h - eta * y * p) * inverse;
+}
+
+// 1 / d for the rules' factors 1 - eta and 1 - eta y^2, which lie in (0, 1]. float: the hardware's
+// approximation and one Newton step, within a unit in the last place, where `1.0f / d` compiles to
+// a call of a slow path for the ranges it cannot take, and ptxas spills the registers live across
+// that call.
+template <typename T> __device__ __forceinline__ T reciprocal(T d) { return T(1) / d; }
+template <> __device__ __forceinline__ float reciprocal<float>(float d) {
+  const float r = __fdividef(1.0f, d);
+  return fmaf(r, fmaf(-d, r, 1.0f), r);
+}
+
+template <typename T> __device__ __forceinline__ T unupdate_factor(const PlasticShape& s, T y, T eta) {
+  return s.rule == PlasticRule::kHebb  ? reciprocal(T(1) - eta)
+         : s.rule == PlasticRule::kOja ? reciprocal(T(1) - eta * y * y)
+                                       : T(1);
 }
 
 // Every block of the sequence (every block of the grid, when a sequence is several blocks of a
@@ -59,7 +89,7 @@ template <typename T> __device__ T block_sum(T v, T* scratch) {
 struct Span {
   int64_t first, last;
   __device__ Span(int64_t n, int64_t part, int64_t parts) {
-    const int64_t size = (n + parts - 1) / parts;
+    const int64_t size = div32(n + parts - 1, parts);
     first = min64(n, part * size);
     last = min64(n, first + size);
   }
@@ -140,7 +170,7 @@ template <typename S, typename T> struct Forward {
 // the modulator computes it from every row's y_{t-1}), stored (and kept every `every` steps), and
 // z_t from it; pass T only applies the last update.
 template <typename S, typename T>
-__global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<S, T> k) {
+__global__ void __launch_bounds__(kPlasticThreads, kMinBlocks) forward_kernel(Forward<S, T> k) {
   extern __shared__ unsigned char smem_raw[];
   __shared__ T scratch[kWarps];
   const PlasticShape& s = k.l.s;
@@ -152,10 +182,10 @@ __global__ void __launch_bounds__(kPlasticThreads) forward_kernel(Forward<S, T> 
   const T eta = wide<T>(k.eta, 0), clip = static_cast<T>(s.clip);
   T activity = T(0);  // the modulator's output of the previous step
   for (int64_t t = 0; t <= s.T; ++t) {
-    const bool stepping = t < s.T, keep = stepping && t % s.every == 0;
+    const bool stepping = t < s.T, keep = stepping && mod32(t, s.every) == 0;
     const Pre<S, T> p = stepping ? k.l.pre(t, b) : Pre<S, T>{};
     const Pre<S, T> p_prev = t > 0 ? k.l.pre(t - 1, b) : Pre<S, T>{};
-    T* checkpoint = k.checkpoints + ((t / s.every) * s.B + b) * matrix;
+    T* checkpoint = k.checkpoints + (div32(t, s.every) * s.B + b) * matrix;
     for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
       T* hr = h + j * s.IN;
       const T y_prev = t > 0 ? k.output[((t - 1) * s.B + b) * s.OUT + j] : T(0);
@@ -223,11 +253,11 @@ template <typename S, typename T>
 __device__ void recompute_segment(const Backward<S, T>& k, int64_t t, int64_t b, const Span& rows, T eta, T clip) {
   const PlasticShape& s = k.l.s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t matrix = s.OUT * s.IN, start = (t / s.every) * s.every;
+  const int64_t matrix = s.OUT * s.IN, segment = div32(t, s.every), start = segment * s.every;
+  const T* checkpoint = k.checkpoints + (segment * s.B + b) * matrix;
   for (int64_t u = start; u <= t; ++u) {
-    T* slot = k.segment + ((u % s.every) * s.B + b) * matrix;
-    const T* prev = k.segment + (((u - 1) % s.every) * s.B + b) * matrix;
-    const T* checkpoint = k.checkpoints + ((u / s.every) * s.B + b) * matrix;
+    T* slot = k.segment + ((u - start) * s.B + b) * matrix;  // u % every
+    const T* prev = u > start ? slot - s.B * matrix : slot;  // slot (u - 1) % every
     const Pre<S, T> p = u > start ? k.l.pre(u - 1, b) : Pre<S, T>{};
     const T activity = u > start && s.endogenous ? k.activity[(u - 1) * s.B + b] : T(0);
     for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
@@ -253,7 +283,7 @@ __device__ __forceinline__ T clip_mask(const PlasticShape& s, T g, T h, T p, T y
 // dL/dH_{t+1}, the rule's share of dL/dy_t and dL/dM_t, and dL/dz_t. Columns (the block's span of
 // columns, each summed over every row: ColumnLayout): dL/dH_t, alpha, eta and dL/dpre_t.
 template <typename S, typename T>
-__global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<S, T> k) {
+__global__ void __launch_bounds__(kPlasticThreads, kMinBlocks) backward_kernel(Backward<S, T> k) {
   __shared__ T scratch[kWarps];
   __shared__ T column_sums[kPlasticThreads];
   const PlasticShape& s = k.l.s;
@@ -268,26 +298,28 @@ __global__ void __launch_bounds__(kPlasticThreads) backward_kernel(Backward<S, T
   T eta_sum = T(0), alpha_sum = T(0), mod_bias_sum = T(0);
   for (int64_t t = s.T - 1; t >= 0; --t) {
     const bool last = t == s.T - 1;
-    if (s.recompute && (last || (t + 1) % s.every == 0)) recompute_segment(k, t, b, rows, eta, clip);
+    const bool restart = mod32(t + 1, s.every) == 0;  // H_{t+1} is a checkpoint
+    if (s.recompute && (last || restart)) recompute_segment(k, t, b, rows, eta, clip);
     const T activity = s.endogenous ? k.activity[t * s.B + b] : T(0);
     const Pre<S, T> p = k.l.pre(t, b);
     // What this step reads as its trace: H_t (recomputed), or H_{t+1} to reconstruct H_t from.
-    const T* source = s.recompute ? k.segment + ((t % s.every) * s.B + b) * matrix
+    const T* source = s.recompute ? k.segment + (mod32(t, s.every) * s.B + b) * matrix
                       : last      ? k.hebb_final + b * matrix
-                      : (t + 1) % s.every == 0 ? k.checkpoints + (((t + 1) / s.every) * s.B + b) * matrix
-                                               : trace;
+                      : restart   ? k.checkpoints + (div32(t + 1, s.every) * s.B + b) * matrix
+                                  : trace;
     const T* h_t = s.recompute ? source : trace;
     const T* g_next = last ? (k.grad_hebb_in ? k.grad_hebb_in + b * matrix : nullptr) : grad_hebb;  // dL/dH_{t+1}
     for (int64_t j = rows.first + warp; j < rows.last; j += kWarps) {
       const int64_t row = (t * s.B + b) * s.OUT + j;
       const T y = k.l.out[row], m = k.l.modulation(t, b, j, activity);
+      const T inverse = s.recompute ? T(1) : unupdate_factor(s, y, eta);
       T dy = T(0), dm = T(0);
       for (int64_t i = lane; i < s.IN; i += 32) {
         const int64_t e = j * s.IN + i;
         const T pi = p ? p[i] : T(0);
         T hv = source[e];
         if (!s.recompute) {
-          hv = unupdate(s, hv, pi, y, eta, m);
+          hv = unupdate(s, hv, pi, y, eta, m, inverse);
           trace[e] = hv;
         }
         const T g = clip_mask(s, g_next ? g_next[e] : T(0), hv, pi, y, eta, m, clip);
