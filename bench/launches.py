@@ -359,10 +359,10 @@ def _mask(channels, active, tasks, device):
     return (torch.rand(shape, generator=gen).argsort(-1) < round(active * channels)).float().to(device).requires_grad_()
 
 
-def _leaves(device, *shapes, scale=1.0):
+def _leaves(device, *shapes, scale=1.0, dtype=torch.float32):
     """Leaf tensors of these shapes (std ``scale``), the same on every device."""
     gen = torch.Generator().manual_seed(0)
-    return [(scale * torch.randn(shape, generator=gen)).to(device).requires_grad_() for shape in shapes]
+    return [(scale * torch.randn(shape, generator=gen)).to(device, dtype).requires_grad_() for shape in shapes]
 
 
 def _masked_conv(tasks, n, c, hw, active):
@@ -403,17 +403,18 @@ def _masked_linear(tasks, n, d_in, d_out, active):
     return build
 
 
-def _plastic_rnn(steps, batch, n, clip=None, endogenous=False):
+def _plastic_rnn(steps, batch, n, clip=None, endogenous=False, dtype=torch.float32):
     """plastic_rnn with a learnable eta (0-d tensor), tanh; eager is the reference backend's autograd."""
 
     def build(path, device="cpu"):
-        x, = _leaves(device, (steps, batch, n), scale=0.5)
-        w, mod_weight = _leaves(device, (n, n), (n,), scale=n ** -0.5)
-        a, = _leaves(device, (n, n), scale=0.1 * n ** -0.5)
-        eta = torch.tensor(0.05, device=device, requires_grad=True)
+        x, = _leaves(device, (steps, batch, n), scale=0.5, dtype=dtype)
+        w, mod_weight = _leaves(device, (n, n), (n,), scale=n ** -0.5, dtype=dtype)
+        a, = _leaves(device, (n, n), scale=0.1 * n ** -0.5, dtype=dtype)
+        eta = torch.tensor(0.05, device=device, dtype=dtype, requires_grad=True)
         extra = {}
         if endogenous:
-            extra = dict(mod_weight=mod_weight, mod_bias=torch.zeros((), device=device, requires_grad=True))
+            extra = dict(mod_weight=mod_weight,
+                         mod_bias=torch.zeros((), device=device, dtype=dtype, requires_grad=True))
 
         def forward():
             nf = _nf()
@@ -458,14 +459,18 @@ CASES = [
          budget=MASKED_BUDGET),
     Case("masked_linear 12->9, 2 tasks (runs)", "masked", _masked_linear(2, n=3, d_in=12, d_out=9, active=0.5),
          budget=MASKED_BUDGET),
-    *[Case(name, "plastic", build, budget=PLASTIC_BUDGET, recorded=GPU_BACKENDS)
-      for name, build in (
-          ("plastic_rnn T=100 N=64 hebb", _plastic_rnn(100, 1, 64)),
-          ("plastic_rnn T=100 N=256 hebb", _plastic_rnn(100, 1, 256)),
-          ("plastic_rnn T=106 N=1001 B=1 hebb (Miconi)", _plastic_rnn(106, 1, 1001)),
-          ("plastic_rnn T=100 N=64 clip 1", _plastic_rnn(100, 1, 64, clip=1.0)),
+    *[Case(name, "plastic", build, budget=PLASTIC_BUDGET, recorded=GPU_BACKENDS, dtype=dtype)
+      for name, build, dtype in (
+          ("plastic_rnn T=100 N=64 hebb", _plastic_rnn(100, 1, 64), torch.float32),
+          ("plastic_rnn T=100 N=256 hebb", _plastic_rnn(100, 1, 256), torch.float32),
+          ("plastic_rnn T=106 N=1001 B=1 hebb (Miconi)", _plastic_rnn(106, 1, 1001), torch.float32),
+          ("plastic_rnn T=100 N=64 clip 1", _plastic_rnn(100, 1, 64, clip=1.0), torch.float32),
           ("plastic_rnn T=120 N=100 B=30 endogenous clip 1 (backpropamine)",
-           _plastic_rnn(120, 30, 100, clip=1.0, endogenous=True)),
+           _plastic_rnn(120, 30, 100, clip=1.0, endogenous=True), torch.float32),
+          ("plastic_rnn T=100 N=256 hebb bfloat16", _plastic_rnn(100, 1, 256, dtype=torch.bfloat16),
+           torch.bfloat16),
+          ("plastic_rnn T=120 N=100 B=30 endogenous clip 1 float16",
+           _plastic_rnn(120, 30, 100, clip=1.0, endogenous=True, dtype=torch.float16), torch.float16),
       )],
     Case("MAML meta-iteration, Conv4 hidden 8, 2 tasks x 2 ways", "meta", _meta("maml"), recorded=("triton",),
          paths=("eager", "torch.func", *GPU_BACKENDS)),

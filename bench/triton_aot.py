@@ -149,10 +149,10 @@ def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, ac
         drive = None if recurrent else torch.randn(steps, batch, n, dtype=dt)
         y0 = torch.randn(batch, n, dtype=dt) if recurrent and state else None
         layer = (clip, recurrent, rule, activation, every)
-        out, trace, ckpt, activity = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod, *layer,
-                                                             modulator)
+        out, trace, ckpt, activity, wide = plastic.plastic_forward(x, weight, alpha, eta, hebb, bias, drive, y0, mod,
+                                                                   *layer, modulator)
         plastic.plastic_backward(torch.randn_like(out), torch.randn_like(trace) if state else None, x, weight, alpha,
-                                 eta, y0, mod, out, trace, ckpt, *layer, modulator, activity)
+                                 eta, y0, mod, out if wide is None else wide, trace, ckpt, *layer, modulator, activity)
 
     return run
 
@@ -186,7 +186,7 @@ def _batch_norm(dtype, *, rows, channels, u=True):
 
 
 MASKED_DTYPES = ("float16", "bfloat16", "float32", "float64")
-PLASTIC_DTYPES = ("float32", "float64")
+PLASTIC_DTYPES = ("float16", "bfloat16", "float32", "float64")
 BATCH_NORM_DTYPES = ("float32", "float64")
 SHORT = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
 
@@ -221,25 +221,26 @@ def _cases():
     for dt in PLASTIC_DTYPES:
         s = SHORT[dt]
         for n, size in ((16, "small"), (160, "large")):
-            full = dt == "float64" and size == "small"
-            add(f"rnn-{s}-{size}-hebb", _plastic(dt, recurrent=True, n=n), full_only=full)
+            # float64's small layers and 16-bit's variants past hebb, clip, endogenous and linear: --full
+            full = (dt == "float64" and size == "small") or dt in ("float16", "bfloat16")
+            add(f"rnn-{s}-{size}-hebb", _plastic(dt, recurrent=True, n=n), full_only=full and dt == "float64")
             add(f"rnn-{s}-{size}-oja", _plastic(dt, recurrent=True, n=n, rule="oja"), full_only=full)
             add(f"rnn-{s}-{size}-modulated-neuron", _plastic(dt, recurrent=True, n=n, modulation="neuron"),
                 full_only=full)
             add(f"rnn-{s}-{size}-modulated-scalar-alpha-scalar",
                 _plastic(dt, recurrent=True, n=n, modulation="scalar", alpha_scalar=True), full_only=full)
-            add(f"rnn-{s}-{size}-clip", _plastic(dt, recurrent=True, n=n, clip=0.5), full_only=full)
+            add(f"rnn-{s}-{size}-clip", _plastic(dt, recurrent=True, n=n, clip=0.5), full_only=full and dt == "float64")
             add(f"rnn-{s}-{size}-endogenous", _plastic(dt, recurrent=True, n=n, modulation="endogenous"),
-                full_only=full)
+                full_only=full and dt == "float64")
             add(f"rnn-{s}-{size}-endogenous-clip-identity-nostate",
                 _plastic(dt, recurrent=True, n=n, modulation="endogenous", clip=0.5, activation="identity",
                          state=False), full_only=True)
             add(f"rnn-{s}-{size}-identity", _plastic(dt, recurrent=True, n=n, activation="identity"),
                 full_only=True)
-            add(f"linear-plastic-{s}-{size}", _plastic(dt, recurrent=False, n=n), full_only=full)
+            add(f"linear-plastic-{s}-{size}", _plastic(dt, recurrent=False, n=n), full_only=full and dt == "float64")
             add(f"linear-plastic-{s}-{size}-oja-identity",
                 _plastic(dt, recurrent=False, n=n, rule="oja", activation="identity"), full_only=True)
-        largest = 128 if dt == "float32" else 64  # the largest layer the resident forward takes
+        largest = 64 if dt == "float64" else 128  # the largest layer the resident forward takes (float32 tiles)
         add(f"rnn-{s}-n{largest}", _plastic(dt, recurrent=True, n=largest))
         add(f"linear-plastic-{s}-n{largest}", _plastic(dt, recurrent=False, n=largest), full_only=True)
     for dt in BATCH_NORM_DTYPES:

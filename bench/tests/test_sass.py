@@ -14,11 +14,6 @@ from bench import sass
 GEMM_ROLES = {"forward": "conv_forward", "input gradient": "conv_input_grad", "weight gradient": "conv_weight_grad"}
 # The exact float32 GEMMs (torch's TF32 switch off): CUDA-core FMA by design.
 EXACT_FP32 = "<float, Ffma"
-# The stack frames ptxas gives spilled registers, per source; see bench/results/sass.md.
-SPILLING = {
-    "plastic": "forward_step_kernel<double> and forward_sequence_kernel<float> spill (8 B stack frame on sm_90); "
-               "the plastic CUDA kernels are rewritten for 16-bit dtypes (issue 28 item 3)",
-}
 
 
 # ---- parsing, on excerpts of the tools' output ---------------------------------------------------
@@ -141,10 +136,16 @@ def test_gemm_kernels_call_no_64_bit_division(kernels, role):
     assert not calling, f"GEMM kernels calling 64-bit division subroutines: {calling}"
 
 
-@pytest.mark.parametrize("source", [
-    pytest.param(s, marks=[pytest.mark.xfail(strict=True, raises=AssertionError, reason=SPILLING[s])]
-                 if s in SPILLING else [])
-    for s in ("masked", "plastic", "sensitivity")])
+def test_plastic_kernels_are_compiled_for_every_dtype_with_its_accumulation_type(kernels):
+    # float16 and bfloat16 with float accumulation beside float and double (the trace and every sum
+    # in float32 for 16-bit inputs).
+    names = {k.short_name for k in kernels if k.source == "plastic"}
+    for kernel in ("forward_kernel", "backward_kernel", "reduce_kernel"):
+        for types in ("float, float", "double, double", "__half, float", "__nv_bfloat16, float"):
+            assert f"{kernel}<{types}>" in names, (kernel, types, sorted(names))
+
+
+@pytest.mark.parametrize("source", ["masked", "plastic", "sensitivity"])
 def test_no_kernel_spills(kernels, source):
     of_source = [k for k in kernels if k.source == source]
     assert of_source, f"no kernel compiled from {source}.cu"

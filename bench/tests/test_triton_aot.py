@@ -18,12 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Tensors of the plastic kernels that grow with steps or sequences: their addresses need 64 bits.
 PLASTIC_LARGE = {
     "_forward_resident_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "trace_ptr", "out_ptr",
-                                 "ckpt_ptr", "activity_ptr"},
+                                 "ckpt_ptr", "activity_ptr", "narrow_ptr"},
     "_forward_kernel": {"x_ptr", "drive_ptr", "y0_ptr", "mod_ptr", "hebb_ptr", "trace_ptr", "out_ptr", "ckpt_ptr",
-                        "activity_ptr"},
+                        "activity_ptr", "narrow_ptr"},
     "_backward_kernel": {"x_ptr", "y0_ptr", "out_ptr", "gout_ptr", "mod_ptr", "activity_ptr", "ckpt_ptr", "final_ptr",
                          "ghebb_ptr", "h_ptr", "seg_ptr", "g_ptr", "gz_ptr", "gpre_ptr", "gmod_ptr", "dm_ptr",
-                         "galpha_ptr", "geta_ptr", "gmw_ptr", "gmb_ptr", "gfanout_ptr"},
+                         "galpha_ptr", "geta_ptr", "gmw_ptr", "gmb_ptr", "gfanout_ptr", "gz_out_ptr", "gpre_out_ptr"},
     # the weight gradient's (t, b) rows; alpha's partial sums are walked by 64-bit pointer increments
     "_reduce_kernel": {"x_ptr", "y0_ptr", "out_ptr", "gz_ptr"},
 }
@@ -164,7 +164,8 @@ def test_seven_by_seven_conv_compiles_within_the_bound(tmp_path):
 
 @pytest.mark.aot
 def test_plastic_address_arithmetic_is_64_bit_across_steps_and_sequences(tmp_path):
-    run, report = _report(tmp_path, "--cases", "rnn-f32", "linear-plastic-f32", "--only", "plastic", "--arch", "90")
+    run, report = _report(tmp_path, "--cases", "rnn-f32", "linear-plastic-f32", "rnn-bf16-small-hebb",
+                          "linear-plastic-bf16-small", "--only", "plastic", "--arch", "90")
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     seen = set()
     for row in report["results"]:

@@ -19,9 +19,10 @@ class TritonKernels:
     @staticmethod
     def tile(p):
         """(rows, columns, warps) of the streaming kernels' tile: 32 x 64 on 4 warps, 32 x 32 for
-        float64, whose tiles take twice the registers (the backward's column pass holds five). Tiles
-        hold the accumulation dtype (float32 for 16-bit inputs)."""
-        widest = 32 if p.acc.itemsize == 8 else 64
+        float64, whose tiles take twice the registers (the backward's column pass holds five), and
+        for 16-bit inputs, whose tiles are float32 but whose kernels also keep the pointers and
+        stores of the outputs in the caller's dtype (at 32 x 64 the endogenous backward spills)."""
+        widest = 32 if p.acc.itemsize == 8 or p.narrow else 64
         rows = min(32, triton.next_power_of_2(max(p.out_features, 1)))
         cols = min(widest, triton.next_power_of_2(max(p.in_features, 1)))
         return rows, cols, 4
