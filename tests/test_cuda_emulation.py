@@ -226,6 +226,33 @@ def test_a_plan_the_device_cannot_run_names_it(emulator, monkeypatch):
         nf.plastic_rnn(x, 0.1 * weight, 0.1 * weight, 0.1)
 
 
+def test_plastic_sizes_past_32_bit_step_and_row_indices_name_the_argument(emulator):
+    # The kernels divide step and row indices in 32 bits: 2^31 steps or rows are refused by name
+    # (expanded tensors: the check comes before any element is read).
+    n, big = 4, 2**31
+    weight, alpha = torch.zeros(n, n), torch.zeros(n, n)
+    with pytest.raises(RuntimeError, match=r"input: expected at most 2147483647 steps"):
+        emulator.plastic_plan(torch.zeros(1, 1, n).expand(big, 1, n), weight, alpha, True, 0, -1)
+    wide = torch.zeros(1, 1).expand(big, 1)
+    with pytest.raises(RuntimeError, match=r"weight: expected at most 2147483647 rows and columns"):
+        emulator.plastic_plan(torch.zeros(1, 1, 1), wide, wide, False, 0, -1)
+
+
+def test_plastic_16_bit_buffers_of_the_wrong_dtype_name_the_argument(emulator):
+    # 16-bit inputs: the trace and the state the kernels read back are float32; a 16-bit buffer
+    # there is refused by name.
+    T, B, n = 2, 1, 4
+    x = torch.zeros(T, B, n, dtype=torch.bfloat16)
+    w, eta = torch.zeros(n, n, dtype=torch.bfloat16), torch.zeros((), dtype=torch.bfloat16)
+    f32 = lambda *shape: torch.zeros(*shape)  # noqa: E731
+    args = lambda trace: (x, w, w, eta, None, None, None, None, None, None, None, None, trace,  # noqa: E731
+                          torch.zeros(T, B, n, dtype=torch.bfloat16), f32(T, B, n), f32(T, B, n, n), None, 0.0, 1,
+                          True, 0, False, True, True, False, 1, True)
+    emulator.plastic_forward(*args(f32(B, n, n)))
+    with pytest.raises(RuntimeError, match=r"trace.*Float.*BFloat16|trace.*float32.*bfloat16"):
+        emulator.plastic_forward(*args(torch.zeros(B, n, n, dtype=torch.bfloat16)))
+
+
 # ---- 16-bit conversions ------------------------------------------------------------------------------
 
 

@@ -276,13 +276,13 @@ PlasticShape plastic_shape(const at::Tensor& x, const at::Tensor& weight, const 
   check_on_kernel_device(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "weight: expected a 2-d [out, in] tensor, got shape ", weight.sizes());
   to_kernel_dtype(weight.scalar_type(), "weight");
-  check_contiguous_like(weight, weight, "weight");
   const int64_t out = weight.size(0), in = weight.size(1);
   // The kernels divide step and row indices in 32 bits (csrc/cuda/plastic.cu).
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(out <= kMax32 && in <= kMax32, "weight: expected at most ", kMax32, " rows and columns, got shape ",
               weight.sizes());
   TORCH_CHECK(x.dim() < 1 || x.size(0) <= kMax32, "input: expected at most ", kMax32, " steps, got shape ", x.sizes());
+  check_contiguous_like(weight, weight, "weight");
   TORCH_CHECK(!recurrent || out == in, "weight: a recurrent layer needs a square weight, got shape ", weight.sizes());
   TORCH_CHECK(x.dim() == 3 && x.size(2) == (recurrent ? out : in), "input: expected [T, B, ", recurrent ? out : in,
               "], got shape ", x.sizes());
