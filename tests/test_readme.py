@@ -6,7 +6,9 @@
   `python -m MODULE` names an importable module;
 * every relative link of README.md, CHANGELOG.md and docs/*.md points to an existing file (and,
   for a `#fragment` into a Markdown file, to one of its headings);
-* the user documents do not narrate development history (dates, sessions).
+* the user documents do not narrate development history (dates, sessions);
+* the README's table of the dtypes each backend's kernels take is the registry's
+  (neuronml_fast/backends.py, KERNELS).
 """
 
 import glob
@@ -161,3 +163,23 @@ def test_citation_file_matches_the_package_version():
     version = re.search(r"^version: (\S+)$", text, re.MULTILINE)
     assert version and version.group(1).strip("\"'") == neuronml_fast.__version__, \
         f"CITATION.cff version {version and version.group(1)} != neuronml_fast.__version__ {neuronml_fast.__version__}"
+
+
+def test_the_readme_dtype_table_is_the_registrys():
+    import torch
+
+    from neuronml_fast import backends
+
+    names = {"all four": {torch.float16, torch.bfloat16, torch.float32, torch.float64},
+             "float32, float64": {torch.float32, torch.float64}, "-": set()}
+    families = {"masked, sensitivity": ("masked", "sensitivity"), "plastic": ("plastic",),
+                "batch norm rows (double backward)": ("batch_norm",)}
+    rows = re.findall(r"^\| (masked, sensitivity|plastic|batch norm rows \(double backward\)) \| (.*) \|$",
+                      _read(README), re.MULTILINE)
+    assert {label for label, _ in rows} == set(families), rows
+    for label, cells in rows:
+        reference, *kernels = (names[c.strip()] for c in cells.split(" | "))
+        assert reference == set(names["all four"]), label
+        for family in families[label]:
+            registered = [set(backends.KERNELS[family].get(b, ())) for b in ("cpu", "triton", "cuda")]
+            assert kernels == registered, (label, family)
