@@ -64,7 +64,8 @@ class TritonKernels:
             _pointer(p.mod_weight, x), _pointer(p.mod_bias, x), _pointer(p.mod_fanout, x), f.output, p.T, p.B,
             p.out_features, p.in_features, p.clip, p.every,
             HAS_BIAS=p.bias is not None, HAS_DRIVE=p.drive is not None, HAS_Y0=p.y0 is not None,
-            HAS_HEBB=f.hebb is not None, NARROW=p.narrow, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, **self._flags(p))
+            HAS_HEBB=f.hebb is not None, NARROW=p.narrow, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps,
+            **self._flags(p))
 
     def backward(self, p, b):
         block_o, block_i, warps = self.tile(p)
