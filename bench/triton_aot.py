@@ -12,8 +12,8 @@ bound (the worker's process group is killed past it). Results are cached by (ker
 specialization, architecture, triton version), so a rerun only compiles what changed.
 
 Fails (exit status 1) on a compile error, a compile over the bound, shared memory over the
-per-block limit, or a masked-conv GEMM kernel (forward, input or weight gradient) that spills or
-has no tensor-core instruction, float64 (no Triton fp64 dot) and the exact float32 variants
+per-block limit, a kernel that spills, or a masked-conv GEMM kernel (forward, input or weight
+gradient) without a tensor-core instruction, float64 (no Triton fp64 dot) and the exact float32 variants
 (``DOT_PRECISION=ieee``, torch's TF32 switch off) excepted. The float32 cases run with TF32 on,
 as torch's conv default, plus one conv and one linear case with it off. Reports per specialization: shared memory, registers, spills, tensor-core
 instructions (``mma``/``wgmma`` in the PTX) and pointers whose address arithmetic is 32-bit
@@ -121,10 +121,18 @@ def _linear(dtype, *, bias=True, grad_pre=False, d_in=64, d_out=32, rows=25, tas
     return run
 
 
+def _largest_resident(dtype):
+    """The largest square layer the resident forward takes: its tile holds accumulation-dtype values
+    (float32 for 16-bit inputs)."""
+    from neuronml_fast.kernels import plastic as kernels
+
+    return kernels.resident_max_square(8 if dtype == "float64" else 4)
+
+
 def _plastic(dtype, *, recurrent, n, rule="hebb", modulation=None, clip=None, activation="tanh",
              alpha_scalar=False, state=True, steps=3, batch=4, every=2):
     """Forward and backward of a plastic layer through its Triton launcher (gpu.py's launchers).
-    n <= 128 in float32 (64 in float64) takes the resident forward, larger layers the streaming
+    n <= `_largest_resident` takes the resident forward, larger layers the streaming
     one; every layer the one backward kernel and its reduction. ``state=False``: no initial trace,
     y0 or upstream gradient of the trace (the kernels' HAS_* flags off)."""
 
@@ -240,7 +248,7 @@ def _cases():
             add(f"linear-plastic-{s}-{size}", _plastic(dt, recurrent=False, n=n), full_only=full and dt == "float64")
             add(f"linear-plastic-{s}-{size}-oja-identity",
                 _plastic(dt, recurrent=False, n=n, rule="oja", activation="identity"), full_only=True)
-        largest = 64 if dt == "float64" else 128  # the largest layer the resident forward takes (float32 tiles)
+        largest = _largest_resident(dt)
         add(f"rnn-{s}-n{largest}", _plastic(dt, recurrent=True, n=largest))
         add(f"linear-plastic-{s}-n{largest}", _plastic(dt, recurrent=False, n=largest), full_only=True)
     for dt in BATCH_NORM_DTYPES:
@@ -629,8 +637,9 @@ def failures_of(row):
                         f"{SHARED_LIMIT[row['arch']]} B")
     if needs_tensor_cores(row) and not row["tensor_cores"]:
         failures.append("a GEMM without tensor-core instructions (no mma/wgmma in the PTX)")
-    if row.get("kernel") in GEMM_KERNELS and row["spill_bytes"]:
-        failures.append(f"a GEMM that spills {row['spill_bytes']} B per thread")
+    if row.get("spill_bytes"):
+        kind = "a GEMM" if row.get("kernel") in GEMM_KERNELS else "a kernel"
+        failures.append(f"{kind} that spills {row['spill_bytes']} B per thread")
     return failures
 
 
@@ -727,8 +736,8 @@ def _report_md(report, rows):
         "Every specialization the Triton launchers produce for the cases of `bench/triton_aot.py`, compiled for "
         f"{', '.join(report['archs'])} with triton {report['triton']} (`python -m bench.triton_aot`). "
         "A row fails on a compile error, a compile over the time bound, shared memory over the per-block limit "
-        f"({', '.join(f'{a}: {v} B' for a, v in report['shared_limit'].items())}), or a masked-conv GEMM that spills "
-        "or has no tensor-core instruction (float64 and the exact float32 variants, `DOT_PRECISION=ieee`, excepted).",
+        f"({', '.join(f'{a}: {v} B' for a, v in report['shared_limit'].items())}), a spill, or a masked-conv GEMM "
+        "without a tensor-core instruction (float64 and the exact float32 variants, `DOT_PRECISION=ieee`, excepted).",
         "",
         f"- specializations: {s['specializations']}, compiles: {s['compiles']}, failures: {s['failures']}",
         f"- compiles with spills: {s['with_spills']}",

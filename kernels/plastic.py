@@ -11,9 +11,9 @@ another, so a barrier between programs could not be interpreted: a program walks
 its sequence's rows itself, and ``tl.debug_barrier()`` separates a step's phases where the program
 reads back what its own threads wrote (the step's outputs, the trace between passes).
 
-* ``_forward_resident_kernel`` (a tile of at most ``RESIDENT_MAX_TILE_BYTES``: N <= 128 in float32,
-  64 in float64): weight, alpha and the trace stay in registers for all T steps; the trace is read
-  once and written once per call.
+* ``_forward_resident_kernel`` (a tile of at most ``RESIDENT_MAX_TILE_BYTES``: a recurrent layer
+  of N <= 64, a linear one of up to 64 x 128 in float32): weight, alpha and the trace stay in
+  registers for all T steps; the trace is read once and written once per call.
 * ``_forward_kernel`` (any size): the trace streams through global memory, one read and one write
   per step. The update of step t-1 is applied as the tile is read for step t's pre-activation
   (H_t = rule(H_{t-1}, pre_{t-1}, y_{t-1}, M_{t-1}), then z_t from H_t), so every rule, the clip and
@@ -46,10 +46,20 @@ HEBB: tl.constexpr = tl.constexpr(rules.HEBB)
 OJA: tl.constexpr = tl.constexpr(rules.OJA)
 MODULATED: tl.constexpr = tl.constexpr(rules.MODULATED)
 
-# One [OUT, IN] tile of the resident forward; it holds three (weight, alpha, trace) in registers,
-# which at 128 x 128 float32 nearly fill a register file (float64 at that size spills kilobytes).
+# One [OUT, IN] tile of the resident forward; it holds three (weight, alpha, trace) in registers.
+# 32 KB a tile is 96 accumulation-dtype values per thread on 8 warps, within a thread's registers;
+# a 128 x 128 float32 tile (16 warps, 128 registers a thread) spills, and streaming the trace
+# through L2 beats spilling it to local memory at every step.
 RESIDENT_MAX_N = 128
-RESIDENT_MAX_TILE_BYTES = 128 * 128 * 4
+RESIDENT_MAX_TILE_BYTES = 32 * 1024
+
+
+def resident_max_square(itemsize):
+    """The largest N (a power of two) whose N x N tile of ``itemsize``-byte values the resident forward takes."""
+    n = RESIDENT_MAX_N
+    while n * n * itemsize > RESIDENT_MAX_TILE_BYTES:
+        n //= 2
+    return n
 MAX_MATRIX = 2**31 - 1  # elements of one sequence's [OUT, IN] trace, indexed in 32 bits
 
 
