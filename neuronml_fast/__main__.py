@@ -128,16 +128,23 @@ def _cpu_kernel_notes():
     cpu = _extensions.load("_C_cpu")
     if cpu is None:
         return ["(not built)"]
-    own = "own AVX2 kernels" if cpu.conv_grad_available() else "oneDNN (AVX2/FMA kernels not in use here)"
+    own = ("the faster of the own AVX2 kernels and oneDNN" if cpu.conv_grad_available()
+           else "oneDNN (AVX2/FMA kernels not in use here)")
+    policy = cpu.conv_policy()
+    rule = {"auto": "measured per case (shape, active count, dtype, threads, parameters) at its first use",
+            "own": "forced to the own kernels where they apply",
+            "onednn": "forced to oneDNN (grouped or per task, measured)"}.get(policy, f"forced to {policy}")
     avx2 = cpu.vector_isa() == "avx2"  # chosen at run time; the same choice decides the vector paths below
     loops = "8 channels per AVX2 permute for float32 with C % 8 == 0, else per channel" if avx2 else "per channel"
     isa = (f"vector kernels: {cpu.vector_isa()} (chosen at run time; NEURONML_FAST_CPU_ISA=baseline forces the "
            "portable loops)" + ("; the whole extension was compiled for this machine (-march)" if cpu.compiled_with_avx
                                 else ""))
     return [isa,
-            "masked_conv2d forward: oneDNN (NHWC) on the active neurons",
+            f"masked conv dense kernels: NEURONML_FAST_CPU_CONV={policy}: {rule}",
+            "masked_conv2d forward: oneDNN (NHWC) on the active neurons, task-batched as one grouped call or one "
+            "call per task",
             f"masked_conv2d input and weight gradients: {own} for float32 with C_in % 16 == 0 and groups == 1, "
-            "else oneDNN",
+            "else oneDNN (grouped or per task)",
             "masked_linear: ATen bmm on the active neurons",
             f"masked layers' fused epilogue (bias, mask, scatter) and prologue (gather, bias/mask gradients): {loops}",
             "a caller's NCHW conv input: copied into grouped NHWC by "

@@ -7,12 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuronml_fast as nf
+import neuronml_fast.cpu  # noqa: F401  (nf.cpu: the conv policy)
 from neuronml_fast import _alloc, _extensions
 from neuronml_fast.ops.masked import masked_conv2d_reference
 
 ext = _extensions.load("_C_cpu")
 pytestmark = pytest.mark.skipif(ext is None or not ext.conv_grad_available(),
                                 reason="C++ CPU extension without the AVX2/FMA convolution-gradient kernels")
+
+
+@pytest.fixture
+def own_policy():
+    """The masked conv's dense core forced to these kernels (else measured: tests/test_conv_choice.py)."""
+    nf.cpu.set_conv_policy("own")
+    yield
+    nf.cpu.set_conv_policy(None)
 
 
 def _oracle(gy, x, tasks, kernel, stride, padding, dilation):
@@ -132,11 +141,11 @@ def test_conv4_block_shape_matches_onednn():
 
 
 @pytest.mark.parametrize("tasks", [None, 3])
-def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks):
-    assert ext.masked_conv2d_uses_own_grads(torch.float32, 16, 1)
-    assert not ext.masked_conv2d_uses_own_grads(torch.float64, 16, 1)
-    assert not ext.masked_conv2d_uses_own_grads(torch.float32, 12, 1)
-    assert not ext.masked_conv2d_uses_own_grads(torch.float32, 16, 2)
+def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks, own_policy):
+    assert ext.masked_conv2d_own_grads_available(torch.float32, 16, 1)
+    assert not ext.masked_conv2d_own_grads_available(torch.float64, 16, 1)
+    assert not ext.masked_conv2d_own_grads_available(torch.float32, 12, 1)
+    assert not ext.masked_conv2d_own_grads_available(torch.float32, 16, 2)
     gen = torch.Generator().manual_seed(1)
     t = () if tasks is None else (tasks,)
     x = torch.randn(*t, 4, 16, 9, 9, generator=gen)
@@ -158,7 +167,7 @@ def test_masked_conv2d_float32_uses_them_and_matches_the_reference(tasks):
     assert got[0].is_contiguous(), got[0].stride()
 
 
-def test_masked_conv2d_float32_gradients_are_these_kernels_bit_for_bit():
+def test_masked_conv2d_float32_gradients_are_these_kernels_bit_for_bit(own_policy):
     # With every neuron active the compact output gradient is grad_out itself, so the layer's
     # input and weight gradients must be exactly what the kernels give. At this shape oneDNN
     # rounds differently, so the check tells the two paths apart.

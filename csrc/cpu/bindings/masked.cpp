@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "common/conv_size.h"
+#include "cpu/bindings/conv_choice.h"
 #include "cpu/conv_grad.h"
 #include "cpu/masked.h"
 
@@ -295,6 +296,40 @@ std::pair<int64_t, int64_t> check_conv_args(const at::Tensor& x, const at::Tenso
   return {size(0), size(1)};
 }
 
+// The case a measured choice (conv_choice.h) is remembered for: which pass, the shapes with the
+// active count in buckets, dtype, threads, the convolution's parameters, whether one weight serves
+// every task, and the pass's flags.
+ChoiceKey choice_key(int64_t pass, const at::Tensor& x, const at::Tensor& weight, int64_t active,
+                     const ConvParams& conv, std::initializer_list<bool> flags) {
+  ChoiceKey key{pass, x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), weight.size(1),
+                active_bucket(active, weight.size(1)), weight.size(3), weight.size(4), conv.groups,
+                static_cast<int64_t>(x.scalar_type()), at::get_num_threads(),
+                weight.size(0) > 1 && weight.stride(0) == 0};
+  for (const auto* v : {&conv.stride, &conv.padding, &conv.dilation}) key.insert(key.end(), v->begin(), v->end());
+  for (bool f : flags) key.push_back(f);
+  return key;
+}
+
+// The grouped convolution (tasks x groups groups) by oneDNN: one grouped call, or one call per
+// task on its channel slice of the grouped storage, written into one pooled channels-last buffer.
+// x [N, T*C_in, H, W], w [T*A, C_in/g, kH, kW], channels-last -> [N, T*A, H_out, W_out].
+at::Tensor onednn_conv_forward(const at::Tensor& x, const at::Tensor& w, int64_t tasks, const ConvParams& conv,
+                               ConvImpl impl, bool poison) {
+  if (impl != ConvImpl::kOneDnnPerTask || tasks == 1)
+    return at::convolution(x, w, c10::nullopt, conv.stride, conv.padding, conv.dilation, false, {0, 0},
+                           conv.groups * tasks);
+  const int64_t c_in = x.size(1) / tasks, a = w.size(0) / tasks;
+  at::Tensor out;
+  for (int64_t t = 0; t < tasks; ++t) {
+    const at::Tensor y = at::convolution(x.narrow(1, t * c_in, c_in), w.narrow(0, t * a, a), c10::nullopt,
+                                         conv.stride, conv.padding, conv.dilation, false, {0, 0}, conv.groups);
+    if (!out.defined())
+      out = pooled_output({y.size(0), y.size(2), y.size(3), tasks * a}, y.scalar_type(), poison).permute({0, 3, 1, 2});
+    out.narrow(1, t * a, a).copy_(y);
+  }
+  return out;
+}
+
 // x [T, N, C_in, H, W] (any layout; grouped NHWC is a view), weight [T, C, C_in/groups, kH, kW],
 // mask and bias [T, C] -> (out, pre) [T, N, C, H_out, W_out], contiguous if `contiguous` (the
 // layout PyTorch's conv2d gives a contiguous input), else in grouped NHWC.
@@ -322,8 +357,12 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
     y = at::zeros({T, N, S, 0}, x.options());
   } else {
     const at::Tensor w = plan.compacted ? compact_weight_rows(weight, slot, A) : weight;
-    const at::Tensor conv_out = at::convolution(grouped_input(x), grouped_weight(w), c10::nullopt, stride, padding,
-                                                dilation, false, {0, 0}, groups * T);
+    const at::Tensor gx = grouped_input(x), gw = grouped_weight(w);
+    at::Tensor conv_out;
+    const auto run = [&](ConvImpl impl) { conv_out = onednn_conv_forward(gx, gw, T, conv, impl, poison); };
+    std::vector<Candidate> candidates{{ConvImpl::kOneDnnGrouped, [&] { run(ConvImpl::kOneDnnGrouped); }}};
+    if (T > 1) candidates.emplace_back(ConvImpl::kOneDnnPerTask, [&] { run(ConvImpl::kOneDnnPerTask); });
+    run(choose_conv_impl(choice_key(0, x, weight, A, conv, {}), candidates));
     y = conv_out.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).view({N, S, T, A}).permute(
         {2, 0, 1, 3});
   }
@@ -332,30 +371,23 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward(const at::Tensor& x, co
   return {out, pre};
 }
 
-// Whether csrc/cpu/conv_grad.cpp computes the input and weight gradients instead of oneDNN: its
-// weight gradient is 1.2-1.7x faster than oneDNN's at the Conv4 shapes (why this one and the
-// input gradient: csrc/cpu/conv_grad.h).
-bool uses_own_conv_grads(at::ScalarType dtype, int64_t in_channels, int64_t groups) {
+// Whether csrc/cpu/conv_grad.cpp can compute the input and weight gradients (float32, C_in a
+// multiple of 16, no groups, AVX2/FMA here): a candidate of the measured choice, not a rule.
+bool own_conv_grads_available(at::ScalarType dtype, int64_t in_channels, int64_t groups) {
   return groups == 1 && dtype == at::kFloat && in_channels % 16 == 0 && neuronml_fast::cpu::conv2d_grad_available();
 }
 
-// Output rows (images x output pixels) per task above which one oneDNN call per task beats the
-// grouped call: on Conv4's layers (32 tasks, 3x3 stride 2) the crossover lies between 1000 and
-// 1200 rows (bench/results/design-measurements.md).
-constexpr int64_t kPerTaskBackwardRows = 1024;
-
-// Input and weight gradients of the grouped convolution (tasks x groups groups) by oneDNN, whose
-// grouped backward is slow for many large groups: tasks with at least kPerTaskBackwardRows output
-// rows get one call each on their channel slice of the grouped storage (the input gradients land
-// in one grouped-NHWC buffer); smaller tasks stay one grouped call (~0.3 ms per call saved).
+// Input and weight gradients of the grouped convolution (tasks x groups groups) by oneDNN: one
+// grouped call (`kOneDnnGrouped`, ~0.3 ms per call saved for small tasks), or one call per task on
+// its channel slice of the grouped storage (`kOneDnnPerTask`: oneDNN's grouped backward is slow
+// for many large groups), the input gradients landing in one grouped-NHWC buffer.
 // gy [N, T*A, H_out, W_out], x [N, T*C_in, H, W], w [T*A, C_in/g, kH, kW], channels-last. Returns
 // (grad_input [N, T*C_in, H, W] channels-last, grad_weight [T*A, ...]), undefined where not needed.
 std::pair<at::Tensor, at::Tensor> onednn_conv_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
                                                        int64_t tasks, const ConvParams& conv, bool need_input_grad,
-                                                       bool need_weight_grad, bool poison) {
+                                                       bool need_weight_grad, ConvImpl impl, bool poison) {
   const std::array<bool, 3> need{need_input_grad, need_weight_grad, false};
-  const int64_t rows_per_task = gy.size(0) * gy.size(2) * gy.size(3);
-  if (tasks == 1 || rows_per_task < kPerTaskBackwardRows) {
+  if (tasks == 1 || impl != ConvImpl::kOneDnnPerTask) {
     auto [gx, gw, gb] = at::convolution_backward(gy, x, w, c10::nullopt, conv.stride, conv.padding, conv.dilation,
                                                  false, {0, 0}, conv.groups * tasks, need);
     return {need_input_grad ? gx.contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor(), gw};
@@ -435,7 +467,7 @@ at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.op
 // contiguous [T, N, C_in, H, W] if `contiguous_input_grad`, else grouped NHWC like the activations;
 // grad_weight has channels-last strides. The output gradient is gathered onto the active neurons
 // by the fused prologue (which also reduces the bias and mask gradients), and the dense core runs
-// on them: csrc/cpu/conv_grad.cpp where `uses_own_conv_grads`, else oneDNN.
+// on them: csrc/cpu/conv_grad.cpp or oneDNN, whichever conv_choice.h measured faster for the case.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_pre, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& mask, const c10::optional<at::Tensor>& pre,
@@ -474,19 +506,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
     return {grad_input, grad_weight, grad_bias, grad_mask};
   }
   const at::Tensor w = plan.compacted ? compact_weight_rows(weight, slot, A) : weight;
-  const bool own = uses_own_conv_grads(x.scalar_type(), x.size(2), groups);
   at::Tensor gx, gw;
-  if (!own)
+  const auto run = [&](ConvImpl impl) {
+    if (impl == ConvImpl::kOwn) {
+      gx = need_input_grad ? own_input_grad(gy, w, x.sizes(), conv, contiguous_input_grad, poison) : at::Tensor();
+      gw = need_weight_grad ? own_weight_grad(gy, x, A, weight.size(3), weight.size(4), conv, poison) : at::Tensor();
+      return;
+    }
     std::tie(gx, gw) = onednn_conv_backward(gy.permute({0, 3, 1, 2}), grouped_input(x), grouped_weight(w), T, conv,
-                                            need_input_grad, need_weight_grad, poison);
-  if (need_input_grad && own) {
-    grad_input = own_input_grad(gy, w, x.sizes(), conv, contiguous_input_grad, poison);
-  } else if (need_input_grad) {
-    grad_input = gx.permute({0, 2, 3, 1}).view({N, x.size(3), x.size(4), T, x.size(2)}).permute({3, 0, 4, 1, 2});
-    if (contiguous_input_grad) grad_input = canonically_contiguous(grad_input);
-  }
+                                            need_input_grad, need_weight_grad, impl, poison);
+    if (!need_input_grad) return;
+    gx = gx.permute({0, 2, 3, 1}).view({N, x.size(3), x.size(4), T, x.size(2)}).permute({3, 0, 4, 1, 2});
+    if (contiguous_input_grad) gx = canonically_contiguous(gx);
+  };
+  std::vector<Candidate> candidates{{ConvImpl::kOneDnnGrouped, [&] { run(ConvImpl::kOneDnnGrouped); }}};
+  if (T > 1) candidates.emplace_back(ConvImpl::kOneDnnPerTask, [&] { run(ConvImpl::kOneDnnPerTask); });
+  if (own_conv_grads_available(dtype, x.size(2), groups))
+    candidates.emplace_back(ConvImpl::kOwn, [&] { run(ConvImpl::kOwn); });
+  run(choose_conv_impl(choice_key(1, x, weight, A, conv, {need_input_grad, need_weight_grad, contiguous_input_grad}),
+                       candidates));
+  if (need_input_grad) grad_input = gx;
   if (need_weight_grad) {
-    if (own) gw = own_weight_grad(gy, x, A, weight.size(3), weight.size(4), conv, poison);
     grad_weight = channels_last_weight(gw.view({T, A, weight.size(2), weight.size(3), weight.size(4)}));
     if (plan.compacted) grad_weight = expand_weight_grad(grad_weight, slot, poison);
   }
@@ -523,10 +563,20 @@ void bind_masked(py::module_& m) {
         py::arg("grad_out"), py::arg("grad_pre"), py::arg("input"), py::arg("weight"), py::arg("mask"), py::arg("pre"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("skip_zero"),
         py::arg("need_input_grad"), py::arg("need_weight_grad"), py::arg("contiguous_input_grad"), py::arg("poison"));
-  m.def("masked_conv2d_uses_own_grads", &uses_own_conv_grads,
-        "whether masked_conv2d_backward computes the input and weight gradients with csrc/cpu/conv_grad.cpp "
-        "(else oneDNN), for the input's dtype, in_channels and groups",
+  m.def("masked_conv2d_own_grads_available", &own_conv_grads_available,
+        "whether csrc/cpu/conv_grad.cpp's kernels are a candidate for masked_conv2d_backward's input and weight "
+        "gradients, for the input's dtype, in_channels and groups",
         py::arg("dtype"), py::arg("in_channels"), py::arg("groups"));
+  m.def("conv_policy", &conv_policy,
+        "how the masked conv's dense core is chosen: auto (measured per case at first use), own, onednn, "
+        "onednn-grouped, onednn-per-task (NEURONML_FAST_CPU_CONV, or set_conv_policy)");
+  m.def("set_conv_policy", &set_conv_policy, "override NEURONML_FAST_CPU_CONV ('' restores it)", py::arg("policy"));
+  m.def("conv_choices", [] {
+        py::list out;
+        for (const auto& [key, impl] : conv_choices()) out.append(py::make_tuple(key, conv_impl_name(impl)));
+        return out;
+      }, "the remembered measured choices: [(case key, 'own' | 'onednn-grouped' | 'onednn-per-task')]");
+  m.def("clear_conv_choices", &clear_conv_choices, "forget the measured choices (they are measured again)");
 }
 
 }  // namespace neuronml_fast::cpu::bindings

@@ -218,9 +218,10 @@ def conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, stride, padding, d
     ``contiguous_input_grad``, else grouped NHWC like the activations; grad_weight in
     `channels_last_weight` strides. The launcher is C++ (`masked_conv2d_backward` in
     csrc/cpu/bindings/masked.cpp): the fused prologue gathers the output gradient onto the active
-    neurons and reduces the bias and mask gradients; the input and weight gradients of the compact
-    convolution come from csrc/cpu/conv_grad.cpp (float32, C_in a multiple of 16, no groups) or
-    oneDNN."""
+    neurons and reduces the bias and mask gradients (the mask gradient only where ``pre`` is given,
+    i.e. the mask needs one); the input and weight gradients of the compact convolution (only
+    those asked for) come from csrc/cpu/conv_grad.cpp (float32, C_in a multiple of 16, no groups)
+    or oneDNN, whichever was measured faster for the case (csrc/cpu/bindings/conv_choice.h)."""
     return _extensions.cpu().masked_conv2d_backward(grad_out, grad_pre, x, weight, mask, pre, list(stride),
                                                     list(padding), list(dilation), groups, skip_zero,
                                                     need_input_grad, need_weight_grad, contiguous_input_grad,
