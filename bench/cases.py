@@ -156,7 +156,7 @@ def _masked_linear_case(name, n, d, active, tasks=None, full_only=False):
                 compile_baseline=tasks is None)
 
 
-def published_plastic_rnn(x, w_pre_post, alpha_pre_post, eta, rule="hebb", modulation=None):
+def published_plastic_rnn(x, w_pre_post, alpha_pre_post, eta, rule="hebb", modulation=None, clip=None):
     """The plastic RNN as the published code writes it (Miconi et al. 2018, simple.py; backpropamine's
     batched step): row vectors, ``w`` and ``alpha`` stored ``[pre, post]``, one batched matmul per
     step for the recurrent input and one for the trace's outer product. The strongest eager
@@ -173,12 +173,14 @@ def published_plastic_rnn(x, w_pre_post, alpha_pre_post, eta, rule="hebb", modul
             hebb = (1 - eta) * hebb + eta * torch.bmm(y.unsqueeze(2), y_new.unsqueeze(1))
         else:  # Oja's rule, as the published maze code writes it
             hebb = hebb + eta * (y.unsqueeze(2) - hebb * y_new.unsqueeze(1)) * y_new.unsqueeze(1)
+        if clip is not None:  # the published code's clamp of the trace
+            hebb = hebb.clamp(-clip, clip)
         outputs.append(y_new)
         y = y_new
     return torch.stack(outputs)
 
 
-def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_only=False):
+def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, clip=None, full_only=False):
     def build(device):
         gen = torch.Generator().manual_seed(0)
         x = (torch.randn(steps, batch, n, generator=gen) * 0.1).to(device)
@@ -192,10 +194,10 @@ def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_onl
         a_pre_post = a.detach().t().contiguous().requires_grad_()
 
         def eager(x, w, a, eta):
-            return published_plastic_rnn(x, w_pre_post, a_pre_post, eta, rule, mod)
+            return published_plastic_rnn(x, w_pre_post, a_pre_post, eta, rule, mod, clip)
 
         def fused(x, w, a, eta):
-            return nf.plastic_rnn(x, w, a, eta, modulation=mod, rule=rule)[0]
+            return nf.plastic_rnn(x, w, a, eta, modulation=mod, rule=rule, clip=clip)[0]
 
         trace = batch * n * n
         # Lower bound of the traffic: the trace read and written once per step.
@@ -204,7 +206,7 @@ def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, full_onl
         return Setup(eager, fused, [(x, w, a, eta)], flops=steps * trace * 30, nbytes=steps * trace * 4 * 2,
                      step=forward_backward, resident_bytes=resident)
 
-    params = {"batch": batch, "n": n, "steps": steps, "rule": rule, "modulation": modulation}
+    params = {"batch": batch, "n": n, "steps": steps, "rule": rule, "modulation": modulation, "clip": clip}
     # torch.compile of the eager loop unrolls T steps: minutes of compilation, so no baseline.
     return Case("plastic_rnn", name, build, params, full_only, compile_baseline=False)
 
@@ -277,6 +279,8 @@ CASES = [
     *[_masked_linear_case(f"256x1024 fwd+bwd active={a:.0%}", n=256, d=1024, active=a) for a in (1.0, 0.5)],
     _masked_linear_case("32 tasks x 75x256 fwd+bwd active=50%", n=75, d=256, active=0.5, tasks=32),
     _plastic_case("B=16 N=256 T=100 hebb fwd+bwd", 16, 256, 100),
+    # The same with the trace clipped: no longer invertible, so the backward recomputes it.
+    _plastic_case("B=16 N=256 T=100 hebb clip=0.05 fwd+bwd", 16, 256, 100, clip=0.05),
     _plastic_case("B=1 N=1000 T=106 hebb fwd+bwd (Miconi)", 1, 1000, 106),
     _plastic_case("B=16 N=128 T=100 modulated fwd+bwd", 16, 128, 100, modulation=True),
     _plastic_case("B=16 N=64 T=200 oja fwd+bwd", 16, 64, 200, rule="oja"),

@@ -115,6 +115,29 @@ def test_long_sequence_float32_gradients_stay_accurate(backend, device, clip):
         assert (g.double() - w).abs().max() <= 4 * (e.double() - w).abs().max() + 1e-4 * scale
 
 
+@pytest.mark.skipif(not nf.backends.status("cpu").devices, reason="C++ CPU extension not built")
+def test_cpu_clipped_backward_over_traces_larger_than_its_cache_budget():
+    # A float64 trace of one 1030-unit sequence is 8.5 MB, past the backward's budget of recomputed
+    # traces (csrc/cpu/plastic_kernels.inc, kRecomputeCacheBytes): each checkpoint interval (3 steps
+    # at T = 10) is recomputed one step at a time, advancing each row from its checkpoint.
+    gen = torch.Generator().manual_seed(4)
+    n, steps = 1030, 10
+    x = (torch.randn(steps, 1, n, generator=gen, dtype=F64) * 0.5).requires_grad_()
+    w = (torch.randn(n, n, generator=gen, dtype=F64) / n**0.5).requires_grad_()
+    a = (torch.randn(n, n, generator=gen, dtype=F64) * 0.1).requires_grad_()
+    eta = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    leaves = (x, w, a, eta)
+    with nf.use_backend("cpu"):
+        out, hebb = nf.plastic_rnn(x, w, a, eta, clip=0.02)
+        got = torch.autograd.grad(out.square().sum() + hebb.sum(), leaves)
+    ref_out, ref_hebb = plastic_rnn_reference(x, w, a, eta, clip=0.02)
+    assert (ref_hebb.abs() == 0.02).any()  # the clip binds
+    want = torch.autograd.grad(ref_out.square().sum() + ref_hebb.sum(), leaves)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[1] == "cpu"])
 def test_training_memory_does_not_grow_with_sequence_length(backend, device):
     # What autograd keeps for the backward: O(B * N^2) for the fused op, whatever T (here up to

@@ -11,17 +11,19 @@ from neuronml_fast.ops.plastic import plastic_rnn_reference
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("rule,modulated", [("hebb", False), ("oja", False), ("hebb", True)],
-                         ids=["hebb", "oja", "modulated"])
-def test_the_bench_eager_baseline_computes_the_plastic_rnn(rule, modulated):
+@pytest.mark.parametrize("rule,modulated,clip", [("hebb", False, None), ("oja", False, None), ("hebb", True, None),
+                                                ("hebb", False, 0.1)], ids=["hebb", "oja", "modulated", "clip"])
+def test_the_bench_eager_baseline_computes_the_plastic_rnn(rule, modulated, clip):
     # The benchmark times the published loop as the eager baseline: it must compute what the op does.
     gen = torch.Generator().manual_seed(0)
     x, weight, alpha = (torch.randn(s, generator=gen, dtype=F64) * c for s, c in (((7, 3, 6), 1.0), ((6, 6), 0.5),
                                                                                    ((6, 6), 0.5)))
     eta = torch.tensor(0.3, dtype=F64)
     modulation = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(2), dtype=F64) if modulated else None
-    got = published_plastic_rnn(x, weight.t().contiguous(), alpha.t().contiguous(), eta, rule, modulation)
-    want, _ = plastic_rnn_reference(x, weight, alpha, eta, modulation=modulation, rule=rule)
+    got = published_plastic_rnn(x, weight.t().contiguous(), alpha.t().contiguous(), eta, rule, modulation, clip)
+    want, want_hebb = plastic_rnn_reference(x, weight, alpha, eta, modulation=modulation, rule=rule, clip=clip)
+    if clip is not None:
+        assert (want_hebb.abs() == clip).any()  # the clip binds
     torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-12)
 
 

@@ -1,8 +1,6 @@
 """C++ CPU launchers of the plastic layers (SPEC section 4): allocation around the fused
 time-stepping kernels of csrc/cpu/plastic.cpp, which run the whole time loop."""
 
-import torch
-
 from ... import _alloc, _extensions
 from .op import dense_grads, modulator_grads, recomputes
 from .rules import MODULATED, RULE_CODES
@@ -53,8 +51,10 @@ def plastic_backward(grad_output, grad_hebb, x, weight, alpha, eta, y0, modulati
     out_features, in_features = weight.shape
     dtype = x.dtype
     new = lambda *shape: _alloc.empty(shape, dtype=dtype, device=x.device)  # noqa: E731
-    trace = hebb_final.detach().clone()  # walked back to the initial trace
-    grad_trace = torch.zeros_like(trace) if grad_hebb is None else grad_hebb.detach().clone().contiguous()
+    # Pooled: a fresh [B, out, in] buffer per call pays its page faults on first touch.
+    trace = new(B, out_features, in_features).copy_(hebb_final.detach())  # walked back to the initial trace
+    grad_trace = (_alloc.zeros((B, out_features, in_features), dtype=dtype, device=x.device) if grad_hebb is None
+                  else new(B, out_features, in_features).copy_(grad_hebb.detach()))
     grad_z = new(T, B, out_features)
     grad_pre = None if recurrent else new(T, B, in_features)
     grad_y0 = new(B, out_features) if recurrent else None
