@@ -69,6 +69,10 @@ def main(argv=None):
     print()
     print(open(os.path.join(args.out, tag + ".md")).read())
     print(f"{len(rows)} timings in {time.time() - start:.0f} s; wrote {', '.join(os.path.relpath(f) for f in files)}")
+    defects = report.ceiling_defects(rows)
+    if defects:
+        print(f"warning: {len(defects)} rows ran past their ceilings: the ceiling probes miss these cases "
+              "(bench/ceilings.py), see 'ceiling defects' above", file=sys.stderr)
     return 0
 
 

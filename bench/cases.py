@@ -30,6 +30,9 @@ class Setup:
     # Bytes an iteration keeps coming back to, where that differs from the traffic over all input
     # copies (a recurrent state re-read every step); sizes the bandwidth ceiling's probe.
     resident_bytes: float = None
+    # The case's own GEMMs as (M, K, N): the matmul ceiling is probed at these shapes too, so a
+    # library kernel that favours them cannot pass it (ceilings.py).
+    gemm_shapes: list = dataclasses.field(default_factory=list)
 
     @property
     def working_set(self):
@@ -120,8 +123,10 @@ def _masked_conv_case(name, n, c, hw, active, tasks=None, backward=True, channel
         count = max(tasks or 1, 1)
         flops = 2 * count * n * c * c * 9 * hw * hw * active * (3 if backward else 1)
         nbytes = 4 * count * (n * c * hw * hw * (4 if backward else 2) + c * c * 9)
+        # im2col GEMMs of one task (3x3, stride 1, padding 1): the forward, every channel and the active ones.
+        gemms = [(n * hw * hw, c * 9, c), (n * hw * hw, c * 9, max(1, round(c * active)))]
         return Setup(_eager_masked_conv, _fused_masked_conv, [(x, w, b, m)], flops=flops, nbytes=nbytes,
-                     step=forward_backward if backward else forward_only)
+                     step=forward_backward if backward else forward_only, gemm_shapes=gemms)
 
     params = {"n": n, "c": c, "hw": hw, "active": active, "tasks": tasks, "backward": backward,
               "layout": "channels_last" if channels_last else "contiguous"}
@@ -150,7 +155,7 @@ def _masked_linear_case(name, n, d, active, tasks=None, full_only=False):
         count = tasks or 1
         return Setup(_eager_masked_linear, _fused_masked_linear, [(x, w, b, m)],
                      flops=6 * count * n * d * d * active, nbytes=4 * count * (4 * n * d + d * d),
-                     step=forward_backward)
+                     step=forward_backward, gemm_shapes=[(n, d, d), (n, d, max(1, round(d * active)))])
 
     return Case("masked_linear", name, build, {"n": n, "d": d, "active": active, "tasks": tasks}, full_only,
                 compile_baseline=tasks is None)
@@ -248,13 +253,14 @@ def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full
             extras["torch.func"] = torch_func
         # Forward + backward of the query convs dominate: ~3x the forward conv FLOPs of the query set.
         model = reference.model
-        flops, size = 0.0, 28
+        flops, size, gemms = 0.0, 28, []
         for conv in model.convs:
             size = (size + 1) // 2
             flops += 2 * conv.in_channels * conv.out_channels * 9 * size * size
+            gemms.append((ways * (queries + 1) * size * size, conv.in_channels * 9, conv.out_channels))
         flops *= 3 * tasks * ways * (queries + 1)
         return Setup(iteration(reference), iteration(fused), [batch], flops=flops,
-                     nbytes=4 * tasks * ways * (queries + 1) * 64 * 14 * 14 * 8, extras=extras)
+                     nbytes=4 * tasks * ways * (queries + 1) * 64 * 14 * 14 * 8, extras=extras, gemm_shapes=gemms)
 
     params = {"algo": algo, "tasks": tasks, "ways": ways, "shots": 1, "queries": queries, "first_order": first_order}
     return Case("meta_iteration", name, build, params, full_only, compile_baseline=False)

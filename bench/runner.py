@@ -71,7 +71,7 @@ def do_bench_ms(fn):
 def run_case(case, device, rounds=7, with_compile=True, quick=True):
     """Rows of one case; its ceilings are probed in the same interleaved rounds as its variants."""
     setup, variants = build_variants(case, device, with_compile)
-    probes, to_ceilings = ceilings_mod.probes(device, setup.working_set, setup.dtype, quick)
+    probes, to_ceilings = ceilings_mod.probes(device, setup.working_set, setup.dtype, quick, setup.gemm_shapes)
     timings = interleaved({**variants, **probes}, device, rounds=rounds)
     ceilings = to_ceilings({name: timings.pop(name) for name in probes})
     cross_check = {}

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 
+import pytest
 import torch
 
 import bench.__main__ as bench_main
@@ -76,7 +77,48 @@ def test_roofline_fraction_is_at_most_one_and_flags_what_ran_past_the_ceiling():
     text = table([_row("eager", {"roofline_above_ceiling": 1.24}, fraction=1.0), _row("cpu")])
     assert "| f/case | eager | 1.50x | - | 2.000 | 1.900-2.100 | 100.0%* |" in text
     assert "| f/case | cpu | 1.50x | - | 2.000 | 1.900-2.100 | 25.0% |" in text
-    assert text.splitlines()[-1] == ABOVE_CEILING_NOTE
+    assert text.splitlines()[-2] == ABOVE_CEILING_NOTE
+    assert text.splitlines()[-1] == "ceiling defects: f/case / eager (124 %)"
+
+
+def test_a_row_past_its_ceiling_is_reported_as_a_defect_of_the_ceiling(tmp_path):
+    rows = [_row("eager", {"roofline_above_ceiling": 1.3}, fraction=1.0), _row("cpu")]
+    assert bench_report.ceiling_defects(rows) == [("f/case", "eager", 1.3)]
+    assert bench_report.ceiling_defects([_row("cpu")]) == []
+    bench_report.write(rows, bench_report.metadata("cpu", measure_stub()), str(tmp_path), "t")
+    written = json.load(open(tmp_path / "t.json"))
+    assert written["ceiling_defects"] == [["f/case", "eager", 1.3]]
+    assert all(r["roofline_fraction"] <= 1 for r in written["results"])
+    assert "ceiling defects: f/case / eager (130 %)" in open(tmp_path / "t.md").read()
+
+
+def test_the_matmul_ceiling_is_the_best_of_the_square_and_the_case_gemms():
+    from bench.ceilings import PROBE_PREFIX, probes
+    from bench.timing import Timing
+
+    fns, to_ceilings = probes("cpu", 1 << 20, gemm_shapes=[(64, 576, 16), (256, 64, 64), (64, 576, 16)])
+    gemms = sorted(name for name in fns if name.startswith(PROBE_PREFIX + "matmul"))
+    assert gemms == sorted(PROBE_PREFIX + f"matmul {s}" for s in ("1024x1024x1024", "64x576x16", "256x64x64"))
+
+    def timing(seconds):
+        return Timing(seconds, seconds, seconds, 1, 1)
+
+    # The case's own 64x576x16 GEMM runs at 2 * 64 * 576 * 16 / 1e-6 s = 1.18 TFLOP/s, above the
+    # square one's 2.1 GFLOP/s: it sets the ceiling.
+    timings = {name: timing(1.0) for name in fns}
+    timings[PROBE_PREFIX + "matmul 64x576x16"] = timing(1e-6)
+    ceilings = to_ceilings(timings)
+    assert ceilings.matmul_tflops["float32"] == pytest.approx(2 * 64 * 576 * 16 / 1e-6 / 1e12)
+
+
+def test_the_read_probe_rereads_a_small_working_set_in_one_call():
+    from bench.ceilings import MIN_READ_BYTES_PER_CALL, probes
+    from bench.timing import Timing
+
+    fns, to_ceilings = probes("cpu", 64 << 10)
+    timings = {name: Timing(1.0, 1.0, 1.0, 1, 1) for name in fns}
+    # One call streams at least MIN_READ_BYTES_PER_CALL: at 1 s per call, that many bytes per second.
+    assert to_ceilings(timings).read_gbps * 1e9 >= MIN_READ_BYTES_PER_CALL * 0.99
 
 
 def _case(flops, nbytes, resident_bytes=None):
