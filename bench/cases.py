@@ -216,24 +216,29 @@ def _plastic_case(name, batch, n, steps, rule="hebb", modulation=False, clip=Non
     return Case("plastic_rnn", name, build, params, full_only, compile_baseline=False)
 
 
-def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full_only=False):
+def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, active=None, full_only=False):
     """One meta-iteration (inner loop, query loss, meta-gradient) of the reference meta-learner.
 
     eager = the reference loop over tasks (plain PyTorch, one backward per task); the kernel
-    backends run the fused task-batched learner; "torch.func" = vmap of grad over tasks (MAML).
+    backends run the fused task-batched learner; for MAML the peers are extra variants:
+    "torch.func" = vmap of grad over tasks, and "higher" and "torchopt" where installed
+    (bench/peers.py). NeuronML starts from a structure with ``active`` of the neurons on.
     Synthetic 28x28 images: the timing does not depend on the pixels.
     """
     from neuronml_fast.meta import MAML, Conv4, NeuronML
     from neuronml_fast.meta import functorch_maml
     from neuronml_fast.meta.tasks import random_episodes
 
+    from . import peers
+
     def build(device):
         batch = tuple(part.to(device) for part in random_episodes(tasks, ways, 1, queries))
+        options = {} if algo == "maml" else {"target_active": active}
         make = MAML if algo == "maml" else NeuronML
 
         def learner(backend):
             torch.manual_seed(0)
-            return make(Conv4(ways).to(device), backend=backend, first_order=first_order)
+            return make(Conv4(ways).to(device), backend=backend, first_order=first_order, **options)
 
         def iteration(learner):
             def run(*batch):
@@ -251,6 +256,15 @@ def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full
                 return functorch_maml.meta_backward(vmapped, batch)
 
             extras["torch.func"] = torch_func
+            for peer, meta_backward in peers.available().items():
+                peer_learner = learner("reference")
+
+                def run_peer(*batch, peer_learner=peer_learner, meta_backward=meta_backward):
+                    peer_learner.module.zero_grad(set_to_none=True)
+                    with nf.use_backend("reference"):
+                        return meta_backward(peer_learner, batch)
+
+                extras[peer] = run_peer
         # Forward + backward of the query convs dominate: ~3x the forward conv FLOPs of the query set.
         model = reference.model
         flops, size, gemms = 0.0, 28, []
@@ -262,7 +276,8 @@ def _meta_case(name, algo, first_order=False, tasks=32, ways=5, queries=15, full
         return Setup(iteration(reference), iteration(fused), [batch], flops=flops,
                      nbytes=4 * tasks * ways * (queries + 1) * 64 * 14 * 14 * 8, extras=extras, gemm_shapes=gemms)
 
-    params = {"algo": algo, "tasks": tasks, "ways": ways, "shots": 1, "queries": queries, "first_order": first_order}
+    params = {"algo": algo, "tasks": tasks, "ways": ways, "shots": 1, "queries": queries, "first_order": first_order,
+              "active": 1.0 if algo == "maml" else active}
     return Case("meta_iteration", name, build, params, full_only, compile_baseline=False)
 
 
@@ -294,7 +309,10 @@ CASES = [
     _meta_case("maml omniglot 5w1s meta-batch 32, 1 query, 2nd order", "maml", queries=1),
     _meta_case("maml omniglot 5w1s meta-batch 32, 15 queries, 2nd order", "maml"),
     _meta_case("maml omniglot 5w1s meta-batch 32, 15 queries, 1st order", "maml", first_order=True, full_only=True),
-    _meta_case("neuronml omniglot 5w1s meta-batch 32, 15 queries, 2nd order", "neuronml"),
+    # NeuronML's frugality: the same meta-iteration with 100 / 75 / 50 / 25 % of the neurons on, beside
+    # MAML's (every neuron on) above.
+    *[_meta_case(f"neuronml omniglot 5w1s meta-batch 32, 15 queries, 2nd order, active={a:.0%}", "neuronml",
+                 active=a) for a in (1.0, 0.75, 0.5, 0.25)],
 ]
 
 
