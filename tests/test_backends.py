@@ -168,8 +168,10 @@ def test_environment_report_names_every_backend():
     assert "neuron_sensitivity" in out
     if _extensions.cpu() is not None:
         assert "\n  cpu        available" in out
-        kernel = "own AVX2 kernels" if _extensions.cpu().conv_grad_available() else "oneDNN (AVX2/FMA kernels not"
+        kernel = ("the faster of the own AVX2 kernels and oneDNN" if _extensions.cpu().conv_grad_available()
+                  else "oneDNN (AVX2/FMA kernels not")
         assert f"masked_conv2d input and weight gradients: {kernel}" in out
+        assert f"masked conv dense kernels: NEURONML_FAST_CPU_CONV={_extensions.cpu().conv_policy()}: " in out
 
 
 def test_poisoned_allocation_is_nan():
