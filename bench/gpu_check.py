@@ -54,7 +54,8 @@ MIN_STEP_S = 15  # a step that would get less than this is skipped: its timeout 
 KILL_GRACE_S = 10
 # Bench cases (substrings of case ids, bench/cases.py) that time each op family in a minute.
 BENCH_CASES = ("conv4 fwd+bwd active=100%", "conv4 fwd+bwd active=50%", "32 tasks x 16 img fwd+bwd active=50%",
-               "256x1024 fwd+bwd active=50%", "resnet 512x512x3x3", "B=16 N=256 T=100 hebb",
+               "256x1024 fwd+bwd active=50%", "resnet 512x512x3x3", "B=16 N=256 T=100 hebb fwd+bwd",
+               "B=16 N=256 T=100 hebb clip=0.05",
                "B=16 N=128 T=100 modulated")
 # Launch-counter cases (substrings of bench/launches.py case names) the launches step times.
 LAUNCH_CASES = ("plastic_rnn",)

@@ -148,3 +148,23 @@ def test_policy_comes_from_the_environment(value, expected):
     assert out.split()[0] == expected, out
     if expected == "error":
         assert "NEURONML_FAST_CPU_CONV" in out and "bogus" in out
+
+
+def test_a_choice_made_with_the_own_kernels_is_not_replayed_without_them(policy):
+    # The own kernels leave the candidates when the portable loops are forced at run time: a winner
+    # measured while they were in use must not be replayed then (it would call kernels not in use).
+    ext.set_vector_isa("auto")
+    if not ext.conv_grad_available():
+        pytest.skip("the AVX2/FMA kernels are not in use on this CPU")
+    policy("auto")
+    try:
+        _check_against_reference(3, torch.float32)
+        backward = [impl for key, impl in nf_cpu.conv_choices() if key[0] == 1]
+        ext.set_vector_isa("baseline")
+        _check_against_reference(3, torch.float32)
+        after = [impl for key, impl in nf_cpu.conv_choices() if key[0] == 1]
+    finally:
+        ext.set_vector_isa("auto")
+    # measured again without the own kernels: a second backward choice, which cannot be them
+    assert len(backward) == 1 and len(after) == 2, (backward, after)
+    assert after.count("own") == backward.count("own"), (backward, after)

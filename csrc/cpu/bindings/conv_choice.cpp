@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <chrono>
 #include <cstdlib>
 #include <limits>
@@ -57,6 +58,9 @@ double seconds_of(const std::function<void()>& run) {
 
 // Interleaved rounds (A B C, A B C, ...): a neighbour's load that comes and goes during the
 // measurement hits every candidate alike.
+// What choose_conv_impl appends to a call's key: the policy's hash and the admitted candidates.
+constexpr std::ptrdiff_t kKeySuffix = 2;
+
 ConvImpl fastest(const std::vector<const Candidate*>& admitted) {
   for (const Candidate* c : admitted) c->second();  // warm-up: first-touch pages, oneDNN's primitive cache
   std::vector<double> least(admitted.size(), std::numeric_limits<double>::infinity());
@@ -101,8 +105,13 @@ ConvImpl choose_conv_impl(const ChoiceKey& key, const std::vector<Candidate>& ca
     if (policy_allows(policy, c.first)) admitted.push_back(&c);
   if (admitted.empty()) return ConvImpl::kOneDnnGrouped;  // the one form every case has
   if (admitted.size() == 1) return admitted.front()->first;
+  // The key ends with the policy and the candidates admitted: a winner measured while the own
+  // kernels were in use (vector ISA, policy) is never replayed where they are not.
+  int64_t admitted_set = 0;
+  for (const Candidate* c : admitted) admitted_set |= int64_t{1} << static_cast<int>(c->first);
   ChoiceKey full_key = key;
   full_key.push_back(static_cast<int64_t>(std::hash<std::string>{}(policy)));
+  full_key.push_back(admitted_set);
   {
     std::lock_guard<std::mutex> lock(state().mutex);
     const auto found = state().choices.find(full_key);
@@ -118,7 +127,7 @@ ConvImpl choose_conv_impl(const ChoiceKey& key, const std::vector<Candidate>& ca
 std::vector<std::pair<ChoiceKey, ConvImpl>> conv_choices() {
   std::lock_guard<std::mutex> lock(state().mutex);
   std::vector<std::pair<ChoiceKey, ConvImpl>> out;
-  for (const auto& [key, impl] : state().choices) out.emplace_back(ChoiceKey(key.begin(), key.end() - 1), impl);
+  for (const auto& [key, impl] : state().choices) out.emplace_back(ChoiceKey(key.begin(), key.end() - kKeySuffix), impl);
   return out;
 }
 
