@@ -5,19 +5,9 @@ import itertools, os, sys
 os.environ.setdefault("TRITON_INTERPRET", "1"); os.environ.setdefault("NEURONML_FAST_CUDA_EMULATE", "1")
 import torch, torch.nn.functional as F
 import neuronml_fast as nf
-CL = torch.channels_last
-SHAPES = {"generic": (2, 3, 5, 5, 4, 3), "C_in=1": (2, 1, 5, 5, 4, 3), "H=W=1": (2, 3, 1, 1, 4, 1),
-          "N=1": (1, 3, 5, 5, 4, 3), "C_out=1": (2, 3, 5, 5, 1, 3)}
-LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CL, "NHWC storage": "nhwc"}
-
-
-def _laid_out(t, layout):
-    """``t`` in a layout: torch's two memory formats (``contiguous(memory_format=...)`` keeps the
-    strides of a tensor that already is in the format, such as one with one channel), or NHWC
-    storage whatever the shape (the strides a permuted NHWC tensor has)."""
-    if layout == "nhwc":
-        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    return t.contiguous(memory_format=layout)
+# The grid is the test's (tests/test_drop_in_parity.py), so the table shows exactly what CI checks.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests"))
+from test_drop_in_parity import LAYOUTS, SHAPES, _laid_out  # noqa: E402
 backends = [b for b in ("reference", "cpu", "triton", "cuda") if b in nf.backends.available()]
 rows = []
 for dtype in (torch.float32, torch.float64):
